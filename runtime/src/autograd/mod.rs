@@ -1,0 +1,273 @@
+//! Reverse-mode differentiation over the tape: `grad` (like `torch.autograd.grad`) and
+//! `backward` (gradients of every leaf, for outer loops).
+
+mod store;
+
+pub use store::GradStore;
+
+use std::collections::{HashMap, HashSet};
+
+use crate::error::{Error, Result};
+use crate::tensor::{NoGradGuard, Node, Tensor};
+
+/// The vector-Jacobian product of one recorded op. Implementations build the input
+/// gradients from the library's own differentiable ops, so that with `create_graph` the
+/// backward pass is itself recorded and can be differentiated again.
+pub(crate) trait Backward: Send + Sync {
+    /// The op's name, for debugging output.
+    fn name(&self) -> &'static str;
+
+    /// Gradients with respect to each input, given the gradient of the output.
+    /// `needs[i]` is false where input `i` needs no gradient; return `None` there (or
+    /// anywhere the gradient is zero by construction).
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>>;
+}
+
+/// What a vector-Jacobian product sees.
+pub(crate) struct VjpCtx<'a> {
+    /// The op's inputs, in the order they were recorded.
+    pub(crate) inputs: &'a [Tensor],
+    /// The op's output (its value, and its handle for rules like `d exp = exp`).
+    pub(crate) output: &'a Tensor,
+    /// The gradient flowing into the output, same shape as the output.
+    pub(crate) grad: &'a Tensor,
+    /// Which inputs need a gradient.
+    pub(crate) needs: &'a [bool],
+}
+
+/// Options of [`grad`], with PyTorch's defaults.
+#[derive(Clone, Debug, Default)]
+pub struct GradOptions {
+    /// Record the backward pass so the result can be differentiated again.
+    pub create_graph: bool,
+    /// Return `None` for inputs the outputs do not reach, instead of an error.
+    pub allow_unused: bool,
+    /// The vector in the vector-Jacobian product, one per output; `None` means ones, which
+    /// is allowed only for outputs with one element.
+    pub grad_outputs: Option<Vec<Tensor>>,
+}
+
+impl GradOptions {
+    /// `create_graph` on: the returned gradients are differentiable.
+    pub fn create_graph() -> Self {
+        GradOptions {
+            create_graph: true,
+            ..Self::default()
+        }
+    }
+
+    /// Sets `allow_unused`.
+    pub fn allow_unused(mut self, allow: bool) -> Self {
+        self.allow_unused = allow;
+        self
+    }
+
+    /// Sets `grad_outputs`.
+    pub fn grad_outputs(mut self, grad_outputs: Vec<Tensor>) -> Self {
+        self.grad_outputs = Some(grad_outputs);
+        self
+    }
+}
+
+/// Gradients of the sum of `outputs` (weighted by `grad_outputs`) with respect to each of
+/// `inputs`, which may be leaves or intermediate tensors (`torch.autograd.grad`).
+///
+/// Only nodes on a path from an output to an input are visited, and nodes created before
+/// the earliest input are never expanded (they cannot depend on it), so one inner step of an
+/// unroll costs the same at step 1 and at step 1000.
+///
+/// ```
+/// # use candle_higher_runtime::{grad, GradOptions, Tensor};
+/// # fn main() -> candle_higher_runtime::Result<()> {
+/// let x = Tensor::scalar(3.0f64).to_leaf();
+/// let y = x.mul(&x)?.mul(&x)?; // x^3
+/// let dy = grad(&[y], &[x.clone()], GradOptions::create_graph())?[0].clone().unwrap();
+/// let d2y = grad(&[dy], &[x], GradOptions::default())?[0].clone().unwrap();
+/// assert_eq!(d2y.to_scalar_f64()?, 18.0); // 6x
+/// # Ok(()) }
+/// ```
+pub fn grad(
+    outputs: &[Tensor],
+    inputs: &[Tensor],
+    options: GradOptions,
+) -> Result<Vec<Option<Tensor>>> {
+    let seeds = seeds(outputs, options.grad_outputs.as_deref())?;
+    let input_index: HashMap<u64, usize> = inputs
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(i, t)| (t.0.id, i))
+        .collect();
+    let min_input_id = input_index.keys().copied().min().unwrap_or(u64::MAX);
+    let order = reaching_nodes(outputs, |t| input_index.contains_key(&t.0.id), min_input_id);
+    let mut grads = propagate(&order, seeds, options.create_graph)?;
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match grads.remove(&t.0.id) {
+            Some(g) => Ok(Some(g)),
+            None if options.allow_unused => Ok(None),
+            None => Err(Error::UnusedInput {
+                index: i,
+                shape: t.dims().to_vec(),
+            }),
+        })
+        .collect()
+}
+
+/// Gradients of a scalar `output` with respect to every leaf that requires grad and that
+/// it depends on (`loss.backward()` without the in-place accumulation). The graph is not
+/// consumed: `backward` can run again, and so can `grad`.
+pub fn backward(output: &Tensor) -> Result<GradStore> {
+    let seeds = seeds(std::slice::from_ref(output), None)?;
+    let order = reaching_nodes(
+        std::slice::from_ref(output),
+        |t| matches!(t.node(), Some(Node::Leaf)),
+        0,
+    );
+    let mut grads = propagate(&order, seeds, false)?;
+    let mut store = GradStore::default();
+    for t in &order {
+        if matches!(t.node(), Some(Node::Leaf)) {
+            if let Some(g) = grads.remove(&t.0.id) {
+                store.insert(t, g);
+            }
+        }
+    }
+    Ok(store)
+}
+
+/// The initial output gradients: `grad_outputs`, or ones for single-element outputs.
+fn seeds(outputs: &[Tensor], grad_outputs: Option<&[Tensor]>) -> Result<Vec<(Tensor, Tensor)>> {
+    if let Some(go) = grad_outputs {
+        if go.len() != outputs.len() {
+            return Err(Error::GradOutputsLength {
+                outputs: outputs.len(),
+                grad_outputs: go.len(),
+            });
+        }
+    }
+    outputs
+        .iter()
+        .enumerate()
+        .map(|(i, out)| {
+            let seed = match grad_outputs {
+                Some(go) => {
+                    let g = &go[i];
+                    if g.dims() != out.dims() {
+                        return Err(Error::ShapeMismatch {
+                            op: "grad (grad_outputs)",
+                            expected: format!("{:?}, the shape of output {i}", out.dims()),
+                            got: g.dims().to_vec(),
+                        });
+                    }
+                    out.check_same(g, "grad (grad_outputs)")?;
+                    g.clone()
+                }
+                None if out.elem_count() == 1 => out.ones_like()?,
+                None => {
+                    return Err(Error::NonScalarOutput {
+                        index: i,
+                        shape: out.dims().to_vec(),
+                    })
+                }
+            };
+            Ok((out.clone(), seed))
+        })
+        .collect()
+}
+
+/// The tensors that lie on a path from `outputs` to a target, in topological order
+/// (outputs first). Nodes with an id below `min_id` are not expanded: they were created
+/// before every target and so cannot depend on one.
+fn reaching_nodes(
+    outputs: &[Tensor],
+    is_target: impl Fn(&Tensor) -> bool,
+    min_id: u64,
+) -> Vec<Tensor> {
+    // Iterative post-order DFS; `reaches` records whether a visited tensor reaches a target.
+    let mut reaches: HashMap<u64, bool> = HashMap::new();
+    let mut post_order: Vec<Tensor> = Vec::new();
+    let mut stack: Vec<(Tensor, usize)> = Vec::new();
+    for out in outputs {
+        if out.requires_grad() && !reaches.contains_key(&out.0.id) {
+            stack.push((out.clone(), 0));
+        }
+        while let Some((t, child)) = stack.pop() {
+            let inputs: &[Tensor] = match t.node() {
+                Some(Node::Op { inputs, .. }) if t.0.id >= min_id => inputs,
+                _ => &[],
+            };
+            if child < inputs.len() {
+                let next = inputs[child].clone();
+                stack.push((t, child + 1));
+                if next.requires_grad() && !reaches.contains_key(&next.0.id) {
+                    reaches.insert(next.0.id, false);
+                    stack.push((next, 0));
+                }
+                continue;
+            }
+            let r = is_target(&t) || inputs.iter().any(|i| reaches.get(&i.0.id) == Some(&true));
+            reaches.insert(t.0.id, r);
+            if r {
+                post_order.push(t);
+            }
+        }
+    }
+    // Only tensors that reach a target were kept; the reversed post-order puts every
+    // tensor before the inputs it was computed from.
+    post_order.reverse();
+    let mut seen = HashSet::new();
+    post_order.retain(|t| seen.insert(t.0.id));
+    post_order
+}
+
+/// Pushes the seed gradients through `order`, accumulating per tensor id.
+fn propagate(
+    order: &[Tensor],
+    seeds: Vec<(Tensor, Tensor)>,
+    create_graph: bool,
+) -> Result<HashMap<u64, Tensor>> {
+    let _mode = NoGradGuard::set(create_graph);
+    let on_path: HashSet<u64> = order.iter().map(|t| t.0.id).collect();
+    let mut grads: HashMap<u64, Tensor> = HashMap::new();
+    for (out, g) in seeds {
+        if on_path.contains(&out.0.id) {
+            accumulate(&mut grads, out.0.id, g)?;
+        }
+    }
+    for t in order {
+        let Some(Node::Op { inputs, backward }) = t.node() else {
+            continue;
+        };
+        let Some(g) = grads.get(&t.0.id).cloned() else {
+            continue;
+        };
+        let needs: Vec<bool> = inputs.iter().map(|i| on_path.contains(&i.0.id)).collect();
+        let ctx = VjpCtx {
+            inputs,
+            output: t,
+            grad: &g,
+            needs: &needs,
+        };
+        let input_grads = backward.vjp(&ctx)?;
+        for ((input, need), ig) in inputs.iter().zip(&needs).zip(input_grads) {
+            if let (true, Some(ig)) = (need, ig) {
+                accumulate(&mut grads, input.0.id, ig)?;
+            }
+        }
+    }
+    Ok(grads)
+}
+
+fn accumulate(grads: &mut HashMap<u64, Tensor>, id: u64, g: Tensor) -> Result<()> {
+    match grads.remove(&id) {
+        Some(prev) => {
+            grads.insert(id, prev.add(&g)?);
+        }
+        None => {
+            grads.insert(id, g);
+        }
+    }
+    Ok(())
+}

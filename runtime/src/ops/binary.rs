@@ -1,0 +1,200 @@
+//! Elementwise binary ops with PyTorch broadcasting: add, sub, mul, div, maximum, minimum.
+
+use super::Operand;
+use crate::autograd::{Backward, VjpCtx};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// The broadcast shape of two shapes (trailing dimensions aligned, 1 stretches).
+pub(crate) fn broadcast_shape(
+    op: &'static str,
+    lhs: &[usize],
+    rhs: &[usize],
+) -> Result<Vec<usize>> {
+    let rank = lhs.len().max(rhs.len());
+    let mut out = vec![0; rank];
+    for i in 0..rank {
+        let l = if i < rank - lhs.len() {
+            1
+        } else {
+            lhs[i - (rank - lhs.len())]
+        };
+        let r = if i < rank - rhs.len() {
+            1
+        } else {
+            rhs[i - (rank - rhs.len())]
+        };
+        out[i] = match (l, r) {
+            (a, b) if a == b => a,
+            (1, b) => b,
+            (a, 1) => a,
+            _ => {
+                return Err(Error::BroadcastMismatch {
+                    op,
+                    lhs: lhs.to_vec(),
+                    rhs: rhs.to_vec(),
+                })
+            }
+        };
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Maximum,
+    Minimum,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Add => "add",
+            Kind::Sub => "sub",
+            Kind::Mul => "mul",
+            Kind::Div => "div",
+            Kind::Maximum => "maximum",
+            Kind::Minimum => "minimum",
+        }
+    }
+}
+
+fn binary(kind: Kind, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let op = kind.name();
+    a.check_same(b, op)?;
+    let (va, vb) = if a.dims() == b.dims() {
+        (a.value().clone(), b.value().clone())
+    } else {
+        let shape = broadcast_shape(op, a.dims(), b.dims())?;
+        (
+            a.value().broadcast_as(shape.as_slice())?,
+            b.value().broadcast_as(shape.as_slice())?,
+        )
+    };
+    let value = match kind {
+        Kind::Add => (&va + &vb)?,
+        Kind::Sub => (&va - &vb)?,
+        Kind::Mul => (&va * &vb)?,
+        Kind::Div => (&va / &vb)?,
+        Kind::Maximum => va.maximum(&vb)?,
+        Kind::Minimum => va.minimum(&vb)?,
+    };
+    Ok(Tensor::from_op(value, &[a, b], BinaryBackward(kind)))
+}
+
+struct BinaryBackward(Kind);
+
+impl Backward for BinaryBackward {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    /// add: (g, g); sub: (g, -g); mul: (g b, g a); div: (g / b, -g a / b^2);
+    /// maximum/minimum: g to the selected side, split in half at ties (as PyTorch).
+    /// Each is then summed back over broadcast dimensions.
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        let (a, b, g) = (&ctx.inputs[0], &ctx.inputs[1], ctx.grad);
+        let (ga, gb) = match self.0 {
+            Kind::Add => (g.clone(), g.clone()),
+            Kind::Sub => (g.clone(), g.neg()?),
+            Kind::Mul => (g.mul(b)?, g.mul(a)?),
+            Kind::Div => {
+                let ga = g.div(b)?;
+                let gb = if ctx.needs[1] {
+                    ga.mul(ctx.output)?.neg()?
+                } else {
+                    ga.clone()
+                };
+                (ga, gb)
+            }
+            Kind::Maximum | Kind::Minimum => {
+                // Weights are constants: 1 where the side wins, 0.5 at ties, 0 elsewhere.
+                let (va, vb) = (a.value(), b.value());
+                let shape = ctx.output.dims();
+                let (va, vb) = (va.broadcast_as(shape)?, vb.broadcast_as(shape)?);
+                let wins = match self.0 {
+                    Kind::Maximum => va.gt(&vb)?,
+                    _ => va.lt(&vb)?,
+                }
+                .to_dtype(g.dtype())?;
+                let ties = va.eq(&vb)?.to_dtype(g.dtype())?;
+                let wa = (&wins + (&ties * 0.5)?)?;
+                let wb = wa.affine(-1.0, 1.0)?;
+                (g.mul(&Tensor::new(wa))?, g.mul(&Tensor::new(wb))?)
+            }
+        };
+        Ok(vec![
+            ctx.needs[0].then(|| ga.sum_to(a.dims())).transpose()?,
+            ctx.needs[1].then(|| gb.sum_to(b.dims())).transpose()?,
+        ])
+    }
+}
+
+impl Tensor {
+    fn binary_or_scalar(
+        &self,
+        rhs: Operand,
+        kind: Kind,
+        scalar: impl FnOnce(&Tensor, f64) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        match rhs {
+            Operand::Tensor(t) => binary(kind, self, &t),
+            Operand::Float(v) => scalar(self, v),
+        }
+    }
+
+    /// `self + rhs`, broadcasting.
+    pub fn add(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        self.binary_or_scalar(rhs.into(), Kind::Add, |t, v| t.affine(1.0, v))
+    }
+
+    /// `self - rhs`, broadcasting.
+    pub fn sub(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        self.binary_or_scalar(rhs.into(), Kind::Sub, |t, v| t.affine(1.0, -v))
+    }
+
+    /// `self * rhs`, broadcasting.
+    pub fn mul(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        self.binary_or_scalar(rhs.into(), Kind::Mul, |t, v| t.affine(v, 0.0))
+    }
+
+    /// `self / rhs`, broadcasting.
+    pub fn div(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        self.binary_or_scalar(rhs.into(), Kind::Div, |t, v| t.affine(1.0 / v, 0.0))
+    }
+
+    /// Elementwise maximum (`torch.maximum`); at ties the gradient is split in half.
+    pub fn maximum(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        let rhs = match rhs.into() {
+            Operand::Tensor(t) => t,
+            Operand::Float(v) => self.full_like(v)?,
+        };
+        binary(Kind::Maximum, self, &rhs)
+    }
+
+    /// Elementwise minimum (`torch.minimum`); at ties the gradient is split in half.
+    pub fn minimum(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        let rhs = match rhs.into() {
+            Operand::Tensor(t) => t,
+            Operand::Float(v) => self.full_like(v)?,
+        };
+        binary(Kind::Minimum, self, &rhs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::broadcast_shape;
+
+    #[test]
+    fn broadcast_shapes_align_trailing_dims() {
+        assert_eq!(broadcast_shape("t", &[3, 1], &[4]).unwrap(), vec![3, 4]);
+        assert_eq!(broadcast_shape("t", &[], &[2, 2]).unwrap(), vec![2, 2]);
+        let err = broadcast_shape("add", &[3], &[4]).unwrap_err().to_string();
+        assert_eq!(err, "add: shapes [3] and [4] cannot be broadcast together");
+    }
+}

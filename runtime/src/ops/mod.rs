@@ -1,0 +1,54 @@
+//! Differentiable ops, by family. Each op records a node whose vector-Jacobian product is
+//! written with these same ops, so derivatives of any order come from the same code.
+
+pub(crate) mod binary;
+pub(crate) mod cast;
+pub(crate) mod matmul;
+pub(crate) mod reduce;
+pub(crate) mod scalar;
+pub(crate) mod shape;
+pub(crate) mod unary;
+
+mod operators;
+
+use crate::tensor::Tensor;
+
+/// The right-hand side of an arithmetic op: a tensor (broadcast like PyTorch) or a plain
+/// float (a scalar op that records no extra input).
+#[derive(Clone, Debug)]
+pub enum Operand {
+    /// A tensor operand.
+    Tensor(Tensor),
+    /// A constant float.
+    Float(f64),
+}
+
+impl From<f64> for Operand {
+    fn from(v: f64) -> Self {
+        Operand::Float(v)
+    }
+}
+
+impl From<&f64> for Operand {
+    fn from(v: &f64) -> Self {
+        Operand::Float(*v)
+    }
+}
+
+impl From<Tensor> for Operand {
+    fn from(t: Tensor) -> Self {
+        Operand::Tensor(t)
+    }
+}
+
+impl From<&Tensor> for Operand {
+    fn from(t: &Tensor) -> Self {
+        Operand::Tensor(t.clone())
+    }
+}
+
+impl From<&mut Tensor> for Operand {
+    fn from(t: &mut Tensor) -> Self {
+        Operand::Tensor(t.clone())
+    }
+}

@@ -1,0 +1,197 @@
+//! Reductions: sum, mean, max, min over dimensions, and `sum_to` (the inverse of
+//! broadcasting).
+
+use crate::autograd::{Backward, VjpCtx};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+fn check_dims(op: &'static str, t: &Tensor, dims: &[usize]) -> Result<()> {
+    if let Some(&d) = dims.iter().find(|&&d| d >= t.rank()) {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!("dimension {d} out of range for shape {:?}", t.dims()),
+        });
+    }
+    Ok(())
+}
+
+/// The shape with `dims` set to 1.
+fn keepdim_shape(dims_in: &[usize], dims: &[usize]) -> Vec<usize> {
+    let mut s = dims_in.to_vec();
+    for &d in dims {
+        s[d] = 1;
+    }
+    s
+}
+
+struct Sum {
+    keepdim_shape: Vec<usize>,
+}
+
+impl Backward for Sum {
+    fn name(&self) -> &'static str {
+        "sum"
+    }
+
+    /// The gradient of a sum is the output gradient broadcast back over the summed dims.
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        let g = ctx.grad.reshape(&self.keepdim_shape)?;
+        Ok(vec![Some(g.broadcast_as(ctx.inputs[0].dims())?)])
+    }
+}
+
+struct Extremum {
+    keepdim_shape: Vec<usize>,
+}
+
+impl Backward for Extremum {
+    fn name(&self) -> &'static str {
+        "max/min"
+    }
+
+    /// The gradient goes to the elements equal to the extremum, shared evenly among ties
+    /// (`torch.amax` semantics).
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        let x = ctx.inputs[0].value();
+        let y = ctx.output.value().reshape(self.keepdim_shape.as_slice())?;
+        let mask = x.broadcast_eq(&y)?.to_dtype(x.dtype())?;
+        let dims: Vec<usize> = (0..x.rank())
+            .filter(|&d| self.keepdim_shape[d] != x.dims()[d] || x.dims()[d] == 1)
+            .collect();
+        let count = mask.sum_keepdim(dims)?;
+        let weights = mask.broadcast_div(&count)?;
+        let g = ctx.grad.reshape(&self.keepdim_shape)?;
+        Ok(vec![Some(g.mul(&Tensor::new(weights))?)])
+    }
+}
+
+impl Tensor {
+    /// Sum over `dims`, keeping them as size 1 when `keepdim`.
+    pub fn sum_dims(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+        check_dims("sum", self, dims)?;
+        let keep = keepdim_shape(self.dims(), dims);
+        let mut value = self.value().sum_keepdim(dims.to_vec())?;
+        if !keepdim {
+            let out: Vec<usize> = (0..self.rank())
+                .filter(|d| !dims.contains(d))
+                .map(|d| self.dims()[d])
+                .collect();
+            value = value.reshape(out)?;
+        }
+        Ok(Tensor::from_op(
+            value,
+            &[self],
+            Sum {
+                keepdim_shape: keep,
+            },
+        ))
+    }
+
+    /// Sum over one dimension, removing it.
+    pub fn sum(&self, dim: usize) -> Result<Tensor> {
+        self.sum_dims(&[dim], false)
+    }
+
+    /// Sum over one dimension, keeping it as size 1.
+    pub fn sum_keepdim(&self, dim: usize) -> Result<Tensor> {
+        self.sum_dims(&[dim], true)
+    }
+
+    /// Sum of all elements, as a 0-dim tensor.
+    pub fn sum_all(&self) -> Result<Tensor> {
+        let dims: Vec<usize> = (0..self.rank()).collect();
+        self.sum_dims(&dims, false)
+    }
+
+    /// Mean over `dims`.
+    pub fn mean_dims(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+        let n: usize = dims
+            .iter()
+            .map(|&d| self.dims().get(d).copied().unwrap_or(1))
+            .product();
+        self.sum_dims(dims, keepdim)?.affine(1.0 / n as f64, 0.0)
+    }
+
+    /// Mean over one dimension, removing it.
+    pub fn mean(&self, dim: usize) -> Result<Tensor> {
+        self.mean_dims(&[dim], false)
+    }
+
+    /// Mean over one dimension, keeping it as size 1.
+    pub fn mean_keepdim(&self, dim: usize) -> Result<Tensor> {
+        self.mean_dims(&[dim], true)
+    }
+
+    /// Mean of all elements, as a 0-dim tensor.
+    pub fn mean_all(&self) -> Result<Tensor> {
+        let dims: Vec<usize> = (0..self.rank()).collect();
+        self.mean_dims(&dims, false)
+    }
+
+    fn extremum(&self, dim: usize, keepdim: bool, max: bool) -> Result<Tensor> {
+        check_dims(if max { "max" } else { "min" }, self, &[dim])?;
+        let keep = keepdim_shape(self.dims(), &[dim]);
+        let value = if max {
+            self.value().max_keepdim(dim)?
+        } else {
+            self.value().min_keepdim(dim)?
+        };
+        let value = if keepdim { value } else { value.squeeze(dim)? };
+        Ok(Tensor::from_op(
+            value,
+            &[self],
+            Extremum {
+                keepdim_shape: keep,
+            },
+        ))
+    }
+
+    /// Maximum over one dimension, removing it; ties share the gradient evenly.
+    pub fn max(&self, dim: usize) -> Result<Tensor> {
+        self.extremum(dim, false, true)
+    }
+
+    /// Maximum over one dimension, keeping it as size 1.
+    pub fn max_keepdim(&self, dim: usize) -> Result<Tensor> {
+        self.extremum(dim, true, true)
+    }
+
+    /// Minimum over one dimension, removing it; ties share the gradient evenly.
+    pub fn min(&self, dim: usize) -> Result<Tensor> {
+        self.extremum(dim, false, false)
+    }
+
+    /// Minimum over one dimension, keeping it as size 1.
+    pub fn min_keepdim(&self, dim: usize) -> Result<Tensor> {
+        self.extremum(dim, true, false)
+    }
+
+    /// Sums a broadcast result back to `shape` (the dims that broadcasting added or
+    /// stretched); the identity when the shapes already agree.
+    pub fn sum_to(&self, shape: &[usize]) -> Result<Tensor> {
+        if self.dims() == shape {
+            return Ok(self.clone());
+        }
+        let lead = self
+            .rank()
+            .checked_sub(shape.len())
+            .ok_or_else(|| Error::ShapeMismatch {
+                op: "sum_to",
+                expected: format!("a shape that broadcasts to {:?}", self.dims()),
+                got: shape.to_vec(),
+            })?;
+        let mut dims: Vec<usize> = (0..lead).collect();
+        for (i, &s) in shape.iter().enumerate() {
+            if s == 1 && self.dims()[lead + i] != 1 {
+                dims.push(lead + i);
+            } else if s != self.dims()[lead + i] {
+                return Err(Error::ShapeMismatch {
+                    op: "sum_to",
+                    expected: format!("a shape that broadcasts to {:?}", self.dims()),
+                    got: shape.to_vec(),
+                });
+            }
+        }
+        self.sum_dims(&dims, true)?.reshape(shape)
+    }
+}

@@ -1,0 +1,119 @@
+//! Elementwise unary ops: exp, log, sqrt (safe at zero), safe_recip, abs, sign, relu,
+//! tanh, sigmoid.
+
+use crate::autograd::{Backward, VjpCtx};
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Exp,
+    Log,
+    Sqrt,
+    SafeRecip,
+    Abs,
+    Sign,
+    Relu,
+    Tanh,
+    Sigmoid,
+}
+
+struct UnaryBackward(Kind);
+
+impl Backward for UnaryBackward {
+    fn name(&self) -> &'static str {
+        match self.0 {
+            Kind::Exp => "exp",
+            Kind::Log => "log",
+            Kind::Sqrt => "sqrt",
+            Kind::SafeRecip => "safe_recip",
+            Kind::Abs => "abs",
+            Kind::Sign => "sign",
+            Kind::Relu => "relu",
+            Kind::Tanh => "tanh",
+            Kind::Sigmoid => "sigmoid",
+        }
+    }
+
+    /// exp: g y; log: g / x; sqrt: g / (2 y), 0 where y = 0; safe_recip: -g y^2;
+    /// abs: g sign(x); sign: none; relu: g [x > 0]; tanh: g (1 - y^2); sigmoid: g y (1 - y).
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        let (x, y, g) = (&ctx.inputs[0], ctx.output, ctx.grad);
+        let gx = match self.0 {
+            Kind::Exp => g.mul(y)?,
+            Kind::Log => g.div(x)?,
+            Kind::Sqrt => g.mul(&y.safe_recip()?)?.affine(0.5, 0.0)?,
+            Kind::SafeRecip => g.mul(&y.mul(y)?)?.neg()?,
+            Kind::Abs => g.mul(&Tensor::new(x.value().sign()?))?,
+            Kind::Sign => return Ok(vec![None]),
+            Kind::Relu => g.mul(&Tensor::new(y.value().sign()?))?,
+            Kind::Tanh => g.mul(&y.mul(y)?.affine(-1.0, 1.0)?)?,
+            Kind::Sigmoid => g.mul(&y.mul(&y.affine(-1.0, 1.0)?)?)?,
+        };
+        Ok(vec![Some(gx)])
+    }
+}
+
+impl Tensor {
+    fn unary(&self, kind: Kind, value: candle_core::Tensor) -> Tensor {
+        Tensor::from_op(value, &[self], UnaryBackward(kind))
+    }
+
+    /// `e^x`.
+    pub fn exp(&self) -> Result<Tensor> {
+        Ok(self.unary(Kind::Exp, self.value().exp()?))
+    }
+
+    /// Natural logarithm.
+    pub fn log(&self) -> Result<Tensor> {
+        Ok(self.unary(Kind::Log, self.value().log()?))
+    }
+
+    /// Square root whose derivative is defined as 0 at 0, at every order: adaptive
+    /// optimizers take the root of second moments that are exactly 0 for dead units, and
+    /// the usual infinite slope there turns a whole meta-gradient into NaN.
+    pub fn sqrt(&self) -> Result<Tensor> {
+        Ok(self.unary(Kind::Sqrt, self.value().sqrt()?))
+    }
+
+    /// `1 / x` where `x != 0`, and 0 where `x == 0` (its derivative `-1/x^2` likewise).
+    pub fn safe_recip(&self) -> Result<Tensor> {
+        let v = self.value();
+        let zero = v.eq(0.0)?;
+        let denom = zero.where_cond(&v.ones_like()?, v)?;
+        let value = zero.where_cond(&v.zeros_like()?, &denom.recip()?)?;
+        Ok(self.unary(Kind::SafeRecip, value))
+    }
+
+    /// `|x|`; its derivative is `sign(x)` (0 at 0, as PyTorch).
+    pub fn abs(&self) -> Result<Tensor> {
+        Ok(self.unary(Kind::Abs, self.value().abs()?))
+    }
+
+    /// -1, 0 or 1; no gradient flows through it.
+    pub fn sign(&self) -> Result<Tensor> {
+        Ok(self.unary(Kind::Sign, self.value().sign()?))
+    }
+
+    /// `max(x, 0)`; derivative 0 at 0, as PyTorch.
+    pub fn relu(&self) -> Result<Tensor> {
+        Ok(self.unary(Kind::Relu, self.value().relu()?))
+    }
+
+    /// Hyperbolic tangent.
+    pub fn tanh(&self) -> Result<Tensor> {
+        Ok(self.unary(Kind::Tanh, self.value().tanh()?))
+    }
+
+    /// Logistic sigmoid `1 / (1 + e^-x)`.
+    pub fn sigmoid(&self) -> Result<Tensor> {
+        let value = candle_core::Tensor::ones_like(self.value())?
+            .broadcast_div(&(self.value().neg()?.exp()? + 1.0)?)?;
+        Ok(self.unary(Kind::Sigmoid, value))
+    }
+
+    /// `x^2`.
+    pub fn sqr(&self) -> Result<Tensor> {
+        self.powf(2.0)
+    }
+}
