@@ -7,6 +7,7 @@
 mod autograd;
 mod error;
 mod ops;
+pub mod optim;
 mod tensor;
 
 pub use autograd::{backward, grad, GradOptions, GradStore};
@@ -14,4 +15,16 @@ pub use error::{Error, Result};
 pub use ops::Operand;
 pub use tensor::{is_grad_enabled, no_grad, NoGradGuard, Tensor, TensorId};
 
+pub use optim::{DifferentiableOptimizer, Hyperparameters, OptimizerStep, Scalar, State};
+
 pub use candle_core::{DType, Device};
+
+/// Items that generated code names by absolute path. Not public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::optim::{
+        unknown_hyperparameter, DifferentiableOptimizer, Hyperparameters, OptimizerStep, Scalar,
+        State, TwinHyperparameters,
+    };
+    pub use crate::{Result, Tensor};
+}

@@ -1,0 +1,223 @@
+//! `Scalar`: a float hyperparameter that is either a plain `f64` or a tensor the
+//! meta-gradient can reach.
+
+use std::ops::{Add, Div, Mul, Neg, Sub};
+
+use crate::error::Result;
+use crate::ops::Operand;
+use crate::tensor::Tensor;
+
+/// A float hyperparameter in a differentiable twin: a constant, or a tensor with one
+/// element (usually a leaf that requires grad) through which gradients flow.
+///
+/// Arithmetic between scalars and floats stays a plain float until a tensor takes part,
+/// so an optimizer step written once costs nothing extra when nothing is overridden.
+#[derive(Clone, Debug)]
+pub enum Scalar {
+    /// A constant.
+    Float(f64),
+    /// A one-element tensor.
+    Tensor(Tensor),
+}
+
+impl Scalar {
+    /// The current value as f64 (reads the tensor; for branches, never for gradients).
+    pub fn value(&self) -> f64 {
+        match self {
+            Scalar::Float(v) => *v,
+            Scalar::Tensor(t) => t.to_scalar_f64().unwrap_or(f64::NAN),
+        }
+    }
+
+    /// The tensor, if this scalar is one.
+    pub fn as_tensor(&self) -> Option<&Tensor> {
+        match self {
+            Scalar::Float(_) => None,
+            Scalar::Tensor(t) => Some(t),
+        }
+    }
+
+    fn map(&self, f: impl Fn(f64) -> f64, t: impl Fn(&Tensor) -> Result<Tensor>) -> Scalar {
+        match self {
+            Scalar::Float(v) => Scalar::Float(f(*v)),
+            Scalar::Tensor(x) => Scalar::Tensor(infallible(t(x))),
+        }
+    }
+
+    /// `self ^ e` for a constant exponent.
+    pub fn powf(&self, e: f64) -> Scalar {
+        self.map(|v| v.powf(e), |t| t.powf(e))
+    }
+
+    /// `self ^ n` for an integer exponent (a step counter).
+    pub fn powi(&self, n: i64) -> Scalar {
+        self.map(|v| v.powi(n as i32), |t| t.powf(n as f64))
+    }
+
+    /// `self ^ e` where the exponent may itself be a tensor: `exp(e ln self)`.
+    pub fn pow(&self, e: &Scalar) -> Scalar {
+        match (self, e) {
+            (_, Scalar::Float(e)) => self.powf(*e),
+            _ => (self.ln() * e.clone()).exp(),
+        }
+    }
+
+    /// Square root (safe at zero, see [`Tensor::sqrt`]).
+    pub fn sqrt(&self) -> Scalar {
+        self.map(f64::sqrt, Tensor::sqrt)
+    }
+
+    /// `e^self`.
+    pub fn exp(&self) -> Scalar {
+        self.map(f64::exp, Tensor::exp)
+    }
+
+    /// Natural logarithm.
+    pub fn ln(&self) -> Scalar {
+        self.map(f64::ln, Tensor::log)
+    }
+
+    /// `1 / self`.
+    pub fn recip(&self) -> Scalar {
+        Scalar::Float(1.0) / self.clone()
+    }
+
+    /// The larger of `self` and a constant; the gradient follows the winner.
+    pub fn max_f64(&self, other: f64) -> Scalar {
+        if self.value() >= other {
+            self.clone()
+        } else {
+            Scalar::Float(other)
+        }
+    }
+}
+
+/// Ops on one-element tensors of one dtype and device fail only on allocation failure,
+/// which candle itself treats as fatal; `Scalar` arithmetic aligns dtypes and devices
+/// before it combines two tensors.
+fn infallible(r: Result<Tensor>) -> Tensor {
+    r.unwrap_or_else(|e| panic!("scalar hyperparameter arithmetic failed: {e}"))
+}
+
+fn combine(
+    a: Scalar,
+    b: Scalar,
+    f: fn(f64, f64) -> f64,
+    t: fn(&Tensor, Operand) -> Result<Tensor>,
+) -> Scalar {
+    match (a, b) {
+        (Scalar::Float(x), Scalar::Float(y)) => Scalar::Float(f(x, y)),
+        (Scalar::Tensor(x), Scalar::Float(y)) => {
+            Scalar::Tensor(infallible(t(&x, Operand::Float(y))))
+        }
+        (Scalar::Float(x), Scalar::Tensor(y)) => {
+            let x = infallible(y.full_like(x));
+            Scalar::Tensor(infallible(t(&x, Operand::Tensor(y))))
+        }
+        (Scalar::Tensor(x), Scalar::Tensor(y)) => {
+            let y = infallible(y.to_dtype(x.dtype()).and_then(|y| y.to_device(x.device())));
+            let y = infallible(y.reshape(x.dims()).or_else(|_| y.broadcast_as(x.dims())));
+            Scalar::Tensor(infallible(t(&x, Operand::Tensor(y))))
+        }
+    }
+}
+
+macro_rules! scalar_op {
+    ($trait:ident, $fn:ident, $op:tt) => {
+        impl $trait<Scalar> for Scalar {
+            type Output = Scalar;
+            fn $fn(self, rhs: Scalar) -> Scalar {
+                combine(self, rhs, |a, b| a $op b, |t, o| Tensor::$fn(t, o))
+            }
+        }
+        impl $trait<f64> for Scalar {
+            type Output = Scalar;
+            fn $fn(self, rhs: f64) -> Scalar {
+                combine(self, Scalar::Float(rhs), |a, b| a $op b, |t, o| Tensor::$fn(t, o))
+            }
+        }
+        impl $trait<Scalar> for f64 {
+            type Output = Scalar;
+            fn $fn(self, rhs: Scalar) -> Scalar {
+                combine(Scalar::Float(self), rhs, |a, b| a $op b, |t, o| Tensor::$fn(t, o))
+            }
+        }
+        impl $trait<&Scalar> for Scalar {
+            type Output = Scalar;
+            fn $fn(self, rhs: &Scalar) -> Scalar {
+                self $op rhs.clone()
+            }
+        }
+        impl $trait<Scalar> for &Scalar {
+            type Output = Scalar;
+            fn $fn(self, rhs: Scalar) -> Scalar {
+                self.clone() $op rhs
+            }
+        }
+        impl $trait<f64> for &Scalar {
+            type Output = Scalar;
+            fn $fn(self, rhs: f64) -> Scalar {
+                self.clone() $op rhs
+            }
+        }
+        impl $trait<&Scalar> for f64 {
+            type Output = Scalar;
+            fn $fn(self, rhs: &Scalar) -> Scalar {
+                self $op rhs.clone()
+            }
+        }
+    };
+}
+
+scalar_op!(Add, add, +);
+scalar_op!(Sub, sub, -);
+scalar_op!(Mul, mul, *);
+scalar_op!(Div, div, /);
+
+impl Neg for Scalar {
+    type Output = Scalar;
+    fn neg(self) -> Scalar {
+        0.0 - self
+    }
+}
+
+impl From<f64> for Scalar {
+    fn from(v: f64) -> Self {
+        Scalar::Float(v)
+    }
+}
+
+impl From<Tensor> for Scalar {
+    fn from(t: Tensor) -> Self {
+        Scalar::Tensor(t)
+    }
+}
+
+impl From<Scalar> for Operand {
+    fn from(s: Scalar) -> Self {
+        match s {
+            Scalar::Float(v) => Operand::Float(v),
+            Scalar::Tensor(t) => Operand::Tensor(t),
+        }
+    }
+}
+
+impl From<&Scalar> for Operand {
+    fn from(s: &Scalar) -> Self {
+        s.clone().into()
+    }
+}
+
+/// Compares values (reads a tensor): for branches such as `if self.momentum != 0.0`.
+impl PartialEq<f64> for Scalar {
+    fn eq(&self, other: &f64) -> bool {
+        self.value() == *other
+    }
+}
+
+/// Orders by value (reads a tensor): for branches on a hyperparameter.
+impl PartialOrd<f64> for Scalar {
+    fn partial_cmp(&self, other: &f64) -> Option<std::cmp::Ordering> {
+        self.value().partial_cmp(other)
+    }
+}
