@@ -5,7 +5,7 @@ mod store;
 
 pub use store::GradStore;
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::error::{Error, Result};
 use crate::tensor::{NoGradGuard, Node, Tensor};
@@ -186,7 +186,7 @@ fn reaching_nodes(
     min_id: u64,
 ) -> Vec<Tensor> {
     // Iterative post-order DFS; `reaches` records whether a visited tensor reaches a target.
-    let mut reaches: HashMap<u64, bool> = HashMap::new();
+    let mut reaches: HashMap<u64, bool> = HashMap::default();
     let mut post_order: Vec<Tensor> = Vec::new();
     let mut stack: Vec<(Tensor, usize)> = Vec::new();
     for out in outputs {
@@ -217,7 +217,7 @@ fn reaching_nodes(
     // Only tensors that reach a target were kept; the reversed post-order puts every
     // tensor before the inputs it was computed from.
     post_order.reverse();
-    let mut seen = HashSet::new();
+    let mut seen = HashSet::default();
     post_order.retain(|t| seen.insert(t.0.id));
     post_order
 }
@@ -230,7 +230,7 @@ fn propagate(
 ) -> Result<HashMap<u64, Tensor>> {
     let _mode = NoGradGuard::set(create_graph);
     let on_path: HashSet<u64> = order.iter().map(|t| t.0.id).collect();
-    let mut grads: HashMap<u64, Tensor> = HashMap::new();
+    let mut grads: HashMap<u64, Tensor> = HashMap::default();
     for (out, g) in seeds {
         if on_path.contains(&out.0.id) {
             accumulate(&mut grads, out.0.id, g)?;
