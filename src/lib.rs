@@ -5,3 +5,5 @@
 //! README for a tour.
 
 pub use candle_higher_runtime::*;
+
+pub use candle_higher_macros::differentiable_optimizer;
