@@ -49,9 +49,10 @@ impl Scalar {
         self.map(|v| v.powf(e), |t| t.powf(e))
     }
 
-    /// `self ^ n` for an integer exponent (a step counter).
-    pub fn powi(&self, n: i64) -> Scalar {
-        self.map(|v| v.powi(n as i32), |t| t.powf(n as f64))
+    /// `self ^ n` for an integer exponent (a step counter). Takes `i32` like `f64::powi`,
+    /// so one optimizer body compiles with `f64` and with `Scalar` hyperparameters.
+    pub fn powi(&self, n: i32) -> Scalar {
+        self.map(|v| v.powi(n), |t| t.powf(f64::from(n)))
     }
 
     /// `self ^ e` where the exponent may itself be a tensor: `exp(e ln self)`.
