@@ -83,6 +83,17 @@ pub enum Error {
         /// What was checked.
         what: String,
     },
+    /// An optimizer override gives a number of values that is neither one (for every
+    /// parameter group) nor one per group.
+    #[error("override of \"{name}\": {given} values for {groups} parameter groups; give one value for all groups or one per group")]
+    OverrideCount {
+        /// The overridden hyperparameter.
+        name: String,
+        /// How many values were given.
+        given: usize,
+        /// How many parameter groups the optimizer has.
+        groups: usize,
+    },
     /// An error from candle itself.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

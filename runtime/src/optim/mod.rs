@@ -8,10 +8,36 @@
 //! immutable handles and in-place methods rebind them, so running a step on a cloned
 //! [`State`] leaves the old state intact: that is what makes the twin pure.
 
+mod common;
+mod diffopt;
+mod runner;
 mod scalar;
 mod state;
 
+pub mod adadelta;
+pub mod adagrad;
+pub mod adam;
+pub mod adamax;
+pub mod adamw;
+pub mod asgd;
+pub mod rmsprop;
+pub mod rprop;
+pub mod sgd;
+
+pub use adadelta::Adadelta;
+pub use adagrad::Adagrad;
+pub use adam::Adam;
+pub use adamax::Adamax;
+pub use adamw::AdamW;
+pub use asgd::Asgd;
+pub use diffopt::{
+    grad_callback, DiffOptimizer, GradCallback, InnerGradMode, Overrides, StepOptions,
+};
+pub use rmsprop::RmsProp;
+pub use rprop::Rprop;
+pub use runner::{Optimizer, ParamGroup};
 pub use scalar::Scalar;
+pub use sgd::Sgd;
 pub use state::{State, StateValue};
 
 use crate::error::Result;

@@ -1,0 +1,637 @@
+//! The differentiable optimizer runtime (the `diffopt` of higher): parameter groups with
+//! per-group twins, per-parameter states, overrides, a gradient callback, test and
+//! first-order modes.
+
+use std::fmt;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+
+use super::runner::{check_count, check_grad_shape, check_groups, ParamGroup};
+use super::{
+    unknown_hyperparameter, DifferentiableOptimizer, Hyperparameters, Optimizer, OptimizerStep,
+    Scalar, State, TwinHyperparameters,
+};
+use crate::autograd::{grad, GradOptions};
+use crate::error::{Error, Result};
+use crate::tensor::{no_grad, Tensor};
+
+/// A gradient callback: sees the gradient of every parameter, in parameter order (`None`
+/// where a parameter has none: frozen, unused, or in no group) and returns the gradients
+/// the optimizer will use, as many as it was given. Gradient clipping is the usual case.
+pub type GradCallback = Arc<dyn Fn(&[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> + Send + Sync>;
+
+/// Wraps a closure as a [`GradCallback`].
+pub fn grad_callback(
+    f: impl Fn(&[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) -> GradCallback {
+    Arc::new(f)
+}
+
+/// Replacement values for float hyperparameters, usually tensors that require grad so the
+/// meta-gradient reaches them (higher's `override`).
+///
+/// Each entry names a float hyperparameter as in [`Hyperparameters::FLOAT_NAMES`] (`lr`,
+/// `betas.0`, `betas.1`, ...) and gives one value for every
+/// parameter group or one value per group. Tensors must have one element; they are
+/// converted, differentiably, to the dtype and device of the parameters.
+///
+/// ```
+/// # use candle_higher_runtime::{Tensor, optim::Overrides};
+/// let lr = Tensor::scalar(0.1f64).to_leaf();
+/// let o = Overrides::new().set("lr", lr).set("betas.1", 0.99).per_group("eps", [1e-8, 1e-6]);
+/// assert_eq!(o.len(), 3);
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    entries: Vec<(String, Vec<Scalar>)>,
+}
+
+impl Overrides {
+    /// No overrides.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Overrides `name` with one value for every parameter group.
+    pub fn set(mut self, name: &str, value: impl Into<Scalar>) -> Self {
+        self.entries.push((name.to_string(), vec![value.into()]));
+        self
+    }
+
+    /// Overrides `name` with one value per parameter group (or one value for all).
+    pub fn per_group<S: Into<Scalar>>(
+        mut self,
+        name: &str,
+        values: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.entries.push((
+            name.to_string(),
+            values.into_iter().map(Into::into).collect(),
+        ));
+        self
+    }
+
+    /// Number of overridden names.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is overridden.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entries: a name and its values.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &[Scalar])> {
+        self.entries.iter().map(|(n, v)| (n.as_str(), v.as_slice()))
+    }
+}
+
+/// How gradients flow through the inner loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum InnerGradMode {
+    /// Full higher-order: inner gradients with `create_graph`, the update recorded.
+    #[default]
+    Full,
+    /// First order: inner gradients computed without `create_graph` (constants), the update
+    /// recorded, so `d new / d old` is the identity through the gradient but the paths
+    /// through the update (and to hyperparameters) are kept: first-order MAML and
+    /// first-order hypergradients.
+    FirstOrder,
+    /// Test mode (higher's `track_higher_grads=False`): no graph at all. Inner gradients
+    /// without `create_graph`, the update under `no_grad`, new parameters are fresh leaves.
+    Test,
+}
+
+/// Per-step options of [`DiffOptimizer::step_params_with`]: an override that replaces the
+/// current values from this step on (it persists, as in higher) and a callback that wins
+/// over the one given at construction, for this step only.
+#[derive(Clone, Default)]
+pub struct StepOptions {
+    /// Overrides applied before this step; they persist.
+    pub overrides: Option<Overrides>,
+    /// A gradient callback for this step only.
+    pub callback: Option<GradCallback>,
+}
+
+impl StepOptions {
+    /// No override and no per-step callback.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the step's overrides.
+    pub fn overrides(mut self, overrides: Overrides) -> Self {
+        self.overrides = Some(overrides);
+        self
+    }
+
+    /// Sets the step's callback.
+    pub fn callback(mut self, callback: GradCallback) -> Self {
+        self.callback = Some(callback);
+        self
+    }
+}
+
+impl fmt::Debug for StepOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StepOptions")
+            .field("overrides", &self.overrides)
+            .field("callback", &self.callback.as_ref().map(|_| "<fn>"))
+            .finish()
+    }
+}
+
+/// One parameter group of a [`DiffOptimizer`]: its parameters' positions and its twin.
+#[derive(Clone)]
+struct DiffGroup<O: Hyperparameters> {
+    params: Vec<usize>,
+    twin: O::Twin,
+    /// The hyperparameters the group was made from (non-float fields, and the values the
+    /// twin started with).
+    base: O,
+}
+
+/// A differentiable optimizer: the twin of `O` driving an unrolled inner loop.
+///
+/// Each step computes the gradients of a loss with respect to the current parameters
+/// (with `create_graph` in [`InnerGradMode::Full`]), hands them to the gradient callback,
+/// runs the twin's update for every parameter of every group, and returns the new
+/// parameters. States thread functionally: a step never changes a tensor that an earlier
+/// step produced, so the meta-gradient reaches the initial parameters and every
+/// hyperparameter given as a tensor through any number of steps.
+///
+/// ```
+/// # use candle_higher_runtime::{grad, Device, GradOptions, Tensor};
+/// # use candle_higher_runtime::optim::{DiffOptimizer, Overrides, Sgd};
+/// # fn main() -> candle_higher_runtime::Result<()> {
+/// let w0 = Tensor::from_vec(vec![1.0f64, -2.0], &[2], &Device::Cpu)?.to_leaf();
+/// let lr = Tensor::scalar(0.1f64).to_leaf();
+/// let mut opt = DiffOptimizer::new(Sgd::new(0.1), &[w0.clone()])?;
+/// opt.set_overrides(&Overrides::new().set("lr", lr.clone()))?;
+/// let mut params = vec![w0.clone()];
+/// for _ in 0..3 {
+///     let loss = params[0].sqr()?.sum_all()?;
+///     params = opt.step_params(&loss, &params)?;
+/// }
+/// // w3 = (1 - 2 lr)^3 w0, so d sum(w3) / d lr = -6 (1 - 2 lr)^2 sum(w0) = 3.84
+/// let meta = params[0].sum_all()?;
+/// let g = grad(&[meta], &[lr], GradOptions::default())?;
+/// assert!((g[0].as_ref().unwrap().to_scalar_f64()? - 3.84).abs() < 1e-12);
+/// # Ok(()) }
+/// ```
+pub struct DiffOptimizer<O: DifferentiableOptimizer> {
+    groups: Vec<DiffGroup<O>>,
+    states: Vec<State>,
+    frozen: Vec<bool>,
+    mode: InnerGradMode,
+    callback: Option<GradCallback>,
+    dtype: DType,
+    device: Device,
+}
+
+impl<O: DifferentiableOptimizer> Clone for DiffOptimizer<O> {
+    fn clone(&self) -> Self {
+        DiffOptimizer {
+            groups: self.groups.clone(),
+            states: self.states.clone(),
+            frozen: self.frozen.clone(),
+            mode: self.mode,
+            callback: self.callback.clone(),
+            dtype: self.dtype,
+            device: self.device.clone(),
+        }
+    }
+}
+
+impl<O: DifferentiableOptimizer> fmt::Debug for DiffOptimizer<O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiffOptimizer")
+            .field("optimizer", &std::any::type_name::<O>())
+            .field(
+                "groups",
+                &self.groups.iter().map(|g| &g.params).collect::<Vec<_>>(),
+            )
+            .field("n_params", &self.states.len())
+            .field("mode", &self.mode)
+            .field("callback", &self.callback.as_ref().map(|_| "<fn>"))
+            .finish()
+    }
+}
+
+/// The dtype and device of the parameters (f32 on the CPU when there are none).
+fn dtype_device(params: &[Tensor]) -> (DType, Device) {
+    params
+        .first()
+        .map(|p| (p.dtype(), p.device().clone()))
+        .unwrap_or((DType::F32, Device::Cpu))
+}
+
+impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
+    /// One group holding all `params` (which give the count, dtype and device).
+    pub fn new(hyperparameters: O, params: &[Tensor]) -> Result<Self> {
+        let group = ParamGroup::new((0..params.len()).collect(), hyperparameters);
+        Self::with_groups(params, vec![group])
+    }
+
+    /// Several groups over `params`; parameters in no group pass through every step
+    /// unchanged. An index out of range or in two groups is an error.
+    pub fn with_groups(params: &[Tensor], groups: Vec<ParamGroup<O>>) -> Result<Self> {
+        check_groups(
+            "DiffOptimizer::with_groups",
+            params.len(),
+            groups.iter().map(|g| g.params.as_slice()),
+        )?;
+        let (dtype, device) = dtype_device(params);
+        Ok(DiffOptimizer {
+            groups: groups
+                .into_iter()
+                .map(|g| DiffGroup {
+                    twin: g.hyperparameters.twin(),
+                    params: g.params,
+                    base: g.hyperparameters,
+                })
+                .collect(),
+            states: vec![State::new(); params.len()],
+            frozen: vec![false; params.len()],
+            mode: InnerGradMode::Full,
+            callback: None,
+            dtype,
+            device,
+        })
+    }
+
+    /// Branches from an ordinary optimizer that may have taken steps: its groups,
+    /// hyperparameters and per-parameter states are copied (tensors are immutable handles,
+    /// so the copy is cheap and the ordinary optimizer is not changed). `params` are the
+    /// current parameters, for the count, dtype and device; states are moved to their
+    /// device and detached.
+    pub fn from_optimizer(opt: &Optimizer<O>, params: &[Tensor]) -> Result<Self> {
+        check_count(
+            "DiffOptimizer::from_optimizer",
+            "parameters",
+            opt.n_params(),
+            params.len(),
+        )?;
+        let mut d = Self::with_groups(params, opt.groups().to_vec())?;
+        let device = d.device.clone();
+        d.states = opt
+            .states()
+            .iter()
+            .map(|s| s.map_tensors(|t| t.detach().to_device(&device)))
+            .collect::<Result<_>>()?;
+        Ok(d)
+    }
+
+    /// Number of parameters.
+    pub fn n_params(&self) -> usize {
+        self.states.len()
+    }
+
+    /// Number of parameter groups.
+    pub fn n_groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// The positions of the parameters of group `group`.
+    pub fn group_params(&self, group: usize) -> Option<&[usize]> {
+        self.groups.get(group).map(|g| g.params.as_slice())
+    }
+
+    /// The twin (current hyperparameters, overrides included) of group `group`.
+    pub fn twin(&self, group: usize) -> Option<&O::Twin> {
+        self.groups.get(group).map(|g| &g.twin)
+    }
+
+    /// The current value of hyperparameter `name` in group `group`: the override tensor
+    /// (with its graph) where one was given.
+    pub fn hyperparameter(&self, group: usize, name: &str) -> Result<Scalar> {
+        let g = self
+            .groups
+            .get(group)
+            .ok_or_else(|| Error::InvalidArgument {
+                op: "DiffOptimizer::hyperparameter",
+                message: format!(
+                    "no parameter group {group}; there are {}",
+                    self.groups.len()
+                ),
+            })?;
+        g.twin
+            .get(name)
+            .cloned()
+            .ok_or_else(|| unknown_hyperparameter(std::any::type_name::<O>(), name, O::FLOAT_NAMES))
+    }
+
+    /// The state of each parameter, by position.
+    pub fn states(&self) -> &[State] {
+        &self.states
+    }
+
+    /// The inner-gradient mode.
+    pub fn mode(&self) -> InnerGradMode {
+        self.mode
+    }
+
+    /// Sets the inner-gradient mode (full, first order, or test).
+    pub fn set_mode(&mut self, mode: InnerGradMode) {
+        self.mode = mode;
+    }
+
+    /// higher's `track_higher_grads`: `false` is [`InnerGradMode::Test`], `true` goes back
+    /// to [`InnerGradMode::Full`] (or keeps first order if it is set).
+    pub fn set_track_higher_grads(&mut self, track: bool) {
+        self.mode = match (track, self.mode) {
+            (false, _) => InnerGradMode::Test,
+            (true, InnerGradMode::Test) => InnerGradMode::Full,
+            (true, m) => m,
+        };
+    }
+
+    /// Marks parameters as frozen: they never change and get no gradient. One flag per
+    /// parameter.
+    pub fn set_frozen(&mut self, frozen: &[bool]) -> Result<()> {
+        check_count(
+            "DiffOptimizer::set_frozen",
+            "flags",
+            self.states.len(),
+            frozen.len(),
+        )?;
+        self.frozen = frozen.to_vec();
+        Ok(())
+    }
+
+    /// The frozen flags, one per parameter.
+    pub fn frozen(&self) -> &[bool] {
+        &self.frozen
+    }
+
+    /// Sets (or clears) the gradient callback used by every step without its own.
+    pub fn set_callback(&mut self, callback: Option<GradCallback>) {
+        self.callback = callback;
+    }
+
+    /// Applies overrides (see [`Overrides`]); they persist for every later step. Every
+    /// entry is checked before any is applied: an unknown name is an error that lists the
+    /// known ones, a wrong number of values is [`Error::OverrideCount`].
+    pub fn set_overrides(&mut self, overrides: &Overrides) -> Result<()> {
+        let n_groups = self.groups.len();
+        let mut plan: Vec<(&'static str, usize, Scalar)> = Vec::new();
+        for (name, values) in overrides.entries() {
+            let names = expand_name::<O>(name)?;
+            if values.len() != 1 && values.len() != n_groups {
+                return Err(Error::OverrideCount {
+                    name: name.to_string(),
+                    given: values.len(),
+                    groups: n_groups,
+                });
+            }
+            for g in 0..n_groups {
+                let v = if values.len() == 1 {
+                    &values[0]
+                } else {
+                    &values[g]
+                };
+                let v = self.convert(name, v)?;
+                for &n in &names {
+                    plan.push((n, g, v.clone()));
+                }
+            }
+        }
+        // Names were validated above, so `set` cannot fail on them; apply to copies anyway
+        // so that a failure leaves the optimizer as it was.
+        let mut twins: Vec<O::Twin> = self.groups.iter().map(|g| g.twin.clone()).collect();
+        for (name, g, v) in plan {
+            twins[g].set(name, v)?;
+        }
+        for (group, twin) in self.groups.iter_mut().zip(twins) {
+            group.twin = twin;
+        }
+        Ok(())
+    }
+
+    /// An override value as the twin uses it: a float, or a 0-dim tensor with the
+    /// parameters' dtype and device (converted differentiably).
+    fn convert(&self, name: &str, v: &Scalar) -> Result<Scalar> {
+        match v {
+            Scalar::Float(x) => Ok(Scalar::Float(*x)),
+            Scalar::Tensor(t) => {
+                if t.elem_count() != 1 {
+                    return Err(Error::ShapeMismatch {
+                        op: "DiffOptimizer override",
+                        expected: format!("one element for \"{name}\""),
+                        got: t.dims().to_vec(),
+                    });
+                }
+                let t = t.to_dtype(self.dtype)?.to_device(&self.device)?;
+                let t = if t.rank() == 0 { t } else { t.reshape(&[])? };
+                Ok(Scalar::Tensor(t))
+            }
+        }
+    }
+
+    /// One step on bare tensors (no model): gradients of `loss` with respect to `params`,
+    /// the callback, the update. Returns the new parameters, in order; frozen parameters,
+    /// parameters without a gradient and parameters in no group come back unchanged.
+    pub fn step_params(&mut self, loss: &Tensor, params: &[Tensor]) -> Result<Vec<Tensor>> {
+        self.step_params_with(loss, params, StepOptions::default())
+    }
+
+    /// [`DiffOptimizer::step_params`] with a per-step override and callback.
+    pub fn step_params_with(
+        &mut self,
+        loss: &Tensor,
+        params: &[Tensor],
+        options: StepOptions,
+    ) -> Result<Vec<Tensor>> {
+        check_count(
+            "DiffOptimizer::step",
+            "parameters",
+            self.states.len(),
+            params.len(),
+        )?;
+        if let Some(o) = &options.overrides {
+            self.set_overrides(o)?;
+        }
+        let grads = self.inner_grads(loss, params)?;
+        self.apply(params, grads, options.callback.as_ref())
+    }
+
+    /// One step with gradients computed elsewhere (one per parameter, `None` for none);
+    /// the callback and the update as in [`DiffOptimizer::step_params`].
+    pub fn step_grads(
+        &mut self,
+        params: &[Tensor],
+        grads: Vec<Option<Tensor>>,
+        options: StepOptions,
+    ) -> Result<Vec<Tensor>> {
+        const OP: &str = "DiffOptimizer::step_grads";
+        check_count(OP, "parameters", self.states.len(), params.len())?;
+        check_count(OP, "gradients", params.len(), grads.len())?;
+        if let Some(o) = &options.overrides {
+            self.set_overrides(o)?;
+        }
+        self.apply(params, grads, options.callback.as_ref())
+    }
+
+    /// Whether parameter `i` is stepped: in a group and not frozen.
+    fn trainable(&self) -> Vec<bool> {
+        let mut t = vec![false; self.states.len()];
+        for g in &self.groups {
+            for &i in &g.params {
+                t[i] = !self.frozen[i];
+            }
+        }
+        t
+    }
+
+    /// The gradients of `loss` with respect to every trainable parameter (`None`
+    /// elsewhere), with `create_graph` in full mode only.
+    pub(crate) fn inner_grads(
+        &self,
+        loss: &Tensor,
+        params: &[Tensor],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let trainable = self.trainable();
+        let idx: Vec<usize> = (0..params.len())
+            .filter(|&i| trainable[i] && params[i].requires_grad())
+            .collect();
+        let mut out = vec![None; params.len()];
+        if idx.is_empty() || !loss.requires_grad() {
+            return Ok(out);
+        }
+        let inputs: Vec<Tensor> = idx.iter().map(|&i| params[i].clone()).collect();
+        let options = GradOptions {
+            create_graph: self.mode == InnerGradMode::Full,
+            allow_unused: true,
+            grad_outputs: None,
+        };
+        let grads = grad(std::slice::from_ref(loss), &inputs, options)?;
+        for (i, g) in idx.into_iter().zip(grads) {
+            out[i] = g;
+        }
+        Ok(out)
+    }
+
+    /// The callback and the update, given the gradients.
+    fn apply(
+        &mut self,
+        params: &[Tensor],
+        grads: Vec<Option<Tensor>>,
+        step_callback: Option<&GradCallback>,
+    ) -> Result<Vec<Tensor>> {
+        const OP: &str = "DiffOptimizer::step";
+        let grads = match step_callback.or(self.callback.as_ref()) {
+            Some(cb) => {
+                let out = cb(&grads)?;
+                if out.len() != grads.len() {
+                    return Err(Error::InvalidArgument {
+                        op: OP,
+                        message: format!(
+                            "the gradient callback returned {} gradients for {} parameters",
+                            out.len(),
+                            grads.len()
+                        ),
+                    });
+                }
+                out
+            }
+            None => grads,
+        };
+        let test = self.mode == InnerGradMode::Test;
+        let _guard = test.then(no_grad);
+        let trainable = self.trainable();
+        let mut new_params = params.to_vec();
+        let mut new_states = Vec::new();
+        for group in &self.groups {
+            for &i in &group.params {
+                if !trainable[i] {
+                    continue;
+                }
+                let Some(g) = &grads[i] else { continue };
+                check_grad_shape(OP, i, &params[i], g)?;
+                let mut p = params[i].clone();
+                let mut state = self.states[i].clone();
+                group.twin.step(&mut p, g, &mut state)?;
+                new_params[i] = if test { p.detach().to_leaf() } else { p };
+                new_states.push((i, state));
+            }
+        }
+        for (i, state) in new_states {
+            self.states[i] = state;
+        }
+        Ok(new_params)
+    }
+
+    /// The current hyperparameters as ordinary values, one `O` per group: the base
+    /// hyperparameters with every float replaced by the twin's current value (learned
+    /// values read back; higher's `get_trainable_opt_params`).
+    pub fn hyperparameters(&self) -> Result<Vec<O>> {
+        self.groups
+            .iter()
+            .map(|g| {
+                let mut o = g.base.clone();
+                for &name in O::FLOAT_NAMES {
+                    if let Some(v) = g.twin.get(name) {
+                        o.set_float(name, read_value(name, v)?)?;
+                    }
+                }
+                Ok(o)
+            })
+            .collect()
+    }
+
+    /// Writes the current float hyperparameters into an ordinary optimizer with the same
+    /// number of groups (higher's `apply_trainable_opt_params`).
+    pub fn apply_to(&self, opt: &mut Optimizer<O>) -> Result<()> {
+        check_count(
+            "DiffOptimizer::apply_to",
+            "parameter groups",
+            self.groups.len(),
+            opt.groups().len(),
+        )?;
+        for (dst, src) in opt.groups_mut().iter_mut().zip(self.hyperparameters()?) {
+            for &name in O::FLOAT_NAMES {
+                if let Some(v) = src.float(name) {
+                    dst.hyperparameters.set_float(name, v)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches every state tensor and every override from the graph (to truncate an unroll
+    /// and keep going, as higher's `detach_()` on a fast-weight history).
+    pub fn detach(&mut self) -> Result<()> {
+        self.states = self
+            .states
+            .iter()
+            .map(|s| s.map_tensors(|t| Ok(t.detach())))
+            .collect::<Result<_>>()?;
+        Ok(())
+    }
+}
+
+/// The value of a scalar, with an error for a tensor that cannot be read.
+fn read_value(name: &str, v: &Scalar) -> Result<f64> {
+    match v {
+        Scalar::Float(x) => Ok(*x),
+        Scalar::Tensor(t) => t.to_scalar_f64().map_err(|e| Error::InvalidArgument {
+            op: "DiffOptimizer::hyperparameters",
+            message: format!("cannot read \"{name}\": {e}"),
+        }),
+    }
+}
+
+/// The float name `name` as `O` spells it; an unknown name is an error listing the known
+/// ones (a tuple field is overridden component by component: `betas.0`, `betas.1`).
+fn expand_name<O: Hyperparameters>(name: &str) -> Result<Vec<&'static str>> {
+    match O::FLOAT_NAMES.iter().find(|&&n| n == name) {
+        Some(&n) => Ok(vec![n]),
+        None => Err(unknown_hyperparameter(
+            std::any::type_name::<O>(),
+            name,
+            O::FLOAT_NAMES,
+        )),
+    }
+}

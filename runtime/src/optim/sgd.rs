@@ -1,0 +1,83 @@
+//! Stochastic gradient descent (`torch.optim.SGD`).
+
+use super::common::weight_decay;
+use super::State;
+use crate::error::Result;
+use crate::tensor::Tensor;
+use candle_higher_macros::differentiable_optimizer;
+
+/// `torch.optim.SGD`: `lr`, `momentum`, `dampening`, `weight_decay` (coupled L2:
+/// `g += weight_decay * p`), `nesterov`. State: `momentum_buffer` (with momentum only).
+///
+/// The momentum buffer starts as the first gradient (no dampening on the first step),
+/// then `buf = momentum * buf + (1 - dampening) * g`; the step uses `buf`, or
+/// `g + momentum * buf` with Nesterov. As torch and higher, a momentum whose value is 0
+/// (even a tensor) takes the branch without a buffer. `maximize` is not offered (negate
+/// the loss).
+///
+/// ```
+/// # use candle_higher_runtime::optim::Sgd;
+/// let opt = Sgd { momentum: 0.9, ..Sgd::new(0.1) };
+/// assert_eq!(opt.dampening, 0.0);
+/// ```
+#[differentiable_optimizer(crate = crate)]
+#[derive(PartialEq)]
+pub struct Sgd {
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum factor (0: none).
+    pub momentum: f64,
+    /// Dampening of the momentum.
+    pub dampening: f64,
+    /// Coupled L2 penalty.
+    pub weight_decay: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+}
+
+impl Default for Sgd {
+    /// torch's defaults: `lr = 1e-3`, no momentum, no dampening, no decay.
+    fn default() -> Self {
+        Sgd {
+            lr: 1e-3,
+            momentum: 0.0,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+        }
+    }
+}
+
+impl Sgd {
+    /// Plain SGD with learning rate `lr` and torch's other defaults.
+    pub fn new(lr: f64) -> Self {
+        Sgd {
+            lr,
+            ..Self::default()
+        }
+    }
+}
+
+#[differentiable_optimizer(crate = crate)]
+impl Sgd {
+    fn step(&self, p: &mut Tensor, grad: &Tensor, state: &mut State) -> Result<()> {
+        let mut g = weight_decay(grad, p, self.weight_decay)?;
+        if self.momentum != 0.0 {
+            if state.contains("momentum_buffer") {
+                let buf = state.get("momentum_buffer")?;
+                buf.mul_(self.momentum)?
+                    .add_(&g.mul(1.0 - self.dampening)?)?;
+            } else {
+                state.set("momentum_buffer", g.clone());
+            }
+            let buffer = state.get("momentum_buffer")?;
+            if self.nesterov {
+                g = g.add(&buffer.mul(self.momentum)?)?;
+            } else {
+                g = buffer.clone();
+            }
+        }
+        p.sub_(&g.mul(self.lr)?)?;
+        Ok(())
+    }
+}
