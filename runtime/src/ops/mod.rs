@@ -3,6 +3,7 @@
 
 pub(crate) mod binary;
 pub(crate) mod cast;
+pub(crate) mod linear;
 pub(crate) mod matmul;
 pub(crate) mod reduce;
 pub(crate) mod scalar;

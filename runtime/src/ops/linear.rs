@@ -1,0 +1,92 @@
+//! The fused affine map of a linear layer, `x W^T + b`: one node instead of a transpose,
+//! a matmul and a broadcast add, and a backward with no transposed copies.
+
+use crate::autograd::{Backward, VjpCtx};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+struct Linear {
+    has_bias: bool,
+}
+
+impl Backward for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    /// For Y = X W^T + b with X flattened to [n, in]: dX = G W, dW = G^T X, db = 1^T G.
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        let (x, w) = (&ctx.inputs[0], &ctx.inputs[1]);
+        let out = w.dims()[0];
+        let g = ctx.grad.reshape(&[ctx.grad.elem_count() / out, out])?;
+        let gx = ctx.needs[0]
+            .then(|| g.matmul(w)?.reshape(x.dims()))
+            .transpose()?;
+        let gw = ctx.needs[1]
+            .then(|| g.t()?.matmul(&flatten_rows(x)?))
+            .transpose()?;
+        let mut grads = vec![gx, gw];
+        if self.has_bias {
+            let gb = ctx.needs[2]
+                .then(|| {
+                    let ones = Tensor::new(candle_core::Tensor::ones(
+                        (1, g.dims()[0]),
+                        g.dtype(),
+                        g.device(),
+                    )?);
+                    ones.matmul(&g)?.reshape(&[out])
+                })
+                .transpose()?;
+            grads.push(gb);
+        }
+        Ok(grads)
+    }
+}
+
+/// `x` as a matrix [rows, last dim].
+fn flatten_rows(x: &Tensor) -> Result<Tensor> {
+    let last = x.dims()[x.rank() - 1];
+    x.reshape(&[x.elem_count() / last, last])
+}
+
+impl Tensor {
+    /// `self W^T + b` over the last dimension (`torch.nn.functional.linear`): `self` is
+    /// [.., in], `weight` [out, in], `bias` [out].
+    pub fn linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        self.check_same(weight, "linear")?;
+        let wd = weight.dims();
+        let fits = wd.len() == 2 && self.rank() >= 1 && self.dims()[self.rank() - 1] == wd[1];
+        if !fits {
+            return Err(Error::ShapeMismatch {
+                op: "linear",
+                expected: format!(
+                    "[.., {}] to match the weight {wd:?}",
+                    wd.get(1).copied().unwrap_or(0)
+                ),
+                got: self.dims().to_vec(),
+            });
+        }
+        if let Some(b) = bias {
+            self.check_same(b, "linear")?;
+            if b.dims() != [wd[0]] {
+                return Err(Error::ShapeMismatch {
+                    op: "linear (bias)",
+                    expected: format!("[{}]", wd[0]),
+                    got: b.dims().to_vec(),
+                });
+            }
+        }
+        let mut out_shape = self.dims().to_vec();
+        *out_shape.last_mut().expect("rank >= 1") = wd[0];
+        let x2 = self.value().reshape((self.elem_count() / wd[1], wd[1]))?;
+        let mut y = x2.matmul(&weight.value().t()?)?;
+        if let Some(b) = bias {
+            y = y.broadcast_add(b.value())?;
+        }
+        let value = y.reshape(out_shape)?;
+        Ok(match bias {
+            Some(b) => Tensor::from_op(value, &[self, weight, b], Linear { has_bias: true }),
+            None => Tensor::from_op(value, &[self, weight], Linear { has_bias: false }),
+        })
+    }
+}
