@@ -94,6 +94,69 @@ pub enum Error {
         /// How many parameter groups the optimizer has.
         groups: usize,
     },
+    /// A replacement list of parameters or buffers has the wrong length.
+    #[error("{op}: expected {expected} {what}, got {got}")]
+    ParamCount {
+        /// The function that rejected the list.
+        op: &'static str,
+        /// "parameters" or "buffers".
+        what: &'static str,
+        /// How many the model has (tied ones once).
+        expected: usize,
+        /// How many were given.
+        got: usize,
+    },
+    /// A replacement parameter or buffer has the wrong shape.
+    #[error("{op}: {name} has shape {expected:?}, the replacement has shape {got:?}")]
+    ParamShape {
+        /// The function that rejected the tensor.
+        op: &'static str,
+        /// The parameter's dotted name.
+        name: String,
+        /// The parameter's shape.
+        expected: Vec<usize>,
+        /// The replacement's shape.
+        got: Vec<usize>,
+    },
+    /// A frozen parameter was given a new tensor.
+    #[error("{op}: {name} is frozen; pass its current tensor unchanged")]
+    FrozenParameter {
+        /// The function that rejected the list.
+        op: &'static str,
+        /// The parameter's dotted name.
+        name: String,
+    },
+    /// A fast-weight time outside the recorded history.
+    #[error("parameters({time}): out of range; the history has times {first}..={latest}")]
+    TimeOutOfRange {
+        /// The time asked for.
+        time: usize,
+        /// The earliest time still held.
+        first: usize,
+        /// The latest time.
+        latest: usize,
+    },
+    /// A fast-weight time that existed but is no longer held.
+    #[error("parameters({time}): unavailable, {reason}")]
+    HistoryUnavailable {
+        /// The time asked for.
+        time: usize,
+        /// Why it is not held (test mode, truncation).
+        reason: String,
+    },
+    /// Loading named tensors found names or shapes that do not match the model; nothing
+    /// was loaded.
+    #[error("{source_name}: nothing loaded; {}", describe_load(.missing, .unexpected, .mis_shaped))]
+    LoadMismatch {
+        /// Where the tensors came from (a path or "tensors").
+        source_name: String,
+        /// Names the model has and the source lacks.
+        missing: Vec<String>,
+        /// Names the source has and the model lacks.
+        unexpected: Vec<String>,
+        /// Name, the model's shape, the source's shape.
+        mis_shaped: Vec<(String, Vec<usize>, Vec<usize>)>,
+    },
     /// An error from candle itself.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -101,3 +164,25 @@ pub enum Error {
 
 /// The runtime's result type.
 pub type Result<T> = std::result::Result<T, Error>;
+
+fn describe_load(
+    missing: &[String],
+    unexpected: &[String],
+    mis_shaped: &[(String, Vec<usize>, Vec<usize>)],
+) -> String {
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("missing: {}", missing.join(", ")));
+    }
+    if !unexpected.is_empty() {
+        parts.push(format!("unexpected: {}", unexpected.join(", ")));
+    }
+    if !mis_shaped.is_empty() {
+        let items: Vec<String> = mis_shaped
+            .iter()
+            .map(|(n, want, got)| format!("{n} (model {want:?}, file {got:?})"))
+            .collect();
+        parts.push(format!("mis-shaped: {}", items.join(", ")));
+    }
+    parts.join("; ")
+}

@@ -6,6 +6,8 @@
 
 mod autograd;
 mod error;
+mod functional;
+pub mod nn;
 mod ops;
 pub mod optim;
 mod tensor;
@@ -16,6 +18,9 @@ pub use ops::Operand;
 pub use tensor::{is_grad_enabled, no_grad, NoGradGuard, Tensor, TensorId};
 
 pub use optim::{DifferentiableOptimizer, Hyperparameters, OptimizerStep, Scalar, State};
+
+pub use functional::{FunctionalModel, FunctionalOptions, InitialWeights};
+pub use nn::{Module, Parameters};
 
 pub use candle_core::{DType, Device};
 

@@ -1,0 +1,552 @@
+//! The `Module` trait, parameter visiting (`Parameters`, `Visitor`), and `Buffer`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::RwLock;
+
+use crate::error::{Error, Result};
+use crate::tensor::{Tensor, TensorId};
+
+/// Something that maps a tensor to a tensor (candle's minimal `Module`).
+///
+/// Closures `Fn(&Tensor) -> Result<Tensor>` are modules too.
+pub trait Module {
+    /// Applies the module.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+impl<F: Fn(&Tensor) -> Result<Tensor>> Module for F {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self(x)
+    }
+}
+
+/// A non-parameter tensor that a module keeps and updates as it runs, such as batch-norm
+/// running statistics. Listed by [`Parameters::named_buffers`], saved to safetensors, and
+/// copied (not shared) when the module is cloned: a cloned model has its own statistics.
+///
+/// A buffer never carries a graph: [`Buffer::set`] stores a detached value.
+pub struct Buffer(RwLock<Tensor>);
+
+impl Buffer {
+    /// A buffer holding `value` (detached).
+    pub fn new(value: Tensor) -> Self {
+        Buffer(RwLock::new(value.detach()))
+    }
+
+    /// The current value.
+    pub fn get(&self) -> Tensor {
+        match self.0.read() {
+            Ok(t) => t.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the value (detached).
+    pub fn set(&self, value: &Tensor) {
+        let value = value.detach();
+        match self.0.write() {
+            Ok(mut t) => *t = value,
+            Err(poisoned) => *poisoned.into_inner() = value,
+        }
+    }
+
+    fn get_mut(&mut self) -> &mut Tensor {
+        match self.0.get_mut() {
+            Ok(t) => t,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+}
+
+impl Clone for Buffer {
+    /// A new buffer with the same value: the clone's updates do not reach the original.
+    fn clone(&self) -> Self {
+        Buffer(RwLock::new(self.get()))
+    }
+}
+
+impl std::fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Buffer({:?})", self.get())
+    }
+}
+
+/// One thing a [`Visitor`] is shown.
+#[derive(Debug)]
+pub enum Entry<'b> {
+    /// A parameter slot; replacing the tensor replaces the parameter.
+    Param(&'b mut Tensor),
+    /// A buffer's value; replacing it replaces the buffer's value.
+    Buffer(&'b mut Tensor),
+    /// A layer's train/eval flag (true in training mode).
+    Training(&'b mut bool),
+}
+
+/// The callback behind a [`Visitor`]: the full dotted name and the entry.
+pub type VisitFn<'a> = dyn FnMut(&str, Entry<'_>) -> Result<()> + 'a;
+
+/// Walks a model's parameters, buffers and train/eval flags, with dotted names.
+///
+/// A model's [`Parameters::visit`] hands each field to the visitor: `v.param("weight",
+/// &mut self.weight)`, `v.buffer("running_mean", &mut self.running_mean)`, and
+/// `v.module("encoder", &mut self.encoder)` for a child, which prefixes its names with
+/// `encoder.`.
+pub struct Visitor<'a> {
+    prefix: String,
+    f: &'a mut VisitFn<'a>,
+}
+
+impl std::fmt::Debug for Visitor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Visitor({:?})", self.prefix)
+    }
+}
+
+impl<'a> Visitor<'a> {
+    /// A visitor at the root (empty prefix) that calls `f` for every entry.
+    pub fn new(f: &'a mut VisitFn<'a>) -> Self {
+        Visitor {
+            prefix: String::new(),
+            f,
+        }
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else if name.is_empty() {
+            self.prefix.clone()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// A visitor whose names are prefixed with `name.` (candle-nn's `pp`).
+    pub fn pp(&mut self, name: &str) -> Visitor<'_> {
+        Visitor {
+            prefix: self.full(name),
+            f: &mut *self.f,
+        }
+    }
+
+    /// Shows a parameter.
+    pub fn param(&mut self, name: &str, tensor: &mut Tensor) -> Result<()> {
+        let full = self.full(name);
+        (self.f)(&full, Entry::Param(tensor))
+    }
+
+    /// Shows an optional parameter (e.g. a bias that may be absent); `None` is skipped.
+    pub fn opt_param(&mut self, name: &str, tensor: &mut Option<Tensor>) -> Result<()> {
+        match tensor {
+            Some(t) => self.param(name, t),
+            None => Ok(()),
+        }
+    }
+
+    /// Shows a buffer.
+    pub fn buffer(&mut self, name: &str, buffer: &mut Buffer) -> Result<()> {
+        let full = self.full(name);
+        (self.f)(&full, Entry::Buffer(buffer.get_mut()))
+    }
+
+    /// Shows a train/eval flag (layers that behave differently in training).
+    pub fn training(&mut self, flag: &mut bool) -> Result<()> {
+        let full = self.prefix.clone();
+        (self.f)(&full, Entry::Training(flag))
+    }
+
+    /// Visits a child module under `name`.
+    pub fn module<P: Parameters + ?Sized>(&mut self, name: &str, child: &mut P) -> Result<()> {
+        child.visit(&mut self.pp(name))
+    }
+}
+
+/// The short description of a parameter returned by [`Parameters::param_infos`].
+#[derive(Clone, Debug)]
+pub struct ParamInfo {
+    /// Dotted name (`encoder.conv1.bias`); for a tied parameter, its first name.
+    pub name: String,
+    /// The tensor.
+    pub tensor: Tensor,
+    /// Frozen: the tensor does not require grad, so no optimizer updates it.
+    pub frozen: bool,
+}
+
+/// A model whose parameters, buffers and train/eval flags can be listed and replaced.
+///
+/// Implement [`Parameters::visit`] by showing every field to the visitor, in a fixed order;
+/// everything else is provided. The order of `visit` is the model's flat parameter order.
+///
+/// - A parameter is **frozen** when its tensor does not require grad (PyTorch's
+///   `requires_grad = False`): it is listed, marked frozen, and left alone by optimizers
+///   and by [`crate::FunctionalModel::update_params`]. Layers built with a
+///   [`super::VarBuilder`] make leaves (trainable); [`Parameters::set_frozen`] toggles.
+/// - A tensor that appears in two slots (tied weights: the same handle, by
+///   [`TensorId`]) is listed once, under its first name, and a replacement list holds it
+///   once; both slots receive the replacement.
+///
+/// The listing methods take `&self` and work on a clone, which is cheap: tensors are
+/// handles.
+///
+/// ```
+/// use candle_higher_runtime::nn::{self, Module, Parameters, VarBuilder, Visitor};
+/// use candle_higher_runtime::{DType, Device, Result, Tensor};
+///
+/// #[derive(Clone)]
+/// struct Mlp {
+///     hidden: nn::Linear,
+///     out: nn::Linear,
+/// }
+///
+/// impl Parameters for Mlp {
+///     fn visit(&mut self, v: &mut Visitor<'_>) -> Result<()> {
+///         v.module("hidden", &mut self.hidden)?;
+///         v.module("out", &mut self.out)
+///     }
+/// }
+///
+/// impl Module for Mlp {
+///     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+///         self.out.forward(&self.hidden.forward(x)?.relu()?)
+///     }
+/// }
+///
+/// # fn main() -> Result<()> {
+/// let vb = VarBuilder::new(0, DType::F64, &Device::Cpu);
+/// let mlp = Mlp { hidden: nn::linear(2, 8, vb.pp("hidden"))?, out: nn::linear(8, 1, vb.pp("out"))? };
+/// let names: Vec<String> = mlp.named_parameters()?.into_iter().map(|(n, _)| n).collect();
+/// assert_eq!(names, ["hidden.weight", "hidden.bias", "out.weight", "out.bias"]);
+/// # Ok(()) }
+/// ```
+pub trait Parameters {
+    /// Shows every parameter, buffer, child module and train/eval flag to `v`, always in
+    /// the same order.
+    fn visit(&mut self, v: &mut Visitor<'_>) -> Result<()>;
+
+    /// Parameters in flat order with dotted names, tied ones once.
+    fn named_parameters(&self) -> Result<Vec<(String, Tensor)>>
+    where
+        Self: Clone + Sized,
+    {
+        Ok(self
+            .param_infos()?
+            .into_iter()
+            .map(|p| (p.name, p.tensor))
+            .collect())
+    }
+
+    /// Parameters in flat order, tied ones once.
+    fn parameters(&self) -> Result<Vec<Tensor>>
+    where
+        Self: Clone + Sized,
+    {
+        Ok(self.param_infos()?.into_iter().map(|p| p.tensor).collect())
+    }
+
+    /// Parameters with names and frozen flags, in flat order, tied ones once.
+    fn param_infos(&self) -> Result<Vec<ParamInfo>>
+    where
+        Self: Clone + Sized,
+    {
+        let mut copy = self.clone();
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        walk(&mut copy, &mut |name, entry| {
+            if let Entry::Param(t) = entry {
+                if seen.insert(t.id()) {
+                    out.push(ParamInfo {
+                        name: name.to_string(),
+                        tensor: t.clone(),
+                        frozen: !t.requires_grad(),
+                    });
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Buffers in flat order with dotted names, shared ones once.
+    fn named_buffers(&self) -> Result<Vec<(String, Tensor)>>
+    where
+        Self: Clone + Sized,
+    {
+        let mut copy = self.clone();
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        walk(&mut copy, &mut |name, entry| {
+            if let Entry::Buffer(t) = entry {
+                if seen.insert(t.id()) {
+                    out.push((name.to_string(), t.clone()));
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Replaces the parameters with `params`, given in the flat order of
+    /// [`Parameters::parameters`] (tied parameters once). Checks the length and every
+    /// shape, dtype and device first; on error nothing is replaced.
+    fn set_parameters(&mut self, params: &[Tensor]) -> Result<()>
+    where
+        Self: Sized,
+    {
+        let layout = ParamLayout::of(self)?;
+        layout.check("set_parameters", params)?;
+        layout.write(self, params)
+    }
+
+    /// Replaces the buffers, in the flat order of [`Parameters::named_buffers`]. Checks
+    /// the length and every shape first.
+    fn set_buffers(&mut self, buffers: &[Tensor]) -> Result<()>
+    where
+        Self: Sized,
+    {
+        let layout = ParamLayout::of(self)?;
+        layout.check_buffers("set_buffers", buffers)?;
+        layout.write_buffers(self, buffers)
+    }
+
+    /// Sets every train/eval flag: `true` for training (batch statistics, dropout on),
+    /// `false` for evaluation.
+    fn train(&mut self, training: bool) -> Result<()>
+    where
+        Self: Sized,
+    {
+        walk(self, &mut |_, entry| {
+            if let Entry::Training(flag) = entry {
+                *flag = training;
+            }
+            Ok(())
+        })
+    }
+
+    /// Evaluation mode: `train(false)`.
+    fn eval(&mut self) -> Result<()>
+    where
+        Self: Sized,
+    {
+        self.train(false)
+    }
+
+    /// Freezes (`true`) or unfreezes the parameter `name`: a frozen parameter becomes a
+    /// constant, an unfrozen one a fresh leaf. Unknown names are an error listing the
+    /// known ones.
+    fn set_frozen(&mut self, name: &str, frozen: bool) -> Result<()>
+    where
+        Self: Sized,
+    {
+        let mut target: Option<TensorId> = None;
+        let mut known = Vec::new();
+        walk(self, &mut |n, entry| {
+            if let Entry::Param(t) = entry {
+                if n == name {
+                    target = Some(t.id());
+                }
+                known.push(n.to_string());
+            }
+            Ok(())
+        })?;
+        let Some(id) = target else {
+            return Err(Error::InvalidArgument {
+                op: "set_frozen",
+                message: format!("no parameter named \"{name}\"; known: {}", known.join(", ")),
+            });
+        };
+        let mut replacement: Option<Tensor> = None;
+        walk(self, &mut |_, entry| {
+            if let Entry::Param(t) = entry {
+                if t.id() == id {
+                    let new = replacement.get_or_insert_with(|| {
+                        if frozen {
+                            t.detach()
+                        } else {
+                            t.to_leaf()
+                        }
+                    });
+                    *t = new.clone();
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Calls `f` for every entry of `model`, with full dotted names.
+pub fn walk<P: Parameters + ?Sized>(model: &mut P, f: &mut VisitFn<'_>) -> Result<()> {
+    model.visit(&mut Visitor::new(f))
+}
+
+/// Where each visited parameter slot of a model goes in its flat (deduplicated) list, and
+/// the same for buffers. Computed once, reused to write replacement lists.
+#[derive(Clone, Debug)]
+pub(crate) struct ParamLayout {
+    /// Flat list: name, shape, dtype, device of each unique parameter.
+    pub(crate) names: Vec<String>,
+    pub(crate) shapes: Vec<Vec<usize>>,
+    pub(crate) tensors: Vec<Tensor>,
+    /// Slot k (in visit order) takes flat entry `slots[k]`.
+    slots: Vec<usize>,
+    pub(crate) buffer_names: Vec<String>,
+    pub(crate) buffer_tensors: Vec<Tensor>,
+    buffer_slots: Vec<usize>,
+}
+
+impl ParamLayout {
+    pub(crate) fn of<P: Parameters + ?Sized>(model: &mut P) -> Result<Self> {
+        let mut layout = ParamLayout {
+            names: Vec::new(),
+            shapes: Vec::new(),
+            tensors: Vec::new(),
+            slots: Vec::new(),
+            buffer_names: Vec::new(),
+            buffer_tensors: Vec::new(),
+            buffer_slots: Vec::new(),
+        };
+        let mut index: HashMap<TensorId, usize> = HashMap::new();
+        let mut buffer_index: HashMap<TensorId, usize> = HashMap::new();
+        walk(model, &mut |name, entry| {
+            match entry {
+                Entry::Param(t) => {
+                    let i = *index.entry(t.id()).or_insert_with(|| {
+                        layout.names.push(name.to_string());
+                        layout.shapes.push(t.dims().to_vec());
+                        layout.tensors.push(t.clone());
+                        layout.tensors.len() - 1
+                    });
+                    layout.slots.push(i);
+                }
+                Entry::Buffer(t) => {
+                    let i = *buffer_index.entry(t.id()).or_insert_with(|| {
+                        layout.buffer_names.push(name.to_string());
+                        layout.buffer_tensors.push(t.clone());
+                        layout.buffer_tensors.len() - 1
+                    });
+                    layout.buffer_slots.push(i);
+                }
+                Entry::Training(_) => {}
+            }
+            Ok(())
+        })?;
+        Ok(layout)
+    }
+
+    /// Checks a replacement list: length, then each shape, dtype and device.
+    pub(crate) fn check(&self, op: &'static str, params: &[Tensor]) -> Result<()> {
+        check_list(op, &self.names, &self.tensors, params, "parameters")
+    }
+
+    pub(crate) fn check_buffers(&self, op: &'static str, buffers: &[Tensor]) -> Result<()> {
+        check_list(
+            op,
+            &self.buffer_names,
+            &self.buffer_tensors,
+            buffers,
+            "buffers",
+        )
+    }
+
+    /// Writes a checked list into the model's slots.
+    pub(crate) fn write<P: Parameters + ?Sized>(
+        &self,
+        model: &mut P,
+        params: &[Tensor],
+    ) -> Result<()> {
+        let mut k = 0;
+        walk(model, &mut |_, entry| {
+            if let Entry::Param(t) = entry {
+                if let Some(&i) = self.slots.get(k) {
+                    *t = params[i].clone();
+                }
+                k += 1;
+            }
+            Ok(())
+        })?;
+        self.check_slot_count(k, self.slots.len())
+    }
+
+    pub(crate) fn write_buffers<P: Parameters + ?Sized>(
+        &self,
+        model: &mut P,
+        buffers: &[Tensor],
+    ) -> Result<()> {
+        let mut k = 0;
+        walk(model, &mut |_, entry| {
+            if let Entry::Buffer(t) = entry {
+                if let Some(&i) = self.buffer_slots.get(k) {
+                    *t = buffers[i].detach();
+                }
+                k += 1;
+            }
+            Ok(())
+        })?;
+        self.check_slot_count(k, self.buffer_slots.len())
+    }
+
+    /// Reads the current buffers of `model` in this layout's flat order.
+    pub(crate) fn read_buffers<P: Parameters + ?Sized>(
+        &self,
+        model: &mut P,
+    ) -> Result<Vec<Tensor>> {
+        let mut out: Vec<Option<Tensor>> = vec![None; self.buffer_names.len()];
+        let mut k = 0;
+        walk(model, &mut |_, entry| {
+            if let Entry::Buffer(t) = entry {
+                if let Some(&i) = self.buffer_slots.get(k) {
+                    out[i].get_or_insert_with(|| t.clone());
+                }
+                k += 1;
+            }
+            Ok(())
+        })?;
+        self.check_slot_count(k, self.buffer_slots.len())?;
+        Ok(out
+            .into_iter()
+            .zip(&self.buffer_tensors)
+            .map(|(t, old)| t.unwrap_or_else(|| old.clone()))
+            .collect())
+    }
+
+    fn check_slot_count(&self, got: usize, expected: usize) -> Result<()> {
+        if got != expected {
+            return Err(Error::InvalidArgument {
+                op: "Parameters::visit",
+                message: format!(
+                    "the model showed {got} slots, but {expected} when it was first listed; \
+                     visit must show the same fields in the same order every time"
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn check_list(
+    op: &'static str,
+    names: &[String],
+    current: &[Tensor],
+    new: &[Tensor],
+    what: &'static str,
+) -> Result<()> {
+    if new.len() != current.len() {
+        return Err(Error::ParamCount {
+            op,
+            what,
+            expected: current.len(),
+            got: new.len(),
+        });
+    }
+    for ((name, old), t) in names.iter().zip(current).zip(new) {
+        if old.dims() != t.dims() {
+            return Err(Error::ParamShape {
+                op,
+                name: name.clone(),
+                expected: old.dims().to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+        old.check_same(t, op)?;
+    }
+    Ok(())
+}
