@@ -4,13 +4,23 @@ use candle_higher::{grad, Device, GradOptions, Tensor};
 fn third_derivative_of_cube() {
     let x = Tensor::scalar(3.0f64).to_leaf();
     let y = x.mul(&x).unwrap().mul(&x).unwrap();
-    let d1 = grad(&[y], &[x.clone()], GradOptions::create_graph()).unwrap()[0]
+    let d1 = grad(&[y], std::slice::from_ref(&x), GradOptions::create_graph()).unwrap()[0]
         .clone()
         .unwrap();
-    let d2 = grad(&[d1.clone()], &[x.clone()], GradOptions::create_graph()).unwrap()[0]
+    let d2 = grad(
+        std::slice::from_ref(&d1),
+        std::slice::from_ref(&x),
+        GradOptions::create_graph(),
+    )
+    .unwrap()[0]
         .clone()
         .unwrap();
-    let d3 = grad(&[d2.clone()], &[x.clone()], GradOptions::default()).unwrap()[0]
+    let d3 = grad(
+        std::slice::from_ref(&d2),
+        std::slice::from_ref(&x),
+        GradOptions::default(),
+    )
+    .unwrap()[0]
         .clone()
         .unwrap();
     assert_eq!(d1.to_scalar_f64().unwrap(), 27.0);
@@ -42,7 +52,7 @@ fn mlp_maml_step_matches_fd() {
             .unwrap();
         let g = grad(
             &[loss],
-            &[w.clone()],
+            std::slice::from_ref(w),
             GradOptions {
                 create_graph: create,
                 ..Default::default()
@@ -51,7 +61,7 @@ fn mlp_maml_step_matches_fd() {
         .unwrap()[0]
             .clone()
             .unwrap();
-        let w1 = w.sub(&g.mul(0.5).unwrap()).unwrap();
+        let w1 = w.sub(g.mul(0.5).unwrap()).unwrap();
         let q = x
             .matmul(&w1.t().unwrap())
             .unwrap()
@@ -59,7 +69,12 @@ fn mlp_maml_step_matches_fd() {
             .unwrap()
             .sum_all()
             .unwrap();
-        let mg = grad(&[q.clone()], &[w.clone()], GradOptions::default()).unwrap()[0]
+        let mg = grad(
+            std::slice::from_ref(&q),
+            std::slice::from_ref(w),
+            GradOptions::default(),
+        )
+        .unwrap()[0]
             .clone()
             .unwrap();
         let _ = mg;
@@ -74,10 +89,15 @@ fn mlp_maml_step_matches_fd() {
         .unwrap()
         .mean_all()
         .unwrap();
-    let g = grad(&[loss], &[w.clone()], GradOptions::create_graph()).unwrap()[0]
+    let g = grad(
+        &[loss],
+        std::slice::from_ref(&w),
+        GradOptions::create_graph(),
+    )
+    .unwrap()[0]
         .clone()
         .unwrap();
-    let w1 = w.sub(&g.mul(0.5).unwrap()).unwrap();
+    let w1 = w.sub(g.mul(0.5).unwrap()).unwrap();
     let q = x
         .matmul(&w1.t().unwrap())
         .unwrap()
@@ -85,7 +105,7 @@ fn mlp_maml_step_matches_fd() {
         .unwrap()
         .sum_all()
         .unwrap();
-    let mg = grad(&[q], &[w.clone()], GradOptions::default()).unwrap()[0]
+    let mg = grad(&[q], std::slice::from_ref(&w), GradOptions::default()).unwrap()[0]
         .clone()
         .unwrap()
         .to_vec_f64()

@@ -12,7 +12,7 @@ mod ops;
 pub mod optim;
 mod tensor;
 
-pub use autograd::{backward, grad, GradOptions, GradStore};
+pub use autograd::{backward, grad, grad_with_stats, GradOptions, GradStats, GradStore};
 pub use error::{Error, Result};
 pub use ops::Operand;
 pub use tensor::{is_grad_enabled, no_grad, NoGradGuard, Tensor, TensorId};

@@ -91,6 +91,26 @@ pub fn grad(
     inputs: &[Tensor],
     options: GradOptions,
 ) -> Result<Vec<Option<Tensor>>> {
+    Ok(grad_with_stats(outputs, inputs, options)?.0)
+}
+
+/// What one [`grad_with_stats`] call did: a measure of how much of the graph it walked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GradStats {
+    /// Tensors the traversal looked at (expanded or found to be a dead end).
+    pub nodes_visited: usize,
+    /// Of those, the tensors on a path from an output to an input, whose VJPs ran.
+    pub nodes_on_path: usize,
+}
+
+/// [`grad`], also reporting how many graph nodes it visited: the number stays the same
+/// at every step of an unroll, since traversal stops at the inputs and never expands
+/// nodes created before the earliest input.
+pub fn grad_with_stats(
+    outputs: &[Tensor],
+    inputs: &[Tensor],
+    options: GradOptions,
+) -> Result<(Vec<Option<Tensor>>, GradStats)> {
     let seeds = seeds(outputs, options.grad_outputs.as_deref())?;
     let input_index: HashMap<u64, usize> = inputs
         .iter()
@@ -99,9 +119,14 @@ pub fn grad(
         .map(|(i, t)| (t.0.id, i))
         .collect();
     let min_input_id = input_index.keys().copied().min().unwrap_or(u64::MAX);
-    let order = reaching_nodes(outputs, |t| input_index.contains_key(&t.0.id), min_input_id);
+    let (order, nodes_visited) =
+        reaching_nodes(outputs, |t| input_index.contains_key(&t.0.id), min_input_id);
+    let stats = GradStats {
+        nodes_visited,
+        nodes_on_path: order.len(),
+    };
     let mut grads = propagate(&order, seeds, options.create_graph)?;
-    inputs
+    let grads = inputs
         .iter()
         .enumerate()
         .map(|(i, t)| match grads.remove(&t.0.id) {
@@ -112,7 +137,8 @@ pub fn grad(
                 shape: t.dims().to_vec(),
             }),
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    Ok((grads, stats))
 }
 
 /// Gradients of a scalar `output` with respect to every leaf that requires grad and that
@@ -120,7 +146,7 @@ pub fn grad(
 /// consumed: `backward` can run again, and so can `grad`.
 pub fn backward(output: &Tensor) -> Result<GradStore> {
     let seeds = seeds(std::slice::from_ref(output), None)?;
-    let order = reaching_nodes(
+    let (order, _) = reaching_nodes(
         std::slice::from_ref(output),
         |t| matches!(t.node(), Some(Node::Leaf)),
         0,
@@ -178,13 +204,14 @@ fn seeds(outputs: &[Tensor], grad_outputs: Option<&[Tensor]>) -> Result<Vec<(Ten
 }
 
 /// The tensors that lie on a path from `outputs` to a target, in topological order
-/// (outputs first). Nodes with an id below `min_id` are not expanded: they were created
-/// before every target and so cannot depend on one.
+/// (outputs first), and the number of tensors visited. Nodes with an id up to `min_id` are
+/// not expanded: they were created no later than every target and so cannot depend on one
+/// (the node with id `min_id` is the earliest target itself).
 fn reaching_nodes(
     outputs: &[Tensor],
     is_target: impl Fn(&Tensor) -> bool,
     min_id: u64,
-) -> Vec<Tensor> {
+) -> (Vec<Tensor>, usize) {
     // Iterative post-order DFS; `reaches` records whether a visited tensor reaches a target.
     let mut reaches: HashMap<u64, bool> = HashMap::default();
     let mut post_order: Vec<Tensor> = Vec::new();
@@ -195,7 +222,7 @@ fn reaching_nodes(
         }
         while let Some((t, child)) = stack.pop() {
             let inputs: &[Tensor] = match t.node() {
-                Some(Node::Op { inputs, .. }) if t.0.id >= min_id => inputs,
+                Some(Node::Op { inputs, .. }) if t.0.id > min_id => inputs,
                 _ => &[],
             };
             if child < inputs.len() {
@@ -219,7 +246,7 @@ fn reaching_nodes(
     post_order.reverse();
     let mut seen = HashSet::default();
     post_order.retain(|t| seen.insert(t.0.id));
-    post_order
+    (post_order, reaches.len())
 }
 
 /// Pushes the seed gradients through `order`, accumulating per tensor id.

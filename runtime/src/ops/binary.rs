@@ -124,7 +124,7 @@ impl Backward for BinaryBackward {
                 let ties = va.eq(&vb)?.to_dtype(g.dtype())?;
                 let wa = (&wins + (&ties * 0.5)?)?;
                 let wb = wa.affine(-1.0, 1.0)?;
-                (g.mul(&Tensor::new(wa))?, g.mul(&Tensor::new(wb))?)
+                (g.mul(Tensor::new(wa))?, g.mul(Tensor::new(wb))?)
             }
         };
         Ok(vec![

@@ -43,13 +43,32 @@ impl Tensor {
         } else {
             let batch =
                 super::binary::broadcast_shape("matmul", &a[..a.len() - 2], &b[..b.len() - 2])?;
+            // candle's batched matmul takes one batch stride per operand, so an operand
+            // stretched along some of several batch dims is materialised.
             let expand = |t: &candle_core::Tensor, d: &[usize]| -> Result<candle_core::Tensor> {
                 let mut shape = batch.clone();
                 shape.extend_from_slice(&d[d.len() - 2..]);
-                Ok(t.broadcast_as(shape.as_slice())?)
+                let t = if shape == d {
+                    t.clone()
+                } else {
+                    t.broadcast_as(shape.as_slice())?
+                };
+                if batch_collapses(&t) {
+                    Ok(t)
+                } else {
+                    Ok(t.contiguous()?)
+                }
             };
             expand(self.value(), a)?.matmul(&expand(rhs.value(), b)?)?
         };
         Ok(Tensor::from_op(value, &[self, rhs], Matmul))
     }
+}
+
+/// Whether the batch dims of `t` (all but the last two) step through memory as one
+/// dimension would, which candle's batched matmul requires.
+fn batch_collapses(t: &candle_core::Tensor) -> bool {
+    let (dims, stride) = (t.dims(), t.stride());
+    let nb = dims.len().saturating_sub(2);
+    (1..nb).all(|i| dims[i - 1] == 1 || stride[i - 1] == stride[i] * dims[i])
 }

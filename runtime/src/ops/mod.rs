@@ -1,13 +1,20 @@
 //! Differentiable ops, by family. Each op records a node whose vector-Jacobian product is
 //! written with these same ops, so derivatives of any order come from the same code.
 
+pub(crate) mod activation;
 pub(crate) mod binary;
 pub(crate) mod cast;
+pub(crate) mod compare;
+pub(crate) mod conv;
+pub(crate) mod index;
 pub(crate) mod linear;
 pub(crate) mod matmul;
+pub(crate) mod pool;
 pub(crate) mod reduce;
 pub(crate) mod scalar;
+pub(crate) mod select;
 pub(crate) mod shape;
+pub(crate) mod softmax;
 pub(crate) mod unary;
 
 mod operators;

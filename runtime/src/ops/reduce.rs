@@ -61,7 +61,7 @@ impl Backward for Extremum {
         let count = mask.sum_keepdim(dims)?;
         let weights = mask.broadcast_div(&count)?;
         let g = ctx.grad.reshape(&self.keepdim_shape)?;
-        Ok(vec![Some(g.mul(&Tensor::new(weights))?)])
+        Ok(vec![Some(g.mul(Tensor::new(weights))?)])
     }
 }
 

@@ -44,9 +44,9 @@ impl Backward for UnaryBackward {
             Kind::Log => g.div(x)?,
             Kind::Sqrt => g.mul(&y.safe_recip()?)?.affine(0.5, 0.0)?,
             Kind::SafeRecip => g.mul(&y.mul(y)?)?.neg()?,
-            Kind::Abs => g.mul(&Tensor::new(x.value().sign()?))?,
+            Kind::Abs => g.mul(Tensor::new(x.value().sign()?))?,
             Kind::Sign => return Ok(vec![None]),
-            Kind::Relu => g.mul(&Tensor::new(y.value().sign()?))?,
+            Kind::Relu => g.mul(Tensor::new(y.value().sign()?))?,
             Kind::Tanh => g.mul(&y.mul(y)?.affine(-1.0, 1.0)?)?,
             Kind::Sigmoid => g.mul(&y.mul(&y.affine(-1.0, 1.0)?)?)?,
         };

@@ -175,6 +175,16 @@ impl Tensor {
         Ok(self)
     }
 
+    /// Rebinds this handle to `clamp(self, min, max)` (`torch.clamp_`).
+    pub fn clamp_(
+        &mut self,
+        min: impl Into<crate::Operand>,
+        max: impl Into<crate::Operand>,
+    ) -> Result<&mut Tensor> {
+        *self = self.clamp(min, max)?;
+        Ok(self)
+    }
+
     /// Rebinds this handle to `value` (`copy_` in PyTorch, `Var::set` in candle).
     pub fn set_(&mut self, value: &Tensor) -> Result<&mut Tensor> {
         *self = value.clone();

@@ -1,0 +1,316 @@
+//! Convolutions (cross-correlations, as in PyTorch): conv1d and conv2d with stride,
+//! padding, dilation and groups.
+//!
+//! Three recorded ops close the family under differentiation. For `y = conv(x, w)` and
+//! the bilinear form `B(x, w, g) = <g, conv(x, w)>`:
+//! - `conv(x, w)`, whose VJP is `(input_grad(g, w), weight_grad(x, g))`;
+//! - `input_grad(g, w) = dB/dx` (a transposed convolution), whose VJP for an upstream `G`
+//!   is `(conv(G, w), weight_grad(G, g))`;
+//! - `weight_grad(x, g) = dB/dw`, whose VJP is `(input_grad(g, G), conv(x, G))`.
+//!
+//! So every order of derivative is again made of these three.
+
+use candle_core::Tensor as Value;
+
+use crate::autograd::{Backward, VjpCtx};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// Parameters of one 2-D convolution, plus the input and kernel sizes the adjoints need.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+    /// Height and width of the convolution's input `x`.
+    in_hw: (usize, usize),
+    /// Height and width of the kernel.
+    k_hw: (usize, usize),
+}
+
+fn conv_value(x: &Value, w: &Value, g: &Geom) -> Result<Value> {
+    Ok(x.conv2d(w, g.padding, g.stride, g.dilation, g.groups)?)
+}
+
+/// Reverses `dim`.
+fn flip(t: &Value, dim: usize) -> Result<Value> {
+    let n = t.dim(dim)?;
+    let idx: Vec<u32> = (0..n as u32).rev().collect();
+    let idx = Value::from_vec(idx, n, t.device())?;
+    Ok(t.index_select(&idx, dim)?)
+}
+
+/// Pads `dim` with `q` zeros on both sides, or removes `-q` entries from both ends.
+fn pad_or_crop(t: Value, dim: usize, q: isize) -> Result<Value> {
+    Ok(match q {
+        0 => t,
+        q if q > 0 => t.pad_with_zeros(dim, q as usize, q as usize)?,
+        q => {
+            let c = (-q) as usize;
+            let len = t.dim(dim)?;
+            t.narrow(dim, c, len - 2 * c)?
+        }
+    })
+}
+
+/// `dB/dx` for `B = <gy, conv(x, w)>`: the input gradient, shape `[N, C_in, H, W]`.
+fn input_grad_value(gy: &Value, w: &Value, g: &Geom) -> Result<Value> {
+    let (c_out, cin_g, kh, kw) = w.dims4()?;
+    let groups = g.groups;
+    let cout_g = c_out / groups;
+    let out = if g.stride == 1 {
+        // A stride-1 transposed convolution is a convolution with the kernel flipped in
+        // space and its channel axes swapped per group, padded by d (k - 1) - p. candle's
+        // conv2d is several times faster than its conv_transpose2d.
+        let wt = w
+            .reshape((groups, cout_g, cin_g, kh, kw))?
+            .transpose(1, 2)?
+            .reshape((groups * cin_g, cout_g, kh, kw))?;
+        let wt = flip(&flip(&wt, 2)?, 3)?;
+        let qh = (g.dilation * (kh - 1)) as isize - g.padding as isize;
+        let qw = (g.dilation * (kw - 1)) as isize - g.padding as isize;
+        if qh == qw && qh >= 0 {
+            gy.conv2d(&wt, qh as usize, 1, g.dilation, groups)?
+        } else {
+            let gy = pad_or_crop(pad_or_crop(gy.clone(), 2, qh)?, 3, qw)?;
+            gy.conv2d(&wt, 0, 1, g.dilation, groups)?
+        }
+    } else {
+        // The plain transposed convolution covers (i - 1) s + d (k - 1) + 1 - 2p rows; the
+        // rest of the input (up to s - 1 rows, partly reached through the right padding)
+        // comes from the output padding, one value for both dims, so the extra is cut.
+        let (h, wd) = g.in_hw;
+        let (ho, wo) = (gy.dim(2)?, gy.dim(3)?);
+        let reach = |i: usize, k: usize| (i - 1) * g.stride + g.dilation * (k - 1) + 1;
+        let extra_h = (h + 2 * g.padding).saturating_sub(reach(ho, kh));
+        let extra_w = (wd + 2 * g.padding).saturating_sub(reach(wo, kw));
+        let output_padding = extra_h.max(extra_w);
+        let blocks = (0..groups)
+            .map(|j| {
+                let gy_j = gy.narrow(1, j * cout_g, cout_g)?;
+                let w_j = w.narrow(0, j * cout_g, cout_g)?;
+                gy_j.conv_transpose2d(&w_j, g.padding, output_padding, g.stride, g.dilation)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Value::cat(&blocks, 1)?
+    };
+    let (h, wd) = g.in_hw;
+    let (oh, ow) = (out.dim(2)?, out.dim(3)?);
+    let out = if oh > h { out.narrow(2, 0, h)? } else { out };
+    let out = if ow > wd { out.narrow(3, 0, wd)? } else { out };
+    // Trailing rows and columns that no window reached get zero gradient.
+    Ok(out
+        .pad_with_zeros(2, 0, h.saturating_sub(oh))?
+        .pad_with_zeros(3, 0, wd.saturating_sub(ow))?)
+}
+
+/// `dB/dw` for `B = <gy, conv(x, w)>`: the kernel gradient, shape `[C_out, C_in/groups,
+/// kh, kw]`. Per group it is a convolution of `x` (batch and channels swapped) with `gy`
+/// as the kernel, stride and dilation exchanged.
+fn weight_grad_value(x: &Value, gy: &Value, g: &Geom) -> Result<Value> {
+    let groups = g.groups;
+    let cin_g = x.dim(1)? / groups;
+    let cout_g = gy.dim(1)? / groups;
+    let (kh, kw) = g.k_hw;
+    let blocks = (0..groups)
+        .map(|j| -> Result<Value> {
+            let x_j = x.narrow(1, j * cin_g, cin_g)?.transpose(0, 1)?;
+            let gy_j = gy.narrow(1, j * cout_g, cout_g)?.transpose(0, 1)?;
+            let r = x_j.conv2d(&gy_j, g.padding, g.dilation, g.stride, 1)?;
+            Ok(r.transpose(0, 1)?.narrow(2, 0, kh)?.narrow(3, 0, kw)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Value::cat(&blocks, 0)?.contiguous()?)
+}
+
+fn conv_op(x: &Tensor, w: &Tensor, g: Geom) -> Result<Tensor> {
+    let value = conv_value(x.value(), w.value(), &g)?;
+    Ok(Tensor::from_op(value, &[x, w], Conv(g)))
+}
+
+fn input_grad_op(gy: &Tensor, w: &Tensor, g: Geom) -> Result<Tensor> {
+    let value = input_grad_value(gy.value(), w.value(), &g)?;
+    Ok(Tensor::from_op(value, &[gy, w], ConvInputGrad(g)))
+}
+
+fn weight_grad_op(x: &Tensor, gy: &Tensor, g: Geom) -> Result<Tensor> {
+    let value = weight_grad_value(x.value(), gy.value(), &g)?;
+    Ok(Tensor::from_op(value, &[x, gy], ConvWeightGrad(g)))
+}
+
+struct Conv(Geom);
+
+impl Backward for Conv {
+    fn name(&self) -> &'static str {
+        "conv2d"
+    }
+
+    /// dx = input_grad(g, w) (a transposed convolution), dw = weight_grad(x, g).
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        let (x, w, g) = (&ctx.inputs[0], &ctx.inputs[1], ctx.grad);
+        Ok(vec![
+            ctx.needs[0]
+                .then(|| input_grad_op(g, w, self.0))
+                .transpose()?,
+            ctx.needs[1]
+                .then(|| weight_grad_op(x, g, self.0))
+                .transpose()?,
+        ])
+    }
+}
+
+struct ConvInputGrad(Geom);
+
+impl Backward for ConvInputGrad {
+    fn name(&self) -> &'static str {
+        "conv2d_input_grad"
+    }
+
+    /// For the upstream G: d/d gy = conv(G, w), d/dw = weight_grad(G, gy).
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        let (gy, w, g) = (&ctx.inputs[0], &ctx.inputs[1], ctx.grad);
+        Ok(vec![
+            ctx.needs[0].then(|| conv_op(g, w, self.0)).transpose()?,
+            ctx.needs[1]
+                .then(|| weight_grad_op(g, gy, self.0))
+                .transpose()?,
+        ])
+    }
+}
+
+struct ConvWeightGrad(Geom);
+
+impl Backward for ConvWeightGrad {
+    fn name(&self) -> &'static str {
+        "conv2d_weight_grad"
+    }
+
+    /// For the upstream G: d/dx = input_grad(gy, G), d/d gy = conv(x, G).
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        let (x, gy, g) = (&ctx.inputs[0], &ctx.inputs[1], ctx.grad);
+        Ok(vec![
+            ctx.needs[0]
+                .then(|| input_grad_op(gy, g, self.0))
+                .transpose()?,
+            ctx.needs[1].then(|| conv_op(x, g, self.0)).transpose()?,
+        ])
+    }
+}
+
+fn shape_error(op: &'static str, x: &Tensor, w: &Tensor, why: String) -> Error {
+    Error::ShapeMismatch {
+        op,
+        expected: format!("{why}; kernel has shape {:?} and input", w.dims()),
+        got: x.dims().to_vec(),
+    }
+}
+
+/// Validates a convolution's arguments, with spatial dims `spatial` (1 or 2).
+#[allow(clippy::too_many_arguments)]
+fn validate(
+    op: &'static str,
+    x: &Tensor,
+    w: &Tensor,
+    spatial: usize,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> Result<()> {
+    x.check_same(w, op)?;
+    if x.rank() != spatial + 2 || w.rank() != spatial + 2 {
+        let layout = if spatial == 1 {
+            "input [N, C_in, L] and kernel [C_out, C_in/groups, K]"
+        } else {
+            "input [N, C_in, H, W] and kernel [C_out, C_in/groups, kH, kW]"
+        };
+        return Err(shape_error(op, x, w, layout.to_string()));
+    }
+    if stride == 0 || dilation == 0 || groups == 0 {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!(
+                "stride ({stride}), dilation ({dilation}) and groups ({groups}) must be positive"
+            ),
+        });
+    }
+    let (c_in, c_out, cin_g) = (x.dims()[1], w.dims()[0], w.dims()[1]);
+    if c_in != cin_g * groups || c_out % groups != 0 {
+        return Err(shape_error(
+            op,
+            x,
+            w,
+            format!(
+                "{} input channels and output channels divisible by groups = {groups}",
+                cin_g * groups
+            ),
+        ));
+    }
+    for d in 0..spatial {
+        let size = x.dims()[2 + d] + 2 * padding;
+        let reach = dilation * (w.dims()[2 + d] - 1) + 1;
+        if w.dims()[2 + d] == 0 || reach > size {
+            return Err(shape_error(
+                op,
+                x,
+                w,
+                format!(
+                    "a padded input no smaller than the dilated kernel ({reach} along spatial dim {d})"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Tensor {
+    /// 2-D convolution of `[N, C_in, H, W]` with a kernel `[C_out, C_in/groups, kH, kW]`
+    /// (`torch.nn.functional.conv2d`; argument order as candle's `conv2d`). `padding`
+    /// zeros are added on every side.
+    pub fn conv2d(
+        &self,
+        kernel: &Tensor,
+        padding: usize,
+        stride: usize,
+        dilation: usize,
+        groups: usize,
+    ) -> Result<Tensor> {
+        validate("conv2d", self, kernel, 2, padding, stride, dilation, groups)?;
+        let d = self.dims();
+        let k = kernel.dims();
+        conv_op(
+            self,
+            kernel,
+            Geom {
+                padding,
+                stride,
+                dilation,
+                groups,
+                in_hw: (d[2], d[3]),
+                k_hw: (k[2], k[3]),
+            },
+        )
+    }
+
+    /// 1-D convolution of `[N, C_in, L]` with a kernel `[C_out, C_in/groups, K]`
+    /// (`torch.nn.functional.conv1d`). Computed as a 2-D convolution of height 1.
+    pub fn conv1d(
+        &self,
+        kernel: &Tensor,
+        padding: usize,
+        stride: usize,
+        dilation: usize,
+        groups: usize,
+    ) -> Result<Tensor> {
+        validate("conv1d", self, kernel, 1, padding, stride, dilation, groups)?;
+        let x = if padding > 0 {
+            self.pad_with_zeros(2, padding, padding)?
+        } else {
+            self.clone()
+        };
+        x.unsqueeze(2)?
+            .conv2d(&kernel.unsqueeze(2)?, 0, stride, dilation, groups)?
+            .squeeze(2)
+    }
+}

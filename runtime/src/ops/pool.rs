@@ -1,0 +1,201 @@
+//! Pooling over the last two dims of an `[N, C, H, W]` tensor, without padding:
+//! max_pool2d (the gradient goes to the first maximum of each window, 1 per window, unlike
+//! candle's own backward) and avg_pool2d. Both backward passes are a scatter-add of the
+//! output gradient into the input plane, linear in the gradient and differentiable again
+//! (its adjoint is a gather).
+
+use candle_core::ToUsize2;
+
+use crate::autograd::{Backward, VjpCtx};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// Window geometry of one pooling call.
+#[derive(Clone, Copy)]
+struct Pool {
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    /// Input `[N, C, H, W]`.
+    input: [usize; 4],
+    /// Output height and width.
+    out: (usize, usize),
+}
+
+impl Pool {
+    fn new(
+        op: &'static str,
+        x: &Tensor,
+        kernel: (usize, usize),
+        stride: (usize, usize),
+    ) -> Result<Self> {
+        let &[n, c, h, w] = x.dims() else {
+            return Err(Error::ShapeMismatch {
+                op,
+                expected: "an input of shape [N, C, H, W]".into(),
+                got: x.dims().to_vec(),
+            });
+        };
+        if kernel.0 == 0 || kernel.1 == 0 || stride.0 == 0 || stride.1 == 0 {
+            return Err(Error::InvalidArgument {
+                op,
+                message: format!("kernel {kernel:?} and stride {stride:?} must be positive"),
+            });
+        }
+        if kernel.0 > h || kernel.1 > w {
+            return Err(Error::ShapeMismatch {
+                op,
+                expected: format!("an input at least as large as the kernel {kernel:?}"),
+                got: x.dims().to_vec(),
+            });
+        }
+        let out = ((h - kernel.0) / stride.0 + 1, (w - kernel.1) / stride.1 + 1);
+        Ok(Pool {
+            kernel,
+            stride,
+            input: [n, c, h, w],
+            out,
+        })
+    }
+
+    /// Flat position in the `H * W` plane of element `(a, b)` of window `(i, j)`.
+    fn position(&self, i: usize, j: usize, a: usize, b: usize) -> u32 {
+        ((i * self.stride.0 + a) * self.input[3] + j * self.stride.1 + b) as u32
+    }
+
+    /// Scatters `src` (`[N, C, L]`, L positions per plane given by `positions`) into
+    /// zeros of the input's shape: the differentiable core of both backward passes.
+    fn scatter(&self, src: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let [n, c, h, w] = self.input;
+        let zeros = Tensor::zeros(&[n, c, h * w], src.dtype(), src.device())?;
+        zeros.scatter_add(positions, src, 2)?.reshape(&self.input)
+    }
+}
+
+struct MaxPool(Pool);
+
+impl Backward for MaxPool {
+    fn name(&self) -> &'static str {
+        "max_pool2d"
+    }
+
+    /// dx = g scattered to the position of each window's maximum (the first one in
+    /// row-major order at ties, as PyTorch); elsewhere 0.
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        let p = &self.0;
+        let [n, c, _, _] = p.input;
+        let (ho, wo) = p.out;
+        let x = ctx.inputs[0].value();
+        let dev = x.device();
+        let mut best: Option<(candle_core::Tensor, candle_core::Tensor)> = None;
+        for a in 0..p.kernel.0 {
+            let rows: Vec<u32> = (0..ho).map(|i| (i * p.stride.0 + a) as u32).collect();
+            let rows = candle_core::Tensor::from_vec(rows, ho, dev)?;
+            let x_rows = x.index_select(&rows, 2)?;
+            for b in 0..p.kernel.1 {
+                let cols: Vec<u32> = (0..wo).map(|j| (j * p.stride.1 + b) as u32).collect();
+                let cols = candle_core::Tensor::from_vec(cols, wo, dev)?;
+                let v = x_rows.index_select(&cols, 3)?;
+                let pos: Vec<u32> = (0..ho)
+                    .flat_map(|i| (0..wo).map(move |j| (i, j)))
+                    .map(|(i, j)| p.position(i, j, a, b))
+                    .collect();
+                let pos = candle_core::Tensor::from_vec(pos, (1, 1, ho, wo), dev)?
+                    .broadcast_as(v.shape())?;
+                best = Some(match best {
+                    None => (v, pos),
+                    Some((bv, bp)) => {
+                        let better = v.gt(&bv)?;
+                        (better.where_cond(&v, &bv)?, better.where_cond(&pos, &bp)?)
+                    }
+                });
+            }
+        }
+        let (_, positions) = best.ok_or_else(|| Error::InvalidArgument {
+            op: "max_pool2d",
+            message: "empty kernel".into(),
+        })?;
+        let positions = Tensor::new(positions.reshape((n, c, ho * wo))?.contiguous()?);
+        let g = ctx.grad.reshape(&[n, c, ho * wo])?;
+        Ok(vec![Some(p.scatter(&g, &positions)?)])
+    }
+}
+
+struct AvgPool(Pool);
+
+impl Backward for AvgPool {
+    fn name(&self) -> &'static str {
+        "avg_pool2d"
+    }
+
+    /// dx = g / (kh kw) spread over every element of its window (overlaps add up).
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        let p = &self.0;
+        let [n, c, _, _] = p.input;
+        let (ho, wo) = p.out;
+        let k = p.kernel.0 * p.kernel.1;
+        let mut pos = Vec::with_capacity(ho * wo * k);
+        for i in 0..ho {
+            for j in 0..wo {
+                for a in 0..p.kernel.0 {
+                    for b in 0..p.kernel.1 {
+                        pos.push(p.position(i, j, a, b));
+                    }
+                }
+            }
+        }
+        let len = ho * wo * k;
+        let positions = candle_core::Tensor::from_vec(pos, (1, 1, len), ctx.grad.device())?
+            .broadcast_as((n, c, len))?
+            .contiguous()?;
+        let src = ctx
+            .grad
+            .affine(1.0 / k as f64, 0.0)?
+            .reshape(&[n, c, ho * wo, 1])?
+            .broadcast_as(&[n, c, ho * wo, k])?
+            .reshape(&[n, c, len])?;
+        Ok(vec![Some(p.scatter(&src, &Tensor::new(positions))?)])
+    }
+}
+
+impl Tensor {
+    /// Max pooling with stride equal to the kernel (`torch.nn.functional.max_pool2d`
+    /// without padding). The kernel is a `usize` or `(h, w)`.
+    pub fn max_pool2d(&self, kernel: impl ToUsize2) -> Result<Tensor> {
+        let kernel = kernel.to_usize2();
+        self.max_pool2d_with_stride(kernel, kernel)
+    }
+
+    /// Max pooling over `[N, C, H, W]` with the given kernel and stride; windows that do
+    /// not fit are dropped. The gradient is 1 at each window's maximum.
+    pub fn max_pool2d_with_stride(
+        &self,
+        kernel: impl ToUsize2,
+        stride: impl ToUsize2,
+    ) -> Result<Tensor> {
+        let pool = Pool::new("max_pool2d", self, kernel.to_usize2(), stride.to_usize2())?;
+        let value = self
+            .value()
+            .max_pool2d_with_stride(pool.kernel, pool.stride)?;
+        Ok(Tensor::from_op(value, &[self], MaxPool(pool)))
+    }
+
+    /// Average pooling with stride equal to the kernel (`torch.nn.functional.avg_pool2d`
+    /// without padding).
+    pub fn avg_pool2d(&self, kernel: impl ToUsize2) -> Result<Tensor> {
+        let kernel = kernel.to_usize2();
+        self.avg_pool2d_with_stride(kernel, kernel)
+    }
+
+    /// Average pooling over `[N, C, H, W]` with the given kernel and stride.
+    pub fn avg_pool2d_with_stride(
+        &self,
+        kernel: impl ToUsize2,
+        stride: impl ToUsize2,
+    ) -> Result<Tensor> {
+        let pool = Pool::new("avg_pool2d", self, kernel.to_usize2(), stride.to_usize2())?;
+        let value = self
+            .value()
+            .avg_pool2d_with_stride(pool.kernel, pool.stride)?;
+        Ok(Tensor::from_op(value, &[self], AvgPool(pool)))
+    }
+}

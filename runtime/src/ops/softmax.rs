@@ -1,0 +1,113 @@
+//! softmax, log_softmax and logsumexp over one dimension, numerically stable (the maximum
+//! is subtracted before exponentiating).
+
+use crate::autograd::{Backward, VjpCtx};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+fn check_dim(op: &'static str, t: &Tensor, dim: usize) -> Result<()> {
+    if dim >= t.rank() {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!("dimension {dim} out of range for shape {:?}", t.dims()),
+        });
+    }
+    Ok(())
+}
+
+/// `x - max(x, dim)` on candle values (the max is a constant shift).
+fn shifted(x: &candle_core::Tensor, dim: usize) -> Result<candle_core::Tensor> {
+    Ok(x.broadcast_sub(&x.max_keepdim(dim)?)?)
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Softmax,
+    LogSoftmax,
+    LogSumExp { keepdim: bool },
+}
+
+struct SoftmaxBackward {
+    kind: Kind,
+    dim: usize,
+}
+
+impl Backward for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        match self.kind {
+            Kind::Softmax => "softmax",
+            Kind::LogSoftmax => "log_softmax",
+            Kind::LogSumExp { .. } => "logsumexp",
+        }
+    }
+
+    /// softmax: y (g - sum(g y)); log_softmax: g - e^y sum(g);
+    /// logsumexp: g e^(x - y) (the softmax of x), g broadcast over `dim`.
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        let (x, y, g, dim) = (&ctx.inputs[0], ctx.output, ctx.grad, self.dim);
+        let gx = match self.kind {
+            Kind::Softmax => y.mul(&g.sub(&g.mul(y)?.sum_keepdim(dim)?)?)?,
+            Kind::LogSoftmax => g.sub(&y.exp()?.mul(&g.sum_keepdim(dim)?)?)?,
+            Kind::LogSumExp { keepdim } => {
+                let (y, g) = if keepdim {
+                    (y.clone(), g.clone())
+                } else {
+                    (y.unsqueeze(dim)?, g.unsqueeze(dim)?)
+                };
+                x.sub(&y)?.exp()?.mul(&g)?
+            }
+        };
+        Ok(vec![Some(gx)])
+    }
+}
+
+impl Tensor {
+    /// `e^x / sum(e^x)` along `dim`.
+    pub fn softmax(&self, dim: usize) -> Result<Tensor> {
+        check_dim("softmax", self, dim)?;
+        let e = shifted(self.value(), dim)?.exp()?;
+        let value = e.broadcast_div(&e.sum_keepdim(dim)?)?;
+        Ok(Tensor::from_op(
+            value,
+            &[self],
+            SoftmaxBackward {
+                kind: Kind::Softmax,
+                dim,
+            },
+        ))
+    }
+
+    /// `x - logsumexp(x)` along `dim`.
+    pub fn log_softmax(&self, dim: usize) -> Result<Tensor> {
+        check_dim("log_softmax", self, dim)?;
+        let s = shifted(self.value(), dim)?;
+        let value = s.broadcast_sub(&s.exp()?.sum_keepdim(dim)?.log()?)?;
+        Ok(Tensor::from_op(
+            value,
+            &[self],
+            SoftmaxBackward {
+                kind: Kind::LogSoftmax,
+                dim,
+            },
+        ))
+    }
+
+    /// `log(sum(e^x))` along `dim`, keeping it as size 1 when `keepdim`.
+    pub fn logsumexp(&self, dim: usize, keepdim: bool) -> Result<Tensor> {
+        check_dim("logsumexp", self, dim)?;
+        let m = self.value().max_keepdim(dim)?;
+        let s = self.value().broadcast_sub(&m)?;
+        let mut value = (s.exp()?.sum_keepdim(dim)?.log()? + m)?;
+        if !keepdim {
+            value = value.squeeze(dim)?;
+        }
+        Ok(Tensor::from_op(
+            value,
+            &[self],
+            SoftmaxBackward {
+                kind: Kind::LogSumExp { keepdim },
+                dim,
+            },
+        ))
+    }
+}

@@ -1,0 +1,285 @@
+//! Finite-difference checks (first and second order, f64) of the elementwise ops,
+//! including PyTorch broadcasting, and the safe square root at and near zero.
+
+mod common;
+
+use candle_higher::{grad, GradOptions, Tensor};
+use common::*;
+
+#[test]
+fn arithmetic_same_shape() {
+    let mut r = rng(1);
+    let xs = [randn(&mut r, &[2, 3]), uniform(&mut r, &[2, 3], 0.5, 2.0)];
+    check12("add", |x| x[0].add(&x[1]), &xs);
+    check12("sub", |x| x[0].sub(&x[1]), &xs);
+    check12("mul", |x| x[0].mul(&x[1]), &xs);
+    check12("div", |x| x[0].div(&x[1]), &xs);
+}
+
+#[test]
+fn arithmetic_scalar_vs_matrix() {
+    let mut r = rng(2);
+    let xs = [
+        uniform(&mut r, &[], 0.5, 2.0),
+        uniform(&mut r, &[2, 3], 0.5, 2.0),
+    ];
+    check12("add [] [2,3]", |x| x[0].add(&x[1]), &xs);
+    check12("sub [2,3] []", |x| x[1].sub(&x[0]), &xs);
+    check12("mul [] [2,3]", |x| x[0].mul(&x[1]), &xs);
+    check12("div [] [2,3]", |x| x[0].div(&x[1]), &xs);
+    check12("div [2,3] []", |x| x[1].div(&x[0]), &xs);
+}
+
+#[test]
+fn arithmetic_column_vs_row() {
+    let mut r = rng(3);
+    let xs = [
+        uniform(&mut r, &[3, 1], 0.5, 2.0),
+        uniform(&mut r, &[4], 0.5, 2.0),
+    ];
+    check12("add [3,1] [4]", |x| x[0].add(&x[1]), &xs);
+    check12("sub [4] [3,1]", |x| x[1].sub(&x[0]), &xs);
+    check12("mul [3,1] [4]", |x| x[0].mul(&x[1]), &xs);
+    check12("div [3,1] [4]", |x| x[0].div(&x[1]), &xs);
+    check12("div [4] [3,1]", |x| x[1].div(&x[0]), &xs);
+}
+
+#[test]
+fn float_operands_and_operators() {
+    let mut r = rng(4);
+    let xs = [uniform(&mut r, &[2, 3], 0.5, 2.0)];
+    check12("add f", |x| x[0].add(1.5), &xs);
+    check12("sub f", |x| x[0].sub(1.5), &xs);
+    check12("mul f", |x| x[0].mul(-2.5), &xs);
+    check12("div f", |x| x[0].div(4.0), &xs);
+    check12("f - x", |x| 2.0 - &x[0], &xs);
+    check12("f / x", |x| 2.0 / &x[0], &xs);
+    check12("neg", |x| x[0].neg(), &xs);
+    check12("affine", |x| x[0].affine(-1.5, 0.25), &xs);
+}
+
+#[test]
+fn powf() {
+    let mut r = rng(5);
+    let pos = [uniform(&mut r, &[2, 3], 0.5, 2.0)];
+    let any = [away_from_zero(&mut r, &[2, 3])];
+    check12("powf 2", |x| x[0].powf(2.0), &any);
+    check12("powf 3", |x| x[0].powf(3.0), &any);
+    check12("powf 0.5", |x| x[0].powf(0.5), &pos);
+    check12("powf -1.5", |x| x[0].powf(-1.5), &pos);
+    check12("sqr", |x| x[0].sqr(), &any);
+    // x^3 keeps the sign of x: (-2)^3 = -8.
+    let y = t(&[-2.0], &[1]).powf(3.0).unwrap();
+    assert_eq!(y.to_vec_f64().unwrap(), vec![-8.0]);
+}
+
+#[test]
+fn unary_smooth() {
+    let mut r = rng(6);
+    let any = [randn(&mut r, &[2, 3])];
+    let pos = [uniform(&mut r, &[2, 3], 0.2, 3.0)];
+    check12("exp", |x| x[0].exp(), &any);
+    check12("log", |x| x[0].log(), &pos);
+    check12("sqrt", |x| x[0].sqrt(), &pos);
+    check12("tanh", |x| x[0].tanh(), &any);
+    check12("sigmoid", |x| x[0].sigmoid(), &any);
+    check12("erf", |x| x[0].erf(), &any);
+    check12("gelu", |x| x[0].affine(2.0, 0.0)?.gelu(), &any);
+    check12("elu", |x| x[0].affine(2.0, 0.0)?.elu(0.7), &any);
+    check12("safe_recip", |x| x[0].safe_recip(), &pos);
+}
+
+#[test]
+fn unary_piecewise() {
+    let mut r = rng(7);
+    let xs = [away_from_zero(&mut r, &[2, 4])];
+    check12("abs", |x| x[0].abs(), &xs);
+    check12("relu", |x| x[0].relu(), &xs);
+    check12("leaky_relu", |x| x[0].leaky_relu(0.1), &xs);
+    check12("sign (no gradient)", |x| x[0].sign()?.mul(&x[0]), &xs);
+    check12("softplus", |x| x[0].affine(3.0, 0.0)?.softplus(), &xs);
+    // Inputs on both sides of softplus's threshold (20): x itself above it.
+    let wide = [t(&[-30.0, -5.0, 0.3, 19.0, 21.0, 40.0], &[6])];
+    check12("softplus wide", |x| x[0].softplus(), &wide);
+}
+
+#[test]
+fn activation_values() {
+    let x = t(&[-1.0, 0.0, 2.0], &[3]);
+    // leaky_relu(x, 0.1) = (-0.1, 0, 2); elu(x, 1) = (e^-1 - 1, 0, 2).
+    assert_eq!(
+        x.leaky_relu(0.1).unwrap().to_vec_f64().unwrap(),
+        vec![-0.1, 0.0, 2.0]
+    );
+    let elu = x.elu(1.0).unwrap().to_vec_f64().unwrap();
+    assert!(close(elu[0], (-1.0f64).exp() - 1.0, 1e-15) && elu[1] == 0.0 && elu[2] == 2.0);
+    // gelu(x) = x (1 + erf(x / sqrt 2)) / 2; gelu(2) = 1.9544997361036416 (erf(sqrt 2)
+    // = 0.9544997361036416).
+    let gelu = x.gelu().unwrap().to_vec_f64().unwrap();
+    assert!(close(gelu[2], 1.954_499_736_103_641_6, 1e-12), "{gelu:?}");
+    // softplus(0) = ln 2; above the threshold the value is x itself.
+    let sp = t(&[0.0, 25.0], &[2])
+        .softplus()
+        .unwrap()
+        .to_vec_f64()
+        .unwrap();
+    assert!(close(sp[0], std::f64::consts::LN_2, 1e-15) && sp[1] == 25.0);
+}
+
+#[test]
+fn third_order_tanh() {
+    let mut r = rng(8);
+    check_op("tanh", |x| x[0].tanh(), &[randn(&mut r, &[3])], 3);
+    check_op("gelu", |x| x[0].gelu(), &[randn(&mut r, &[3])], 3);
+}
+
+#[test]
+fn maximum_minimum() {
+    let mut r = rng(9);
+    let xs = [randn(&mut r, &[3, 1]), randn(&mut r, &[4])];
+    check12("maximum [3,1] [4]", |x| x[0].maximum(&x[1]), &xs);
+    check12("minimum [3,1] [4]", |x| x[0].minimum(&x[1]), &xs);
+    let ys = [away_from_zero(&mut r, &[2, 3])];
+    check12("maximum f", |x| x[0].maximum(0.0), &ys);
+    check12("minimum f", |x| x[0].minimum(0.0), &ys);
+    // At a tie the gradient is split in half between the two sides (PyTorch).
+    let a = t(&[1.0], &[1]).to_leaf();
+    let b = t(&[1.0], &[1]).to_leaf();
+    let y = a.maximum(&b).unwrap().sum_all().unwrap();
+    let g = grad(&[y], &[a, b], GradOptions::default()).unwrap();
+    assert_eq!(g[0].as_ref().unwrap().to_vec_f64().unwrap(), vec![0.5]);
+    assert_eq!(g[1].as_ref().unwrap().to_vec_f64().unwrap(), vec![0.5]);
+}
+
+#[test]
+fn clamp_and_where() {
+    let mut r = rng(10);
+    let xs = [away_from_zero(&mut r, &[3, 4])];
+    check12("clamp f", |x| x[0].clamp(-0.5, 0.5)?.mul(&x[0]), &xs);
+    let bounds = [
+        away_from_zero(&mut r, &[3, 4]),
+        uniform(&mut r, &[3, 1], -0.6, -0.4),
+        uniform(&mut r, &[4], 0.4, 0.6),
+    ];
+    check12("clamp tensors", |x| x[0].clamp(&x[1], &x[2]), &bounds);
+    let mask = t(&[1.0, 0.0, 0.0, 1.0], &[4]);
+    let branches = [randn(&mut r, &[3, 4]), randn(&mut r, &[3, 1])];
+    check12(
+        "where_cond",
+        move |x| mask.where_cond(&x[0], &x[1])?.mul(&x[0]),
+        &branches,
+    );
+    // torch semantics at the bounds: the gradient passes where min <= x <= max.
+    let x = t(&[-1.0, -0.5, 0.0, 0.5, 1.0], &[5]).to_leaf();
+    let y = x.clamp(-0.5, 0.5).unwrap().sum_all().unwrap();
+    let g = grad(&[y], &[x], GradOptions::default()).unwrap()[0]
+        .clone()
+        .unwrap();
+    assert_eq!(g.to_vec_f64().unwrap(), vec![0.0, 1.0, 1.0, 1.0, 0.0]);
+}
+
+#[test]
+fn comparisons_make_constant_masks() {
+    let a = t(&[1.0, 2.0, 3.0], &[3]).to_leaf();
+    let b = t(&[2.0], &[1]);
+    assert_eq!(a.eq(&b).unwrap().to_vec_f64().unwrap(), vec![0.0, 1.0, 0.0]);
+    assert_eq!(
+        a.ne(2.0).unwrap().to_vec_f64().unwrap(),
+        vec![1.0, 0.0, 1.0]
+    );
+    assert_eq!(a.lt(&b).unwrap().to_vec_f64().unwrap(), vec![1.0, 0.0, 0.0]);
+    assert_eq!(
+        a.le(2.0).unwrap().to_vec_f64().unwrap(),
+        vec![1.0, 1.0, 0.0]
+    );
+    assert_eq!(a.gt(&b).unwrap().to_vec_f64().unwrap(), vec![0.0, 0.0, 1.0]);
+    assert_eq!(
+        a.ge(2.0).unwrap().to_vec_f64().unwrap(),
+        vec![0.0, 1.0, 1.0]
+    );
+    let m = a.gt(1.5).unwrap();
+    assert!(!m.requires_grad());
+    assert_eq!(m.dtype(), a.dtype());
+    // Broadcasting [3,1] against [2] gives a [3,2] mask.
+    let col = t(&[1.0, 2.0, 3.0], &[3, 1]);
+    let row = t(&[1.5, 2.5], &[2]);
+    let m = col.lt(&row).unwrap();
+    assert_eq!(m.dims(), &[3, 2]);
+    assert_eq!(m.to_vec_f64().unwrap(), vec![1.0, 1.0, 0.0, 1.0, 0.0, 0.0]);
+}
+
+/// d/dx sqrt(x) = 1/(2 sqrt x) = 0.5 / sqrt(x), d2 = -1/(4 x^1.5), d3 = 3/(8 x^2.5);
+/// at 0 every derivative is defined as 0.
+#[test]
+fn safe_sqrt_at_and_near_zero() {
+    let derivs = |x0: f64| -> Vec<f64> {
+        let x = Tensor::from_slice(&[x0], &[1], &candle_higher::Device::Cpu)
+            .unwrap()
+            .to_leaf();
+        let mut y = x.sqrt().unwrap();
+        let mut out = vec![y.to_vec_f64().unwrap()[0]];
+        for _ in 0..3 {
+            let y1 = y.sum_all().unwrap();
+            y = grad(
+                &[y1],
+                std::slice::from_ref(&x),
+                GradOptions::create_graph().allow_unused(true),
+            )
+            .unwrap()[0]
+                .clone()
+                .unwrap_or_else(|| x.zeros_like().unwrap());
+            out.push(y.to_vec_f64().unwrap()[0]);
+        }
+        out
+    };
+    assert_eq!(derivs(0.0), vec![0.0, 0.0, 0.0, 0.0]);
+    for x0 in [1e-100, 1e-12, 1e-6, 0.25] {
+        let d = derivs(x0);
+        let expect = [
+            x0.sqrt(),
+            0.5 / x0.sqrt(),
+            -0.25 / x0.powf(1.5),
+            0.375 / x0.powf(2.5),
+        ];
+        for (k, (a, e)) in d.iter().zip(expect).enumerate() {
+            assert!(
+                a.is_finite() && (a - e).abs() <= 1e-12 * e.abs(),
+                "order {k} at {x0}: {a} vs {e}"
+            );
+        }
+    }
+    // Third order by finite differences away from 0, and no inf/NaN in a vector with zeros.
+    let mut r = rng(11);
+    check_op(
+        "sqrt",
+        |x| x[0].sqrt(),
+        &[uniform(&mut r, &[3], 0.3, 2.0)],
+        3,
+    );
+    let x = t(&[0.0, 0.0, 4.0], &[3]).to_leaf();
+    let y = x.sqrt().unwrap().sum_all().unwrap();
+    let g1 = grad(&[y], std::slice::from_ref(&x), GradOptions::create_graph()).unwrap()[0]
+        .clone()
+        .unwrap();
+    assert_eq!(g1.to_vec_f64().unwrap(), vec![0.0, 0.0, 0.25]);
+    let g2 = grad(
+        &[g1.sum_all().unwrap()],
+        std::slice::from_ref(&x),
+        GradOptions::create_graph(),
+    )
+    .unwrap()[0]
+        .clone()
+        .unwrap();
+    let g3 = grad(
+        &[g2.sum_all().unwrap()],
+        std::slice::from_ref(&x),
+        GradOptions::default(),
+    )
+    .unwrap()[0]
+        .clone()
+        .unwrap();
+    assert!(all_finite(&g2) && all_finite(&g3));
+    // d2 at 4 = -1/(4 * 8) = -1/32; d3 at 4 = 3/(8 * 32) = 3/256.
+    assert_eq!(g2.to_vec_f64().unwrap(), vec![0.0, 0.0, -1.0 / 32.0]);
+    assert_eq!(g3.to_vec_f64().unwrap(), vec![0.0, 0.0, 3.0 / 256.0]);
+}

@@ -1,0 +1,260 @@
+//! Finite-difference checks (first and second order, f64) of convolutions, pooling,
+//! softmax and indexing, plus the values and errors that pin their semantics.
+
+mod common;
+
+use candle_higher::{grad, Device, Error, GradOptions, Tensor};
+use common::*;
+
+fn idx(v: &[u32]) -> Tensor {
+    Tensor::from_slice(v, &[v.len()], &Device::Cpu).unwrap()
+}
+
+#[test]
+fn conv2d_plain() {
+    let mut r = rng(30);
+    let xs = [randn(&mut r, &[1, 2, 5, 5]), randn(&mut r, &[3, 2, 3, 3])];
+    check12("conv2d", |x| x[0].conv2d(&x[1], 0, 1, 1, 1), &xs);
+}
+
+#[test]
+fn conv2d_padding_stride_nonsquare() {
+    let mut r = rng(31);
+    // Height 6 with stride 2 leaves a remainder row no window reaches.
+    let xs = [randn(&mut r, &[2, 2, 6, 5]), randn(&mut r, &[2, 2, 3, 2])];
+    check12("conv2d p1 s2", |x| x[0].conv2d(&x[1], 1, 2, 1, 1), &xs);
+    check12("conv2d p0 s3", |x| x[0].conv2d(&x[1], 0, 3, 1, 1), &xs);
+}
+
+#[test]
+fn conv2d_dilation_and_large_padding() {
+    let mut r = rng(32);
+    let xs = [randn(&mut r, &[1, 2, 6, 6]), randn(&mut r, &[2, 2, 2, 3])];
+    check12("conv2d p2 d2", |x| x[0].conv2d(&x[1], 2, 1, 2, 1), &xs);
+    check12("conv2d p1 s2 d2", |x| x[0].conv2d(&x[1], 1, 2, 2, 1), &xs);
+    // padding 2 > d (k - 1) = 1: the input gradient crops instead of padding.
+    let ys = [randn(&mut r, &[1, 1, 4, 4]), randn(&mut r, &[1, 1, 2, 2])];
+    check12("conv2d p2 k2", |x| x[0].conv2d(&x[1], 2, 1, 1, 1), &ys);
+}
+
+#[test]
+fn conv2d_groups() {
+    let mut r = rng(33);
+    let xs = [randn(&mut r, &[1, 4, 5, 5]), randn(&mut r, &[4, 2, 3, 3])];
+    check12("conv2d g2", |x| x[0].conv2d(&x[1], 1, 1, 1, 2), &xs);
+    check12("conv2d g2 s2", |x| x[0].conv2d(&x[1], 1, 2, 1, 2), &xs);
+    let dw = [randn(&mut r, &[1, 3, 4, 4]), randn(&mut r, &[6, 1, 2, 2])];
+    check12(
+        "conv2d depthwise x2",
+        |x| x[0].conv2d(&x[1], 0, 1, 1, 3),
+        &dw,
+    );
+}
+
+#[test]
+fn conv2d_third_order() {
+    let mut r = rng(34);
+    let xs = [randn(&mut r, &[1, 1, 4, 4]), randn(&mut r, &[2, 1, 2, 2])];
+    check_op(
+        "conv2d tanh",
+        |x| x[0].conv2d(&x[1], 1, 2, 1, 1)?.tanh(),
+        &xs,
+        3,
+    );
+}
+
+#[test]
+fn conv1d() {
+    let mut r = rng(35);
+    let xs = [randn(&mut r, &[2, 2, 7]), randn(&mut r, &[4, 1, 3])];
+    check12("conv1d p1 s2 g2", |x| x[0].conv1d(&x[1], 1, 2, 1, 2), &xs);
+    let ys = [randn(&mut r, &[1, 2, 8]), randn(&mut r, &[3, 2, 3])];
+    check12("conv1d p2 d2", |x| x[0].conv1d(&x[1], 2, 1, 2, 1), &ys);
+}
+
+#[test]
+fn conv_values() {
+    // A 1x1x3x3 input with a 2x2 kernel of ones sums each 2x2 window:
+    // [[1,2,3],[4,5,6],[7,8,9]] -> [[12,16],[24,28]].
+    let x = t(&[1., 2., 3., 4., 5., 6., 7., 8., 9.], &[1, 1, 3, 3]);
+    let w = t(&[1., 1., 1., 1.], &[1, 1, 2, 2]);
+    let y = x.conv2d(&w, 0, 1, 1, 1).unwrap();
+    assert_eq!(y.to_vec_f64().unwrap(), vec![12., 16., 24., 28.]);
+    // d sum(y) / dx counts the windows covering each input: [[1,2,1],[2,4,2],[1,2,1]].
+    let x = x.to_leaf();
+    let y = x.conv2d(&w, 0, 1, 1, 1).unwrap().sum_all().unwrap();
+    let g = grad(&[y], &[x], GradOptions::default()).unwrap()[0]
+        .clone()
+        .unwrap();
+    assert_eq!(
+        g.to_vec_f64().unwrap(),
+        vec![1., 2., 1., 2., 4., 2., 1., 2., 1.]
+    );
+}
+
+#[test]
+fn conv_errors_name_both_shapes() {
+    let x = Tensor::zeros(&[1, 5, 4, 4], F64, &Device::Cpu).unwrap();
+    let w = Tensor::zeros(&[4, 2, 3, 3], F64, &Device::Cpu).unwrap();
+    let err = x.conv2d(&w, 0, 1, 1, 2).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("[1, 5, 4, 4]") && msg.contains("[4, 2, 3, 3]"),
+        "{msg}"
+    );
+    let small = Tensor::zeros(&[1, 4, 2, 2], F64, &Device::Cpu).unwrap();
+    assert!(matches!(
+        small.conv2d(&w, 0, 1, 1, 2),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        x.conv2d(&w, 0, 0, 1, 1),
+        Err(Error::InvalidArgument { .. })
+    ));
+    let w32 = Tensor::zeros(&[4, 5, 3, 3], candle_higher::DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(
+        x.conv2d(&w32, 0, 1, 1, 1),
+        Err(Error::DTypeMismatch { .. })
+    ));
+    let x1 = Tensor::zeros(&[1, 5, 4], F64, &Device::Cpu).unwrap();
+    assert!(matches!(
+        x1.conv1d(&w, 0, 1, 1, 1),
+        Err(Error::ShapeMismatch { .. })
+    ));
+}
+
+#[test]
+fn max_pool_gradient_goes_to_the_maximum() {
+    // One 2x2 window [[1,2],[3,4]]: the maximum 4 gets gradient 1, the rest 0
+    // (candle's own backward gives 0.25 there).
+    let x = t(&[1., 2., 3., 4.], &[1, 1, 2, 2]).to_leaf();
+    let y = x.max_pool2d(2).unwrap();
+    assert_eq!(y.to_vec_f64().unwrap(), vec![4.0]);
+    let g = grad(&[y.sum_all().unwrap()], &[x], GradOptions::default()).unwrap()[0]
+        .clone()
+        .unwrap();
+    assert_eq!(g.to_vec_f64().unwrap(), vec![0., 0., 0., 1.]);
+    // Overlapping windows (stride 1) each send their gradient to their own maximum:
+    // [[1,5,2],[3,4,0]] -> windows [[1,5],[3,4]] and [[5,2],[4,0]] both pick the 5.
+    let x = t(&[1., 5., 2., 3., 4., 0.], &[1, 1, 2, 3]).to_leaf();
+    let y = x.max_pool2d_with_stride(2, 1).unwrap().sum_all().unwrap();
+    let g = grad(&[y], &[x], GradOptions::default()).unwrap()[0]
+        .clone()
+        .unwrap();
+    assert_eq!(g.to_vec_f64().unwrap(), vec![0., 2., 0., 0., 0., 0.]);
+}
+
+#[test]
+fn pooling_fd() {
+    let mut r = rng(36);
+    let xs = [randn(&mut r, &[2, 2, 4, 5])];
+    check12("max_pool2d 2", |x| x[0].max_pool2d(2)?.sqr(), &xs);
+    check12(
+        "max_pool2d (2,3) s1",
+        |x| x[0].max_pool2d_with_stride((2, 3), 1)?.sqr(),
+        &xs,
+    );
+    check12("avg_pool2d 2", |x| x[0].avg_pool2d(2)?.sqr(), &xs);
+    check12(
+        "avg_pool2d (2,3) s(1,2)",
+        |x| x[0].avg_pool2d_with_stride((2, 3), (1, 2))?.sqr(),
+        &xs,
+    );
+    let err = xs[0].max_pool2d(6).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+}
+
+#[test]
+fn softmax_family() {
+    let mut r = rng(37);
+    let xs = [uniform(&mut r, &[3, 4], -2.0, 2.0)];
+    check12("softmax 1", |x| x[0].softmax(1), &xs);
+    check12("softmax 0", |x| x[0].softmax(0), &xs);
+    check12("log_softmax 1", |x| x[0].log_softmax(1), &xs);
+    check12("log_softmax 0", |x| x[0].log_softmax(0), &xs);
+    check12("logsumexp 1", |x| x[0].logsumexp(1, false), &xs);
+    check12(
+        "logsumexp 0 keepdim",
+        |x| x[0].logsumexp(0, true)?.mul(&x[0]),
+        &xs,
+    );
+    check_op("log_softmax third order", |x| x[0].log_softmax(1), &xs, 3);
+}
+
+#[test]
+fn softmax_is_stable() {
+    // softmax([1000, 1001]) = (1, e) / (1 + e); logsumexp = 1001 + ln(1 + e^-1).
+    let x = t(&[1000.0, 1001.0], &[1, 2]);
+    let s = x.softmax(1).unwrap().to_vec_f64().unwrap();
+    let e = std::f64::consts::E;
+    assert!(close(s[0], 1.0 / (1.0 + e), 1e-15) && close(s[1], e / (1.0 + e), 1e-15));
+    let l = x.logsumexp(1, false).unwrap().to_vec_f64().unwrap();
+    assert!(close(l[0], 1001.0 + (1.0 + (-1.0f64).exp()).ln(), 1e-15));
+    let ls = x.log_softmax(1).unwrap().to_vec_f64().unwrap();
+    assert!(close(ls[1], -(1.0 + (-1.0f64).exp()).ln(), 1e-12));
+}
+
+#[test]
+fn index_select_and_index_add() {
+    let mut r = rng(38);
+    let xs = [randn(&mut r, &[4, 3]), randn(&mut r, &[4, 5])];
+    let rows = idx(&[2, 0, 2]);
+    let i1 = rows.clone();
+    check12(
+        "index_select 0",
+        move |x| x[0].index_select(&i1, 0)?.sqr(),
+        &xs,
+    );
+    let cols = idx(&[1, 1, 0, 2]);
+    check12(
+        "index_select 1",
+        move |x| x[0].index_select(&cols, 1)?.sqr(),
+        &xs,
+    );
+    let add = [randn(&mut r, &[4, 3]), randn(&mut r, &[3, 3])];
+    check12(
+        "index_add",
+        move |x| x[0].index_add(&rows, &x[1], 0)?.sqr(),
+        &add,
+    );
+    // Repeated indices accumulate: rows 2, 0, 2 of ones added into zeros -> [1, 0, 2, 0].
+    let z = Tensor::zeros(&[4, 1], F64, &Device::Cpu).unwrap();
+    let s = Tensor::ones(&[3, 1], F64, &Device::Cpu).unwrap();
+    let y = z.index_add(&idx(&[2, 0, 2]), &s, 0).unwrap();
+    assert_eq!(y.to_vec_f64().unwrap(), vec![1., 0., 2., 0.]);
+}
+
+#[test]
+fn gather_and_scatter_add() {
+    let mut r = rng(39);
+    let x = [randn(&mut r, &[3, 4])];
+    let ind = Tensor::from_slice(&[3u32, 0, 0, 1, 2, 2], &[3, 2], &Device::Cpu).unwrap();
+    let i1 = ind.clone();
+    check12("gather 1", move |x| x[0].gather(&i1, 1)?.sqr(), &x);
+    let i64s = Tensor::from_slice(&[2i64, 0, 1, 1, 0, 2, 2, 1], &[2, 4], &Device::Cpu).unwrap();
+    check12("gather 0 (i64)", move |x| x[0].gather(&i64s, 0)?.sqr(), &x);
+    let sc = [randn(&mut r, &[3, 4]), randn(&mut r, &[3, 2])];
+    check12(
+        "scatter_add 1",
+        move |x| x[0].scatter_add(&ind, &x[1], 1)?.sqr(),
+        &sc,
+    );
+    // gather picks x[i][ind[i][j]]: rows of [[0,1,2,3],[4,5,6,7],[8,9,10,11]].
+    let v = Tensor::from_vec((0..12).map(f64::from).collect(), &[3, 4], &Device::Cpu).unwrap();
+    let ind = Tensor::from_slice(&[3u32, 0, 0, 1, 2, 2], &[3, 2], &Device::Cpu).unwrap();
+    assert_eq!(
+        v.gather(&ind, 1).unwrap().to_vec_f64().unwrap(),
+        vec![3., 0., 4., 5., 10., 10.]
+    );
+    // Errors: float indices, an index out of range, a shape that does not fit.
+    let bad = t(&[0.0], &[1]);
+    assert!(matches!(
+        v.index_select(&bad, 0),
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert!(v.index_select(&idx(&[7]), 0).is_err());
+    let wrong = Tensor::from_slice(&[0u32; 4], &[2, 2], &Device::Cpu).unwrap();
+    let err = v.gather(&wrong, 1).unwrap_err().to_string();
+    assert!(err.contains("[3, 4]") && err.contains("[2, 2]"), "{err}");
+}
