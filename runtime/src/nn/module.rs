@@ -155,6 +155,35 @@ impl<'a> Visitor<'a> {
         (self.f)(&full, Entry::Training(flag))
     }
 
+    /// Visits `child` under `name` (empty: no extra prefix), hiding the parameters whose
+    /// names relative to the child are in `hide` (used by reparametrizations, which list
+    /// their raw parameters instead).
+    pub(crate) fn module_hiding<P: Parameters + ?Sized>(
+        &mut self,
+        name: &str,
+        child: &mut P,
+        hide: &[String],
+    ) -> Result<()> {
+        let prefix = self.full(name);
+        let skip = if prefix.is_empty() {
+            0
+        } else {
+            prefix.len() + 1
+        };
+        let f = &mut *self.f;
+        let mut filtered = |full: &str, e: Entry<'_>| -> Result<()> {
+            let local = full.get(skip..).unwrap_or("");
+            if matches!(e, Entry::Param(_)) && hide.iter().any(|h| h == local) {
+                return Ok(());
+            }
+            f(full, e)
+        };
+        child.visit(&mut Visitor {
+            prefix,
+            f: &mut filtered,
+        })
+    }
+
     /// Visits a child module under `name`.
     pub fn module<P: Parameters + ?Sized>(&mut self, name: &str, child: &mut P) -> Result<()> {
         child.visit(&mut self.pp(name))

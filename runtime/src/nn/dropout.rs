@@ -1,0 +1,135 @@
+//! Dropout with a seeded mask, and Embedding.
+
+use std::sync::Mutex;
+
+use rand::rngs::StdRng;
+use rand::Rng;
+
+use super::{Module, Parameters, VarBuilder, Visitor};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// A seeded generator that layers draw from at each forward; cloning copies its state.
+pub(crate) struct SeededRng(Mutex<StdRng>);
+
+impl SeededRng {
+    pub(crate) fn new(rng: StdRng) -> Self {
+        SeededRng(Mutex::new(rng))
+    }
+
+    /// A constant mask with this tensor's shape: `1/(1-p)` with probability `1 - p`, else 0.
+    pub(crate) fn dropout_mask(&self, like: &Tensor, p: f64) -> Result<Tensor> {
+        let mut rng = match self.0.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let scale = 1.0 / (1.0 - p);
+        let data: Vec<f64> = (0..like.elem_count())
+            .map(|_| if rng.gen::<f64>() < p { 0.0 } else { scale })
+            .collect();
+        Ok(
+            Tensor::from_vec(data, like.dims(), &candle_core::Device::Cpu)?
+                .to_dtype(like.dtype())?
+                .to_device(like.device())?
+                .detach(),
+        )
+    }
+}
+
+impl Clone for SeededRng {
+    fn clone(&self) -> Self {
+        let rng = match self.0.lock() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        SeededRng::new(rng)
+    }
+}
+
+pub(crate) fn check_p(op: &'static str, p: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!("dropout probability {p} is not in [0, 1)"),
+        });
+    }
+    Ok(())
+}
+
+/// Dropout (`nn.Dropout(p)`): in training mode each element is zeroed with probability
+/// `p` and the rest scaled by `1/(1-p)`; in eval mode it is the identity. Masks come from
+/// a generator seeded by the builder (seed and name), advancing at each forward; a clone
+/// continues from the same state.
+#[derive(Clone)]
+pub struct Dropout {
+    /// Drop probability.
+    pub p: f64,
+    /// Training mode.
+    pub training: bool,
+    rng: SeededRng,
+}
+
+impl std::fmt::Debug for Dropout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Dropout(p = {}, training = {})", self.p, self.training)
+    }
+}
+
+/// `nn.Dropout(p)` seeded from `vb` (its seed and name prefix).
+pub fn dropout(p: f64, vb: VarBuilder) -> Result<Dropout> {
+    check_p("dropout", p)?;
+    Ok(Dropout {
+        p,
+        training: true,
+        rng: SeededRng::new(vb.rng("dropout")),
+    })
+}
+
+impl Module for Dropout {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.training || self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        x.mul(&self.rng.dropout_mask(x, self.p)?)
+    }
+}
+
+impl Parameters for Dropout {
+    fn visit(&mut self, v: &mut Visitor<'_>) -> Result<()> {
+        v.training(&mut self.training)
+    }
+}
+
+/// A lookup table (`nn.Embedding`): `weight` `[num_embeddings, dim]`, initialised N(0, 1).
+/// The input holds integer indices (any dtype with whole values); the output has the
+/// input's shape plus `dim`. Computed as a one-hot matmul, so it is differentiable to any
+/// order.
+#[derive(Clone, Debug)]
+pub struct Embedding {
+    /// `[num_embeddings, dim]`.
+    pub weight: Tensor,
+}
+
+/// `nn.Embedding(num_embeddings, dim)`.
+pub fn embedding(num_embeddings: usize, dim: usize, vb: VarBuilder) -> Result<Embedding> {
+    Ok(Embedding {
+        weight: vb.normal("weight", &[num_embeddings, dim], 0.0, 1.0)?,
+    })
+}
+
+impl Module for Embedding {
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (n, d) = (self.weight.dims()[0], self.weight.dims()[1]);
+        let flat = ids.flatten_all()?;
+        let one_hot = super::loss::one_hot("Embedding", &flat, n, &self.weight)?;
+        let mut shape = ids.dims().to_vec();
+        shape.push(d);
+        one_hot.matmul(&self.weight)?.reshape(&shape)
+    }
+}
+
+impl Parameters for Embedding {
+    fn visit(&mut self, v: &mut Visitor<'_>) -> Result<()> {
+        v.param("weight", &mut self.weight)
+    }
+}

@@ -1,0 +1,225 @@
+//! Normalisation layers: BatchNorm1d/2d and LayerNorm.
+
+use super::{Buffer, Module, Parameters, VarBuilder, Visitor};
+use crate::error::{Error, Result};
+use crate::tensor::{no_grad, Tensor};
+
+/// Options of a batch norm, with PyTorch's defaults (`eps = 1e-5`, `momentum = 0.1`,
+/// `affine = true`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNormConfig {
+    /// Added to the variance.
+    pub eps: f64,
+    /// Running statistics move by `running = (1 - momentum) running + momentum batch`;
+    /// `momentum = 1` keeps the last batch's statistics (as MAML's reference code uses).
+    /// PyTorch's `momentum = None` (cumulative average) is not provided.
+    pub momentum: f64,
+    /// Learnable per-channel scale (`weight`) and shift (`bias`).
+    pub affine: bool,
+}
+
+impl Default for BatchNormConfig {
+    fn default() -> Self {
+        BatchNormConfig {
+            eps: 1e-5,
+            momentum: 0.1,
+            affine: true,
+        }
+    }
+}
+
+/// Batch normalisation over the channel dim 1 (`nn.BatchNorm1d` for `[N, C]` or
+/// `[N, C, L]`, `nn.BatchNorm2d` for `[N, C, H, W]`).
+///
+/// In training mode (the default) it normalises with the batch's statistics (biased
+/// variance) and updates its buffers `running_mean` and `running_var` (unbiased variance)
+/// without recording a graph; in eval mode it normalises with the buffers. PyTorch's
+/// `num_batches_tracked` buffer is not kept.
+#[derive(Clone, Debug)]
+pub struct BatchNorm {
+    /// Per-channel scale `[C]` (ones), if affine.
+    pub weight: Option<Tensor>,
+    /// Per-channel shift `[C]` (zeros), if affine.
+    pub bias: Option<Tensor>,
+    /// Running mean `[C]`.
+    pub running_mean: Buffer,
+    /// Running variance `[C]`.
+    pub running_var: Buffer,
+    /// eps, momentum, affine.
+    pub config: BatchNormConfig,
+    /// Training mode.
+    pub training: bool,
+    num_features: usize,
+    /// Accepted input ranks.
+    ranks: &'static [usize],
+}
+
+fn batch_norm(
+    num_features: usize,
+    config: BatchNormConfig,
+    vb: &VarBuilder,
+    ranks: &'static [usize],
+) -> Result<BatchNorm> {
+    let (weight, bias) = if config.affine {
+        (
+            Some(vb.ones("weight", &[num_features])?),
+            Some(vb.zeros("bias", &[num_features])?),
+        )
+    } else {
+        (None, None)
+    };
+    Ok(BatchNorm {
+        weight,
+        bias,
+        running_mean: Buffer::new(Tensor::zeros(&[num_features], vb.dtype(), vb.device())?),
+        running_var: Buffer::new(Tensor::ones(&[num_features], vb.dtype(), vb.device())?),
+        config,
+        training: true,
+        num_features,
+        ranks,
+    })
+}
+
+/// `nn.BatchNorm1d(num_features)`: inputs `[N, C]` or `[N, C, L]`.
+pub fn batch_norm1d(
+    num_features: usize,
+    config: BatchNormConfig,
+    vb: VarBuilder,
+) -> Result<BatchNorm> {
+    batch_norm(num_features, config, &vb, &[2, 3])
+}
+
+/// `nn.BatchNorm2d(num_features)`: inputs `[N, C, H, W]`.
+pub fn batch_norm2d(
+    num_features: usize,
+    config: BatchNormConfig,
+    vb: VarBuilder,
+) -> Result<BatchNorm> {
+    batch_norm(num_features, config, &vb, &[4])
+}
+
+impl Module for BatchNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.ranks.contains(&x.rank()) || x.dims()[1] != self.num_features {
+            return Err(Error::ShapeMismatch {
+                op: "BatchNorm",
+                expected: format!(
+                    "rank in {:?} with {} channels at dim 1",
+                    self.ranks, self.num_features
+                ),
+                got: x.dims().to_vec(),
+            });
+        }
+        let c = self.num_features;
+        let mut bshape = vec![1; x.rank()];
+        bshape[1] = c;
+        let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
+        let (mean, var) = if self.training {
+            let n: usize = dims.iter().map(|&d| x.dims()[d]).product();
+            let mean = x.mean_dims(&dims, true)?;
+            let centered = x.sub(&mean)?;
+            let var = centered.sqr()?.mean_dims(&dims, true)?;
+            {
+                let _g = no_grad();
+                let m = self.config.momentum;
+                let unbiased = if n > 1 {
+                    var.affine(n as f64 / (n as f64 - 1.0), 0.0)?
+                } else {
+                    var.clone()
+                };
+                let rm = self
+                    .running_mean
+                    .get()
+                    .affine(1.0 - m, 0.0)?
+                    .add(&mean.detach().reshape(&[c])?.affine(m, 0.0)?)?;
+                let rv = self
+                    .running_var
+                    .get()
+                    .affine(1.0 - m, 0.0)?
+                    .add(&unbiased.detach().reshape(&[c])?.affine(m, 0.0)?)?;
+                self.running_mean.set(&rm);
+                self.running_var.set(&rv);
+            }
+            (mean, var)
+        } else {
+            (
+                self.running_mean.get().reshape(&bshape)?,
+                self.running_var.get().reshape(&bshape)?,
+            )
+        };
+        let std = var.add(self.config.eps)?.sqrt()?;
+        let mut y = x.sub(&mean)?.div(&std)?;
+        if let Some(w) = &self.weight {
+            y = y.mul(&w.reshape(&bshape)?)?;
+        }
+        if let Some(b) = &self.bias {
+            y = y.add(&b.reshape(&bshape)?)?;
+        }
+        Ok(y)
+    }
+}
+
+impl Parameters for BatchNorm {
+    fn visit(&mut self, v: &mut Visitor<'_>) -> Result<()> {
+        v.opt_param("weight", &mut self.weight)?;
+        v.opt_param("bias", &mut self.bias)?;
+        v.buffer("running_mean", &mut self.running_mean)?;
+        v.buffer("running_var", &mut self.running_var)?;
+        v.training(&mut self.training)
+    }
+}
+
+/// Layer normalisation over the last dims (`nn.LayerNorm(normalized_shape)`), with an
+/// elementwise `weight` (ones) and `bias` (zeros), `eps = 1e-5`.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    /// Scale, shape `normalized_shape`, if elementwise-affine.
+    pub weight: Option<Tensor>,
+    /// Shift, shape `normalized_shape`, if elementwise-affine.
+    pub bias: Option<Tensor>,
+    /// Added to the variance.
+    pub eps: f64,
+    normalized_shape: Vec<usize>,
+}
+
+/// `nn.LayerNorm(normalized_shape)` with affine parameters and `eps = 1e-5`.
+pub fn layer_norm(normalized_shape: &[usize], vb: VarBuilder) -> Result<LayerNorm> {
+    Ok(LayerNorm {
+        weight: Some(vb.ones("weight", normalized_shape)?),
+        bias: Some(vb.zeros("bias", normalized_shape)?),
+        eps: 1e-5,
+        normalized_shape: normalized_shape.to_vec(),
+    })
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let k = self.normalized_shape.len();
+        if x.rank() < k || x.dims()[x.rank() - k..] != self.normalized_shape[..] {
+            return Err(Error::ShapeMismatch {
+                op: "LayerNorm",
+                expected: format!("[.., {:?}]", self.normalized_shape),
+                got: x.dims().to_vec(),
+            });
+        }
+        let dims: Vec<usize> = (x.rank() - k..x.rank()).collect();
+        let mean = x.mean_dims(&dims, true)?;
+        let centered = x.sub(&mean)?;
+        let var = centered.sqr()?.mean_dims(&dims, true)?;
+        let mut y = centered.div(&var.add(self.eps)?.sqrt()?)?;
+        if let Some(w) = &self.weight {
+            y = y.mul(w)?;
+        }
+        if let Some(b) = &self.bias {
+            y = y.add(b)?;
+        }
+        Ok(y)
+    }
+}
+
+impl Parameters for LayerNorm {
+    fn visit(&mut self, v: &mut Visitor<'_>) -> Result<()> {
+        v.opt_param("weight", &mut self.weight)?;
+        v.opt_param("bias", &mut self.bias)
+    }
+}

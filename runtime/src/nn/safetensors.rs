@@ -1,0 +1,106 @@
+//! Saving and loading parameters and buffers by name, in the safetensors format.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use super::{ParamLayout, Parameters};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// Every parameter and buffer of `model` by dotted name (tied ones once), as candle
+/// tensors: what [`save_safetensors`] writes.
+pub fn state_dict<M: Parameters + Clone>(
+    model: &M,
+) -> Result<HashMap<String, candle_core::Tensor>> {
+    let mut map = HashMap::new();
+    for (n, t) in model.named_parameters()? {
+        map.insert(n, t.to_candle());
+    }
+    for (n, t) in model.named_buffers()? {
+        map.insert(n, t.to_candle());
+    }
+    Ok(map)
+}
+
+/// Writes every parameter and buffer of `model` to a safetensors file, by dotted name.
+pub fn save_safetensors<M: Parameters + Clone>(model: &M, path: impl AsRef<Path>) -> Result<()> {
+    candle_core::safetensors::save(&state_dict(model)?, path)?;
+    Ok(())
+}
+
+/// Loads every parameter and buffer of `model` from a safetensors file, by name.
+///
+/// All names and shapes are checked before anything is replaced: any missing, extra or
+/// mis-shaped tensor gives one [`Error::LoadMismatch`] listing them all, and the model is
+/// unchanged. Values are converted to the dtype and device of the tensor they replace;
+/// trainable parameters become fresh leaves, frozen ones stay frozen.
+pub fn load_safetensors<M: Parameters>(model: &mut M, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu)?;
+    load_state_dict(model, &tensors, &path.display().to_string())
+}
+
+/// Loads parameters and buffers from named candle tensors, with the checks of
+/// [`load_safetensors`]; `source` names where they came from in the error.
+pub fn load_state_dict<M: Parameters>(
+    model: &mut M,
+    tensors: &HashMap<String, candle_core::Tensor>,
+    source: &str,
+) -> Result<()> {
+    let layout = ParamLayout::of(model)?;
+    let current: Vec<(&String, &Tensor)> = layout
+        .names
+        .iter()
+        .zip(&layout.tensors)
+        .chain(layout.buffer_names.iter().zip(&layout.buffer_tensors))
+        .collect();
+    let known: HashSet<&str> = current.iter().map(|(n, _)| n.as_str()).collect();
+    let mut missing = Vec::new();
+    let mut mis_shaped = Vec::new();
+    for (name, t) in &current {
+        match tensors.get(name.as_str()) {
+            None => missing.push(name.to_string()),
+            Some(v) if v.dims() != t.dims() => {
+                mis_shaped.push((name.to_string(), t.dims().to_vec(), v.dims().to_vec()))
+            }
+            Some(_) => {}
+        }
+    }
+    let mut unexpected: Vec<String> = tensors
+        .keys()
+        .filter(|k| !known.contains(k.as_str()))
+        .cloned()
+        .collect();
+    unexpected.sort();
+    if !(missing.is_empty() && unexpected.is_empty() && mis_shaped.is_empty()) {
+        return Err(Error::LoadMismatch {
+            source_name: source.to_string(),
+            missing,
+            unexpected,
+            mis_shaped,
+        });
+    }
+    let convert = |name: &String, like: &Tensor| -> Result<Tensor> {
+        let v = tensors[name.as_str()]
+            .to_dtype(like.dtype())?
+            .to_device(like.device())?;
+        Ok(Tensor::new(v))
+    };
+    let params = layout
+        .names
+        .iter()
+        .zip(&layout.tensors)
+        .map(|(n, old)| {
+            let t = convert(n, old)?;
+            Ok(if old.requires_grad() { t.to_leaf() } else { t })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let buffers = layout
+        .buffer_names
+        .iter()
+        .zip(&layout.buffer_tensors)
+        .map(|(n, old)| convert(n, old))
+        .collect::<Result<Vec<_>>>()?;
+    layout.write(model, &params)?;
+    layout.write_buffers(model, &buffers)
+}
