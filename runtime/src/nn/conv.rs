@@ -1,8 +1,7 @@
 //! Convolutions and pooling: Conv1d, Conv2d, MaxPool2d, AvgPool2d.
 //!
-//! Until the engine's `conv2d`/`max_pool2d` ops are in, these layers compute with a
-//! private im2col made of differentiable shape ops (strided slices, stack, matmul), so
-//! every order of derivative is exact.
+//! The layers call the engine's differentiable `conv1d`/`conv2d`/pooling ops, whose
+//! backward passes are themselves recorded, so every order of derivative is exact.
 
 use super::{Module, Parameters, VarBuilder, Visitor};
 use crate::error::{Error, Result};
@@ -30,136 +29,6 @@ impl Default for ConvConfig {
             dilation: 1,
             groups: 1,
         }
-    }
-}
-
-/// `count` elements of `dim` starting at `start`, `step` apart.
-fn strided(x: &Tensor, dim: usize, start: usize, count: usize, step: usize) -> Result<Tensor> {
-    let span = (count - 1) * step + 1;
-    let t = x.narrow(dim, start, span)?;
-    if step == 1 {
-        return Ok(t);
-    }
-    let t = t.pad_with_zeros(dim, 0, count * step - span)?;
-    let mut shape = t.dims().to_vec();
-    shape[dim] = count;
-    shape.insert(dim + 1, step);
-    t.reshape(&shape)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)
-}
-
-fn out_len(op: &'static str, len: usize, k: usize, cfg: &ConvConfig) -> Result<usize> {
-    let reach = cfg.dilation * (k - 1) + 1;
-    let padded = len + 2 * cfg.padding;
-    if padded < reach || cfg.stride == 0 {
-        return Err(Error::InvalidArgument {
-            op,
-            message: format!(
-                "input length {len} with padding {} is smaller than the dilated kernel {reach} (or stride is 0)",
-                cfg.padding
-            ),
-        });
-    }
-    Ok((padded - reach) / cfg.stride + 1)
-}
-
-/// 2-D convolution of `x` `[N, C, H, W]` with `w` `[O, C/groups, kh, kw]`, by im2col.
-fn conv2d_im2col(x: &Tensor, w: &Tensor, cfg: &ConvConfig) -> Result<Tensor> {
-    let (xd, wd) = (x.dims().to_vec(), w.dims().to_vec());
-    if xd.len() != 4
-        || wd.len() != 4
-        || cfg.groups == 0
-        || xd[1] != wd[1] * cfg.groups
-        || wd[0] % cfg.groups != 0
-    {
-        return Err(Error::ShapeMismatch {
-            op: "conv2d",
-            expected: format!(
-                "input [N, {}, H, W] for a kernel {wd:?} with {} groups",
-                wd.get(1).copied().unwrap_or(0) * cfg.groups,
-                cfg.groups
-            ),
-            got: xd,
-        });
-    }
-    let (n, c) = (xd[0], xd[1]);
-    let (o, kh, kw) = (wd[0], wd[2], wd[3]);
-    let ho = out_len("conv2d", xd[2], kh, cfg)?;
-    let wo = out_len("conv2d", xd[3], kw, cfg)?;
-    let mut xp = x.clone();
-    if cfg.padding > 0 {
-        xp = xp
-            .pad_with_zeros(2, cfg.padding, cfg.padding)?
-            .pad_with_zeros(3, cfg.padding, cfg.padding)?;
-    }
-    let mut patches = Vec::with_capacity(kh * kw);
-    for i in 0..kh {
-        let rows = strided(&xp, 2, i * cfg.dilation, ho, cfg.stride)?;
-        for j in 0..kw {
-            patches.push(strided(&rows, 3, j * cfg.dilation, wo, cfg.stride)?);
-        }
-    }
-    // [N, C, kh*kw, Ho, Wo] -> [N, C*kh*kw, Ho*Wo], matching w's [O, C/g, kh, kw] layout.
-    let cols = Tensor::stack(&patches, 2)?.reshape(&[n, c * kh * kw, ho * wo])?;
-    let g = cfg.groups;
-    let (cg, og) = (c / g, o / g);
-    let mut outs = Vec::with_capacity(g);
-    for gi in 0..g {
-        let wg = w.narrow(0, gi * og, og)?.reshape(&[og, cg * kh * kw])?;
-        let colg = if g == 1 {
-            cols.clone()
-        } else {
-            cols.narrow(1, gi * cg * kh * kw, cg * kh * kw)?
-        };
-        outs.push(wg.matmul(&colg)?);
-    }
-    let out = if g == 1 {
-        outs.remove(0)
-    } else {
-        Tensor::cat(&outs, 1)?
-    };
-    out.reshape(&[n, o, ho, wo])
-}
-
-fn pool2d(
-    op: &'static str,
-    x: &Tensor,
-    kernel: (usize, usize),
-    stride: (usize, usize),
-    max: bool,
-) -> Result<Tensor> {
-    if x.rank() != 4 || kernel.0 == 0 || kernel.1 == 0 {
-        return Err(Error::ShapeMismatch {
-            op,
-            expected: "[N, C, H, W] and a non-empty kernel".into(),
-            got: x.dims().to_vec(),
-        });
-    }
-    let cfg = |s| ConvConfig {
-        stride: s,
-        ..ConvConfig::default()
-    };
-    let ho = out_len(op, x.dims()[2], kernel.0, &cfg(stride.0))?;
-    let wo = out_len(op, x.dims()[3], kernel.1, &cfg(stride.1))?;
-    let mut acc: Option<Tensor> = None;
-    for i in 0..kernel.0 {
-        let rows = strided(x, 2, i, ho, stride.0)?;
-        for j in 0..kernel.1 {
-            let p = strided(&rows, 3, j, wo, stride.1)?;
-            acc = Some(match acc {
-                None => p,
-                Some(a) if max => a.maximum(&p)?,
-                Some(a) => a.add(&p)?,
-            });
-        }
-    }
-    let acc = acc.ok_or_else(|| Error::InvalidArgument {
-        op,
-        message: "empty kernel".into(),
-    })?;
-    if max {
-        Ok(acc)
-    } else {
-        acc.affine(1.0 / (kernel.0 * kernel.1) as f64, 0.0)
     }
 }
 
@@ -263,42 +132,18 @@ fn add_channel_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        add_channel_bias(conv2d_impl(x, &self.weight, &self.config)?, &self.bias)
+        let c = &self.config;
+        let y = x.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)?;
+        add_channel_bias(y, &self.bias)
     }
 }
 
 impl Module for Conv1d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.rank() != 3 {
-            return Err(Error::ShapeMismatch {
-                op: "Conv1d",
-                expected: "[N, C, L]".into(),
-                got: x.dims().to_vec(),
-            });
-        }
-        // A 1-D convolution is a 2-D one of height 1 (no padding along the height).
-        let d = x.dims();
-        let x4 = x.reshape(&[d[0], d[1], 1, d[2]])?;
-        let w = self.weight.dims();
-        let w4 = self.weight.reshape(&[w[0], w[1], 1, w[2]])?;
-        let p = self.config.padding;
-        let x4 = if p > 0 {
-            x4.pad_with_zeros(3, p, p)?
-        } else {
-            x4
-        };
-        let cfg = ConvConfig {
-            padding: 0,
-            ..self.config
-        };
-        let y = conv2d_impl(&x4, &w4, &cfg)?;
-        let yd = y.dims().to_vec();
-        add_channel_bias(y.reshape(&[yd[0], yd[1], yd[3]])?, &self.bias)
+        let c = &self.config;
+        let y = x.conv1d(&self.weight, c.padding, c.stride, c.dilation, c.groups)?;
+        add_channel_bias(y, &self.bias)
     }
-}
-
-fn conv2d_impl(x: &Tensor, w: &Tensor, cfg: &ConvConfig) -> Result<Tensor> {
-    conv2d_im2col(x, w, cfg)
 }
 
 impl Parameters for Conv2d {
@@ -316,7 +161,7 @@ impl Parameters for Conv1d {
 }
 
 /// Max pooling over `[N, C, H, W]` (`nn.MaxPool2d`, no padding, floor mode): windows
-/// that do not fit are dropped. At tied maxima the gradient is shared.
+/// that do not fit are dropped. The gradient goes to each window's maximum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaxPool2d {
     /// Window `(h, w)`.
@@ -352,13 +197,13 @@ pub fn avg_pool2d(kernel: usize) -> AvgPool2d {
 
 impl Module for MaxPool2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        pool2d("max_pool2d", x, self.kernel, self.stride, true)
+        x.max_pool2d_with_stride(self.kernel, self.stride)
     }
 }
 
 impl Module for AvgPool2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        pool2d("avg_pool2d", x, self.kernel, self.stride, false)
+        x.avg_pool2d_with_stride(self.kernel, self.stride)
     }
 }
 

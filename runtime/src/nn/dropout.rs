@@ -102,8 +102,8 @@ impl Parameters for Dropout {
 
 /// A lookup table (`nn.Embedding`): `weight` `[num_embeddings, dim]`, initialised N(0, 1).
 /// The input holds integer indices (any dtype with whole values); the output has the
-/// input's shape plus `dim`. Computed as a one-hot matmul, so it is differentiable to any
-/// order.
+/// input's shape plus `dim`. Differentiable to any
+/// order (`index_select`, whose backward is recorded).
 #[derive(Clone, Debug)]
 pub struct Embedding {
     /// `[num_embeddings, dim]`.
@@ -120,11 +120,11 @@ pub fn embedding(num_embeddings: usize, dim: usize, vb: VarBuilder) -> Result<Em
 impl Module for Embedding {
     fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (n, d) = (self.weight.dims()[0], self.weight.dims()[1]);
-        let flat = ids.flatten_all()?;
-        let one_hot = super::loss::one_hot("Embedding", &flat, n, &self.weight)?;
+        let idx = super::loss::class_indices("Embedding", ids, n)?;
+        let idx = Tensor::from_vec(idx, &[ids.elem_count()], self.weight.device())?;
         let mut shape = ids.dims().to_vec();
         shape.push(d);
-        one_hot.matmul(&self.weight)?.reshape(&shape)
+        self.weight.index_select(&idx, 0)?.reshape(&shape)
     }
 }
 

@@ -9,21 +9,25 @@ pub fn mse(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
     pred.sub(target)?.sqr()?.mean_all()
 }
 
-/// `log_softmax` over the last dim, from `x - max - ln(sum(exp(x - max)))` (the max is a
-/// constant shift, so every order of derivative is exact).
-pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
-    if x.rank() == 0 {
-        return Err(Error::ShapeMismatch {
-            op: "log_softmax",
-            expected: "at least 1 dim".into(),
-            got: vec![],
-        });
-    }
-    let d = x.rank() - 1;
-    let m = x.max_keepdim(d)?.detach();
-    let shifted = x.sub(&m)?;
-    let lse = shifted.exp()?.sum_keepdim(d)?.log()?;
-    shifted.sub(&lse)
+/// Checks that `labels` hold class indices in `0..classes` and returns them.
+pub(crate) fn class_indices(op: &'static str, labels: &Tensor, classes: usize) -> Result<Vec<u32>> {
+    labels
+        .to_vec_f64()?
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            if v < 0.0 || v.fract() != 0.0 || v >= classes as f64 {
+                Err(Error::InvalidArgument {
+                    op,
+                    message: format!(
+                        "label {v} at position {i} is not a class index in 0..{classes}"
+                    ),
+                })
+            } else {
+                Ok(v as u32)
+            }
+        })
+        .collect()
 }
 
 /// A constant `[n, classes]` one-hot matrix of integer `labels` (any dtype holding whole
@@ -76,7 +80,14 @@ pub fn nll(log_probs: &Tensor, labels: &Tensor) -> Result<Tensor> {
 /// Cross-entropy of `logits` `[n, classes]` with integer `labels` `[n]`:
 /// `nll(log_softmax(logits), labels)` (PyTorch's `cross_entropy`).
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    nll(&log_softmax_last(logits)?, labels)
+    if logits.rank() != 2 {
+        return Err(Error::ShapeMismatch {
+            op: "cross_entropy",
+            expected: "logits [n, classes]".into(),
+            got: logits.dims().to_vec(),
+        });
+    }
+    nll(&logits.log_softmax(1)?, labels)
 }
 
 /// Binary cross-entropy of `logits` against `targets` in `[0, 1]`, same shape, computed

@@ -30,7 +30,7 @@ pub use conv::{
 };
 pub use dropout::{dropout, embedding, Dropout, Embedding};
 pub use linear::{linear, linear_b, linear_no_bias, Linear};
-pub use loss::{binary_cross_entropy_with_logits, cross_entropy, log_softmax_last, mse, nll};
+pub use loss::{binary_cross_entropy_with_logits, cross_entropy, mse, nll};
 pub use module::{walk, Buffer, Entry, Module, ParamInfo, Parameters, VisitFn, Visitor};
 pub use norm::{batch_norm1d, batch_norm2d, layer_norm, BatchNorm, BatchNormConfig, LayerNorm};
 pub use reparam::{weight_dropout, weight_norm, WeightDropout, WeightNorm};
