@@ -1,5 +1,7 @@
 //! Matrix products: 2-D, and batched with broadcast batch dimensions.
 
+use candle_core::{DType, Device, Storage, WithDType};
+
 use crate::autograd::{Backward, VjpCtx};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -39,7 +41,10 @@ impl Tensor {
             });
         }
         let value = if a.len() == 2 && b.len() == 2 {
-            self.value().matmul(rhs.value())?
+            match small_cpu_matmul(self.value(), rhs.value())? {
+                Some(v) => v,
+                None => self.value().matmul(rhs.value())?,
+            }
         } else {
             let batch =
                 super::binary::broadcast_shape("matmul", &a[..a.len() - 2], &b[..b.len() - 2])?;
@@ -71,4 +76,126 @@ fn batch_collapses(t: &candle_core::Tensor) -> bool {
     let (dims, stride) = (t.dims(), t.stride());
     let nb = dims.len().saturating_sub(2);
     (1..nb).all(|i| dims[i - 1] == 1 || stride[i - 1] == stride[i] * dims[i])
+}
+
+/// gemm runs single-threaded below this many multiply-adds (its own threshold), so candle's
+/// thread-count lookup, which re-reads `/proc/cpuinfo` on each call when
+/// `RAYON_NUM_THREADS` is unset (30-45 us against 1 us for 10x40 by 40x40), buys nothing.
+const SMALL_MATMUL: usize = 48 * 48 * 256;
+
+/// A 2-D CPU f32/f64 product below [`SMALL_MATMUL`], computed by calling gemm directly
+/// without parallelism, exactly as candle's CPU backend calls it (same kernel, same
+/// result); `None` when the fast path does not apply.
+fn small_cpu_matmul(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+) -> Result<Option<candle_core::Tensor>> {
+    if !a.device().is_cpu() || !b.device().is_cpu() || a.rank() != 2 || b.rank() != 2 {
+        return Ok(None);
+    }
+    let ((m, k), n) = (a.dims2()?, b.dim(1)?);
+    if m * n * k >= SMALL_MATMUL || m * n * k == 0 || b.dim(0)? != k {
+        return Ok(None);
+    }
+    match a.dtype() {
+        DType::F32 => gemm_no_threads::<f32>(a, b, m, n, k).map(Some),
+        DType::F64 => gemm_no_threads::<f64>(a, b, m, n, k).map(Some),
+        _ => Ok(None),
+    }
+}
+
+fn gemm_no_threads<T: WithDType>(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<candle_core::Tensor> {
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Storage::Cpu(ca), Storage::Cpu(cb)) = (&*sa, &*sb) else {
+        return Ok(a.matmul(b)?);
+    };
+    let (lhs, rhs) = (ca.as_slice::<T>()?, cb.as_slice::<T>()?);
+    let (lhs, rhs) = (&lhs[la.start_offset()..], &rhs[lb.start_offset()..]);
+    let (a_rs, a_cs) = (la.stride()[0] as isize, la.stride()[1] as isize);
+    let (b_rs, b_cs) = (lb.stride()[0] as isize, lb.stride()[1] as isize);
+    let mut dst = vec![T::from_f64(0.0); m * n];
+    // SAFETY: the layouts describe valid m x k and k x n views into these slices (candle
+    // checked them when it built the tensors), so every element gemm reads, at
+    // `row * rs + col * cs` from the start offset, lies inside them; `dst` holds m * n
+    // row-major elements; the storage read guards are held until gemm returns.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            a_cs,
+            a_rs,
+            rhs.as_ptr(),
+            b_cs,
+            b_rs,
+            T::from_f64(0.0),
+            T::from_f64(1.0),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    drop((sa, sb));
+    Ok(candle_core::Tensor::from_vec(dst, (m, n), &Device::Cpu)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    /// The direct gemm call gives candle's own product, bit for bit, for plain and
+    /// transposed views, in f32 and f64.
+    #[test]
+    fn small_matmul_equals_candle() {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::F64] {
+            for (m, k, n) in [(10, 40, 40), (1, 1, 1), (7, 3, 5), (40, 40, 1)] {
+                let a = Tensor::randn(0f32, 1.0, (m, k), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let b = Tensor::randn(0f32, 1.0, (k, n), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let at = a.t().unwrap().contiguous().unwrap().t().unwrap();
+                let bt = b.t().unwrap().contiguous().unwrap().t().unwrap();
+                for (x, y) in [(&a, &b), (&at, &b), (&a, &bt), (&at, &bt)] {
+                    let fast = super::small_cpu_matmul(x, y).unwrap().unwrap();
+                    let reference = x.matmul(y).unwrap();
+                    let diff = (fast - reference)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .max(0)
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap();
+                    assert_eq!(diff, 0.0, "{dtype:?} {m}x{k}x{n}");
+                }
+            }
+        }
+        // Large products and other dtypes go to candle.
+        let big = Tensor::zeros((256, 256), DType::F32, &dev).unwrap();
+        assert!(super::small_cpu_matmul(&big, &big).unwrap().is_none());
+        let ints = Tensor::zeros((2, 2), DType::U32, &dev).unwrap();
+        assert!(super::small_cpu_matmul(&ints, &ints).unwrap().is_none());
+    }
 }

@@ -192,6 +192,18 @@ impl Tensor {
                 });
             }
         }
+        // Summing only leading dims (bias and batch gradients) as `ones[1, P] x g[P, R]` is
+        // several times faster than candle's sum over a non-last dim, and stays
+        // differentiable (the product's VJP is again a product).
+        let prefix = dims.iter().enumerate().all(|(i, &d)| i == d);
+        if prefix && !dims.is_empty() && dims.len() < self.rank() && self.dtype().is_float() {
+            let p: usize = self.dims()[..dims.len()].iter().product();
+            let r = self.elem_count() / p.max(1);
+            if p > 1 {
+                let ones = Tensor::ones(&[1, p], self.dtype(), self.device())?;
+                return ones.matmul(&self.reshape(&[p, r])?)?.reshape(shape);
+            }
+        }
         self.sum_dims(&dims, true)?.reshape(shape)
     }
 }
