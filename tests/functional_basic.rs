@@ -69,7 +69,7 @@ fn sgd(params: &[Tensor], grads: Vec<Option<Tensor>>, lr: f64) -> Vec<Tensor> {
         .iter()
         .zip(grads)
         .map(|(p, g)| match g {
-            Some(g) => p.sub(&g.affine(lr, 0.0).unwrap()).unwrap(),
+            Some(g) => p.sub(g.affine(lr, 0.0).unwrap()).unwrap(),
             None => p.clone(),
         })
         .collect()

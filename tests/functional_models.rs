@@ -171,7 +171,7 @@ fn unroll<M: Module + Parameters + Clone>(
             .iter()
             .zip(grads)
             .map(|(p, g)| match g {
-                Some(g) => p.sub(&g.affine(lr, 0.0).unwrap()).unwrap(),
+                Some(g) => p.sub(g.affine(lr, 0.0).unwrap()).unwrap(),
                 None => p.clone(),
             })
             .collect();

@@ -194,7 +194,7 @@ fn batch_norm_train_eval_and_running_stats() {
         assert!((r - 0.1 * b).abs() < 1e-12);
     }
     let xv = x
-        .sub(&x.mean_keepdim(0).unwrap())
+        .sub(x.mean_keepdim(0).unwrap())
         .unwrap()
         .sqr()
         .unwrap()
@@ -208,9 +208,9 @@ fn batch_norm_train_eval_and_running_stats() {
     bn.eval().unwrap();
     let ye = bn.forward(&x).unwrap();
     let expect = x
-        .sub(&bn.running_mean.get())
+        .sub(bn.running_mean.get())
         .unwrap()
-        .div(&bn.running_var.get().add(1e-5).unwrap().sqrt().unwrap())
+        .div(bn.running_var.get().add(1e-5).unwrap().sqrt().unwrap())
         .unwrap();
     assert!(max_abs_diff(&ye, &expect) < 1e-12);
     // A clone has its own statistics.
@@ -318,10 +318,10 @@ fn recurrent_names_and_shapes() {
     let gi = lin(&c.weight_ih, &c.bias_ih, &x);
     let gh = c.bias_hh.reshape(&[1, 6]).unwrap();
     let part = |t: &Tensor, k: usize| t.narrow(1, 2 * k, 2).unwrap();
-    let r = part(&gi, 0).add(&part(&gh, 0)).unwrap().sigmoid().unwrap();
-    let z = part(&gi, 1).add(&part(&gh, 1)).unwrap().sigmoid().unwrap();
+    let r = part(&gi, 0).add(part(&gh, 0)).unwrap().sigmoid().unwrap();
+    let z = part(&gi, 1).add(part(&gh, 1)).unwrap().sigmoid().unwrap();
     let n = part(&gi, 2)
-        .add(&r.mul(&part(&gh, 2)).unwrap())
+        .add(r.mul(part(&gh, 2)).unwrap())
         .unwrap()
         .tanh()
         .unwrap();

@@ -65,7 +65,7 @@ fn conv_params(vb: &VarBuilder, shape: &[usize], bias: bool) -> Result<(Tensor, 
 }
 
 fn check_groups(op: &'static str, i: usize, o: usize, cfg: &ConvConfig) -> Result<()> {
-    if cfg.groups == 0 || i % cfg.groups != 0 || o % cfg.groups != 0 {
+    if cfg.groups == 0 || !i.is_multiple_of(cfg.groups) || !o.is_multiple_of(cfg.groups) {
         return Err(Error::InvalidArgument {
             op,
             message: format!(

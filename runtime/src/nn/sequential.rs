@@ -25,9 +25,11 @@ impl Clone for Box<dyn Layer> {
     }
 }
 
+type SharedFn = Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+
 /// A parameter-free layer from a closure (see [`Sequential::add_fn`]).
 #[derive(Clone)]
-pub struct Func(Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>);
+pub struct Func(SharedFn);
 
 impl Func {
     /// Wraps a closure.
