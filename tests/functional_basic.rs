@@ -368,3 +368,75 @@ fn closures_are_modules() {
         0.0
     );
 }
+
+#[test]
+fn test_mode_with_base_parameters_gives_no_meta_gradient() {
+    // In test mode nothing links the latest weights to time 0: neither the base
+    // parameters nor parameters(0) receive a meta-gradient.
+    let model = mlp();
+    let base = model.parameters().unwrap();
+    let x = input(4, 3, 8.0);
+    let opts = FunctionalOptions::default()
+        .initial_weights(InitialWeights::BaseParameters)
+        .track_higher_grads(false);
+    let mut fmodel = FunctionalModel::new(&model, opts).unwrap();
+    for _ in 0..2 {
+        let loss = fmodel
+            .forward(&x)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let p = fmodel.fast_params().to_vec();
+        let g = grad(&[loss], &p, GradOptions::create_graph()).unwrap();
+        fmodel.update_params(sgd(&p, g, 0.1)).unwrap();
+    }
+    let meta = fmodel
+        .forward(&x)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    let store = backward(&meta).unwrap();
+    assert!(base.iter().all(|b| store.get(b).is_none()));
+    assert!(fmodel.init_fast_params().is_err());
+    assert!(fmodel.fast_params().iter().all(|p| store.get(p).is_some()));
+}
+
+#[test]
+fn forward_with_records_the_weights() {
+    let model = mlp();
+    let mut fmodel = FunctionalModel::new(&model, FunctionalOptions::default()).unwrap();
+    let x = input(3, 3, 9.0);
+    let new: Vec<Tensor> = fmodel
+        .fast_params()
+        .iter()
+        .map(|p| p.affine(0.5, 0.0).unwrap())
+        .collect();
+    let y = fmodel.forward_with(new.clone(), &x).unwrap();
+    assert_eq!(fmodel.time(), 1);
+    assert_eq!(fmodel.parameters(1).unwrap()[0].id(), new[0].id());
+    assert_eq!(max_abs_diff(&y, &fmodel.forward(&x).unwrap()), 0.0);
+    let named = fmodel.named_fast_params();
+    assert_eq!(named[2].0, "2.weight");
+    assert!(!named[2].2);
+}
+
+#[test]
+fn gru_and_rnn_parity() {
+    let vb = vb();
+    let x = input(8, 3, 10.0).reshape(&[4, 2, 3]).unwrap();
+    for m in [
+        nn::gru(3, 5, 2, vb.pp("gru")).unwrap(),
+        nn::rnn(3, 5, 2, vb.pp("rnn")).unwrap(),
+    ] {
+        let fmodel = FunctionalModel::new(&m, FunctionalOptions::default()).unwrap();
+        assert_eq!(
+            max_abs_diff(&m.forward(&x).unwrap(), &fmodel.forward(&x).unwrap()),
+            0.0
+        );
+        assert_eq!(fmodel.num_params(), 8);
+    }
+}
