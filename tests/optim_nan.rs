@@ -149,7 +149,7 @@ fn check<O: DifferentiableOptimizer>(label: &str, problem: &dyn Problem, opt: O)
     // Third order: the gradient of |meta-gradient|^2.
     let mut norm = g[0].sqr().unwrap().sum_all().unwrap();
     for t in &g[1..] {
-        norm = norm.add(&t.sqr().unwrap().sum_all().unwrap()).unwrap();
+        norm = norm.add(t.sqr().unwrap().sum_all().unwrap()).unwrap();
     }
     let g3 = grad(
         &[norm.clone()],

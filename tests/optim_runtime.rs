@@ -23,7 +23,12 @@ fn values(ts: &[Tensor]) -> Vec<Vec<f64>> {
 }
 
 fn scalar_grad(out: &Tensor, x: &Tensor) -> f64 {
-    grad(&[out.clone()], &[x.clone()], GradOptions::default()).unwrap()[0]
+    grad(
+        std::slice::from_ref(out),
+        std::slice::from_ref(x),
+        GradOptions::default(),
+    )
+    .unwrap()[0]
         .as_ref()
         .unwrap()
         .to_scalar_f64()
@@ -40,10 +45,10 @@ fn two_groups_step_with_their_own_hyperparameters() {
     ];
     let mut d = DiffOptimizer::with_groups(&p0, groups).unwrap();
     let loss = case.support_loss(&p0).unwrap();
-    let g = grad(&[loss.clone()], &p0, GradOptions::default()).unwrap();
+    let g = grad(std::slice::from_ref(&loss), &p0, GradOptions::default()).unwrap();
     let p1 = d.step_params(&loss, &p0).unwrap();
     for (i, lr) in [(0, 0.1), (1, 0.1), (2, 0.01), (3, 0.01)] {
-        let expected = p0[i].sub(&g[i].as_ref().unwrap().mul(lr).unwrap()).unwrap();
+        let expected = p0[i].sub(g[i].as_ref().unwrap().mul(lr).unwrap()).unwrap();
         assert_eq!(p1[i].to_vec_f64().unwrap(), expected.to_vec_f64().unwrap());
     }
 }
@@ -119,7 +124,7 @@ fn overrides_per_group_and_at_a_step_persist() {
     let (lr_a, lr_b) = (w(0.2), w(0.3));
     d.set_overrides(&Overrides::new().per_group("lr", [lr_a.clone(), lr_b.clone()]))
         .unwrap();
-    let loss = |p: &[Tensor]| p[0].sqr().unwrap().add(&p[1].sqr().unwrap()).unwrap();
+    let loss = |p: &[Tensor]| p[0].sqr().unwrap().add(p[1].sqr().unwrap()).unwrap();
     let p1 = d.step_params(&loss(&p0), &p0).unwrap();
     assert!((p1[0].to_scalar_f64().unwrap() - 0.6).abs() < 1e-15);
     assert!((p1[1].to_scalar_f64().unwrap() - 0.4).abs() < 1e-15);
@@ -221,7 +226,12 @@ fn override_tensors_are_converted_to_the_parameters_dtype_differentiably() {
     assert_eq!(p1[0].dtype(), DType::F64);
     assert_eq!(p1[0].dims(), &[] as &[usize]);
     assert_eq!(p1[0].to_scalar_f64().unwrap(), 0.5);
-    let g = grad(&[p1[0].clone()], &[lr32.clone()], GradOptions::default()).unwrap();
+    let g = grad(
+        std::slice::from_ref(&p1[0]),
+        std::slice::from_ref(&lr32),
+        GradOptions::default(),
+    )
+    .unwrap();
     let g = g[0].as_ref().unwrap();
     assert_eq!(g.dtype(), DType::F32);
     assert_eq!(g.to_vec_f64().unwrap(), vec![-2.0]);
@@ -283,7 +293,7 @@ fn test_mode_keeps_no_graph_and_first_order_keeps_the_update_path() {
         let mut grads = Vec::new();
         for _ in 0..3 {
             let loss = case.support_loss(&p).unwrap();
-            grads.push(grad(&[loss.clone()], &p, GradOptions::default()).unwrap());
+            grads.push(grad(std::slice::from_ref(&loss), &p, GradOptions::default()).unwrap());
             p = d.step_params(&loss, &p).unwrap();
         }
         (p0, p, grads)
@@ -308,7 +318,7 @@ fn test_mode_keeps_no_graph_and_first_order_keeps_the_update_path() {
     let meta = case.query_loss(&fo).unwrap();
     let mut inputs = p0.clone();
     inputs.push(lr.clone());
-    let g = grad(&[meta.clone()], &inputs, GradOptions::default()).unwrap();
+    let g = grad(std::slice::from_ref(&meta), &inputs, GradOptions::default()).unwrap();
     let at_t = grad(&[meta], &fo, GradOptions::default()).unwrap();
     let mut expected_lr = 0.0;
     for i in 0..4 {
@@ -435,7 +445,7 @@ fn bare_tensors_energy_model_descends_its_input() {
         .unwrap()
         .to_leaf();
     let energy = |x: &Tensor| x.sub(&c).unwrap().sqr().unwrap().sum_all().unwrap();
-    let mut d = DiffOptimizer::new(Sgd::new(0.1), &[x0.clone()]).unwrap();
+    let mut d = DiffOptimizer::new(Sgd::new(0.1), std::slice::from_ref(&x0)).unwrap();
     let mut x = vec![x0];
     for _ in 0..20 {
         x = d.step_params(&energy(&x[0]), &x).unwrap();

@@ -7,6 +7,7 @@
 mod autograd;
 mod error;
 mod functional;
+mod innerloop;
 pub mod nn;
 mod ops;
 pub mod optim;
@@ -18,9 +19,14 @@ pub use ops::Operand;
 pub use tensor::{is_grad_enabled, no_grad, NoGradGuard, Tensor, TensorId};
 
 pub use optim::{DifferentiableOptimizer, Hyperparameters, OptimizerStep, Scalar, State};
+pub use optim::{
+    DiffOptimizer, InnerGradMode, Optimizer, Overrides, ParamGroup, StateValue, StepOptions,
+};
 
 pub use functional::{FunctionalModel, FunctionalOptions, InitialWeights};
 pub use nn::{Module, Parameters};
+
+pub use innerloop::{innerloop, InnerloopOptions};
 
 pub use candle_core::{DType, Device};
 
