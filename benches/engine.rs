@@ -256,6 +256,35 @@ impl SinForBench for Tensor {
     }
 }
 
+/// The fast paths against what they replace: a small matmul with `RAYON_NUM_THREADS`
+/// unset (candle looks the thread count up on each call), and a bias-gradient `sum_to`.
+fn fast_paths() {
+    let dev = Device::Cpu;
+    let a = Tensor::new(candle_core::Tensor::randn(0f32, 1.0, (10, 40), &dev).unwrap());
+    let m = Tensor::new(candle_core::Tensor::randn(0f32, 1.0, (40, 40), &dev).unwrap());
+    let (ca, cm) = (a.to_candle(), m.to_candle());
+    let saved = std::env::var("RAYON_NUM_THREADS").ok();
+    std::env::remove_var("RAYON_NUM_THREADS");
+    let candle_unset = median(|| drop(black_box(ca.matmul(&cm).unwrap())));
+    let ours_unset = median(|| drop(black_box(a.matmul(&m).unwrap())));
+    if let Some(v) = saved {
+        std::env::set_var("RAYON_NUM_THREADS", v);
+    }
+    println!(
+        "\nmatmul [10,40]x[40,40] f32 with RAYON_NUM_THREADS unset: candle {:.0} ns, ours {:.0} ns",
+        ns(candle_unset),
+        ns(ours_unset)
+    );
+    let g = Tensor::new(candle_core::Tensor::randn(0f32, 1.0, (10, 40), &dev).unwrap());
+    let old = median(|| drop(black_box(g.sum_dims(&[0], true).unwrap())));
+    let new = median(|| drop(black_box(g.sum_to(&[1, 40]).unwrap())));
+    println!(
+        "bias gradient [10,40] -> [1,40] f32: sum over dim 0 {:.0} ns, sum_to (ones-matmul) {:.0} ns",
+        ns(old),
+        ns(new)
+    );
+}
+
 fn main() {
     println!(
         "RAYON_NUM_THREADS={}",
@@ -267,4 +296,5 @@ fn main() {
     mlp(DType::F32);
     mlp(DType::F64);
     pruning();
+    fast_paths();
 }

@@ -176,6 +176,10 @@ fn clamp_and_where() {
         .clone()
         .unwrap();
     assert_eq!(g.to_vec_f64().unwrap(), vec![0.0, 1.0, 1.0, 1.0, 0.0]);
+    // The in-place form rebinds the handle to the clamped value.
+    let mut z = t(&[-2.0, 0.25, 3.0], &[3]);
+    z.clamp_(-1.0, 1.0).unwrap();
+    assert_eq!(z.to_vec_f64().unwrap(), vec![-1.0, 0.25, 1.0]);
 }
 
 #[test]
