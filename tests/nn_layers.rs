@@ -476,3 +476,39 @@ fn load_errors_name_every_problem_and_load_nothing() {
     // A missing file is a candle error, not a panic.
     assert!(nn::load_safetensors(&mut model, "/nonexistent/x.safetensors").is_err());
 }
+
+/// A user model holding a Vec of layers and an optional head.
+#[derive(Clone)]
+struct Stack {
+    layers: Vec<nn::Linear>,
+    head: Option<nn::Linear>,
+}
+
+impl Parameters for Stack {
+    fn visit(&mut self, v: &mut nn::Visitor<'_>) -> candle_higher::Result<()> {
+        v.module("layers", &mut self.layers)?;
+        v.module("head", &mut self.head)
+    }
+}
+
+#[test]
+fn vec_and_option_children_are_named_by_position() {
+    let vb = vb(0);
+    let mut s = Stack {
+        layers: (0..2)
+            .map(|i| nn::linear(2, 2, vb.pp("layers").pp(i)).unwrap())
+            .collect(),
+        head: None,
+    };
+    assert_eq!(
+        names(&s),
+        [
+            "layers.0.weight",
+            "layers.0.bias",
+            "layers.1.weight",
+            "layers.1.bias"
+        ]
+    );
+    s.head = Some(nn::linear_no_bias(2, 1, vb.pp("head")).unwrap());
+    assert_eq!(names(&s).last().unwrap(), "head.weight");
+}

@@ -579,3 +579,30 @@ fn check_list(
     }
     Ok(())
 }
+
+/// A list of modules, named by position: `layers.0.weight`, `layers.1.weight`, ...
+impl<T: Parameters> Parameters for Vec<T> {
+    fn visit(&mut self, v: &mut Visitor<'_>) -> Result<()> {
+        for (i, m) in self.iter_mut().enumerate() {
+            v.module(&i.to_string(), m)?;
+        }
+        Ok(())
+    }
+}
+
+/// An optional module: nothing when absent.
+impl<T: Parameters> Parameters for Option<T> {
+    fn visit(&mut self, v: &mut Visitor<'_>) -> Result<()> {
+        match self {
+            Some(m) => m.visit(v),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A boxed module, named as the module itself.
+impl<T: Parameters + ?Sized> Parameters for Box<T> {
+    fn visit(&mut self, v: &mut Visitor<'_>) -> Result<()> {
+        (**self).visit(v)
+    }
+}
