@@ -320,7 +320,7 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
         g.twin
             .get(name)
             .cloned()
-            .ok_or_else(|| unknown_hyperparameter(std::any::type_name::<O>(), name, O::FLOAT_NAMES))
+            .ok_or_else(|| unknown_hyperparameter(short_name::<O>(), name, O::FLOAT_NAMES))
     }
 
     /// The state of each parameter, by position.
@@ -432,7 +432,9 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
 
     /// One step on bare tensors (no model): gradients of `loss` with respect to `params`,
     /// the callback, the update. Returns the new parameters, in order; frozen parameters,
-    /// parameters without a gradient and parameters in no group come back unchanged.
+    /// parameters without a gradient (the loss does not depend on them, or they do not
+    /// require grad) and parameters in no group come back unchanged, their state not
+    /// advanced.
     pub fn step_params(&mut self, loss: &Tensor, params: &[Tensor]) -> Result<Vec<Tensor>> {
         self.step_params_with(loss, params, StepOptions::default())
     }
@@ -600,8 +602,9 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
         Ok(())
     }
 
-    /// Detaches every state tensor and every override from the graph (to truncate an unroll
-    /// and keep going, as higher's `detach_()` on a fast-weight history).
+    /// Detaches every state tensor from the graph, to truncate an unroll and keep going
+    /// (with [`crate::FunctionalModel::truncate`]). Override tensors are kept: they are
+    /// what a hypergradient is taken with respect to.
     pub fn detach(&mut self) -> Result<()> {
         self.states = self
             .states
@@ -610,6 +613,12 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
             .collect::<Result<_>>()?;
         Ok(())
     }
+}
+
+/// The optimizer's type name without its path (`Adam`), for error messages.
+fn short_name<O>() -> &'static str {
+    let full = std::any::type_name::<O>();
+    full.rsplit("::").next().unwrap_or(full)
 }
 
 /// The value of a scalar, with an error for a tensor that cannot be read.
@@ -629,7 +638,7 @@ fn expand_name<O: Hyperparameters>(name: &str) -> Result<Vec<&'static str>> {
     match O::FLOAT_NAMES.iter().find(|&&n| n == name) {
         Some(&n) => Ok(vec![n]),
         None => Err(unknown_hyperparameter(
-            std::any::type_name::<O>(),
+            short_name::<O>(),
             name,
             O::FLOAT_NAMES,
         )),

@@ -7,6 +7,16 @@
 //! on `FooTwin`, run with recording on, it is the differentiable update. Tensors are
 //! immutable handles and in-place methods rebind them, so running a step on a cloned
 //! [`State`] leaves the old state intact: that is what makes the twin pure.
+//!
+//! Built in, each written with the macro, with torch.optim's defaults and semantics (the
+//! divergences are in each item's doc): [`Sgd`], [`Adam`], [`AdamW`], [`Adagrad`],
+//! [`Adadelta`], [`Adamax`], [`Asgd`], [`RmsProp`], [`Rprop`].
+//!
+//! Two runners drive them: [`Optimizer`] steps parameters in place under `no_grad` (normal
+//! training, MAML's outer loop), and [`DiffOptimizer`] runs the twins in an unrolled inner
+//! loop (higher's `diffopt`: parameter groups, [`Overrides`], a gradient callback, test and
+//! first-order modes, branching from an [`Optimizer`]). `crate::innerloop` builds one
+//! around a functional model.
 
 mod common;
 mod diffopt;
