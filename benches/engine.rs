@@ -285,6 +285,36 @@ fn fast_paths() {
     );
 }
 
+/// The input gradient of a stride-1 conv2d (computed as a conv2d with the flipped,
+/// transposed kernel) against candle's conv_transpose2d of the same gradient.
+fn conv_input_grad(dtype: DType) {
+    let dev = Device::Cpu;
+    let r = |shape: &[usize]| {
+        candle_core::Tensor::randn(0f32, 1.0, shape, &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let x = Tensor::new(r(&[8, 32, 28, 28])).to_leaf();
+    let w = Tensor::new(r(&[32, 32, 3, 3]));
+    let y = x.conv2d(&w, 1, 1, 1, 1).unwrap();
+    let gy = Tensor::new(r(y.dims()));
+    let ours = median(|| {
+        let opts = GradOptions::default().grad_outputs(vec![gy.clone()]);
+        drop(black_box(
+            grad(std::slice::from_ref(&y), std::slice::from_ref(&x), opts).unwrap(),
+        ));
+    });
+    let (cgy, cw) = (gy.to_candle(), w.to_candle());
+    let candle = median(|| drop(black_box(cgy.conv_transpose2d(&cw, 1, 0, 1, 1).unwrap())));
+    println!(
+        "conv2d input gradient x[8,32,28,28] k[32,32,3,3] p1 {dtype:?}: ours {:.2} ms, candle conv_transpose2d {:.2} ms ({:.1}x)",
+        ns(ours) / 1e6,
+        ns(candle) / 1e6,
+        ns(candle) / ns(ours)
+    );
+}
+
 fn main() {
     println!(
         "RAYON_NUM_THREADS={}",
@@ -297,4 +327,6 @@ fn main() {
     mlp(DType::F64);
     pruning();
     fast_paths();
+    conv_input_grad(DType::F32);
+    conv_input_grad(DType::F64);
 }
