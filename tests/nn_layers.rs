@@ -512,3 +512,38 @@ fn vec_and_option_children_are_named_by_position() {
     s.head = Some(nn::linear_no_bias(2, 1, vb.pp("head")).unwrap());
     assert_eq!(names(&s).last().unwrap(), "head.weight");
 }
+
+#[test]
+fn activations_match_their_formulas() {
+    let x = input(&[7], 0.0).affine(3.0, 0.0).unwrap();
+    let xs = x.to_vec_f64().unwrap();
+    let check = |a: nn::Activation, f: &dyn Fn(f64) -> f64| {
+        let y = a.forward(&x).unwrap().to_vec_f64().unwrap();
+        for (yi, xi) in y.iter().zip(&xs) {
+            assert!(
+                (yi - f(*xi)).abs() < 1e-12,
+                "{a:?} at {xi}: {yi} vs {}",
+                f(*xi)
+            );
+        }
+    };
+    check(nn::Activation::Relu, &|v| v.max(0.0));
+    check(nn::Activation::LeakyRelu(0.1), &|v| {
+        if v > 0.0 {
+            v
+        } else {
+            0.1 * v
+        }
+    });
+    check(nn::Activation::Elu(1.5), &|v| {
+        if v > 0.0 {
+            v
+        } else {
+            1.5 * (v.exp() - 1.0)
+        }
+    });
+    check(nn::Activation::Softplus, &|v| (1.0 + v.exp()).ln());
+    check(nn::Activation::Silu, &|v| v / (1.0 + (-v).exp()));
+    check(nn::Activation::Sigmoid, &|v| 1.0 / (1.0 + (-v).exp()));
+    check(nn::Activation::Tanh, &f64::tanh);
+}

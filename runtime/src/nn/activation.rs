@@ -25,6 +25,8 @@ pub enum Activation {
     Softplus,
     /// `x * sigmoid(x)` (SiLU, swish).
     Silu,
+    /// `x * Phi(x)` with the exact (erf) normal CDF, PyTorch's default GELU.
+    Gelu,
     /// `x`.
     Identity,
 }
@@ -48,6 +50,7 @@ impl Module for Activation {
                 .relu()?
                 .add(&x.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?),
             Activation::Silu => x.mul(&x.sigmoid()?),
+            Activation::Gelu => x.gelu(),
             Activation::Identity => Ok(x.clone()),
         }
     }
