@@ -440,3 +440,35 @@ fn gru_and_rnn_parity() {
         assert_eq!(fmodel.num_params(), 8);
     }
 }
+
+#[test]
+fn models_and_fmodels_are_send_and_sync() {
+    // Tasks of a meta-batch can run on separate threads.
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<nn::Sequential>();
+    assert_send_sync::<FunctionalModel<nn::Sequential>>();
+    assert_send_sync::<nn::BatchNorm>();
+    assert_send_sync::<nn::Dropout>();
+    assert_send_sync::<nn::WeightDropout<nn::Recurrent>>();
+    let model = mlp();
+    let x = input(3, 3, 11.0);
+    let outs: Vec<f64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    let fmodel =
+                        FunctionalModel::new(&model, FunctionalOptions::default()).unwrap();
+                    fmodel
+                        .forward(&x)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar_f64()
+                        .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(outs[0], outs[1]);
+}
