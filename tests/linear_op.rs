@@ -67,18 +67,14 @@ fn first_order_matches_finite_differences() -> Result<()> {
     ];
     let y = f(&inputs[0], &inputs[1], &inputs[2])?;
     let grads = grad(&[y], &inputs, GradOptions::default())?;
-    for which in 0..3 {
+    for (which, g) in grads.iter().enumerate() {
         let numeric = fd(&inputs, which, 1e-6, |ins| {
             f(&ins[0], &ins[1], &ins[2])
                 .unwrap()
                 .to_scalar_f64()
                 .unwrap()
         });
-        assert_close(
-            &grads[which].as_ref().unwrap().to_vec_f64()?,
-            &numeric,
-            1e-7,
-        );
+        assert_close(&g.as_ref().unwrap().to_vec_f64()?, &numeric, 1e-7);
     }
     Ok(())
 }
@@ -110,7 +106,7 @@ fn second_order_matches_finite_differences() -> Result<()> {
         let mut total = Tensor::scalar(0.0f64);
         for (gi, vi) in g.iter().zip(&v) {
             total = total
-                .add(&gi.as_ref().unwrap().mul(vi).unwrap().sum_all().unwrap())
+                .add(gi.as_ref().unwrap().mul(vi).unwrap().sum_all().unwrap())
                 .unwrap();
         }
         total
@@ -120,11 +116,11 @@ fn second_order_matches_finite_differences() -> Result<()> {
         &inputs,
         GradOptions::default(),
     )?;
-    for which in 0..3 {
+    for (which, h) in hvp.iter().enumerate() {
         let numeric = fd(&inputs, which, 1e-5, |ins| {
             directional(ins, false).to_scalar_f64().unwrap()
         });
-        assert_close(&hvp[which].as_ref().unwrap().to_vec_f64()?, &numeric, 1e-6);
+        assert_close(&h.as_ref().unwrap().to_vec_f64()?, &numeric, 1e-6);
     }
     Ok(())
 }

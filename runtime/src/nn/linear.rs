@@ -56,11 +56,7 @@ impl Module for Linear {
                 got: x.dims().to_vec(),
             });
         }
-        let y = x.matmul(&self.weight.t()?)?;
-        match &self.bias {
-            Some(b) => y.add(b),
-            None => Ok(y),
-        }
+        x.linear(&self.weight, self.bias.as_ref())
     }
 }
 

@@ -51,7 +51,7 @@ fn flatten_rows(x: &Tensor) -> Result<Tensor> {
 
 impl Tensor {
     /// `self W^T + b` over the last dimension (`torch.nn.functional.linear`): `self` is
-    /// [.., in], `weight` [out, in], `bias` [out].
+    /// `[.., in]`, `weight` `[out, in]`, `bias` `[out]`.
     pub fn linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         self.check_same(weight, "linear")?;
         let wd = weight.dims();

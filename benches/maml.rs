@@ -1,0 +1,513 @@
+//! MAML benchmarks against PyTorch + higher, measured in the same run.
+//!
+//! `cargo bench --bench maml` prints one table row per workload: our time, the anchor's
+//! time (from `../shared/anchors/`, when its Python environment is installed), and the
+//! ratio. It asserts nothing. Workloads:
+//! - MAML sine (1-40-40-1 ReLU MLP, 25 tasks, K = 10, second order, f32): seconds per
+//!   meta-iteration for 1, 5, 10 and 20 inner steps, one and two threads; peak memory;
+//! - the MAML-Omniglot CNN (synthetic 28x28, 5-way 1-shot, 15 query, meta-batch 16,
+//!   5 inner steps), one thread;
+//! - the cost of one inner step at step 1 and at step 1000 of an unroll, memory per
+//!   unrolled step, and test-mode memory over 1000 steps.
+//!
+//! Each workload runs in a child process of this binary (`--worker NAME ...`), so that its
+//! peak resident memory is its own; 1-thread rows run pinned to core 0, as the anchors do.
+//! Options: `--quick` (fewer iterations), `--only sine|omniglot|unroll`, `--no-anchor`.
+
+use std::process::Command;
+use std::time::Instant;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use candle_higher::nn::{cross_entropy, linear, mse, seq, Activation, Sequential, VarBuilder};
+use candle_higher::optim::{Adam, Optimizer, Sgd};
+use candle_higher::{
+    backward, innerloop, DType, Device, GradStore, InitialWeights, InnerloopOptions, Parameters,
+    Result, Tensor,
+};
+
+const META_BATCH: usize = 25;
+const K: usize = 10;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(pos) = args.iter().position(|a| a == "--worker") {
+        let rest = &args[pos + 1..];
+        if let Err(e) = worker(rest) {
+            eprintln!("worker failed: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    driver(&args);
+}
+
+/// Peak resident set size of this process, MiB (Linux `VmHWM`).
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Current resident set size, MiB (`VmRSS`).
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// A small deterministic generator for task data (the anchors use numpy; the workloads are
+/// the same in distribution, not in values).
+struct Lcg(u64);
+
+impl Lcg {
+    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        lo + (hi - lo) * ((self.0 >> 11) as f64 / (1u64 << 53) as f64)
+    }
+
+    fn normal(&mut self) -> f64 {
+        let (u1, u2) = (1.0 - self.uniform(0.0, 1.0), self.uniform(0.0, 1.0));
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+// ------------------------------------------------------------------------ MAML sine
+
+/// One sinusoid task: support and query sets, [K, 1] each.
+struct SineTask {
+    xs: Tensor,
+    ys: Tensor,
+    xq: Tensor,
+    yq: Tensor,
+}
+
+fn sine_task(rng: &mut Lcg) -> Result<SineTask> {
+    let amp = rng.uniform(0.1, 5.0);
+    let phase = rng.uniform(0.0, std::f64::consts::PI);
+    let mut set = || -> Result<(Tensor, Tensor)> {
+        let x: Vec<f32> = (0..K).map(|_| rng.uniform(-5.0, 5.0) as f32).collect();
+        let y: Vec<f32> = x
+            .iter()
+            .map(|&x| (amp * (f64::from(x) - phase).sin()) as f32)
+            .collect();
+        Ok((
+            Tensor::from_vec(x, &[K, 1], &Device::Cpu)?,
+            Tensor::from_vec(y, &[K, 1], &Device::Cpu)?,
+        ))
+    };
+    let (xs, ys) = set()?;
+    let (xq, yq) = set()?;
+    Ok(SineTask { xs, ys, xq, yq })
+}
+
+fn sine_model() -> Result<Sequential> {
+    let vb = VarBuilder::new(0, DType::F32, &Device::Cpu);
+    Ok(seq()
+        .add(linear(1, 40, vb.pp("0"))?)
+        .add(Activation::Relu)
+        .add(linear(40, 40, vb.pp("2"))?)
+        .add(Activation::Relu)
+        .add(linear(40, 1, vb.pp("4"))?))
+}
+
+/// One meta-iteration as higher's example runs it: tasks one by one, each adapted with
+/// `steps` differentiable SGD steps, the query losses' meta-gradients summed, one Adam step.
+fn maml_iteration(
+    model: &mut Sequential,
+    meta_opt: &mut Optimizer<Adam>,
+    tasks: &[SineTask],
+    steps: usize,
+) -> Result<()> {
+    let inner_opt = Optimizer::new(Sgd::new(0.01), model.parameters()?.len());
+    let mut total = GradStore::default();
+    for task in tasks {
+        let (mut fmodel, mut diffopt) = innerloop(&*model, &inner_opt, maml_options())?;
+        for _ in 0..steps {
+            let loss = mse(&fmodel.forward(&task.xs)?, &task.ys)?;
+            diffopt.step(&mut fmodel, &loss)?;
+        }
+        let query =
+            mse(&fmodel.forward(&task.xq)?, &task.yq)?.affine(1.0 / tasks.len() as f64, 0.0)?;
+        total.accumulate(&backward(&query)?)?;
+    }
+    meta_opt.step_module(model, &total)
+}
+
+/// MAML's inner loops start from the base parameters, so meta-gradients reach them.
+fn maml_options() -> InnerloopOptions {
+    InnerloopOptions::new().initial_weights(InitialWeights::BaseParameters)
+}
+
+fn sine_worker(steps: usize, iters: usize, warmup: usize) -> Result<String> {
+    let mut model = sine_model()?;
+    let mut meta_opt = Optimizer::new(Adam::new(1e-3), model.parameters()?.len());
+    let mut rng = Lcg(123);
+    let batches: Vec<Vec<SineTask>> = (0..iters + warmup)
+        .map(|_| (0..META_BATCH).map(|_| sine_task(&mut rng)).collect())
+        .collect::<Result<_>>()?;
+    let mut times = Vec::new();
+    for (i, batch) in batches.iter().enumerate() {
+        let t0 = Instant::now();
+        maml_iteration(&mut model, &mut meta_opt, batch, steps)?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(format!("{} {}", median(times), peak_rss_mib()))
+}
+
+// ------------------------------------------------------------------------ unroll cost
+
+/// Per-step time of the inner step at step 1 and step 1000 of one long unroll (second
+/// order kept), RSS growth per step, and RSS growth over 1000 steps in test mode.
+fn unroll_worker(steps: usize) -> Result<String> {
+    let model = sine_model()?;
+    let mut rng = Lcg(7);
+    let task = sine_task(&mut rng)?;
+    let inner_opt = Optimizer::new(Sgd::new(1e-3), model.parameters()?.len());
+    let run = |track: bool| -> Result<(Vec<f64>, f64)> {
+        let options = maml_options().track_higher_grads(track);
+        let (mut fmodel, mut diffopt) = innerloop(&model, &inner_opt, options)?;
+        let rss0 = rss_mib();
+        let mut times = Vec::with_capacity(steps);
+        for _ in 0..steps {
+            let t0 = Instant::now();
+            let loss = mse(&fmodel.forward(&task.xs)?, &task.ys)?;
+            diffopt.step(&mut fmodel, &loss)?;
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        Ok((times, rss_mib() - rss0))
+    };
+    let (times, grown) = run(true)?;
+    let window = |r: std::ops::Range<usize>| median(times[r].to_vec());
+    let early = window(1..21);
+    let late = window(steps - 20..steps);
+    let (_, grown_test) = run(false)?;
+    Ok(format!(
+        "{early} {late} {} {grown_test}",
+        grown / steps as f64
+    ))
+}
+
+// ------------------------------------------------------------------------ Omniglot CNN
+
+fn omniglot_worker(iters: usize, warmup: usize) -> Result<String> {
+    use candle_higher::nn::{
+        batch_norm2d, conv2d, flatten, max_pool2d, BatchNormConfig, ConvConfig,
+    };
+    let (ways, shots, queries, meta_batch, steps) = (5usize, 1usize, 15usize, 16usize, 5usize);
+    let vb = VarBuilder::new(0, DType::F32, &Device::Cpu);
+    let mut net = seq();
+    for (i, c_in) in [1usize, 64, 64].into_iter().enumerate() {
+        let p = vb.pp(format!("{}", 4 * i));
+        net = net
+            .add(conv2d(c_in, 64, 3, ConvConfig::default(), p.clone())?)
+            .add(batch_norm2d(
+                64,
+                BatchNormConfig {
+                    momentum: 1.0,
+                    ..Default::default()
+                },
+                vb.pp(format!("{}", 4 * i + 1)),
+            )?)
+            .add(Activation::Relu)
+            .add(max_pool2d(2));
+    }
+    let mut model = net.add(flatten()).add(linear(64, ways, vb.pp("13"))?);
+    let mut meta_opt = Optimizer::new(Adam::new(1e-3), model.parameters()?.len());
+    let inner_opt = Optimizer::new(Sgd::new(0.1), model.parameters()?.len());
+    let mut rng = Lcg(5);
+    let mut images = |n: usize, protos: &[Vec<f32>]| -> Result<(Tensor, Tensor)> {
+        let mut data = Vec::with_capacity(ways * n * 784);
+        let mut labels = Vec::with_capacity(ways * n);
+        for (c, proto) in protos.iter().enumerate() {
+            for _ in 0..n {
+                data.extend(proto.iter().map(|&p| p + 0.3 * rng.normal() as f32));
+                labels.push(c as u32);
+            }
+        }
+        Ok((
+            Tensor::from_vec(data, &[ways * n, 1, 28, 28], &Device::Cpu)?,
+            Tensor::from_vec(labels, &[ways * n], &Device::Cpu)?,
+        ))
+    };
+    let mut proto_rng = Lcg(11);
+    let mut times = Vec::new();
+    for it in 0..iters + warmup {
+        let t0 = Instant::now();
+        let mut total = GradStore::default();
+        for _ in 0..meta_batch {
+            let protos: Vec<Vec<f32>> = (0..ways)
+                .map(|_| {
+                    (0..784)
+                        .map(|_| proto_rng.uniform(0.0, 1.0) as f32)
+                        .collect()
+                })
+                .collect();
+            let (xs, ys) = images(shots, &protos)?;
+            let (xq, yq) = images(queries, &protos)?;
+            let (mut fmodel, mut diffopt) = innerloop(&model, &inner_opt, maml_options())?;
+            for _ in 0..steps {
+                let loss = cross_entropy(&fmodel.forward(&xs)?, &ys)?;
+                diffopt.step(&mut fmodel, &loss)?;
+            }
+            let q =
+                cross_entropy(&fmodel.forward(&xq)?, &yq)?.affine(1.0 / meta_batch as f64, 0.0)?;
+            total.accumulate(&backward(&q)?)?;
+        }
+        meta_opt.step_module(&mut model, &total)?;
+        if it >= warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(format!("{} {}", median(times), peak_rss_mib()))
+}
+
+fn worker(args: &[String]) -> Result<()> {
+    let num = |i: usize| {
+        args.get(i)
+            .and_then(|s| s.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    let out = match args.first().map(String::as_str) {
+        Some("sine") => sine_worker(num(1), num(2), num(3))?,
+        Some("unroll") => unroll_worker(num(1))?,
+        Some("omniglot") => omniglot_worker(num(1), num(2))?,
+        other => format!("unknown worker {other:?}"),
+    };
+    println!("RESULT {out}");
+    Ok(())
+}
+
+// ------------------------------------------------------------------------ driver
+
+/// Runs this binary as a worker, pinned to core 0 for one thread.
+fn run_worker(threads: usize, args: &[String]) -> Option<Vec<f64>> {
+    let exe = std::env::current_exe().ok()?;
+    let mut cmd = if threads == 1 && has("taskset") {
+        let mut c = Command::new("taskset");
+        c.arg("-c").arg("0").arg(exe);
+        c
+    } else {
+        Command::new(exe)
+    };
+    let out = cmd
+        .arg("--worker")
+        .args(args)
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find_map(|l| l.strip_prefix("RESULT "))?;
+    if !out.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Some(
+        line.split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect(),
+    )
+}
+
+fn has(program: &str) -> bool {
+    Command::new("which")
+        .arg(program)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The anchors' Python, if installed (`ANCHORS_PYTHON`, or `setup.sh`'s default venv).
+fn anchor_python() -> Option<String> {
+    let path = std::env::var("ANCHORS_PYTHON").ok().or_else(|| {
+        std::env::var("HOME")
+            .ok()
+            .map(|h| format!("{h}/.cache/candle-higher-anchors/venv/bin/python"))
+    })?;
+    std::path::Path::new(&path).exists().then_some(path)
+}
+
+fn anchors_dir() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/anchors").to_string()
+}
+
+/// Runs an anchor script under `/usr/bin/time -v`: (median seconds per meta-iteration,
+/// peak RSS MiB).
+fn run_anchor(script: &str, args: &[String], threads: usize) -> Option<(f64, f64)> {
+    let python = anchor_python()?;
+    let mut cmd = Command::new("/usr/bin/time");
+    cmd.arg("-v");
+    if threads == 1 && has("taskset") {
+        cmd.args(["taskset", "-c", "0"]);
+    }
+    let out = cmd
+        .arg(python)
+        .arg(format!("{}/{script}", anchors_dir()))
+        .args(args)
+        .output()
+        .ok()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = stdout.lines().find_map(|l| l.strip_prefix("RESULT "))?;
+    let key = "\"median\": ";
+    let start = json.find("sec_per_meta_iter")?;
+    let rest = &json[start..];
+    let m = rest[rest.find(key)? + key.len()..]
+        .split([',', '}'])
+        .next()?
+        .trim()
+        .parse::<f64>()
+        .ok()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let rss = stderr
+        .lines()
+        .find(|l| l.contains("Maximum resident set size"))
+        .and_then(|l| l.rsplit(':').next())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0);
+    Some((m, rss))
+}
+
+fn driver(args: &[String]) {
+    let quick = args.iter().any(|a| a == "--quick");
+    let anchors = !args.iter().any(|a| a == "--no-anchor") && anchor_python().is_some();
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
+    let wants = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    let (iters, warmup) = if quick { (5, 1) } else { (30, 3) };
+    if !anchors {
+        println!("(anchors not installed: run ../shared/anchors/setup.sh for the PyTorch + higher column)");
+    }
+    println!("| workload | ours | PyTorch + higher (same run) | speed-up |");
+    println!("|---|---|---|---|");
+    let row = |name: &str, ours: f64, theirs: Option<f64>, unit: &str| match theirs {
+        Some(t) => println!(
+            "| {name} | {ours:.4} {unit} | {t:.4} {unit} | {:.1}x |",
+            t / ours
+        ),
+        None => println!("| {name} | {ours:.4} {unit} | - | - |"),
+    };
+    let mut rss_rows = Vec::new();
+    if wants("sine") {
+        for threads in [1usize, 2] {
+            for steps in [1usize, 5, 10, 20] {
+                let it = if steps >= 20 { iters / 2 } else { iters };
+                let a = [steps, it, warmup].map(|v| v.to_string());
+                let ours = run_worker(threads, &[vec!["sine".to_string()], a.to_vec()].concat());
+                let theirs = anchors
+                    .then(|| {
+                        run_anchor(
+                            "bench_maml_sinusoid.py",
+                            &[
+                                "--variant",
+                                "higher",
+                                "--inner-steps",
+                                &a[0],
+                                "--iters",
+                                &a[1],
+                                "--warmup",
+                                &a[2],
+                                "--threads",
+                                &threads.to_string(),
+                            ]
+                            .map(String::from),
+                            threads,
+                        )
+                    })
+                    .flatten();
+                if let Some(o) = ours {
+                    let name = format!(
+                        "MAML sine, {steps} inner steps, {threads} thread(s), s/meta-iteration"
+                    );
+                    row(&name, o[0], theirs.map(|t| t.0), "s");
+                    if threads == 1 && steps == 5 {
+                        rss_rows.push(("MAML sine 5 steps, peak RSS", o[1], theirs.map(|t| t.1)));
+                    }
+                }
+            }
+        }
+    }
+    if wants("omniglot") {
+        let (it, wu) = if quick { (2, 1) } else { (5, 1) };
+        let ours = run_worker(1, &["omniglot".to_string(), it.to_string(), wu.to_string()]);
+        let theirs = anchors
+            .then(|| {
+                run_anchor(
+                    "bench_omniglot_conv.py",
+                    &[
+                        "--variant",
+                        "higher",
+                        "--meta-batch",
+                        "16",
+                        "--iters",
+                        &it.to_string(),
+                        "--warmup",
+                        &wu.to_string(),
+                        "--threads",
+                        "1",
+                    ]
+                    .map(String::from),
+                    1,
+                )
+            })
+            .flatten();
+        if let Some(o) = ours {
+            row(
+                "Omniglot CNN, meta-batch 16, 1-shot, 5 steps, 1 thread, s/meta-iteration",
+                o[0],
+                theirs.map(|t| t.0),
+                "s",
+            );
+            rss_rows.push(("Omniglot CNN, peak RSS", o[1], theirs.map(|t| t.1)));
+        }
+    }
+    for (name, ours, theirs) in rss_rows {
+        match theirs {
+            Some(t) => println!(
+                "| {name} | {ours:.0} MiB | {t:.0} MiB | {:.1}x less |",
+                t / ours
+            ),
+            None => println!("| {name} | {ours:.0} MiB | - | - |"),
+        }
+    }
+    if wants("unroll") {
+        if let Some(o) = run_worker(1, &["unroll".to_string(), "1000".to_string()]) {
+            println!(
+                "| inner step at step 1 vs step 1000 (1-40-40-1, second order) | {:.1} us vs {:.1} us | - | ratio {:.2} |",
+                o[0] * 1e6,
+                o[1] * 1e6,
+                o[1] / o[0]
+            );
+            println!(
+                "| memory per unrolled step (graph kept) | {:.3} MiB | - | - |",
+                o[2]
+            );
+            println!(
+                "| memory growth over 1000 test-mode steps | {:.2} MiB | - | - |",
+                o[3]
+            );
+        }
+    }
+}
