@@ -293,7 +293,7 @@ fn impl_block(args: &Args, item: &ItemImpl) -> syn::Result<TokenStream> {
         (Ok(()), Some(step)) => Ok(step_impls(krate, ident, &step, &rewrite::body(&step))),
         (result, _) => {
             let error = result.err().map(|e| e.to_compile_error());
-            let stubs = step_stubs(krate, ident);
+            let stubs = step_stubs(krate, ident, func);
             Ok(quote!(#error #stubs))
         }
     }
@@ -324,8 +324,9 @@ fn step_impls(krate: &Path, ident: &Ident, step: &ast::Step<'_>, body: &syn::Blo
     }
 }
 
-/// The impls without the body, emitted beside the errors of a rejected step.
-fn step_stubs(krate: &Path, ident: &Ident) -> TokenStream {
+/// The impls without the body, emitted beside the errors of a rejected step. The user's
+/// signature is kept on a dead inherent method so that the names it imports stay used.
+fn step_stubs(krate: &Path, ident: &Ident, func: Option<&syn::ImplItemFn>) -> TokenStream {
     let twin = ast::twin_ident(ident);
     let p = quote!(#krate::__private);
     let stub = quote! {
@@ -333,9 +334,19 @@ fn step_stubs(krate: &Path, ident: &Ident) -> TokenStream {
             ::core::unimplemented!()
         }
     };
+    let signature = func.map(|f| {
+        let sig = &f.sig;
+        quote! {
+            impl #ident {
+                #[allow(dead_code, unused_variables, clippy::all)]
+                #sig { ::core::unimplemented!() }
+            }
+        }
+    });
     quote! {
         impl #p::OptimizerStep for #ident { #stub }
         impl #p::OptimizerStep for #twin { #stub }
         impl #p::DifferentiableOptimizer for #ident {}
+        #signature
     }
 }

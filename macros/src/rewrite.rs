@@ -315,7 +315,12 @@ impl VisitMut for WriteBack<'_> {
                         });
                     if let Some(alias) = alias {
                         if let Some(p) = pat_ident_mut(&mut local.pat) {
-                            p.mutability = Some(syn::Token![mut](p.ident.span()));
+                            if p.mutability.is_none() {
+                                p.mutability = Some(syn::Token![mut](p.ident.span()));
+                                // `mutated` is by name: another binding of the name may be
+                                // the one updated.
+                                local.attrs.push(parse_quote!(#[allow(unused_mut)]));
+                            }
                         }
                         self.active.push(alias.clone());
                         own.push(alias);
