@@ -50,3 +50,6 @@ pub fn differentiable_optimizer(args: TokenStream, input: TokenStream) -> TokenS
         .unwrap_or_else(syn::Error::into_compile_error)
         .into()
 }
+
+#[cfg(test)]
+mod tests;
