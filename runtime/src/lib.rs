@@ -18,10 +18,10 @@ pub use error::{Error, Result};
 pub use ops::Operand;
 pub use tensor::{is_grad_enabled, no_grad, NoGradGuard, Tensor, TensorId};
 
-pub use optim::{DifferentiableOptimizer, Hyperparameters, OptimizerStep, Scalar, State};
 pub use optim::{
     DiffOptimizer, InnerGradMode, Optimizer, Overrides, ParamGroup, StateValue, StepOptions,
 };
+pub use optim::{DifferentiableOptimizer, Hyperparameters, OptimizerStep, Scalar, State};
 
 pub use functional::{FunctionalModel, FunctionalOptions, InitialWeights};
 pub use nn::{Module, Parameters};
