@@ -25,7 +25,10 @@ impl Counting {
 fn main() {
     let g = Tensor::from_vec(vec![2.0f64], &[1], &Device::Cpu).unwrap();
     for skip_update in [true, false] {
-        let opt = Counting { lr: 0.5, skip_update };
+        let opt = Counting {
+            lr: 0.5,
+            skip_update,
+        };
         let mut p = Tensor::from_vec(vec![1.0f64], &[1], &Device::Cpu).unwrap();
         let mut state = State::new();
         opt.step(&mut p, &g, &mut state).unwrap();

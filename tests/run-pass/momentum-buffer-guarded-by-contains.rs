@@ -25,7 +25,10 @@ impl Momentum {
 }
 
 fn main() {
-    let opt = Momentum { lr: 0.5, momentum: 0.9 };
+    let opt = Momentum {
+        lr: 0.5,
+        momentum: 0.9,
+    };
     let mut p = Tensor::from_vec(vec![1.0f64], &[1], &Device::Cpu).unwrap();
     let g = Tensor::from_vec(vec![1.0f64], &[1], &Device::Cpu).unwrap();
     let mut state = State::new();

@@ -3,8 +3,8 @@
 // a tensor hyperparameter receives a gradient through the twin's step.
 use candle_higher::optim::TwinHyperparameters;
 use candle_higher::{
-    differentiable_optimizer, grad, Device, GradOptions, Hyperparameters, OptimizerStep,
-    Result, Scalar, State, Tensor,
+    differentiable_optimizer, grad, Device, GradOptions, Hyperparameters, OptimizerStep, Result,
+    Scalar, State, Tensor,
 };
 
 #[differentiable_optimizer]
@@ -33,7 +33,12 @@ impl Decay {
 
 fn main() {
     assert_eq!(Decay::FLOAT_NAMES, ["lr", "betas.0", "betas.1"]);
-    let opt = Decay { lr: 0.1, betas: (0.5, 1.5), warmup: 0, enabled: true };
+    let opt = Decay {
+        lr: 0.1,
+        betas: (0.5, 1.5),
+        warmup: 0,
+        enabled: true,
+    };
     let mut twin = opt.twin();
     assert!(twin.enabled && twin.warmup == 0);
     let lr = Tensor::scalar(0.1f64).to_leaf();
