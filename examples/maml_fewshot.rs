@@ -8,27 +8,19 @@
 //!
 //! Data: by default synthetic 28x28 tasks made here (no download): each class is a
 //! prototype image ~ U[0, 1] and its samples are the prototype + 0.3 N(0, 1) noise (as
-//! `../shared/anchors/bench_omniglot_conv.py`). With `--omniglot FILE`, real Omniglot: FILE
-//! is the `omniglot.npy` that higher's example (`support/omniglot_loaders.py`) writes, an
-//! array `[characters, 20, 1, 28, 28]` (or `[characters, 20, 28, 28]`) of f64, f32 or u8
-//! (u8 is divided by 255); the first 1200 characters train, the rest test, as there. The
-//! PNG folders themselves are not read (that would need an image decoder); to make the
-//! file from `images_background/<alphabet>/<character>/*.png` and `images_evaluation`:
-//!
-//! ```text
-//! import numpy as np, glob, PIL.Image as I
-//! chars = sorted(glob.glob("omniglot/images_*/*/*"))
-//! x = [[np.asarray(I.open(p).convert("L").resize((28, 28)), np.float32) / 255
-//!       for p in sorted(glob.glob(c + "/*.png"))] for c in chars]
-//! np.save("omniglot.npy", np.array(x)[:, :, None])
-//! ```
+//! `../shared/anchors/bench_omniglot_conv.py`). With `--omniglot PATH`, real Omniglot: PATH
+//! is the unpacked dataset folder (every folder below it that holds PNGs is a character, as
+//! in `images_background/<alphabet>/<character>/*.png` and `images_evaluation`; drawings are
+//! read as grayscale and resized to 28x28), or the `omniglot.npy` that higher's example
+//! (`support/omniglot_loaders.py`) writes, `[characters, 20, (1,) 28, 28]` of f64, f32 or u8.
+//! The first 1200 characters train and the rest test, as there.
 //!
 //! Prints the query accuracy (after adaptation, on the training tasks) as it trains, then
 //! the accuracy on held-out tasks before and after meta-training. The default run is short
 //! (30 meta-iterations, meta-batch 4, about a minute on one core); longer runs learn more.
 //!
 //! `cargo run --release --example maml_fewshot -- [--iters N] [--meta-batch B] [--ways N]
-//! [--shots K] [--eval-tasks T] [--omniglot FILE]`
+//! [--shots K] [--eval-tasks T] [--omniglot PATH]`
 
 use candle_higher::nn::{
     batch_norm2d, conv2d, cross_entropy, flatten, linear, max_pool2d, seq, Activation,
@@ -134,89 +126,94 @@ impl Source {
     }
 }
 
-/// Reads a `.npy` array of f64, f32 or u8 (C order) as f32 with its shape.
-fn read_npy(path: &str) -> std::result::Result<(Vec<f32>, Vec<usize>), String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
-    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
-        return Err(format!("{path}: not a .npy file"));
-    }
-    let (header_len, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        _ => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
+/// Omniglot's characters as `[character][drawing]` images of 784 pixels in [0, 1]: from a
+/// folder of PNGs, or from the `omniglot.npy` of higher's loader.
+fn omniglot(path: &str) -> std::result::Result<Source, String> {
+    let mut chars = if std::path::Path::new(path).is_dir() {
+        read_png_folder(path)?
+    } else {
+        read_npy(path)?
     };
-    let header = std::str::from_utf8(&bytes[start..start + header_len])
-        .map_err(|_| format!("{path}: header is not text"))?;
-    let field = |key: &str| -> std::result::Result<&str, String> {
-        let at = header
-            .find(&format!("'{key}'"))
-            .ok_or_else(|| format!("{path}: no {key} in the header {header}"))?;
-        Ok(header[at + key.len() + 3..].trim_start())
-    };
-    if field("fortran_order")?.starts_with("True") {
-        return Err(format!("{path}: Fortran order is not supported"));
+    if chars.is_empty() {
+        return Err(format!("{path}: no characters found"));
     }
-    let descr = field("descr")?;
-    let descr = &descr[1..descr[1..].find('\'').map_or(0, |i| i + 1)];
-    let shape_text = field("shape")?;
-    let shape_text = &shape_text[1..shape_text.find(')').unwrap_or(1)];
-    let shape: Vec<usize> = shape_text
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse()
-                .map_err(|_| format!("{path}: bad shape {shape_text}"))
-        })
-        .collect::<std::result::Result<_, _>>()?;
-    let data = &bytes[start + header_len..];
-    let n: usize = shape.iter().product();
-    let values: Vec<f32> = match descr {
-        "<f8" => data
-            .chunks_exact(8)
-            .take(n)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
-            .collect(),
-        "<f4" => data
-            .chunks_exact(4)
-            .take(n)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-            .collect(),
-        "|u1" => data.iter().take(n).map(|&b| f32::from(b) / 255.0).collect(),
-        other => return Err(format!("{path}: dtype {other} is not f8, f4 or u1")),
-    };
-    if values.len() != n {
-        return Err(format!(
-            "{path}: {} values for shape {shape:?}",
-            values.len()
-        ));
-    }
-    Ok((values, shape))
+    let test = chars.split_off(1200.min(chars.len() * 3 / 4));
+    println!(
+        "Omniglot: {} training and {} test characters, {} drawings each",
+        chars.len(),
+        test.len(),
+        chars[0].len()
+    );
+    Ok(Source::Omniglot { train: chars, test })
 }
 
-/// Omniglot from `omniglot.npy`: the first 1200 characters train, the rest test.
-fn omniglot(path: &str) -> std::result::Result<Source, String> {
-    let (values, shape) = read_npy(path)?;
+/// Every folder below `root` that holds PNGs is one character (Omniglot's
+/// `images_*/<alphabet>/<character>/*.png`), in sorted path order; each drawing is read as
+/// grayscale and resized to 28x28, as higher's loader does.
+fn read_png_folder(root: &str) -> std::result::Result<Vec<Vec<Vec<f32>>>, String> {
+    let mut dirs = vec![std::path::PathBuf::from(root)];
+    let mut chars = Vec::new();
+    while let Some(dir) = dirs.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        let pngs: Vec<_> = entries
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
+            .collect();
+        if !pngs.is_empty() {
+            let drawings = pngs
+                .iter()
+                .map(|p| {
+                    let img = image::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                    let small = image::imageops::resize(
+                        &img.to_luma8(),
+                        28,
+                        28,
+                        image::imageops::FilterType::CatmullRom,
+                    );
+                    Ok(small
+                        .pixels()
+                        .map(|px| f32::from(px.0[0]) / 255.0)
+                        .collect())
+                })
+                .collect::<std::result::Result<Vec<Vec<f32>>, String>>()?;
+            chars.push((dir.clone(), drawings));
+        }
+        dirs.extend(entries.into_iter().filter(|p| p.is_dir()).rev());
+    }
+    chars.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(chars.into_iter().map(|(_, d)| d).collect())
+}
+
+/// `omniglot.npy`: `[characters, drawings, (1,) 28, 28]` of f64, f32 or u8 (u8 / 255).
+fn read_npy(path: &str) -> std::result::Result<Vec<Vec<Vec<f32>>>, String> {
+    let err = |e: candle_core::Error| format!("{path}: {e}");
+    let t = candle_core::Tensor::read_npy(path).map_err(err)?;
+    let scale = if t.dtype() == DType::U8 {
+        1.0 / 255.0
+    } else {
+        1.0
+    };
+    let shape = t.dims().to_vec();
     let per_image: usize = shape.iter().skip(2).product();
     if shape.len() < 4 || per_image != PIXELS {
         return Err(format!(
             "{path}: shape {shape:?}, expected [characters, drawings, (1,) 28, 28]"
         ));
     }
-    let mut chars: Vec<Vec<Vec<f32>>> = values
+    let values = t
+        .to_dtype(DType::F32)
+        .and_then(|t| t.affine(scale, 0.0))
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(err)?;
+    Ok(values
         .chunks_exact(shape[1] * PIXELS)
         .map(|c| c.chunks_exact(PIXELS).map(<[f32]>::to_vec).collect())
-        .collect();
-    let test = chars.split_off(1200.min(chars.len() * 3 / 4));
-    println!(
-        "Omniglot: {} training and {} test characters, {} drawings each",
-        chars.len(),
-        test.len(),
-        shape[1]
-    );
-    Ok(Source::Omniglot { train: chars, test })
+        .collect())
 }
 
 fn cnn(ways: usize) -> Result<Sequential> {
