@@ -314,6 +314,17 @@ fn main() -> Result<()> {
         }
         None => Source::Synthetic,
     };
+    if let Source::Omniglot { train, test } = &source {
+        let fewest = train.len().min(test.len());
+        if fewest < ways {
+            return Err(Error::InvalidArgument {
+                op: "maml_fewshot --omniglot",
+                message: format!(
+                    "{ways}-way tasks need {ways} characters per split; a split has {fewest}"
+                ),
+            });
+        }
+    }
 
     let mut model = cnn(ways)?;
     let n_params = model.parameters()?.len();
