@@ -9,7 +9,7 @@
 //! finite difference of the whole unroll.
 //!
 //! `cargo run --release --example toy [-- --golden]`: with `--golden`, x is read from
-//! `../shared/golden/seed_toy.json` (higher 0.2.1's data) and the reference values recorded
+//! `tests/golden/seed_toy.json` (higher 0.2.1's data) and the reference values recorded
 //! there are printed beside ours.
 
 use candle_higher::nn::{linear_no_bias, mse, Linear, Parameters, VarBuilder};
@@ -38,10 +38,7 @@ fn normal_samples(n: usize, seed: u64) -> Vec<f64> {
 
 /// The golden file's x and its reference outputs (only with `--golden`).
 fn golden() -> std::result::Result<(Vec<f64>, serde_json::Value), Box<dyn std::error::Error>> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/golden/seed_toy.json"
-    );
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/seed_toy.json");
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
     let x = json["data"]["x"]
         .as_array()

@@ -1,4 +1,4 @@
-//! Conformance with `../shared/golden/`: every top-level MLP file (higher 0.2.1, and higher's
+//! Conformance with `tests/golden/`: every top-level MLP file (higher 0.2.1, and higher's
 //! git HEAD for Adam/AdamW in torch.optim semantics), reproduced in f64 through the
 //! differentiable twins: fast weights after each step, inner gradients, optimizer state,
 //! inner losses, meta-loss, meta-gradients w.r.t. the initial weights and every overridden

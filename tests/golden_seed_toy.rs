@@ -1,15 +1,12 @@
 //! The toy example of higher's docs, unrolled by hand with the engine and compared with
-//! `../shared/golden/seed_toy.json` (PyTorch + higher 0.2.1, float64) to 1e-9 relative:
+//! `tests/golden/seed_toy.json` (PyTorch + higher 0.2.1, float64) to 1e-9 relative:
 //! a 1x1 linear model without bias, 5 steps of SGD with momentum, lr and momentum as
 //! leaf tensors of shape [1].
 
 use candle_higher::{grad, Device, GradOptions, Tensor};
 use serde_json::Value;
 
-const GOLDEN: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/golden/seed_toy.json"
-);
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/seed_toy.json");
 
 fn num(v: &Value) -> f64 {
     match v {

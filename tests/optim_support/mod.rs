@@ -12,7 +12,7 @@ use candle_higher::{
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
 
-pub(crate) const GOLDEN_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/golden/");
+pub(crate) const GOLDEN_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/");
 
 pub(crate) fn load(name: &str) -> Value {
     let path = format!("{GOLDEN_DIR}{name}");
