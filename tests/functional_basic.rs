@@ -64,6 +64,17 @@ impl Module for Tied {
     }
 }
 
+/// The loss every test here uses: the mean of the squared outputs of `fmodel` on `x`.
+fn mean_square<M: Module + Parameters + Clone>(fmodel: &FunctionalModel<M>, x: &Tensor) -> Tensor {
+    fmodel
+        .forward(x)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+}
+
 fn sgd(params: &[Tensor], grads: Vec<Option<Tensor>>, lr: f64) -> Vec<Tensor> {
     params
         .iter()
@@ -129,13 +140,7 @@ fn history_and_errors() {
     let mut fmodel = FunctionalModel::new(&model, FunctionalOptions::default()).unwrap();
     let x = input(4, 3, 2.0);
     for _ in 0..2 {
-        let loss = fmodel
-            .forward(&x)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .mean_all()
-            .unwrap();
+        let loss = mean_square(&fmodel, &x);
         let p = fmodel.fast_params().to_vec();
         let g = grad(&[loss], &p, GradOptions::create_graph()).unwrap();
         fmodel.update_params(sgd(&p, g, 0.1)).unwrap();
@@ -179,24 +184,12 @@ fn base_parameters_receive_the_meta_gradient() {
     let run = |opts: FunctionalOptions| {
         let mut fmodel = FunctionalModel::new(&model, opts).unwrap();
         for _ in 0..3 {
-            let loss = fmodel
-                .forward(&x)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .mean_all()
-                .unwrap();
+            let loss = mean_square(&fmodel, &x);
             let p = fmodel.fast_params().to_vec();
             let g = grad(&[loss], &p, GradOptions::create_graph()).unwrap();
             fmodel.update_params(sgd(&p, g, 0.3)).unwrap();
         }
-        let meta = fmodel
-            .forward(&x)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .mean_all()
-            .unwrap();
+        let meta = mean_square(&fmodel, &x);
         (fmodel, meta)
     };
     // Base parameters: backward reaches the base leaves, equal to grad wrt parameters(0).
@@ -265,13 +258,7 @@ fn truncate_drops_history() {
     let x = input(5, 3, 5.0);
     let mut fmodel = FunctionalModel::new(&model, FunctionalOptions::default()).unwrap();
     for _ in 0..3 {
-        let loss = fmodel
-            .forward(&x)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .mean_all()
-            .unwrap();
+        let loss = mean_square(&fmodel, &x);
         let p = fmodel.fast_params().to_vec();
         let g = grad(&[loss], &p, GradOptions::create_graph()).unwrap();
         fmodel.update_params(sgd(&p, g, 0.1)).unwrap();
@@ -289,23 +276,11 @@ fn truncate_drops_history() {
         assert_eq!(max_abs_diff(a, b), 0.0);
     }
     // Continue: the meta-gradient reaches the truncation point.
-    let loss = fmodel
-        .forward(&x)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap();
+    let loss = mean_square(&fmodel, &x);
     let p = fmodel.fast_params().to_vec();
     let g = grad(&[loss], &p, GradOptions::create_graph()).unwrap();
     fmodel.update_params(sgd(&p, g, 0.1)).unwrap();
-    let meta = fmodel
-        .forward(&x)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap();
+    let meta = mean_square(&fmodel, &x);
     let g3 = grad(
         &[meta],
         fmodel.parameters(3).unwrap(),
@@ -381,24 +356,12 @@ fn test_mode_with_base_parameters_gives_no_meta_gradient() {
         .track_higher_grads(false);
     let mut fmodel = FunctionalModel::new(&model, opts).unwrap();
     for _ in 0..2 {
-        let loss = fmodel
-            .forward(&x)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .mean_all()
-            .unwrap();
+        let loss = mean_square(&fmodel, &x);
         let p = fmodel.fast_params().to_vec();
         let g = grad(&[loss], &p, GradOptions::create_graph()).unwrap();
         fmodel.update_params(sgd(&p, g, 0.1)).unwrap();
     }
-    let meta = fmodel
-        .forward(&x)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap();
+    let meta = mean_square(&fmodel, &x);
     let store = backward(&meta).unwrap();
     assert!(base.iter().all(|b| store.get(b).is_none()));
     assert!(fmodel.init_fast_params().is_err());
