@@ -12,13 +12,11 @@
 //! entry and second-order meta-gradient is finite; the third-order gradient (of the
 //! squared norm of the meta-gradient) is finite and agrees with finite differences.
 
-mod optim_support;
-
+use crate::optim_support::*;
 use candle_higher::optim::{
     Adadelta, Adagrad, Adam, AdamW, Adamax, DiffOptimizer, Overrides, RmsProp,
 };
 use candle_higher::{grad, Device, DifferentiableOptimizer, GradOptions, Tensor};
-use optim_support::*;
 
 const STEPS: usize = 3;
 

@@ -3,14 +3,12 @@
 //! hyperparameter given as a tensor), and the ordinary optimizers reproduce the golden
 //! fast weights of every top-level golden file.
 
-mod optim_support;
-
+use crate::optim_support::*;
 use candle_higher::optim::{
     Adadelta, Adagrad, Adam, AdamW, Adamax, Asgd, DiffOptimizer, Optimizer, Overrides, RmsProp,
     Rprop, Sgd,
 };
 use candle_higher::{backward, DifferentiableOptimizer, Tensor};
-use optim_support::*;
 
 const STEPS: usize = 5;
 

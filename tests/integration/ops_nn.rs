@@ -1,10 +1,8 @@
 //! Finite-difference checks (first and second order, f64) of convolutions, pooling,
 //! softmax and indexing, plus the values and errors that pin their semantics.
 
-mod common;
-
+use crate::common::*;
 use candle_higher::{grad, Device, Error, GradOptions, Tensor};
-use common::*;
 
 fn idx(v: &[u32]) -> Tensor {
     Tensor::from_slice(v, &[v.len()], &Device::Cpu).unwrap()

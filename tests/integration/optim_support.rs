@@ -1,6 +1,5 @@
 //! Shared helpers of the optimizer tests: golden files, the 3-4-2 MLP over a parameter
 //! list, optimizers built from a golden file's param group, error measures.
-#![allow(dead_code)]
 
 use candle_higher::optim::{
     Adadelta, Adagrad, Adam, AdamW, Adamax, Asgd, DiffOptimizer, InnerGradMode, Overrides, RmsProp,

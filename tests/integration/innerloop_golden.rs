@@ -5,15 +5,13 @@
 //! optimizer, branching from a stepped optimizer, detached copies, devices, frozen
 //! parameters.
 
-mod optim_support;
-
+use crate::optim_support::*;
 use candle_higher::nn::{self, Module, Parameters};
 use candle_higher::optim::{Adam, Optimizer, Overrides, Sgd};
 use candle_higher::{
     backward, grad, innerloop, DType, Device, DifferentiableOptimizer, GradOptions, InitialWeights,
     InnerloopOptions, Tensor,
 };
-use optim_support::*;
 
 /// The golden 3-4-2 MLP as an `nn::Sequential` whose parameters are the golden initial
 /// weights, as leaves (`0.weight, 0.bias, 2.weight, 2.bias`).

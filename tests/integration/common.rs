@@ -1,6 +1,5 @@
 //! Shared helpers for the gradient tests: random f64 inputs from a fixed seed, and central
 //! finite-difference checks of first, second and third derivatives.
-#![allow(dead_code)]
 
 use std::rc::Rc;
 

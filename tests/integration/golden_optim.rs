@@ -4,14 +4,12 @@
 //! inner losses, meta-loss, meta-gradients w.r.t. the initial weights and every overridden
 //! hyperparameter. `seed_toy.json` is covered elsewhere.
 //!
-//! Run: `cargo test --test golden_optim -- --nocapture` (prints the largest relative error
+//! Run: `cargo test --test integration golden_optim -- --nocapture` (prints the largest relative error
 //! of each quantity).
 
-mod optim_support;
-
+use crate::optim_support::*;
 use candle_higher::optim::InnerGradMode;
 use candle_higher::{grad, DifferentiableOptimizer, GradOptions, Tensor};
-use optim_support::*;
 use serde_json::Value;
 
 /// Relative tolerance against higher's numbers.

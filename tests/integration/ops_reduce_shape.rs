@@ -1,10 +1,8 @@
 //! Finite-difference checks (first and second order, f64) of reductions, matrix products
 //! and shape ops; third order for a matmul chain.
 
-mod common;
-
+use crate::common::*;
 use candle_higher::Tensor;
-use common::*;
 
 #[test]
 fn sums_and_means() {

@@ -2,8 +2,7 @@
 //! unused parameters, test and first-order modes, branching, reading hyperparameters
 //! back, and every error path.
 
-mod optim_support;
-
+use crate::optim_support::*;
 use candle_higher::optim::{
     grad_callback, Adam, DiffOptimizer, InnerGradMode, Optimizer, Overrides, ParamGroup, Sgd,
     StepOptions,
@@ -11,7 +10,6 @@ use candle_higher::optim::{
 use candle_higher::{
     backward, grad, DType, Device, Error, GradOptions, Hyperparameters, Scalar, Tensor,
 };
-use optim_support::*;
 use std::sync::{Arc, Mutex};
 
 fn leaves(case: &Case) -> Vec<Tensor> {

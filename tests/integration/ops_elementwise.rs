@@ -1,10 +1,8 @@
 //! Finite-difference checks (first and second order, f64) of the elementwise ops,
 //! including PyTorch broadcasting, and the safe square root at and near zero.
 
-mod common;
-
+use crate::common::*;
 use candle_higher::{grad, GradOptions, Tensor};
-use common::*;
 
 #[test]
 fn arithmetic_same_shape() {

@@ -1,12 +1,10 @@
 //! `grad` and `backward`: non-leaf inputs, `allow_unused`, `grad_outputs`, every error
 //! path, the gradient store and its accumulation, and pruning along a long unroll.
 
-mod common;
-
+use crate::common::*;
 use candle_higher::{
     backward, grad, grad_with_stats, Device, Error, GradOptions, GradStore, Tensor,
 };
-use common::*;
 
 #[test]
 fn grad_with_respect_to_a_non_leaf() {

@@ -11,8 +11,7 @@
 //! plus 1e-9 absolute. Measured: at most 2e-7 relative, except ASGD's `alpha`, whose
 //! gradient is 2e-6 (within the absolute term).
 
-mod optim_support;
-
+use crate::optim_support::*;
 use candle_higher::optim::{
     Adadelta, Adagrad, Adam, AdamW, Adamax, Asgd, DiffOptimizer, Optimizer, Overrides, ParamGroup,
     RmsProp, Rprop, Sgd, StepOptions,
@@ -20,7 +19,6 @@ use candle_higher::optim::{
 use candle_higher::{
     backward, grad, DifferentiableOptimizer, GradOptions, Hyperparameters, Tensor,
 };
-use optim_support::*;
 
 const STEPS: usize = 3;
 const TOL: f64 = 1e-6;

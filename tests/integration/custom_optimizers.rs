@@ -10,7 +10,7 @@ use candle_higher::{
 };
 
 #[differentiable_optimizer]
-pub struct Lion {
+pub(crate) struct Lion {
     pub lr: f64,
     pub betas: (f64, f64),
     pub weight_decay: f64,
@@ -32,7 +32,7 @@ impl Lion {
 
 /// AdaBelief with optional decoupled weight decay (a flag) and a step counter.
 #[differentiable_optimizer]
-pub struct AdaBelief {
+pub(crate) struct AdaBelief {
     pub lr: f64,
     pub betas: (f64, f64),
     pub eps: f64,

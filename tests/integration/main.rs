@@ -1,0 +1,24 @@
+//! The integration tests, as one test binary: one link of candle instead of one per file,
+//! which keeps CI's build small and fast. Each module is one area; `common` and
+//! `optim_support` hold the helpers they share.
+
+mod common;
+mod optim_support;
+
+mod custom_optimizers;
+mod engine_smoke;
+mod functional_basic;
+mod functional_models;
+mod golden_optim;
+mod golden_seed_toy;
+mod grad_api;
+mod innerloop_golden;
+mod linear_op;
+mod nn_layers;
+mod ops_elementwise;
+mod ops_nn;
+mod ops_reduce_shape;
+mod optim_fd;
+mod optim_nan;
+mod optim_runtime;
+mod optim_twin;
