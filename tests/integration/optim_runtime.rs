@@ -512,3 +512,48 @@ fn hyperparameter_values_read_from_a_scalar() {
     let s = Scalar::from(Tensor::scalar(0.5f64));
     assert_eq!(s.value(), 0.5);
 }
+
+/// The ordinary optimizer steps a plain candle model's `Var`s with candle's own backprop,
+/// exactly as it steps our tensors, and leaves a var without a gradient alone.
+#[test]
+fn steps_candle_vars_like_our_tensors() {
+    let dev = candle_core::Device::Cpu;
+    let x = candle_core::Tensor::new(&[[1.0f64, -2.0], [0.5, 3.0], [-1.5, 0.25]], &dev).unwrap();
+    let y = candle_core::Tensor::new(&[[1.0f64], [-1.0], [2.0]], &dev).unwrap();
+    let w = candle_core::Var::new(&[[0.3f64], [-0.2]], &dev).unwrap();
+    let unused = candle_core::Var::new(&[4.0f64, 5.0], &dev).unwrap();
+    let candle_loss = |w: &candle_core::Tensor| {
+        (x.matmul(w).unwrap() - &y)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let mut on_vars = Optimizer::new(Adam::new(0.1), 2);
+    let mut ours = Optimizer::new(Adam::new(0.1), 1);
+    let mut p = vec![Tensor::new(w.as_tensor().copy().unwrap()).to_leaf()];
+    let first = candle_loss(w.as_tensor()).to_scalar::<f64>().unwrap();
+    for _ in 0..5 {
+        let grads = candle_loss(w.as_tensor()).backward().unwrap();
+        on_vars
+            .step_vars(&[w.clone(), unused.clone()], &grads)
+            .unwrap();
+        let xt = Tensor::new(x.clone());
+        let loss = xt
+            .matmul(&p[0])
+            .unwrap()
+            .sub(&Tensor::new(y.clone()))
+            .unwrap();
+        let loss = loss.mul(&loss).unwrap().sum_all().unwrap();
+        ours.step(&mut p, &backward(&loss).unwrap()).unwrap();
+        let on_var: Vec<f64> = w.flatten_all().unwrap().to_vec1().unwrap();
+        for (a, b) in on_var.iter().zip(p[0].to_vec_f64().unwrap()) {
+            assert!((a - b).abs() <= 1e-12 * b.abs().max(1.0), "{a} vs {b}");
+        }
+    }
+    let last = candle_loss(w.as_tensor()).to_scalar::<f64>().unwrap();
+    assert!(last < first, "loss {first} -> {last}");
+    assert_eq!(unused.to_vec1::<f64>().unwrap(), vec![4.0, 5.0]);
+    assert!(on_vars.states()[1].is_empty());
+}

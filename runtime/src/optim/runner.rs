@@ -164,6 +164,35 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
         self.step_grads(params, &grads)
     }
 
+    /// One step on a plain candle model's `Var`s with the gradients of candle's own
+    /// `loss.backward()` (candle-nn's `Optimizer::step` style). Vars are matched to the
+    /// optimizer's parameters by position; a var without a gradient is left as it is. The
+    /// update is computed for every var before any is set, so a failing step changes none.
+    pub fn step_vars(
+        &mut self,
+        vars: &[candle_core::Var],
+        grads: &candle_core::backprop::GradStore,
+    ) -> Result<()> {
+        // Copies: `Var::set` writes into the var's storage, which a state entry holding
+        // the parameter itself would otherwise share.
+        let mut params = vars
+            .iter()
+            .map(|v| Ok(Tensor::new(v.as_tensor().copy()?)))
+            .collect::<Result<Vec<Tensor>>>()?;
+        let grads: Vec<Option<Tensor>> = vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).map(|g| Tensor::new(g.clone())))
+            .collect();
+        let before: Vec<Tensor> = params.clone();
+        self.step_grads(&mut params, &grads)?;
+        for ((var, new), old) in vars.iter().zip(&params).zip(&before) {
+            if new.id() != old.id() {
+                var.set(new.value())?;
+            }
+        }
+        Ok(())
+    }
+
     /// One step with explicit gradients, one per parameter in order (`None`: no gradient).
     pub fn step_grads(&mut self, params: &mut [Tensor], grads: &[Option<Tensor>]) -> Result<()> {
         const OP: &str = "Optimizer::step";
