@@ -4,7 +4,7 @@
 //! output gradient into the input plane, linear in the gradient and differentiable again
 //! (its adjoint is a gather).
 
-use candle_core::ToUsize2;
+use candle_core::{DType, ToUsize2};
 
 use crate::autograd::{Backward, VjpCtx};
 use crate::error::{Error, Result};
@@ -85,19 +85,68 @@ impl Backward for MaxPool {
         let [n, c, _, _] = p.input;
         let (ho, wo) = p.out;
         let x = ctx.inputs[0].value();
+        let positions = match (x.device(), x.dtype()) {
+            (candle_core::Device::Cpu, DType::F32) => {
+                p.argmax_cpu(&x.flatten_all()?.to_vec1::<f32>()?)?
+            }
+            (candle_core::Device::Cpu, DType::F64) => {
+                p.argmax_cpu(&x.flatten_all()?.to_vec1::<f64>()?)?
+            }
+            _ => p.argmax(x)?,
+        };
+        let positions = Tensor::new(positions.reshape((n, c, ho * wo))?);
+        let g = ctx.grad.reshape(&[n, c, ho * wo])?;
+        Ok(vec![Some(p.scatter(&g, &positions)?)])
+    }
+}
+
+impl Pool {
+    /// Position in its plane of each window's first maximum, `[N, C, Ho, Wo]`, by one pass
+    /// over the input's values (the CPU path: no intermediate tensors).
+    fn argmax_cpu<T: candle_core::WithDType>(&self, x: &[T]) -> Result<candle_core::Tensor> {
+        let [n, c, h, w] = self.input;
+        let (ho, wo) = self.out;
+        let mut out = Vec::with_capacity(n * c * ho * wo);
+        for plane in x.chunks_exact(h * w) {
+            for i in 0..ho {
+                for j in 0..wo {
+                    let mut best = self.position(i, j, 0, 0);
+                    for a in 0..self.kernel.0 {
+                        for b in 0..self.kernel.1 {
+                            let at = self.position(i, j, a, b);
+                            if plane[at as usize] > plane[best as usize] {
+                                best = at;
+                            }
+                        }
+                    }
+                    out.push(best);
+                }
+            }
+        }
+        Ok(candle_core::Tensor::from_vec(
+            out,
+            (n, c, ho, wo),
+            &candle_core::Device::Cpu,
+        )?)
+    }
+
+    /// The same positions with tensor ops on any device: one comparison per position in
+    /// the window, keeping the earlier one at ties.
+    fn argmax(&self, x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        let (ho, wo) = self.out;
         let dev = x.device();
         let mut best: Option<(candle_core::Tensor, candle_core::Tensor)> = None;
-        for a in 0..p.kernel.0 {
-            let rows: Vec<u32> = (0..ho).map(|i| (i * p.stride.0 + a) as u32).collect();
+        for a in 0..self.kernel.0 {
+            let rows: Vec<u32> = (0..ho).map(|i| (i * self.stride.0 + a) as u32).collect();
             let rows = candle_core::Tensor::from_vec(rows, ho, dev)?;
             let x_rows = x.index_select(&rows, 2)?;
-            for b in 0..p.kernel.1 {
-                let cols: Vec<u32> = (0..wo).map(|j| (j * p.stride.1 + b) as u32).collect();
+            for b in 0..self.kernel.1 {
+                let cols: Vec<u32> = (0..wo).map(|j| (j * self.stride.1 + b) as u32).collect();
                 let cols = candle_core::Tensor::from_vec(cols, wo, dev)?;
                 let v = x_rows.index_select(&cols, 3)?;
                 let pos: Vec<u32> = (0..ho)
                     .flat_map(|i| (0..wo).map(move |j| (i, j)))
-                    .map(|(i, j)| p.position(i, j, a, b))
+                    .map(|(i, j)| self.position(i, j, a, b))
                     .collect();
                 let pos = candle_core::Tensor::from_vec(pos, (1, 1, ho, wo), dev)?
                     .broadcast_as(v.shape())?;
@@ -114,9 +163,7 @@ impl Backward for MaxPool {
             op: "max_pool2d",
             message: "empty kernel".into(),
         })?;
-        let positions = Tensor::new(positions.reshape((n, c, ho * wo))?.contiguous()?);
-        let g = ctx.grad.reshape(&[n, c, ho * wo])?;
-        Ok(vec![Some(p.scatter(&g, &positions)?)])
+        Ok(positions.contiguous()?)
     }
 }
 
@@ -197,5 +244,30 @@ impl Tensor {
             .value()
             .avg_pool2d_with_stride(pool.kernel, pool.stride)?;
         Ok(Tensor::from_op(value, &[self], AvgPool(pool)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The CPU pass and the tensor-op path pick the same positions, ties included
+    /// (values drawn from a few integers), for overlapping and disjoint windows.
+    #[test]
+    fn cpu_argmax_matches_the_tensor_path() -> Result<()> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let dims = [2, 3, 7, 6];
+        let data: Vec<f64> = (0..dims.iter().product::<usize>())
+            .map(|_| f64::from(rng.gen_range(0..4)))
+            .collect();
+        let x = Tensor::from_slice(&data, &dims, &candle_core::Device::Cpu)?;
+        for (kernel, stride) in [((2, 2), (2, 2)), ((3, 2), (1, 2)), ((2, 3), (2, 1))] {
+            let pool = Pool::new("max_pool2d", &x, kernel, stride)?;
+            let reference = pool.argmax(x.value())?.flatten_all()?.to_vec1::<u32>()?;
+            let fast = pool.argmax_cpu(&data)?.flatten_all()?.to_vec1::<u32>()?;
+            assert_eq!(fast, reference, "kernel {kernel:?} stride {stride:?}");
+        }
+        Ok(())
     }
 }
