@@ -543,7 +543,7 @@ fn steps_candle_vars_like_our_tensors() {
         let loss = xt
             .matmul(&p[0])
             .unwrap()
-            .sub(&Tensor::new(y.clone()))
+            .sub(Tensor::new(y.clone()))
             .unwrap();
         let loss = loss.mul(&loss).unwrap().sum_all().unwrap();
         ours.step(&mut p, &backward(&loss).unwrap()).unwrap();
