@@ -12,6 +12,7 @@ mod functional_models;
 mod golden_optim;
 mod golden_seed_toy;
 mod grad_api;
+mod half_precision;
 mod innerloop_golden;
 mod linear_op;
 mod nn_layers;
