@@ -45,7 +45,7 @@ fn meta_loss_and_grad(dtype: DType) -> (f64, Vec<f64>) {
         .clone()
         .unwrap();
     assert_eq!(g.dtype(), dtype);
-    let w1 = w.sub(&g.mul(0.5).unwrap()).unwrap();
+    let w1 = w.sub(g.mul(0.5).unwrap()).unwrap();
     let meta = loss(&w1);
     let mg = grad(
         std::slice::from_ref(&meta),
