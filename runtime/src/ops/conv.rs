@@ -12,6 +12,7 @@
 
 use candle_core::Tensor as Value;
 
+use super::im2col;
 use crate::autograd::{Backward, VjpCtx};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -30,7 +31,24 @@ struct Geom {
 }
 
 fn conv_value(x: &Value, w: &Value, g: &Geom) -> Result<Value> {
-    Ok(x.conv2d(w, g.padding, g.stride, g.dilation, g.groups)?)
+    conv2d_value(x, w, g.padding, g.stride, g.dilation, g.groups)
+}
+
+/// candle's `conv2d`, through our im2col on CPU where it applies.
+fn conv2d_value(
+    x: &Value,
+    w: &Value,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> Result<Value> {
+    if groups == 1 {
+        if let Some(y) = im2col::conv2d(x, w, padding, stride, dilation)? {
+            return Ok(y);
+        }
+    }
+    Ok(x.conv2d(w, padding, stride, dilation, groups)?)
 }
 
 /// Reverses `dim`.
@@ -71,10 +89,10 @@ fn input_grad_value(gy: &Value, w: &Value, g: &Geom) -> Result<Value> {
         let qh = (g.dilation * (kh - 1)) as isize - g.padding as isize;
         let qw = (g.dilation * (kw - 1)) as isize - g.padding as isize;
         if qh == qw && qh >= 0 {
-            gy.conv2d(&wt, qh as usize, 1, g.dilation, groups)?
+            conv2d_value(gy, &wt, qh as usize, 1, g.dilation, groups)?
         } else {
             let gy = pad_or_crop(pad_or_crop(gy.clone(), 2, qh)?, 3, qw)?;
-            gy.conv2d(&wt, 0, 1, g.dilation, groups)?
+            conv2d_value(&gy, &wt, 0, 1, g.dilation, groups)?
         }
     } else {
         // The plain transposed convolution covers (i - 1) s + d (k - 1) + 1 - 2p rows; the
@@ -117,7 +135,7 @@ fn weight_grad_value(x: &Value, gy: &Value, g: &Geom) -> Result<Value> {
         .map(|j| -> Result<Value> {
             let x_j = x.narrow(1, j * cin_g, cin_g)?.transpose(0, 1)?;
             let gy_j = gy.narrow(1, j * cout_g, cout_g)?.transpose(0, 1)?;
-            let r = x_j.conv2d(&gy_j, g.padding, g.dilation, g.stride, 1)?;
+            let r = conv2d_value(&x_j, &gy_j, g.padding, g.dilation, g.stride, 1)?;
             Ok(r.transpose(0, 1)?.narrow(2, 0, kh)?.narrow(3, 0, kw)?)
         })
         .collect::<Result<Vec<_>>>()?;
