@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Storage, WithDType};
 
+use super::cpu_gemm::{matmul_into, Strided};
 use crate::error::Result;
 
 /// Elements of the column buffer per chunk of the batch (1 MiB in f32): large enough for
@@ -138,7 +139,7 @@ fn run<T: WithDType>(
         let cols = &mut cols[..k * m * l];
         conv.im2col(images, cols);
         let product = &mut product[..c_out * m * l];
-        gemm_rows(c_out, m * l, k, kernel, cols, product);
+        gemm_rows((c_out, m * l, k), kernel, cols, product)?;
         for (co, row) in product.chunks_exact(m * l).enumerate() {
             for (b, image) in row.chunks_exact(l).enumerate() {
                 out[((start + b) * c_out + co) * l..][..l].copy_from_slice(image);
@@ -155,39 +156,25 @@ fn run<T: WithDType>(
 
 /// `dst = lhs * rhs` for row-major `m x k` and `k x n` matrices, single-threaded or on
 /// candle's thread count for large products.
-fn gemm_rows<T: WithDType>(m: usize, n: usize, k: usize, lhs: &[T], rhs: &[T], dst: &mut [T]) {
-    assert!(lhs.len() >= m * k && rhs.len() >= k * n && dst.len() >= m * n);
+fn gemm_rows<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    lhs: &[T],
+    rhs: &[T],
+    dst: &mut [T],
+) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 && m * n * k >= 1 << 20 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the assertion above keeps every element gemm touches, at `row * rs + col`
-    // of each row-major matrix, inside its slice.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            1,
-            n as isize,
-            T::from_f64(0.0),
-            T::from_f64(1.0),
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    matmul_into(
+        (m, n, k),
+        Strided::rows(lhs, k),
+        Strided::rows(rhs, n),
+        dst,
+        parallelism,
+    )
 }
 
 #[cfg(test)]

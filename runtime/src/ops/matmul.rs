@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Device, Storage, WithDType};
 
+use super::cpu_gemm::{matmul_into, Strided};
 use crate::autograd::{Backward, VjpCtx};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -118,36 +119,19 @@ fn gemm_no_threads<T: WithDType>(
     };
     let (lhs, rhs) = (ca.as_slice::<T>()?, cb.as_slice::<T>()?);
     let (lhs, rhs) = (&lhs[la.start_offset()..], &rhs[lb.start_offset()..]);
-    let (a_rs, a_cs) = (la.stride()[0] as isize, la.stride()[1] as isize);
-    let (b_rs, b_cs) = (lb.stride()[0] as isize, lb.stride()[1] as isize);
     let mut dst = vec![T::from_f64(0.0); m * n];
-    // SAFETY: the layouts describe valid m x k and k x n views into these slices (candle
-    // checked them when it built the tensors), so every element gemm reads, at
-    // `row * rs + col * cs` from the start offset, lies inside them; `dst` holds m * n
-    // row-major elements; the storage read guards are held until gemm returns.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            a_cs,
-            a_rs,
-            rhs.as_ptr(),
-            b_cs,
-            b_rs,
-            T::from_f64(0.0),
-            T::from_f64(1.0),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    let view = |data, stride: &[usize]| Strided {
+        data,
+        row_stride: stride[0],
+        col_stride: stride[1],
+    };
+    matmul_into(
+        (m, n, k),
+        view(lhs, la.stride()),
+        view(rhs, lb.stride()),
+        &mut dst,
+        gemm::Parallelism::None,
+    )?;
     drop((sa, sb));
     Ok(candle_core::Tensor::from_vec(dst, (m, n), &Device::Cpu)?)
 }
