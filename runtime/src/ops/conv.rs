@@ -30,6 +30,24 @@ struct Geom {
     k_hw: (usize, usize),
 }
 
+impl Geom {
+    /// The geometry of the CPU kernels, for a batch of `n` and the given channels.
+    fn im2col(&self, n: usize, c_in: usize, c_out: usize) -> im2col::Conv {
+        im2col::Conv {
+            n,
+            c_in,
+            h: self.in_hw.0,
+            w: self.in_hw.1,
+            c_out,
+            kh: self.k_hw.0,
+            kw: self.k_hw.1,
+            padding: self.padding,
+            stride: self.stride,
+            dilation: self.dilation,
+        }
+    }
+}
+
 fn conv_value(x: &Value, w: &Value, g: &Geom) -> Result<Value> {
     conv2d_value(x, w, g.padding, g.stride, g.dilation, g.groups)
 }
@@ -75,6 +93,12 @@ fn pad_or_crop(t: Value, dim: usize, q: isize) -> Result<Value> {
 /// `dB/dx` for `B = <gy, conv(x, w)>`: the input gradient, shape `[N, C_in, H, W]`.
 fn input_grad_value(gy: &Value, w: &Value, g: &Geom) -> Result<Value> {
     let (c_out, cin_g, kh, kw) = w.dims4()?;
+    if g.groups == 1 {
+        let conv = g.im2col(gy.dim(0)?, cin_g, c_out);
+        if let Some(dx) = im2col::input_grad(&conv, gy, w)? {
+            return Ok(dx);
+        }
+    }
     let groups = g.groups;
     let cout_g = c_out / groups;
     let out = if g.stride == 1 {
@@ -127,6 +151,12 @@ fn input_grad_value(gy: &Value, w: &Value, g: &Geom) -> Result<Value> {
 /// kh, kw]`. Per group it is a convolution of `x` (batch and channels swapped) with `gy`
 /// as the kernel, stride and dilation exchanged.
 fn weight_grad_value(x: &Value, gy: &Value, g: &Geom) -> Result<Value> {
+    if g.groups == 1 {
+        let conv = g.im2col(x.dim(0)?, x.dim(1)?, gy.dim(1)?);
+        if let Some(dw) = im2col::weight_grad(&conv, x, gy)? {
+            return Ok(dw);
+        }
+    }
     let groups = g.groups;
     let cin_g = x.dim(1)? / groups;
     let cout_g = gy.dim(1)? / groups;

@@ -31,12 +31,14 @@ impl<T> Strided<'_, T> {
     }
 }
 
-/// `dst = lhs * rhs` for an `m x k` and a `k x n` matrix; `dst` is `m x n` row-major.
+/// `dst = lhs * rhs` (or `dst += lhs * rhs` when `accumulate`) for an `m x k` and a
+/// `k x n` matrix; `dst` is `m x n` row-major.
 pub(crate) fn matmul_into<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     lhs: Strided<'_, T>,
     rhs: Strided<'_, T>,
     dst: &mut [T],
+    accumulate: bool,
     parallelism: gemm::Parallelism,
 ) -> Result<()> {
     if !lhs.holds(m, k) || !rhs.holds(k, n) || dst.len() < m * n {
@@ -55,14 +57,14 @@ pub(crate) fn matmul_into<T: WithDType>(
             dst.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            accumulate,
             lhs.data.as_ptr(),
             lhs.col_stride as isize,
             lhs.row_stride as isize,
             rhs.data.as_ptr(),
             rhs.col_stride as isize,
             rhs.row_stride as isize,
-            T::from_f64(0.0),
+            T::from_f64(1.0),
             T::from_f64(1.0),
             false,
             false,

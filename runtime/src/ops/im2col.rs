@@ -1,8 +1,12 @@
-//! The CPU convolution behind every conv op (forward, input gradient and weight gradient
-//! are all convolutions, see `conv.rs`): im2col into a reused column buffer, one gemm per
-//! chunk of the batch, rows copied whole where the stride is 1. candle's own CPU conv2d
-//! gathers its columns one element at a time and spent a third of a MAML-Omniglot
-//! iteration there.
+//! The CPU convolution kernels behind the three conv ops of `conv.rs` (for `groups == 1`,
+//! f32 and f64), by im2col and gemm:
+//! - forward: `y_b = W cols(x_b)`, the batch chunked through a reused column buffer;
+//! - input gradient: `dx_b = col2im(W^T gy_b)`, the adjoint of im2col;
+//! - weight gradient: `dW = sum_b gy_b cols(x_b)^T`, accumulated in place.
+//!
+//! Rows are copied whole where the stride is 1, and `W^T` and `cols^T` are strided views
+//! handed to gemm, not copies. candle's CPU conv2d gathers its columns one element at a time and spent a third of
+//! a MAML-Omniglot iteration there.
 
 use candle_core::{DType, Device, Storage, WithDType};
 
@@ -13,8 +17,24 @@ use crate::error::Result;
 /// one gemm to be efficient, small enough to stay in cache and to avoid page faults.
 const COLUMN_BUDGET: usize = 1 << 18;
 
-/// `conv2d(x, w)` of candle (cross-correlation, `groups == 1`) on CPU for f32 and f64;
-/// `None` when this path does not apply and candle's own conv should run.
+/// The geometry of one convolution: input `[n, c_in, h, w]`, kernel `[c_out, c_in, kh,
+/// kw]`, output `[n, c_out, ho, wo]`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Conv {
+    pub(crate) n: usize,
+    pub(crate) c_in: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) c_out: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    pub(crate) padding: usize,
+    pub(crate) stride: usize,
+    pub(crate) dilation: usize,
+}
+
+/// `conv2d(x, w)` as candle computes it (cross-correlation, `groups == 1`); `None` where
+/// this path does not apply (another device or dtype) and candle's own conv should run.
 pub(crate) fn conv2d(
     x: &candle_core::Tensor,
     w: &candle_core::Tensor,
@@ -22,36 +42,112 @@ pub(crate) fn conv2d(
     stride: usize,
     dilation: usize,
 ) -> Result<Option<candle_core::Tensor>> {
-    if !x.device().is_cpu() || x.dtype() != w.dtype() || x.rank() != 4 || w.rank() != 4 {
+    let Some(dtype) = cpu_float(&[x, w]) else {
         return Ok(None);
-    }
-    match x.dtype() {
-        DType::F32 => run::<f32>(x, w, padding, stride, dilation).map(Some),
-        DType::F64 => run::<f64>(x, w, padding, stride, dilation).map(Some),
-        _ => Ok(None),
+    };
+    let ((n, c_in, h, wd), (c_out, _, kh, kw)) = (x.dims4()?, w.dims4()?);
+    let conv = Conv {
+        n,
+        c_in,
+        h,
+        w: wd,
+        c_out,
+        kh,
+        kw,
+        padding,
+        stride,
+        dilation,
+    };
+    match dtype {
+        DType::F32 => conv.forward::<f32>(x, w).map(Some),
+        _ => conv.forward::<f64>(x, w).map(Some),
     }
 }
 
-/// Sizes of one convolution.
-#[derive(Clone, Copy)]
-struct Conv {
-    c_in: usize,
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    ho: usize,
-    wo: usize,
-    padding: usize,
-    stride: usize,
-    dilation: usize,
+/// The gradient of `<gy, conv(x, w)>` with respect to `x`, shape `[n, c_in, h, w]`.
+pub(crate) fn input_grad(
+    conv: &Conv,
+    gy: &candle_core::Tensor,
+    w: &candle_core::Tensor,
+) -> Result<Option<candle_core::Tensor>> {
+    match cpu_float(&[gy, w]) {
+        Some(DType::F32) => conv.input_grad::<f32>(gy, w).map(Some),
+        Some(_) => conv.input_grad::<f64>(gy, w).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The gradient of `<gy, conv(x, w)>` with respect to `w`, shape `[c_out, c_in, kh, kw]`.
+pub(crate) fn weight_grad(
+    conv: &Conv,
+    x: &candle_core::Tensor,
+    gy: &candle_core::Tensor,
+) -> Result<Option<candle_core::Tensor>> {
+    match cpu_float(&[x, gy]) {
+        Some(DType::F32) => conv.weight_grad::<f32>(x, gy).map(Some),
+        Some(_) => conv.weight_grad::<f64>(x, gy).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The common dtype of CPU tensors when it is f32 or f64.
+fn cpu_float(ts: &[&candle_core::Tensor]) -> Option<DType> {
+    let dtype = ts[0].dtype();
+    let ok = ts
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == dtype && t.rank() == 4);
+    (ok && matches!(dtype, DType::F32 | DType::F64)).then_some(dtype)
+}
+
+/// Runs `f` on the elements of contiguous CPU tensors.
+fn with_slices<T: WithDType, R>(
+    ts: [&candle_core::Tensor; 2],
+    f: impl FnOnce(&[T], &[T]) -> Result<R>,
+) -> Result<R> {
+    let (a, b) = (ts[0].contiguous()?, ts[1].contiguous()?);
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Storage::Cpu(ca), Storage::Cpu(cb)) = (&*sa, &*sb) else {
+        return Err(crate::Error::InvalidArgument {
+            op: "conv2d",
+            message: "the CPU kernel was given a tensor off the CPU".into(),
+        });
+    };
+    let a = &ca.as_slice::<T>()?[la.start_offset()..][..a.elem_count()];
+    let b = &cb.as_slice::<T>()?[lb.start_offset()..][..b.elem_count()];
+    f(a, b)
+}
+
+fn tensor<T: WithDType>(
+    data: Vec<T>,
+    dims: (usize, usize, usize, usize),
+) -> Result<candle_core::Tensor> {
+    Ok(candle_core::Tensor::from_vec(data, dims, &Device::Cpu)?)
 }
 
 impl Conv {
+    fn ho(&self) -> usize {
+        (self.h + 2 * self.padding - self.dilation * (self.kh - 1) - 1) / self.stride + 1
+    }
+
+    fn wo(&self) -> usize {
+        (self.w + 2 * self.padding - self.dilation * (self.kw - 1) - 1) / self.stride + 1
+    }
+
+    /// Rows of the column matrix: `c_in kh kw`.
+    fn k(&self) -> usize {
+        self.c_in * self.kh * self.kw
+    }
+
+    /// Images per chunk so that a `k x (chunk l)` column buffer stays within the budget.
+    fn chunk(&self) -> usize {
+        (COLUMN_BUDGET / (self.k() * self.ho() * self.wo()).max(1)).clamp(1, self.n.max(1))
+    }
+
     /// Output positions `[lo, hi)` along one axis whose input index
-    /// `o * stride + k * dilation - padding` falls inside `0..len`.
-    fn valid(&self, k: usize, len: usize, out: usize) -> (usize, usize) {
-        let shift = k * self.dilation;
+    /// `o * stride + tap * dilation - padding` falls inside `0..len`.
+    fn valid(&self, tap: usize, len: usize, out: usize) -> (usize, usize) {
+        let shift = tap * self.dilation;
         let lo = self.padding.saturating_sub(shift).div_ceil(self.stride);
         let hi = (len + self.padding)
             .checked_sub(shift)
@@ -60,131 +156,188 @@ impl Conv {
         (lo.min(hi), hi)
     }
 
-    /// Writes the columns of `images` (each `c_in * h * w`, contiguous) into `cols`, a
-    /// `(c_in kh kw) x (images * ho * wo)` row-major matrix.
-    fn im2col<T: WithDType>(&self, images: &[T], cols: &mut [T]) {
-        let plane = self.h * self.w;
-        let l = self.ho * self.wo;
-        let n = images.len() / (self.c_in * plane);
-        let row_len = n * l;
-        cols.fill(T::from_f64(0.0));
+    /// For every row `(c, ky, kx)` of the column matrix and every output row `oy` with an
+    /// input row inside the image: the input offset of the first valid tap, the output
+    /// columns `[ox_lo, ox_hi)` it covers, and the row's offset in the column matrix.
+    fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize, usize, usize)) {
+        let (ho, wo) = (self.ho(), self.wo());
         for c in 0..self.c_in {
             for ky in 0..self.kh {
-                let (oy_lo, oy_hi) = self.valid(ky, self.h, self.ho);
+                let (oy_lo, oy_hi) = self.valid(ky, self.h, ho);
                 for kx in 0..self.kw {
-                    let (ox_lo, ox_hi) = self.valid(kx, self.w, self.wo);
+                    let (ox_lo, ox_hi) = self.valid(kx, self.w, wo);
                     let r = (c * self.kh + ky) * self.kw + kx;
-                    let row = &mut cols[r * row_len..(r + 1) * row_len];
-                    for b in 0..n {
-                        let src = &images[(b * self.c_in + c) * plane..][..plane];
-                        for oy in oy_lo..oy_hi {
-                            let iy = oy * self.stride + ky * self.dilation - self.padding;
-                            let ix0 = ox_lo * self.stride + kx * self.dilation - self.padding;
-                            let dst = &mut row[b * l + oy * self.wo..][ox_lo..ox_hi];
-                            let src = &src[iy * self.w + ix0..];
-                            if self.stride == 1 {
-                                dst.copy_from_slice(&src[..dst.len()]);
-                            } else {
-                                for (d, s) in dst.iter_mut().zip(src.iter().step_by(self.stride)) {
-                                    *d = *s;
-                                }
-                            }
-                        }
+                    for oy in oy_lo..oy_hi {
+                        let iy = oy * self.stride + ky * self.dilation - self.padding;
+                        let ix = ox_lo * self.stride + kx * self.dilation - self.padding;
+                        f(r, (c * self.h + iy) * self.w + ix, oy * wo, ox_lo, ox_hi);
                     }
                 }
             }
         }
     }
-}
 
-fn run<T: WithDType>(
-    x: &candle_core::Tensor,
-    w: &candle_core::Tensor,
-    padding: usize,
-    stride: usize,
-    dilation: usize,
-) -> Result<candle_core::Tensor> {
-    let (n, c_in, h, wd) = x.dims4()?;
-    let (c_out, _, kh, kw) = w.dims4()?;
-    let span = |len: usize, k: usize| (len + 2 * padding - dilation * (k - 1) - 1) / stride + 1;
-    let conv = Conv {
-        c_in,
-        h,
-        w: wd,
-        kh,
-        kw,
-        ho: span(h, kh),
-        wo: span(wd, kw),
-        padding,
-        stride,
-        dilation,
-    };
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let (x_storage, x_layout) = x.storage_and_layout();
-    let (w_storage, w_layout) = w.storage_and_layout();
-    let (Storage::Cpu(x_cpu), Storage::Cpu(w_cpu)) = (&*x_storage, &*w_storage) else {
-        return Ok(x.conv2d(&w, padding, stride, dilation, 1)?);
-    };
-    let images = &x_cpu.as_slice::<T>()?[x_layout.start_offset()..][..x.elem_count()];
-    let kernel = &w_cpu.as_slice::<T>()?[w_layout.start_offset()..][..w.elem_count()];
-    let k = c_in * kh * kw;
-    let l = conv.ho * conv.wo;
-    let chunk = (COLUMN_BUDGET / (k * l).max(1)).clamp(1, n.max(1));
-    let mut cols = vec![T::from_f64(0.0); k * chunk * l];
-    let mut product = vec![T::from_f64(0.0); c_out * chunk * l];
-    let mut out = vec![T::from_f64(0.0); n * c_out * l];
-    for start in (0..n).step_by(chunk) {
-        let m = chunk.min(n - start);
-        let images = &images[start * c_in * h * wd..(start + m) * c_in * h * wd];
-        let cols = &mut cols[..k * m * l];
-        conv.im2col(images, cols);
-        let product = &mut product[..c_out * m * l];
-        gemm_rows((c_out, m * l, k), kernel, cols, product)?;
-        for (co, row) in product.chunks_exact(m * l).enumerate() {
-            for (b, image) in row.chunks_exact(l).enumerate() {
-                out[((start + b) * c_out + co) * l..][..l].copy_from_slice(image);
+    /// Writes the columns of one image (`c_in h w`, contiguous) into a column matrix of
+    /// `row_len` columns, starting at column `col0`; entries no tap reaches are left as
+    /// they are (the caller zeroes the buffer).
+    fn im2col<T: WithDType>(&self, image: &[T], cols: &mut [T], row_len: usize, col0: usize) {
+        self.for_each_run(|r, src, out_row, lo, hi| {
+            let dst = &mut cols[r * row_len + col0 + out_row..][lo..hi];
+            let src = &image[src..];
+            if self.stride == 1 {
+                dst.copy_from_slice(&src[..dst.len()]);
+            } else {
+                for (d, s) in dst.iter_mut().zip(src.iter().step_by(self.stride)) {
+                    *d = *s;
+                }
             }
-        }
+        });
     }
-    drop((x_storage, w_storage));
-    Ok(candle_core::Tensor::from_vec(
-        out,
-        (n, c_out, conv.ho, conv.wo),
-        &Device::Cpu,
-    )?)
+
+    /// The adjoint of [`Conv::im2col`] for one image: adds each column entry (a `k x l`
+    /// matrix) into the input position it was read from.
+    fn col2im<T: WithDType>(&self, cols: &[T], image: &mut [T]) {
+        let l = self.ho() * self.wo();
+        self.for_each_run(|r, dst, out_row, lo, hi| {
+            let src = &cols[r * l + out_row..][lo..hi];
+            let dst = &mut image[dst..];
+            if self.stride == 1 {
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d += *s;
+                }
+            } else {
+                for (d, s) in dst.iter_mut().step_by(self.stride).zip(src) {
+                    *d += *s;
+                }
+            }
+        });
+    }
+
+    fn forward<T: WithDType>(
+        &self,
+        x: &candle_core::Tensor,
+        w: &candle_core::Tensor,
+    ) -> Result<candle_core::Tensor> {
+        let (k, l, c_out) = (self.k(), self.ho() * self.wo(), self.c_out);
+        let image = self.c_in * self.h * self.w;
+        let chunk = self.chunk();
+        let mut cols = vec![T::from_f64(0.0); k * chunk * l];
+        let mut product = vec![T::from_f64(0.0); c_out * chunk * l];
+        let mut out = vec![T::from_f64(0.0); self.n * c_out * l];
+        with_slices([x, w], |images, kernel| {
+            for start in (0..self.n).step_by(chunk) {
+                let m = chunk.min(self.n - start);
+                let cols = &mut cols[..k * m * l];
+                cols.fill(T::from_f64(0.0));
+                for b in 0..m {
+                    let src = &images[(start + b) * image..][..image];
+                    self.im2col(src, cols, m * l, b * l);
+                }
+                let product = &mut product[..c_out * m * l];
+                let parallelism = parallelism(c_out * m * l * k);
+                let (lhs, rhs) = (Strided::rows(kernel, k), Strided::rows(cols, m * l));
+                matmul_into((c_out, m * l, k), lhs, rhs, product, false, parallelism)?;
+                for (co, row) in product.chunks_exact(m * l).enumerate() {
+                    for (b, y) in row.chunks_exact(l).enumerate() {
+                        out[((start + b) * c_out + co) * l..][..l].copy_from_slice(y);
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        tensor(out, (self.n, c_out, self.ho(), self.wo()))
+    }
+
+    fn input_grad<T: WithDType>(
+        &self,
+        gy: &candle_core::Tensor,
+        w: &candle_core::Tensor,
+    ) -> Result<candle_core::Tensor> {
+        let (k, l, c_out) = (self.k(), self.ho() * self.wo(), self.c_out);
+        let image = self.c_in * self.h * self.w;
+        let mut cols = vec![T::from_f64(0.0); k * l];
+        let mut dx = vec![T::from_f64(0.0); self.n * image];
+        with_slices([gy, w], |gy, kernel| {
+            // W^T as a view of W: element (r, co) at co * k + r.
+            let kernel_t = Strided {
+                data: kernel,
+                row_stride: 1,
+                col_stride: k,
+            };
+            for (gy_b, dx_b) in gy.chunks_exact(c_out * l).zip(dx.chunks_exact_mut(image)) {
+                let gy_b = Strided::rows(gy_b, l);
+                let parallelism = parallelism(k * l * c_out);
+                matmul_into((k, l, c_out), kernel_t, gy_b, &mut cols, false, parallelism)?;
+                self.col2im(&cols, dx_b);
+            }
+            Ok(())
+        })?;
+        tensor(dx, (self.n, self.c_in, self.h, self.w))
+    }
+
+    fn weight_grad<T: WithDType>(
+        &self,
+        x: &candle_core::Tensor,
+        gy: &candle_core::Tensor,
+    ) -> Result<candle_core::Tensor> {
+        let (k, l, c_out) = (self.k(), self.ho() * self.wo(), self.c_out);
+        let image = self.c_in * self.h * self.w;
+        let mut cols = vec![T::from_f64(0.0); k * l];
+        let mut dw = vec![T::from_f64(0.0); c_out * k];
+        with_slices([x, gy], |images, gy| {
+            for (b, gy_b) in gy.chunks_exact(c_out * l).enumerate() {
+                cols.fill(T::from_f64(0.0));
+                self.im2col(&images[b * image..][..image], &mut cols, l, 0);
+                // cols^T as a view: element (j, r) at r * l + j.
+                let cols_t = Strided {
+                    data: &cols,
+                    row_stride: 1,
+                    col_stride: l,
+                };
+                let parallelism = parallelism(c_out * k * l);
+                let gy_b = Strided::rows(gy_b, l);
+                matmul_into((c_out, k, l), gy_b, cols_t, &mut dw, b > 0, parallelism)?;
+            }
+            Ok(())
+        })?;
+        tensor(dw, (c_out, self.c_in, self.kh, self.kw))
+    }
 }
 
-/// `dst = lhs * rhs` for row-major `m x k` and `k x n` matrices, single-threaded or on
-/// candle's thread count for large products.
-fn gemm_rows<T: WithDType>(
-    (m, n, k): (usize, usize, usize),
-    lhs: &[T],
-    rhs: &[T],
-    dst: &mut [T],
-) -> Result<()> {
+/// Single-threaded, or candle's thread count for products of a million multiply-adds.
+fn parallelism(multiply_adds: usize) -> gemm::Parallelism {
     let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 && m * n * k >= 1 << 20 {
+    if threads > 1 && multiply_adds >= 1 << 20 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
-    };
-    matmul_into(
-        (m, n, k),
-        Strided::rows(lhs, k),
-        Strided::rows(rhs, n),
-        dst,
-        parallelism,
-    )
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Tensor};
+    use super::Conv;
+    use candle_core::{DType, Device, Tensor};
 
-    /// The im2col path gives candle's conv2d for padding, stride, dilation, odd sizes and
-    /// a transposed (non-contiguous) input, in f64 and f32.
+    /// Largest absolute difference between two tensors of the same shape.
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.dims(), b.dims());
+        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+        d.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Forward, input gradient and weight gradient agree with candle (its conv2d, and
+    /// candle's own backprop through it) for padding, stride, dilation, odd sizes, a
+    /// transposed input and several chunks of the batch, in f64 and f32.
     #[test]
-    fn matches_candle_conv2d() -> crate::Result<()> {
+    fn matches_candle() -> crate::Result<()> {
         let dev = Device::Cpu;
         let cases = [
             // (n, c_in, h, w, c_out, kh, kw, padding, stride, dilation)
@@ -194,33 +347,52 @@ mod tests {
             (2, 1, 10, 7, 2, 2, 3, 1, 1, 2),
             (2, 2, 11, 11, 3, 3, 3, 3, 3, 2),
             (5, 3, 4, 4, 2, 4, 4, 0, 1, 1),
-            // Several chunks of the batch through the column buffer.
             (5, 8, 40, 40, 2, 3, 3, 1, 1, 1),
         ];
-        for (i, &(n, c, h, w, co, kh, kw, p, s, d)) in cases.iter().enumerate() {
-            let x = Tensor::randn(0f64, 1.0, (c, n, h, w), &dev)?.transpose(0, 1)?;
-            let k = Tensor::randn(0f64, 1.0, (co, c, kh, kw), &dev)?;
-            let ours = super::conv2d(&x, &k, p, s, d)?.expect("CPU f64 takes the path");
-            let theirs = x.conv2d(&k, p, s, d, 1)?;
-            assert_eq!(ours.dims(), theirs.dims(), "case {i}");
-            let err = (ours - &theirs)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f64>()?;
-            assert!(err < 1e-12, "case {i}: {err}");
-            let (x, k) = (
-                x.to_dtype(candle_core::DType::F32)?,
-                k.to_dtype(candle_core::DType::F32)?,
-            );
-            let ours = super::conv2d(&x, &k, p, s, d)?.expect("CPU f32 takes the path");
-            let theirs = x.conv2d(&k, p, s, d, 1)?;
-            let err = (ours - &theirs)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
-            assert!(err < 1e-4, "case {i} f32: {err}");
+        for (i, &(n, c_in, h, w, c_out, kh, kw, padding, stride, dilation)) in
+            cases.iter().enumerate()
+        {
+            let conv = Conv {
+                n,
+                c_in,
+                h,
+                w,
+                c_out,
+                kh,
+                kw,
+                padding,
+                stride,
+                dilation,
+            };
+            for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-3)] {
+                let x = Tensor::randn(0f64, 1.0, (c_in, n, h, w), &dev)?
+                    .transpose(0, 1)?
+                    .to_dtype(dtype)?;
+                let k = Tensor::randn(0f64, 1.0, (c_out, c_in, kh, kw), &dev)?.to_dtype(dtype)?;
+                let theirs = x.conv2d(&k, padding, stride, dilation, 1)?;
+                let ours = super::conv2d(&x, &k, padding, stride, dilation)?.expect("CPU");
+                assert!(max_diff(&ours, &theirs) < tol, "case {i} {dtype:?} forward");
+
+                let gy = Tensor::randn(0f64, 1.0, theirs.dims(), &dev)?.to_dtype(dtype)?;
+                let (xv, kv) = (
+                    candle_core::Var::from_tensor(&x)?,
+                    candle_core::Var::from_tensor(&k)?,
+                );
+                let y = xv.conv2d(&kv, padding, stride, dilation, 1)?;
+                let grads = (y * &gy)?.sum_all()?.backward()?;
+                let dx = super::input_grad(&conv, &gy, &k)?.expect("CPU");
+                let dw = super::weight_grad(&conv, &x, &gy)?.expect("CPU");
+                let scale = |t: &Tensor| max_diff(t, &t.zeros_like().unwrap()).max(1.0);
+                let (dx_ref, dw_ref) = (grads.get(&xv).unwrap(), grads.get(&kv).unwrap());
+                assert!(
+                    max_diff(&dx, dx_ref) < tol * scale(dx_ref),
+                    "case {i} {dtype:?} dx"
+                );
+                assert!(
+                    max_diff(&dw, dw_ref) < tol * scale(dw_ref),
+                    "case {i} {dtype:?} dw"
+                );
+            }
         }
         Ok(())
     }

@@ -130,6 +130,7 @@ fn gemm_no_threads<T: WithDType>(
         view(lhs, la.stride()),
         view(rhs, lb.stride()),
         &mut dst,
+        false,
         gemm::Parallelism::None,
     )?;
     drop((sa, sb));
