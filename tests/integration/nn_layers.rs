@@ -233,6 +233,34 @@ fn batch_norm_momentum_one_keeps_last_batch() {
     assert!(max_abs_diff(&bn.running_mean.get(), &mean) < 1e-12);
 }
 
+/// With a non-trivial scale and shift, training-mode output is
+/// `w (x - mean) / sqrt(var + eps) + b` per channel, computed here by hand.
+#[test]
+fn batch_norm_affine_output_matches_the_formula() {
+    let mut bn = nn::batch_norm2d(2, nn::BatchNormConfig::default(), vb(0)).unwrap();
+    bn.weight = Some(Tensor::from_slice(&[1.5f64, -0.5], &[2], &Device::Cpu).unwrap());
+    bn.bias = Some(Tensor::from_slice(&[0.25f64, 2.0], &[2], &Device::Cpu).unwrap());
+    let x = input(&[3, 2, 2, 2], 1.0);
+    let y = bn.forward(&x).unwrap().to_vec_f64().unwrap();
+    let xs = x.to_vec_f64().unwrap();
+    let (w, b) = ([1.5, -0.5], [0.25, 2.0]);
+    for c in 0..2 {
+        let idx: Vec<usize> = (0..3)
+            .flat_map(|n| (0..4).map(move |i| (n * 2 + c) * 4 + i))
+            .collect();
+        let mean = idx.iter().map(|&i| xs[i]).sum::<f64>() / 12.0;
+        let var = idx.iter().map(|&i| (xs[i] - mean).powi(2)).sum::<f64>() / 12.0;
+        for &i in &idx {
+            let expect = w[c] * (xs[i] - mean) / (var + 1e-5).sqrt() + b[c];
+            assert!(
+                (y[i] - expect).abs() < 1e-12,
+                "channel {c}: {} vs {expect}",
+                y[i]
+            );
+        }
+    }
+}
+
 #[test]
 fn layer_norm_normalises_last_dims() {
     let ln = nn::layer_norm(&[4], vb(0)).unwrap();

@@ -114,7 +114,7 @@ impl Module for BatchNorm {
         let mut bshape = vec![1; x.rank()];
         bshape[1] = c;
         let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
-        let (mean, var) = if self.training {
+        let (centered, var) = if self.training {
             let n: usize = dims.iter().map(|&d| x.dims()[d]).product();
             let mean = x.mean_dims(&dims, true)?;
             let centered = x.sub(&mean)?;
@@ -140,18 +140,18 @@ impl Module for BatchNorm {
                 self.running_mean.set(&rm);
                 self.running_var.set(&rv);
             }
-            (mean, var)
+            (centered, var)
         } else {
-            (
-                self.running_mean.get().reshape(&bshape)?,
-                self.running_var.get().reshape(&bshape)?,
-            )
+            let mean = self.running_mean.get().reshape(&bshape)?;
+            (x.sub(&mean)?, self.running_var.get().reshape(&bshape)?)
         };
-        let std = var.add(self.config.eps)?.sqrt()?;
-        let mut y = x.sub(&mean)?.div(&std)?;
+        // The per-channel factors are combined on the [C] tensors first, so the full-size
+        // input sees one subtraction, one multiplication and one addition.
+        let mut scale = var.add(self.config.eps)?.sqrt()?.powf(-1.0)?;
         if let Some(w) = &self.weight {
-            y = y.mul(&w.reshape(&bshape)?)?;
+            scale = scale.mul(&w.reshape(&bshape)?)?;
         }
+        let mut y = centered.mul(&scale)?;
         if let Some(b) = &self.bias {
             y = y.add(&b.reshape(&bshape)?)?;
         }
