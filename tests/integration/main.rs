@@ -23,3 +23,4 @@ mod optim_fd;
 mod optim_nan;
 mod optim_runtime;
 mod optim_twin;
+mod readme_tour;
