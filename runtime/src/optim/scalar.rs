@@ -222,3 +222,37 @@ impl PartialOrd<f64> for Scalar {
         self.value().partial_cmp(other)
     }
 }
+
+/// The same comparison written the other way round: `0.0 != self.momentum`.
+impl PartialEq<Scalar> for f64 {
+    fn eq(&self, other: &Scalar) -> bool {
+        *self == other.value()
+    }
+}
+
+/// The same ordering written the other way round: `0.0 < self.lr`.
+impl PartialOrd<Scalar> for f64 {
+    fn partial_cmp(&self, other: &Scalar) -> Option<std::cmp::Ordering> {
+        self.partial_cmp(&other.value())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Scalar;
+    use crate::tensor::Tensor;
+
+    /// Comparisons read the value, from either side, for floats and tensors alike, so a
+    /// branch on a hyperparameter compiles and behaves the same in both forms of a step.
+    #[test]
+    fn compares_with_floats_from_either_side() {
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        for s in [Scalar::Float(0.5), Scalar::Tensor(Tensor::scalar(0.5f64))] {
+            assert_eq!(s.partial_cmp(&0.0), Some(Greater));
+            assert_eq!(0.0.partial_cmp(&s), Some(Less));
+            assert_eq!(0.5.partial_cmp(&s), Some(Equal));
+            assert!(PartialEq::eq(&s, &0.5) && PartialEq::eq(&0.5, &s));
+            assert!(PartialEq::ne(&1.0, &s));
+        }
+    }
+}
