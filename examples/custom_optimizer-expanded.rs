@@ -94,31 +94,28 @@ impl TwinHyperparameters for LionTwin {
 }
 
 // ---- #[differentiable_optimizer] on the impl block -------------------------------------
-// The same body twice. Two rewrites make it compile and behave for both:
-// - by value: `Scalar` is not `Copy`, so every by-value use of a hyperparameter (and of a
-//   local computed from one, and of a state alias) is cloned: a copy for `f64`, an `Arc`
-//   clone for a tensor;
-// - write-back: `exp_avg` is a new handle on the state entry and in-place methods rebind
-//   it, so it becomes `let mut` and is stored back at the end of its block (and before any
-//   `return`).
+// The same body twice. One rewrite makes it compile for both: `Scalar` is not `Copy`, so
+// every by-value use of a hyperparameter (and of a local computed from one or read from the
+// state) is cloned: a copy for `f64`, an `Arc` clone for a tensor, another handle to the
+// same entry for a state tensor. Nothing is written back: `exp_avg` is a `StateTensor`, the
+// state entry itself (as in torch), so `exp_avg.mul_(..)` updates the state.
 
 impl OptimizerStep for Lion {
     fn step(&self, p: &mut Tensor, grad: &Tensor, state: &mut State) -> Result<()> {
-        let mut exp_avg = state.get_or_insert_with("exp_avg", || p.zeros_like())?;
+        let exp_avg = state.get_or_insert_with("exp_avg", || p.zeros_like())?;
         p.mul_(1.0 - self.lr * self.weight_decay)?;
         let update = (exp_avg.mul(self.betas.0)? + grad.mul(1.0 - self.betas.0)?)?.sign()?;
         p.sub_(&update.mul(self.lr)?)?;
         exp_avg
             .mul_(self.betas.1)?
             .add_(&grad.mul(1.0 - self.betas.1)?)?;
-        state.set("exp_avg", exp_avg);
         Ok(())
     }
 }
 
 impl OptimizerStep for LionTwin {
     fn step(&self, p: &mut Tensor, grad: &Tensor, state: &mut State) -> Result<()> {
-        let mut exp_avg = state.get_or_insert_with("exp_avg", || p.zeros_like())?;
+        let exp_avg = state.get_or_insert_with("exp_avg", || p.zeros_like())?;
         p.mul_(1.0 - self.lr.clone() * self.weight_decay.clone())?;
         let update =
             (exp_avg.mul(self.betas.0.clone())? + grad.mul(1.0 - self.betas.0.clone())?)?.sign()?;
@@ -126,7 +123,6 @@ impl OptimizerStep for LionTwin {
         exp_avg
             .mul_(self.betas.1.clone())?
             .add_(&grad.mul(1.0 - self.betas.1.clone())?)?;
-        state.set("exp_avg", exp_avg);
         Ok(())
     }
 }

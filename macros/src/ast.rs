@@ -127,42 +127,6 @@ pub(crate) fn self_ident(item: &ItemImpl) -> Option<&Ident> {
     }
 }
 
-/// `let x = state.get_or_insert_with("k", ..)?;` or `let x = state.get("k")?;`: a local
-/// bound to a state entry. Updates through `x` must reach the state, so they are written
-/// back. Returns the name and the key expression.
-pub(crate) fn alias_binding<'a>(
-    local: &'a syn::Local,
-    state: &Ident,
-) -> Option<(&'a syn::PatIdent, &'a syn::Expr)> {
-    let pat = match &local.pat {
-        Pat::Ident(p) => p,
-        Pat::Type(t) => match &*t.pat {
-            Pat::Ident(p) => p,
-            _ => return None,
-        },
-        _ => return None,
-    };
-    if pat.by_ref.is_some() || pat.subpat.is_some() {
-        return None;
-    }
-    let init = local.init.as_ref()?;
-    if init.diverge.is_some() {
-        return None;
-    }
-    let syn::Expr::Try(tried) = &*init.expr else {
-        return None;
-    };
-    let syn::Expr::MethodCall(call) = strip(&tried.expr) else {
-        return None;
-    };
-    let is_state = path_ident(&call.receiver).is_some_and(|r| r == state);
-    let reads_entry = call.method == "get_or_insert_with" || call.method == "get";
-    match call.args.first() {
-        Some(key) if is_state && reads_entry => Some((pat, key)),
-        _ => None,
-    }
-}
-
 /// `x` for the expression `x` (a local or parameter name).
 pub(crate) fn path_ident(expr: &syn::Expr) -> Option<&Ident> {
     match strip(expr) {

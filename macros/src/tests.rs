@@ -80,8 +80,10 @@ fn crate_argument_and_flags() {
     snapshot("sgd_struct_in_runtime", &out);
 }
 
+/// Nothing is written back before the `return` or the shadowing `let`: the state local is
+/// the entry.
 #[test]
-fn write_back_before_return_and_shadowing() {
+fn no_write_back_before_return_and_shadowing() {
     let out = expand(
         quote!(),
         quote! {
@@ -99,7 +101,7 @@ fn write_back_before_return_and_shadowing() {
             }
         },
     );
-    snapshot("write_back", &out);
+    snapshot("no_write_back", &out);
 }
 
 #[test]

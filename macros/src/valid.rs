@@ -2,13 +2,13 @@
 //! Errors point at the user's tokens and say what to write instead; all errors of one
 //! input are reported together.
 
-use std::collections::BTreeSet;
-
 use syn::visit::{self, Visit};
 use syn::{
-    Expr, ExprCall, ExprClosure, ExprMethodCall, FnArg, ImplItem, ItemImpl, ItemStruct, Lit, Pat,
+    Expr, ExprCall, ExprClosure, ExprMethodCall, FnArg, ImplItem, ItemImpl, ItemStruct, Pat,
     ReturnType, Type,
 };
+
+use std::collections::BTreeSet;
 
 use crate::ast::{self, Field, FieldKind, Step};
 
@@ -207,24 +207,21 @@ pub(crate) fn body(step: &Step<'_>, errors: &mut Errors) {
     let mut walker = Body {
         step,
         errors: Errors::default(),
-        aliases: BTreeSet::new(),
+        entries: BTreeSet::new(),
+        hyper: crate::rewrite::derived_names(&step.func.block, &|i| i == "self"),
     };
     walker.visit_block(&step.func.block);
     errors.extend(walker.errors.0);
-    let mut init = StateInit {
-        state: &step.state,
-        init: BTreeSet::new(),
-        errors: Vec::new(),
-    };
-    init.visit_block(&step.func.block);
-    errors.extend(init.errors);
 }
 
 struct Body<'a> {
     step: &'a Step<'a>,
     errors: Errors,
-    /// Names currently bound to state entries.
-    aliases: BTreeSet<String>,
+    /// Locals bound to a state entry by `let x = state.get(..)?` (or
+    /// `get_or_insert_with`), for a clearer message than rustc's on `x = ..`.
+    entries: BTreeSet<String>,
+    /// Locals computed from a hyperparameter: `Scalar`s in the twin.
+    hyper: BTreeSet<String>,
 }
 
 impl<'ast> Visit<'ast> for Body<'_> {
@@ -240,6 +237,9 @@ impl<'ast> Visit<'ast> for Body<'_> {
             self.errors.push(e);
         }
         if let Some(e) = recomputes_loss(&m.method, m) {
+            self.errors.push(e);
+        }
+        if let Some(e) = float_only_method(m, &self.hyper) {
             self.errors.push(e);
         }
         self.visit_expr(&m.receiver);
@@ -264,6 +264,9 @@ impl<'ast> Visit<'ast> for Body<'_> {
                 if let Some(e) = recomputes_loss(&last.ident, c) {
                     self.errors.push(e);
                 }
+                if let Some(e) = float_function(p, c, &self.hyper) {
+                    self.errors.push(e);
+                }
             }
         }
         visit::visit_expr_call(self, c);
@@ -276,9 +279,6 @@ impl<'ast> Visit<'ast> for Body<'_> {
 
     fn visit_expr_assign(&mut self, a: &'ast syn::ExprAssign) {
         self.check_assignment(&a.left, a);
-        if let Some(e) = alias_escapes(&a.right, &self.aliases) {
-            self.errors.push(e);
-        }
         visit::visit_expr_assign(self, a);
     }
 
@@ -289,19 +289,26 @@ impl<'ast> Visit<'ast> for Body<'_> {
         visit::visit_expr_binary(self, b);
     }
 
+    fn visit_expr_cast(&mut self, c: &'ast syn::ExprCast) {
+        if is_primitive_float(&c.ty) && from_hyperparameter(&c.expr, &self.hyper) {
+            self.errors.push(error(
+                c,
+                "`as` on a hyperparameter, which is a `Scalar` in the differentiable twin; keep it a `Scalar` (its arithmetic and comparisons work with `f64` on either side), or for an integer flag write `f64::from(self.n)`",
+            ));
+        }
+        visit::visit_expr_cast(self, c);
+    }
+
     fn visit_local(&mut self, local: &'ast syn::Local) {
-        if let Some(init) = &local.init {
-            if let Some(e) = alias_escapes(&init.expr, &self.aliases) {
-                self.errors.push(e);
-            }
+        if let Some(e) = float_annotation(local, &self.hyper) {
+            self.errors.push(e);
         }
         visit::visit_local(self, local);
-        // A new binding of the same name ends the alias.
         for name in bound_names(&local.pat) {
-            self.aliases.remove(&name);
+            self.entries.remove(&name);
         }
-        if let Some((name, _)) = ast::alias_binding(local, &self.step.state) {
-            self.aliases.insert(name.ident.to_string());
+        if let Some(name) = state_entry_binding(local, &self.step.state) {
+            self.entries.insert(name.to_string());
         }
     }
 
@@ -320,9 +327,132 @@ impl Body<'_> {
                     "the gradient `{r}` is read-only in a step; compute a new tensor instead: `let g = {r}.add(..)?;`"
                 ),
             )),
+            Some(r) if ast::path_ident(left).is_some() && self.entries.contains(&r.to_string()) => {
+                self.errors.push(error(
+                    whole,
+                    format!(
+                        "assignment to `{r}`, a state entry's tensor; as in torch, a new value bound to the name would leave the entry unchanged: update the entry with `{r}.set_(&new)?` (or an in-place op such as `{r}.mul_(..)?`), or bind a new local with `let {r} = ..;`"
+                    ),
+                ));
+            }
             _ => {}
         }
     }
+}
+
+/// Whether an expression is computed from a hyperparameter (`self`, or a local derived
+/// from it).
+fn from_hyperparameter(e: &Expr, hyper: &BTreeSet<String>) -> bool {
+    crate::rewrite::mentions(quote::quote!(#e).into_iter(), &|i| {
+        i == "self" || hyper.contains(&i.to_string())
+    })
+}
+
+fn is_primitive_float(ty: &Type) -> bool {
+    matches!(ty, Type::Path(p) if p.qself.is_none() && (p.path.is_ident("f64") || p.path.is_ident("f32")))
+}
+
+/// `let lr: f64 = self.lr;` holds in the ordinary form only: in the twin the value is a
+/// `Scalar`, which may be a tensor the meta-gradient must reach.
+fn float_annotation(local: &syn::Local, hyper: &BTreeSet<String>) -> Option<syn::Error> {
+    let Pat::Type(t) = &local.pat else {
+        return None;
+    };
+    let init = local.init.as_ref()?;
+    let converts_flag = matches!(ast::strip(&init.expr), Expr::Call(c)
+        if matches!(ast::strip(&c.func), Expr::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == "from")));
+    (is_primitive_float(&t.ty) && !converts_flag && from_hyperparameter(&init.expr, hyper)).then(|| {
+        let (pat, ty) = (&t.pat, &t.ty);
+        error(
+            ty,
+            format!(
+                "a hyperparameter's value typed as `{}`; in the differentiable twin it is a `Scalar` (possibly a tensor the meta-gradient reaches): drop the annotation, `let {} = ..;`, and use `Scalar`'s arithmetic, comparisons and methods (abs, max, min, clamp, sqrt, powf, powi, exp, ln)",
+                quote::quote!(#ty),
+                quote::quote!(#pat)
+            ),
+        )
+    })
+}
+
+/// Tensor methods whose numeric arguments are plain `f64`s, with what to write for a
+/// hyperparameter argument instead.
+const FLOAT_ONLY_METHODS: &[(&str, &str)] = &[
+    (
+        "affine",
+        "`x.mul(a)?.add(b)?` (`mul`, `add`, `sub`, `div` take a `Scalar`)",
+    ),
+    (
+        "powf",
+        "`x.log()?.mul(e)?.exp()?` for positive `x`, or a constant exponent",
+    ),
+    ("full_like", "`x.zeros_like()?.add(v)?`"),
+    (
+        "leaky_relu",
+        "`x.maximum(&x.mul(slope)?)?` for a slope below 1",
+    ),
+    (
+        "elu",
+        "a constant `alpha`, or the formula written with `mul`, `exp` and `minimum`",
+    ),
+];
+
+/// A hyperparameter handed to a tensor method that takes `f64`: the ordinary form
+/// compiles, the twin cannot (and would lose the path to a tensor hyperparameter).
+fn float_only_method(m: &ExprMethodCall, hyper: &BTreeSet<String>) -> Option<syn::Error> {
+    let (name, instead) = FLOAT_ONLY_METHODS
+        .iter()
+        .find(|(name, _)| m.method == name)?;
+    m.args
+        .iter()
+        .find(|a| from_hyperparameter(a, hyper))
+        .map(|arg| {
+            error(
+                arg,
+                format!(
+                    "`{name}` takes a plain `f64`, but this is a hyperparameter, a `Scalar` in the differentiable twin; write {instead}"
+                ),
+            )
+        })
+}
+
+/// `f64::max(self.lr, 1.0)` and friends: a function of `f64` applied to a hyperparameter.
+fn float_function(p: &syn::ExprPath, c: &ExprCall, hyper: &BTreeSet<String>) -> Option<syn::Error> {
+    let segments = &p.path.segments;
+    let on_float = segments.len() == 2
+        && (segments[0].ident == "f64" || segments[0].ident == "f32")
+        && segments[1].ident != "from";
+    if !on_float || !c.args.iter().any(|a| from_hyperparameter(a, hyper)) {
+        return None;
+    }
+    let method = &segments[1].ident;
+    Some(error(
+        c,
+        format!(
+            "`{}::{method}` takes a plain float, but a hyperparameter is a `Scalar` in the differentiable twin; call the method on the value instead (`x.{method}(..)`), which `Scalar` has too",
+            segments[0].ident
+        ),
+    ))
+}
+
+/// `x` of `let x = state.get("k")?;` or `let x = state.get_or_insert_with("k", ..)?;`.
+fn state_entry_binding<'a>(local: &'a syn::Local, state: &syn::Ident) -> Option<&'a syn::Ident> {
+    let name = match &local.pat {
+        Pat::Ident(p) if p.subpat.is_none() => &p.ident,
+        Pat::Type(t) => match &*t.pat {
+            Pat::Ident(p) if p.subpat.is_none() => &p.ident,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let init = local.init.as_ref()?;
+    let Expr::Try(tried) = ast::strip(&init.expr) else {
+        return None;
+    };
+    let Expr::MethodCall(call) = ast::strip(&tried.expr) else {
+        return None;
+    };
+    let on_state = ast::path_ident(&call.receiver).is_some_and(|r| r == state);
+    (on_state && (call.method == "get" || call.method == "get_or_insert_with")).then_some(name)
 }
 
 /// The gradient is the caller's (and, in the twin, part of the graph of the inner loss);
@@ -404,20 +534,6 @@ fn closure(c: &ExprClosure) -> syn::Error {
     )
 }
 
-/// `let y = exp_avg;` moves a state alias to a new name: in-place updates through `y`
-/// would not be written back to the state.
-fn alias_escapes(value: &Expr, aliases: &BTreeSet<String>) -> Option<syn::Error> {
-    let name = ast::path_ident(value)?;
-    aliases.contains(&name.to_string()).then(|| {
-        error(
-            value,
-            format!(
-                "a tensor escaping the step by an alias: `{name}` is bound to a state entry, and updates through another name would not reach the state; update `{name}` itself, or compute a new tensor with `{name}.clone()` or an out-of-place op"
-            ),
-        )
-    })
-}
-
 fn is_compound_assignment(op: &syn::BinOp) -> bool {
     use syn::BinOp::*;
     matches!(
@@ -447,135 +563,4 @@ pub(crate) fn bound_names(pat: &Pat) -> Vec<String> {
     let mut names = Names(Vec::new());
     names.visit_pat(pat);
     names.0
-}
-
-// ---------------------------------------------------------------- state initialization
-
-/// Tracks which state keys are initialized on every path to the current point: by
-/// `get_or_insert_with`, `set` and friends in dominating statements of the same or an
-/// enclosing block, or inside `if state.contains("k") { .. }`.
-struct StateInit<'a> {
-    state: &'a syn::Ident,
-    init: BTreeSet<String>,
-    errors: Vec<syn::Error>,
-}
-
-const STATE_WRITES: &[&str] = &[
-    "get_or_insert_with",
-    "scalar_or_insert_with",
-    "set",
-    "set_scalar",
-    "set_int",
-    "insert",
-    "increment",
-];
-const STATE_READS: &[&str] = &["get", "scalar"];
-
-impl StateInit<'_> {
-    /// Visits a branch that may not run: what it initializes does not count after it.
-    fn branch(&mut self, guard: Option<String>, f: impl FnOnce(&mut Self)) -> BTreeSet<String> {
-        let saved = self.init.clone();
-        self.init.extend(guard);
-        f(self);
-        std::mem::replace(&mut self.init, saved)
-    }
-
-    /// `state.contains("k")`: the key that a true condition guarantees.
-    fn guard(&self, cond: &Expr) -> Option<String> {
-        match ast::strip(cond) {
-            Expr::MethodCall(m) if m.method == "contains" => self.key_of(m),
-            _ => None,
-        }
-    }
-
-    /// The literal key of a method call on the state.
-    fn key_of(&self, m: &ExprMethodCall) -> Option<String> {
-        let receiver = ast::path_ident(&m.receiver)?;
-        if receiver != self.state {
-            return None;
-        }
-        match m.args.first().map(ast::strip) {
-            Some(Expr::Lit(l)) => match &l.lit {
-                Lit::Str(s) => Some(s.value()),
-                _ => None,
-            },
-            _ => None,
-        }
-    }
-}
-
-/// Reading an entry that an earlier step may not have created fails at run time on the
-/// first step; creating it lazily with `get_or_insert_with` makes the step total.
-fn uninitialized_read(m: &ExprMethodCall, key: &str) -> syn::Error {
-    error(
-        m,
-        format!(
-            "state entry \"{key}\" may not be initialized here; create it on every path before reading it, e.g. `state.get_or_insert_with(\"{key}\", || p.zeros_like())?`, or guard the read with `if state.contains(\"{key}\")`"
-        ),
-    )
-}
-
-impl<'ast> Visit<'ast> for StateInit<'_> {
-    fn visit_expr_method_call(&mut self, m: &'ast ExprMethodCall) {
-        visit::visit_expr_method_call(self, m);
-        let Some(key) = self.key_of(m) else { return };
-        let method = m.method.to_string();
-        if STATE_READS.contains(&method.as_str()) && !self.init.contains(&key) {
-            self.errors.push(uninitialized_read(m, &key));
-        } else if STATE_WRITES.contains(&method.as_str()) {
-            self.init.insert(key);
-        }
-    }
-
-    fn visit_expr_if(&mut self, e: &'ast syn::ExprIf) {
-        self.visit_expr(&e.cond);
-        let guard = self.guard(&e.cond);
-        let then = self.branch(guard, |s| s.visit_block(&e.then_branch));
-        if let Some((_, otherwise)) = &e.else_branch {
-            let other = self.branch(None, |s| s.visit_expr(otherwise));
-            // Initialized on both branches: initialized after the `if`.
-            self.init.extend(then.intersection(&other).cloned());
-        }
-    }
-
-    fn visit_expr_match(&mut self, e: &'ast syn::ExprMatch) {
-        self.visit_expr(&e.expr);
-        for arm in &e.arms {
-            self.branch(None, |s| visit::visit_arm(s, arm));
-        }
-    }
-
-    fn visit_expr_while(&mut self, e: &'ast syn::ExprWhile) {
-        self.visit_expr(&e.cond);
-        let guard = self.guard(&e.cond);
-        self.branch(guard, |s| s.visit_block(&e.body));
-    }
-
-    fn visit_expr_for_loop(&mut self, e: &'ast syn::ExprForLoop) {
-        self.visit_expr(&e.expr);
-        self.branch(None, |s| s.visit_block(&e.body));
-    }
-
-    fn visit_expr_loop(&mut self, e: &'ast syn::ExprLoop) {
-        self.branch(None, |s| s.visit_block(&e.body));
-    }
-
-    fn visit_expr_closure(&mut self, c: &'ast ExprClosure) {
-        self.branch(None, |s| s.visit_expr(&c.body));
-    }
-
-    fn visit_expr_binary(&mut self, b: &'ast syn::ExprBinary) {
-        self.visit_expr(&b.left);
-        let guard = match b.op {
-            syn::BinOp::And(_) => self.guard(&b.left),
-            _ => None,
-        };
-        if matches!(b.op, syn::BinOp::And(_) | syn::BinOp::Or(_)) {
-            self.branch(guard, |s| s.visit_expr(&b.right));
-        } else {
-            self.visit_expr(&b.right);
-        }
-    }
-
-    fn visit_item(&mut self, _: &'ast syn::Item) {}
 }

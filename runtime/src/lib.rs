@@ -12,6 +12,7 @@ pub mod nn;
 mod ops;
 pub mod optim;
 mod tensor;
+pub mod testing;
 
 pub use autograd::{backward, grad, grad_with_stats, GradOptions, GradStats, GradStore};
 pub use error::{Error, Result};
@@ -19,7 +20,8 @@ pub use ops::Operand;
 pub use tensor::{is_grad_enabled, no_grad, NoGradGuard, Tensor, TensorId};
 
 pub use optim::{
-    DiffOptimizer, InnerGradMode, Optimizer, Overrides, ParamGroup, StateValue, StepOptions,
+    DiffOptimizer, InnerGradMode, Optimizer, Overrides, ParamGroup, StateTensor, StateValue,
+    StepOptions,
 };
 pub use optim::{DifferentiableOptimizer, Hyperparameters, OptimizerStep, Scalar, State};
 
@@ -35,7 +37,7 @@ pub use candle_core::{DType, Device};
 pub mod __private {
     pub use crate::optim::{
         unknown_hyperparameter, DifferentiableOptimizer, Hyperparameters, OptimizerStep, Scalar,
-        State, TwinHyperparameters,
+        State, StateTensor, TwinHyperparameters,
     };
     pub use crate::{Result, Tensor};
 }

@@ -140,7 +140,7 @@ fn check_trajectory(case: &Case, run: &Run, errs: &mut Errors) {
                 let g = &golden
                     .get(key)
                     .unwrap_or_else(|| panic!("state entry {key} not in golden"))["value"];
-                cmp(errs, "optimizer_state", &state_values(v), g, TOL);
+                cmp(errs, "optimizer_state", &state_values(&v), g, TOL);
             }
         }
     }

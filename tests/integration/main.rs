@@ -7,6 +7,7 @@ mod optim_support;
 
 mod custom_optimizers;
 mod engine_smoke;
+mod faithful_steps;
 mod functional_basic;
 mod functional_models;
 mod golden_optim;

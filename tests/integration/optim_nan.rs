@@ -116,7 +116,7 @@ fn unroll<O: DifferentiableOptimizer>(
                 finite(
                     label,
                     k,
-                    &Tensor::from_vec(state_values(v), &[state_values(v).len()], &Device::Cpu)
+                    &Tensor::from_vec(state_values(&v), &[state_values(&v).len()], &Device::Cpu)
                         .unwrap(),
                 );
             }

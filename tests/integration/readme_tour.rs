@@ -179,3 +179,21 @@ fn your_own_optimizer_on_candle_vars() -> Result<()> {
     assert!(loss(w.as_tensor())?.to_scalar::<f64>()? < first);
     Ok(())
 }
+
+/// "Your own optimizer": the README's one-line check passes on its SignSgd, with `lr` and
+/// `momentum` both differentiated.
+#[test]
+fn your_own_optimizer_passes_check_optimizer() {
+    let report = candle_higher::testing::check_optimizer(SignSgd {
+        lr: 0.05,
+        momentum: 0.9,
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<&str> = report
+        .hypergradients
+        .iter()
+        .map(|h| h.name.as_str())
+        .collect();
+    assert_eq!(names, ["lr", "momentum", "initial parameters"]);
+    assert!(report.to_string().contains("finite difference"));
+}

@@ -60,9 +60,10 @@ impl Tensor {
         Ok(Tensor::from_op(value, &[self], Powf { exponent }))
     }
 
-    /// `-self`.
+    /// `-self`, exactly: `-0.0` for `0.0` (an affine `0 * -1 + 0` would give `+0.0`).
     pub fn neg(&self) -> Result<Tensor> {
-        self.affine(-1.0, 0.0)
+        let value = self.value().neg()?;
+        Ok(Tensor::from_op(value, &[self], Affine { mul: -1.0 }))
     }
 }
 

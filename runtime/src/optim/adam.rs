@@ -89,20 +89,17 @@ pub(crate) fn adam_update(
 ) -> Result<()> {
     let (lr, beta1, beta2, eps) = (lr.into(), beta1.into(), beta2.into(), eps.into());
     let step = state.increment("step");
-    let mut exp_avg = state.get_or_insert_with("exp_avg", || p.zeros_like())?;
-    let mut exp_avg_sq = state.get_or_insert_with("exp_avg_sq", || p.zeros_like())?;
+    let exp_avg = state.get_or_insert_with("exp_avg", || p.zeros_like())?;
+    let exp_avg_sq = state.get_or_insert_with("exp_avg_sq", || p.zeros_like())?;
     exp_avg
         .mul_(beta1.clone())?
         .add_(&g.mul(1.0 - beta1.clone())?)?;
     exp_avg_sq
         .mul_(beta2.clone())?
         .addcmul_(g, g, 1.0 - beta2.clone())?;
-    state.set("exp_avg", exp_avg.clone());
-    state.set("exp_avg_sq", exp_avg_sq.clone());
     let second = if amsgrad {
-        let mut max = state.get_or_insert_with("max_exp_avg_sq", || p.zeros_like())?;
+        let max = state.get_or_insert_with("max_exp_avg_sq", || p.zeros_like())?;
         max.maximum_(&exp_avg_sq)?;
-        state.set("max_exp_avg_sq", max.clone());
         max
     } else {
         exp_avg_sq

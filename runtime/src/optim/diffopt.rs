@@ -560,7 +560,9 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
             }
         }
         for (i, state) in new_states {
-            self.states[i] = state;
+            // A snapshot keeps each entry's current value only, not the versions the
+            // step went through.
+            self.states[i] = state.clone();
         }
         Ok(new_params)
     }

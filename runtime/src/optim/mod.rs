@@ -5,8 +5,9 @@
 //! hyperparameters `Foo`. The macro emits a twin struct `FooTwin` whose float fields are
 //! [`Scalar`]s, and the same step body for both: on `Foo` it is the ordinary optimizer;
 //! on `FooTwin`, run with recording on, it is the differentiable update. Tensors are
-//! immutable handles and in-place methods rebind them, so running a step on a cloned
-//! [`State`] leaves the old state intact: that is what makes the twin pure.
+//! immutable handles and in-place methods rebind them; state tensors alias their entries
+//! as torch's do, and a cloned [`State`] is a snapshot, so running a step on a clone leaves
+//! the old state intact: that is what makes the twin pure.
 //!
 //! Built in, each written with the macro, with torch.optim's defaults and semantics (the
 //! divergences are in each item's doc): [`Sgd`], [`Adam`], [`AdamW`], [`Adagrad`],
@@ -48,7 +49,7 @@ pub use rprop::Rprop;
 pub use runner::{Optimizer, ParamGroup};
 pub use scalar::Scalar;
 pub use sgd::Sgd;
-pub use state::{State, StateValue};
+pub use state::{State, StateTensor, StateValue};
 
 use crate::error::Result;
 use crate::tensor::Tensor;

@@ -61,7 +61,7 @@ impl Rprop {
             .add(&down.mul(self.etas.0)?)?
             .add(&same)?;
         step_size.mul_(&factor)?;
-        step_size = clamp(&step_size, self.step_sizes.0, self.step_sizes.1)?;
+        step_size.set_(&clamp(&step_size, self.step_sizes.0, self.step_sizes.1)?)?;
         let g = grad.mul(&down.affine(-1.0, 1.0)?)?;
         p.sub_(&g.sign()?.mul(&step_size)?)?;
         state.set("prev", g);

@@ -220,7 +220,9 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
         }
         for (i, p, state) in updates {
             params[i] = p;
-            self.states[i] = state;
+            // A snapshot keeps each entry's current value only, not the versions the
+            // step went through.
+            self.states[i] = state.clone();
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! `Scalar`: a float hyperparameter that is either a plain `f64` or a tensor the
 //! meta-gradient can reach.
 
-use std::ops::{Add, Div, Mul, Neg, Sub};
+use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
 
 use crate::error::Result;
 use crate::ops::Operand;
@@ -85,11 +85,44 @@ impl Scalar {
 
     /// The larger of `self` and a constant; the gradient follows the winner.
     pub fn max_f64(&self, other: f64) -> Scalar {
-        if self.value() >= other {
+        self.max(other)
+    }
+
+    /// The larger of `self` and `other` (`f64::max`); the gradient follows the winner, and
+    /// `self` wins ties.
+    pub fn max(&self, other: impl Into<Scalar>) -> Scalar {
+        let other = other.into();
+        if self.value() >= other.value() {
             self.clone()
         } else {
-            Scalar::Float(other)
+            other
         }
+    }
+
+    /// The smaller of `self` and `other` (`f64::min`); the gradient follows the winner, and
+    /// `self` wins ties.
+    pub fn min(&self, other: impl Into<Scalar>) -> Scalar {
+        let other = other.into();
+        if self.value() <= other.value() {
+            self.clone()
+        } else {
+            other
+        }
+    }
+
+    /// `self` limited to `[min, max]` (`f64::clamp`); the gradient follows the value chosen.
+    pub fn clamp(&self, min: impl Into<Scalar>, max: impl Into<Scalar>) -> Scalar {
+        self.max(min).min(max)
+    }
+
+    /// Absolute value (`f64::abs`); derivative `sign(self)`, 0 at 0 as torch's.
+    pub fn abs(&self) -> Scalar {
+        self.map(f64::abs, Tensor::abs)
+    }
+
+    /// Hyperbolic tangent.
+    pub fn tanh(&self) -> Scalar {
+        self.map(f64::tanh, Tensor::tanh)
     }
 }
 
@@ -175,12 +208,36 @@ scalar_op!(Sub, sub, -);
 scalar_op!(Mul, mul, *);
 scalar_op!(Div, div, /);
 
+/// Exact negation: `-Float(0.0)` is `-0.0`, as for `f64` (not `0.0 - x`).
 impl Neg for Scalar {
     type Output = Scalar;
     fn neg(self) -> Scalar {
-        0.0 - self
+        self.map(|v| -v, Tensor::neg)
     }
 }
+
+impl Neg for &Scalar {
+    type Output = Scalar;
+    fn neg(self) -> Scalar {
+        self.map(|v| -v, Tensor::neg)
+    }
+}
+
+macro_rules! scalar_assign_op {
+    ($trait:ident, $fn:ident, $op:tt) => {
+        /// Compound assignment, so `lr *= 0.5` compiles for `f64` and `Scalar` alike.
+        impl<T: Into<Scalar>> $trait<T> for Scalar {
+            fn $fn(&mut self, rhs: T) {
+                *self = self.clone() $op rhs.into();
+            }
+        }
+    };
+}
+
+scalar_assign_op!(AddAssign, add_assign, +);
+scalar_assign_op!(SubAssign, sub_assign, -);
+scalar_assign_op!(MulAssign, mul_assign, *);
+scalar_assign_op!(DivAssign, div_assign, /);
 
 impl From<f64> for Scalar {
     fn from(v: f64) -> Self {
@@ -230,6 +287,20 @@ impl PartialEq<Scalar> for f64 {
     }
 }
 
+/// Compares two hyperparameters by value: `self.lr < self.lr_max`.
+impl PartialEq for Scalar {
+    fn eq(&self, other: &Scalar) -> bool {
+        self.value() == other.value()
+    }
+}
+
+/// Orders two hyperparameters by value.
+impl PartialOrd for Scalar {
+    fn partial_cmp(&self, other: &Scalar) -> Option<std::cmp::Ordering> {
+        self.value().partial_cmp(&other.value())
+    }
+}
+
 /// The same ordering written the other way round: `0.0 < self.lr`.
 impl PartialOrd<Scalar> for f64 {
     fn partial_cmp(&self, other: &Scalar) -> Option<std::cmp::Ordering> {
@@ -253,6 +324,52 @@ mod tests {
             assert_eq!(0.5.partial_cmp(&s), Some(Equal));
             assert!(PartialEq::eq(&s, &0.5) && PartialEq::eq(&0.5, &s));
             assert!(PartialEq::ne(&1.0, &s));
+            assert!(s < Scalar::Float(0.75) && Scalar::Float(0.25) < s);
+            assert_eq!(
+                s.partial_cmp(&Scalar::Tensor(Tensor::scalar(0.5f64))),
+                Some(Equal)
+            );
+        }
+    }
+
+    fn read(s: &Scalar) -> f64 {
+        s.value()
+    }
+
+    /// Negation is exact for floats and tensors: `-0.0` keeps its sign, so a step that
+    /// divides by `-x` at `x = 0` gives the same infinity in both forms.
+    #[test]
+    fn negation_is_exact() {
+        let neg_zero = read(&-Scalar::Float(0.0));
+        assert!(neg_zero == 0.0 && neg_zero.is_sign_negative());
+        let t = -Scalar::Tensor(Tensor::scalar(0.0f64));
+        assert!(read(&t).is_sign_negative());
+        assert_eq!(1.0 / read(&-&Scalar::Float(0.0)), f64::NEG_INFINITY);
+        assert_eq!(read(&-Scalar::Float(2.5)), -2.5);
+    }
+
+    /// The f64 methods a step body may call on a hyperparameter exist on `Scalar` with the
+    /// same results, and compound assignment works on both.
+    #[test]
+    fn float_methods_and_compound_assignment_match_f64() {
+        for x in [-1.5f64, 0.0, 2.0] {
+            for s in [Scalar::Float(x), Scalar::Tensor(Tensor::scalar(x))] {
+                assert_eq!(read(&s.abs()), x.abs());
+                assert_eq!(read(&s.max(0.5)), x.max(0.5));
+                assert_eq!(read(&s.min(0.5)), x.min(0.5));
+                assert_eq!(read(&s.clamp(-1.0, 1.0)), x.clamp(-1.0, 1.0));
+                assert_eq!(read(&s.tanh()), x.tanh());
+                let (mut a, mut b) = (s.clone(), x);
+                a *= 0.5;
+                b *= 0.5;
+                a += Scalar::Float(1.0);
+                b += 1.0;
+                a -= 0.25;
+                b -= 0.25;
+                a /= 2.0;
+                b /= 2.0;
+                assert_eq!(read(&a), b);
+            }
         }
     }
 }

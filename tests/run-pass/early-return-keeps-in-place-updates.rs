@@ -1,5 +1,5 @@
-// An alias updated before an early `return` is written back before the return; a `let`
-// that shadows the alias writes it back first.
+// An entry updated in place before an early `return` keeps the update (the local is the
+// entry); a `let` that shadows the local binds a new tensor and leaves the entry alone.
 use candle_higher::{differentiable_optimizer, Device, OptimizerStep, Result, State, Tensor};
 
 #[differentiable_optimizer]

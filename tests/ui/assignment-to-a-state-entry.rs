@@ -1,19 +1,16 @@
 use candle_higher::{differentiable_optimizer, Result, State, Tensor};
 
 #[differentiable_optimizer]
-pub struct Sgd {
+pub struct Decaying {
     pub lr: f64,
-    pub momentum: f64,
 }
 
 #[differentiable_optimizer]
-impl Sgd {
+impl Decaying {
     fn step(&self, p: &mut Tensor, grad: &Tensor, state: &mut State) -> Result<()> {
-        if self.momentum != 0.0 {
-            state.set("momentum_buffer", grad.clone());
-        }
-        let buf = state.get("momentum_buffer")?;
-        p.sub_(&buf.mul(self.lr)?)?;
+        let mut avg = state.get_or_insert_with("avg", || p.zeros_like())?;
+        avg = avg.mul(0.9)?.add(grad)?;
+        p.sub_(&avg.mul(self.lr)?)?;
         Ok(())
     }
 }
