@@ -77,6 +77,18 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
+    /// Code outside the library read a value out of a tensor that requires grad, or cut
+    /// one from the graph, while a differentiable twin stepped: the meta-gradient would
+    /// silently miss that path.
+    #[error("`{op}` at {location} leaves the graph while the differentiable twin steps parameter {param}: it reads a value out of (or cuts) a tensor the meta-gradient must flow through, so the hypergradient would silently miss that path; keep the computation on tensors and `Scalar`s (comparisons such as `lr > 0.0` are fine for branches)")]
+    LeavesGraph {
+        /// The accessor called (`Scalar::value`, `to_scalar_f64`, `detach`, ...).
+        op: &'static str,
+        /// Where it was called from (`file:line`).
+        location: String,
+        /// The parameter being stepped.
+        param: usize,
+    },
     /// A value is NaN or infinite where finite data is required.
     #[error("{what}: contains NaN or infinite values")]
     NonFinite {

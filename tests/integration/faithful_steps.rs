@@ -16,8 +16,8 @@ use candle_higher::optim::{
 };
 use candle_higher::testing::{check_optimizer, CheckFailure};
 use candle_higher::{
-    differentiable_optimizer, Device, DifferentiableOptimizer, Result, Scalar, State, StateTensor,
-    StepOptions, Tensor,
+    differentiable_optimizer, Device, DifferentiableOptimizer, Error, Result, Scalar, State,
+    StateTensor, StepOptions, Tensor,
 };
 
 /// Torch semantics by hand: parameters and state entries as f64 vectors.
@@ -482,14 +482,94 @@ impl ReadsAFloat {
     }
 }
 
+/// With a tensor learning rate the runtime sees the helper read a float out of it (the
+/// macro cannot): the checker reports the typed error, naming the accessor.
 #[test]
 fn check_optimizer_reports_a_hypergradient_lost_in_a_helper() {
     match check_optimizer(ReadsAFloat { lr: 0.1 }) {
-        Err(CheckFailure::Derivative { checked, .. }) => {
-            assert_eq!(checked.name, "lr");
-            assert_eq!(checked.autodiff, 0.0);
-            assert!(checked.finite_difference.abs() > 1e-3, "{checked:?}");
+        Err(CheckFailure::Error(Error::LeavesGraph { op, location, .. })) => {
+            assert_eq!(op, "Scalar::value");
+            assert!(location.contains("faithful_steps.rs"), "{location}");
         }
-        other => panic!("expected a derivative mismatch, got {other:?}"),
+        other => panic!("expected the graph exit to be reported, got {other:?}"),
+    }
+}
+
+/// Helpers and nested functions that leave the graph in four ways.
+#[differentiable_optimizer]
+pub(crate) struct Leaky {
+    pub lr: f64,
+    pub how: u8,
+}
+
+fn detached(t: &Tensor) -> Tensor {
+    t.detach()
+}
+
+fn norm_of(t: &Tensor) -> Result<f64> {
+    t.sqr()?.sum_all()?.sqrt()?.to_scalar_f64()
+}
+
+fn rewrapped(t: &Tensor) -> Tensor {
+    Tensor::new(t.value().clone())
+}
+
+#[differentiable_optimizer]
+impl Leaky {
+    fn step(&self, p: &mut Tensor, grad: &Tensor, state: &mut State) -> Result<()> {
+        fn as_float(s: impl Into<Scalar>) -> f64 {
+            s.into().value()
+        }
+        let m = state.get_or_insert_with("m", || p.zeros_like())?;
+        m.add_(grad)?;
+        let update = match self.how {
+            0 => detached(&m).mul(self.lr)?,
+            1 => rewrapped(grad).mul(self.lr)?,
+            2 => m.mul(as_float(self.lr))?,
+            _ => {
+                let scale = 1.0 / (1.0 + norm_of(grad)?);
+                m.mul(self.lr)?.affine(scale, 0.0)?
+            }
+        };
+        p.sub_(&update)?;
+        Ok(())
+    }
+}
+
+#[test]
+fn leaving_the_graph_in_a_twin_step_is_a_typed_error_that_changes_nothing() {
+    for (how, op) in [
+        (0, "detach"),
+        (1, "value"),
+        (2, "Scalar::value"),
+        (3, "to_scalar_f64"),
+    ] {
+        let opt = Leaky { lr: 0.1, how };
+        // The ordinary optimizer has no graph to leave.
+        let mut params = vec![t(&P0).to_leaf()];
+        Optimizer::new(opt.clone(), 1)
+            .step_grads(&mut params, &[Some(t(&GRADS[0]))])
+            .unwrap();
+        let p0 = t(&P0).to_leaf();
+        let lr = Tensor::scalar(0.1f64).to_leaf();
+        let mut twin = DiffOptimizer::new(opt, std::slice::from_ref(&p0)).unwrap();
+        twin.set_overrides(&Overrides::new().set("lr", lr)).unwrap();
+        let loss = p0
+            .sqr()
+            .unwrap()
+            .mul(t(&GRADS[0]))
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        match twin.step_params(&loss, std::slice::from_ref(&p0)) {
+            Err(Error::LeavesGraph { op: got, param, .. }) => {
+                assert_eq!((got, param), (op, 0), "how = {how}");
+            }
+            other => panic!("how = {how}: expected LeavesGraph, got {other:?}"),
+        }
+        assert!(twin.states()[0].is_empty(), "how = {how}: state advanced");
+        // Test mode keeps no graph: nothing to leave.
+        twin.set_track_higher_grads(false);
+        twin.step_params(&loss, std::slice::from_ref(&p0)).unwrap();
     }
 }

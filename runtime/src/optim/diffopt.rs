@@ -14,6 +14,7 @@ use super::{
 };
 use crate::autograd::{grad, GradOptions};
 use crate::error::{Error, Result};
+use crate::tensor::graph_exit::TwinStepGuard;
 use crate::tensor::{no_grad, Tensor};
 
 /// A gradient callback: sees the gradient of every parameter, in parameter order (`None`
@@ -554,7 +555,15 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
                 check_grad_shape(OP, i, &params[i], g)?;
                 let mut p = params[i].clone();
                 let mut state = self.states[i].clone();
+                let watch = (!test).then(TwinStepGuard::start);
                 group.twin.step(&mut p, g, &mut state)?;
+                if let Some(exit) = watch.and_then(TwinStepGuard::finish) {
+                    return Err(Error::LeavesGraph {
+                        op: exit.op,
+                        location: exit.location,
+                        param: i,
+                    });
+                }
                 new_params[i] = if test { p.detach().to_leaf() } else { p };
                 new_states.push((i, state));
             }

@@ -22,7 +22,23 @@ pub enum Scalar {
 
 impl Scalar {
     /// The current value as f64 (reads the tensor; for branches, never for gradients).
+    /// Inside a differentiable twin's step, on a tensor that requires grad, this is
+    /// reported as [`crate::Error::LeavesGraph`]; comparisons (`self.lr > 0.0`) read the
+    /// value without it, since a branch carries no gradient.
+    #[track_caller]
     pub fn value(&self) -> f64 {
+        if let Scalar::Tensor(t) = self {
+            crate::tensor::graph_exit::note(
+                "Scalar::value",
+                t.requires_grad(),
+                std::panic::Location::caller(),
+            );
+        }
+        self.read()
+    }
+
+    /// The value, for branches inside this crate.
+    fn read(&self) -> f64 {
         match self {
             Scalar::Float(v) => *v,
             Scalar::Tensor(t) => t.to_scalar_f64().unwrap_or(f64::NAN),

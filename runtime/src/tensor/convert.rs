@@ -65,7 +65,13 @@ impl Tensor {
     }
 
     /// The detached candle value (a cheap clone), e.g. to hand results to candle code.
+    #[track_caller]
     pub fn to_candle(&self) -> candle_core::Tensor {
+        super::graph_exit::note(
+            "to_candle",
+            self.requires_grad(),
+            std::panic::Location::caller(),
+        );
         self.value().clone()
     }
 
@@ -80,7 +86,13 @@ impl Tensor {
     }
 
     /// The single value of a tensor with one element, as f64.
+    #[track_caller]
     pub fn to_scalar_f64(&self) -> Result<f64> {
+        super::graph_exit::note(
+            "to_scalar_f64",
+            self.requires_grad(),
+            std::panic::Location::caller(),
+        );
         let v = self.value().flatten_all()?.to_dtype(DType::F64)?;
         if v.elem_count() != 1 {
             return Err(crate::Error::ShapeMismatch {
@@ -93,7 +105,13 @@ impl Tensor {
     }
 
     /// All values in row-major order, as f64.
+    #[track_caller]
     pub fn to_vec_f64(&self) -> Result<Vec<f64>> {
+        super::graph_exit::note(
+            "to_vec_f64",
+            self.requires_grad(),
+            std::panic::Location::caller(),
+        );
         Ok(self
             .value()
             .flatten_all()?

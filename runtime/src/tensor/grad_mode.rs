@@ -44,6 +44,8 @@ impl Drop for NoGradGuard {
 /// };
 /// assert!(!y.requires_grad());
 /// ```
+#[track_caller]
 pub fn no_grad() -> NoGradGuard {
+    super::graph_exit::note("no_grad", true, std::panic::Location::caller());
     NoGradGuard::set(false)
 }

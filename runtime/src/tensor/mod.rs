@@ -2,6 +2,7 @@
 
 mod convert;
 mod grad_mode;
+pub(crate) mod graph_exit;
 
 pub use grad_mode::{is_grad_enabled, no_grad, NoGradGuard};
 
@@ -97,8 +98,15 @@ impl Tensor {
         !matches!(self.0.node, Some(Node::Op { .. }))
     }
 
-    /// The same value, cut from the graph.
+    /// The same value, cut from the graph. Inside a differentiable twin's step, on a
+    /// tensor that requires grad, this is reported as [`Error::LeavesGraph`].
+    #[track_caller]
     pub fn detach(&self) -> Self {
+        graph_exit::note(
+            "detach",
+            self.requires_grad(),
+            std::panic::Location::caller(),
+        );
         if self.requires_grad() {
             Self::from_parts(self.0.value.clone(), None)
         } else {
@@ -111,8 +119,16 @@ impl Tensor {
         TensorId(self.0.id)
     }
 
-    /// The detached candle value.
+    /// The detached candle value. Inside a differentiable twin's step, on a tensor that
+    /// requires grad, this is reported as [`Error::LeavesGraph`] (code of this crate reads
+    /// values freely).
+    #[track_caller]
     pub fn value(&self) -> &candle_core::Tensor {
+        graph_exit::note(
+            "value",
+            self.requires_grad(),
+            std::panic::Location::caller(),
+        );
         &self.0.value
     }
 
