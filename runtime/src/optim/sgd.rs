@@ -89,21 +89,10 @@ impl Sgd {
         in_range("Sgd", "momentum", &self.momentum, 0.0..)?;
         in_range("Sgd", "weight_decay", &self.weight_decay, 0.0..)?;
         if self.nesterov {
-            let with = "with nesterov";
-            require(
-                self.momentum > 0.0,
-                "Sgd",
-                "momentum",
-                &self.momentum,
-                &format!("> 0 {with}"),
-            )?;
-            require(
-                self.dampening == 0.0,
-                "Sgd",
-                "dampening",
-                &self.dampening,
-                &format!("0 {with}"),
-            )?;
+            let m = &self.momentum;
+            require(*m > 0.0, "Sgd", "momentum", m, "> 0 with nesterov")?;
+            let d = &self.dampening;
+            require(*d == 0.0, "Sgd", "dampening", d, "0 with nesterov")?;
         }
         Ok(())
     }
