@@ -29,8 +29,11 @@ use candle_higher::{
 
 // ---------------------------------------------------------------- snapshots, bit for bit
 
+/// A tensor's shape and the bits of its values.
+type Bits = (Vec<usize>, Vec<u64>);
+
 /// A tensor as its shape and the bits of its values (f32 values widen to f64 exactly).
-fn bits(t: &Tensor) -> (Vec<usize>, Vec<u64>) {
+fn bits(t: &Tensor) -> Bits {
     let values = t.to_vec_f64().unwrap();
     (
         t.dims().to_vec(),
@@ -38,7 +41,7 @@ fn bits(t: &Tensor) -> (Vec<usize>, Vec<u64>) {
     )
 }
 
-fn params_bits(params: &[Tensor]) -> Vec<(Vec<usize>, Vec<u64>)> {
+fn params_bits(params: &[Tensor]) -> Vec<Bits> {
     params.iter().map(bits).collect()
 }
 
@@ -1207,7 +1210,7 @@ fn zero_dim_state_entries_are_per_parameter_scalars() {
         .iter()
         .map(|p| {
             let gp = g.get(p).unwrap();
-            p.sub(&gp.mul(0.1).unwrap()).unwrap().to_vec_f64().unwrap()
+            p.sub(gp.mul(0.1).unwrap()).unwrap().to_vec_f64().unwrap()
         })
         .collect();
     opt.step(&mut ps, &g).unwrap();
@@ -1369,7 +1372,7 @@ fn a_failing_step_vars_sets_no_var() {
     assert!(opt.states().iter().all(State::is_empty));
     // The same optimizer on the first var alone steps it: the failure was the second's.
     let mut alone = Optimizer::new(CastsToF32 { lr: 0.1 }, 1).unwrap();
-    alone.step_vars(&[a.clone()], &grads).unwrap();
+    alone.step_vars(std::slice::from_ref(&a), &grads).unwrap();
     assert_eq!(
         a.to_vec1::<f64>().unwrap(),
         vec![1.0 - 0.1 * 2.0, -2.0 - 0.1 * -4.0]
@@ -1429,7 +1432,7 @@ fn a_failing_forward_with_puts_batch_norm_statistics_back() {
         .add(nn::batch_norm1d(3, nn::BatchNormConfig::default(), vb.pp("1")).unwrap())
         .add(nn::linear(4, 1, vb.pp("2")).unwrap());
     let mut f = FunctionalModel::new(&net, FunctionalOptions::default()).unwrap();
-    let buffers = |f: &FunctionalModel<nn::Sequential>| -> Vec<(String, (Vec<usize>, Vec<u64>))> {
+    let buffers = |f: &FunctionalModel<nn::Sequential>| -> Vec<(String, Bits)> {
         f.buffers()
             .unwrap()
             .iter()
