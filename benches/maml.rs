@@ -142,7 +142,7 @@ fn maml_iteration(
     tasks: &[SineTask],
     steps: usize,
 ) -> Result<()> {
-    let inner_opt = Optimizer::new(Sgd::new(0.01), model.parameters()?.len());
+    let inner_opt = Optimizer::new(Sgd::new(0.01), model.parameters()?.len())?;
     let mut total = GradStore::default();
     for task in tasks {
         let (mut fmodel, mut diffopt) = innerloop(&*model, &inner_opt, maml_options())?;
@@ -164,7 +164,7 @@ fn maml_options() -> InnerloopOptions {
 
 fn sine_worker(steps: usize, iters: usize, warmup: usize) -> Result<String> {
     let mut model = sine_model()?;
-    let mut meta_opt = Optimizer::new(Adam::new(1e-3), model.parameters()?.len());
+    let mut meta_opt = Optimizer::new(Adam::new(1e-3), model.parameters()?.len())?;
     let mut rng = Lcg(123);
     let batches: Vec<Vec<SineTask>> = (0..iters + warmup)
         .map(|_| (0..META_BATCH).map(|_| sine_task(&mut rng)).collect())
@@ -188,7 +188,7 @@ fn unroll_worker(steps: usize) -> Result<String> {
     let model = sine_model()?;
     let mut rng = Lcg(7);
     let task = sine_task(&mut rng)?;
-    let inner_opt = Optimizer::new(Sgd::new(1e-3), model.parameters()?.len());
+    let inner_opt = Optimizer::new(Sgd::new(1e-3), model.parameters()?.len())?;
     let run = |track: bool| -> Result<(Vec<f64>, f64)> {
         let options = maml_options().track_higher_grads(track);
         let (mut fmodel, mut diffopt) = innerloop(&model, &inner_opt, options)?;
@@ -239,8 +239,8 @@ fn omniglot_worker(iters: usize, warmup: usize) -> Result<String> {
             .add(max_pool2d(2));
     }
     let mut model = net.add(flatten()).add(linear(64, ways, vb.pp("13"))?);
-    let mut meta_opt = Optimizer::new(Adam::new(1e-3), model.parameters()?.len());
-    let inner_opt = Optimizer::new(Sgd::new(0.1), model.parameters()?.len());
+    let mut meta_opt = Optimizer::new(Adam::new(1e-3), model.parameters()?.len())?;
+    let inner_opt = Optimizer::new(Sgd::new(0.1), model.parameters()?.len())?;
     let mut rng = Lcg(5);
     let mut images = |n: usize, protos: &[Vec<f32>]| -> Result<(Tensor, Tensor)> {
         let mut data = Vec::with_capacity(ways * n * 784);

@@ -73,7 +73,7 @@ fn main() -> Result<()> {
         .add(linear(64, 64, vb.pp("2"))?)
         .add(Activation::Softplus)
         .add(linear(64, 1, vb.pp("4"))?);
-    let mut opt = Optimizer::new(Adam::new(5e-3), energy.parameters()?.len());
+    let mut opt = Optimizer::new(Adam::new(5e-3), energy.parameters()?.len())?;
     let mut rng = StdRng::seed_from_u64(0);
     let (x_test, y_test) = batch(&mut StdRng::seed_from_u64(1), 512)?;
 

@@ -178,8 +178,8 @@ fn main() -> Result<()> {
     let mut lrs = LearnedLrs::new(&model.parameters()?, per_element)?;
     let untouched = LearnedLrs::new(&model.parameters()?, per_element)?;
     let initial_model = model.clone();
-    let mut lr_opt = Optimizer::new(Adam::new(1e-2), lrs.log_lrs.len());
-    let mut weight_opt = Optimizer::new(Adam::new(1e-3), lrs.log_lrs.len());
+    let mut lr_opt = Optimizer::new(Adam::new(1e-2), lrs.log_lrs.len())?;
+    let mut weight_opt = Optimizer::new(Adam::new(1e-3), lrs.log_lrs.len())?;
 
     let mut test_rng = StdRng::seed_from_u64(999);
     let test_tasks: Vec<[Tensor; 4]> = (0..100)

@@ -328,8 +328,8 @@ fn main() -> Result<()> {
 
     let mut model = cnn(ways)?;
     let n_params = model.parameters()?.len();
-    let mut meta_opt = Optimizer::new(Adam::new(1e-3), n_params);
-    let inner_opt = Optimizer::new(Sgd::new(INNER_LR), n_params);
+    let mut meta_opt = Optimizer::new(Adam::new(1e-3), n_params)?;
+    let inner_opt = Optimizer::new(Sgd::new(INNER_LR), n_params)?;
     let mut rng = StdRng::seed_from_u64(1);
     let mut eval_rng = StdRng::seed_from_u64(2);
     let eval: Vec<Task> = (0..eval_tasks)

@@ -81,7 +81,7 @@ fn adapt(
     steps: usize,
     track: bool,
 ) -> Result<FunctionalModel<Sequential>> {
-    let inner_opt = Optimizer::new(Sgd::new(INNER_LR), model.parameters()?.len());
+    let inner_opt = Optimizer::new(Sgd::new(INNER_LR), model.parameters()?.len())?;
     let options = InnerloopOptions::new()
         .initial_weights(InitialWeights::BaseParameters)
         .track_higher_grads(track);
@@ -130,9 +130,9 @@ fn main() -> Result<()> {
 
     let mut rng = StdRng::seed_from_u64(7);
     let mut model = mlp(0)?;
-    let mut meta_opt = Optimizer::new(Adam::new(1e-3), model.parameters()?.len());
+    let mut meta_opt = Optimizer::new(Adam::new(1e-3), model.parameters()?.len())?;
     let mut baseline = mlp(0)?;
-    let mut base_opt = Optimizer::new(Adam::new(1e-3), baseline.parameters()?.len());
+    let mut base_opt = Optimizer::new(Adam::new(1e-3), baseline.parameters()?.len())?;
 
     let bar = ProgressBar::new(iters as u64);
     bar.set_style(

@@ -73,7 +73,7 @@ fn unroll(
             ..Sgd::new(0.3)
         },
         1,
-    );
+    )?;
     let options = InnerloopOptions::new()
         .initial_weights(InitialWeights::BaseParameters)
         .overrides(

@@ -4,6 +4,7 @@
 #![deny(warnings)]
 #![deny(clippy::pedantic)]
 
+use candle_higher::optim::validation::in_range;
 use candle_higher::{
     differentiable_optimizer, Device, Hyperparameters, OptimizerStep, Result, State, Tensor,
 };
@@ -45,6 +46,12 @@ impl Linted {
         p.sub_(&g.mul(self.lr)?)?;
         Ok(())
     }
+
+    /// A non-negative learning rate, and a momentum in [0, 1).
+    fn validate(&self) -> Result<()> {
+        in_range("Linted", "lr", &self.lr, 0.0..)?;
+        in_range("Linted", "momentum.0", &self.momentum.0, 0.0..1.0)
+    }
 }
 
 #[test]
@@ -63,4 +70,7 @@ fn linted_optimizer_steps() {
     // buf = 1; nesterov: g + 0.9 * buf = 1.9; p = 1 - 0.19
     let v = p.to_vec_f64().unwrap()[0];
     assert!((v - 0.81).abs() < 1e-15, "{v}");
+    assert!(opt.validate().is_ok() && opt.twin().validate().is_ok());
+    let bad = Linted { lr: -0.1, ..opt };
+    assert!(bad.validate().is_err() && bad.twin().validate().is_err());
 }

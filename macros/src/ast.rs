@@ -112,6 +112,57 @@ pub(crate) fn step<'a>(func: &'a ImplItemFn) -> Option<Step<'a>> {
     Some(Step { func, grad, state })
 }
 
+/// The optional `fn validate(&self) -> Result<()>` beside the step: the hyperparameter
+/// check, emitted unchanged for both forms.
+pub(crate) fn validate_fn(item: &ItemImpl) -> Option<&ImplItemFn> {
+    item.items.iter().find_map(|i| match i {
+        ImplItem::Fn(f) if f.sig.ident == "validate" => Some(f),
+        _ => None,
+    })
+}
+
+/// The block without its first `fn validate`, for the rules about what else it may hold.
+pub(crate) fn without_validate(item: &ItemImpl) -> ItemImpl {
+    let mut copy = item.clone();
+    if let Some(at) = copy
+        .items
+        .iter()
+        .position(|i| matches!(i, ImplItem::Fn(f) if f.sig.ident == "validate"))
+    {
+        copy.items.remove(at);
+    }
+    copy
+}
+
+/// `fn validate` implements `OptimizerStep::validate` for both forms, so it must have
+/// exactly that signature; the error shows it.
+pub(crate) fn validate_signature(func: &ImplItemFn) -> syn::Result<()> {
+    let sig = &func.sig;
+    let receiver_only = sig.inputs.len() == 1
+        && matches!(sig.inputs.first(), Some(FnArg::Receiver(r))
+            if r.reference.is_some() && r.mutability.is_none() && r.colon_token.is_none());
+    let returns_result = matches!(&sig.output, syn::ReturnType::Type(_, ty)
+        if matches!(&**ty, Type::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == "Result")));
+    let ok = matches!(func.vis, syn::Visibility::Inherited)
+        && sig.constness.is_none()
+        && sig.asyncness.is_none()
+        && sig.unsafety.is_none()
+        && sig.abi.is_none()
+        && sig.variadic.is_none()
+        && sig.generics.params.is_empty()
+        && sig.generics.where_clause.is_none()
+        && receiver_only
+        && returns_result;
+    if ok {
+        Ok(())
+    } else {
+        Err(syn::Error::new_spanned(
+            sig,
+            "unsupported validate signature; expected `fn validate(&self) -> Result<()>`",
+        ))
+    }
+}
+
 /// The twin's name: `Lion` -> `LionTwin`, with the user's span.
 pub(crate) fn twin_ident(ident: &Ident) -> Ident {
     Ident::new(&format!("{ident}Twin"), ident.span())

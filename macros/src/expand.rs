@@ -275,7 +275,11 @@ fn hyperparameter_stubs(krate: &Path, item: &ItemStruct) -> TokenStream {
 
 fn impl_block(args: &Args, item: &ItemImpl) -> syn::Result<TokenStream> {
     let mut errors = Errors::default();
-    valid::impl_shape(item, &mut errors);
+    valid::impl_shape(&ast::without_validate(item), &mut errors);
+    let validate = ast::validate_fn(item);
+    if let Some(Err(e)) = validate.map(ast::validate_signature) {
+        errors.push(e);
+    }
     let func = ast::step_fn(item);
     if let Some(func) = func {
         valid::step_signature(func, &mut errors);
@@ -290,7 +294,13 @@ fn impl_block(args: &Args, item: &ItemImpl) -> syn::Result<TokenStream> {
     };
     let krate = &args.krate;
     match (errors.into_result(), step) {
-        (Ok(()), Some(step)) => Ok(step_impls(krate, ident, &step, &rewrite::body(&step))),
+        (Ok(()), Some(step)) => Ok(step_impls(
+            krate,
+            ident,
+            &step,
+            &rewrite::body(&step),
+            validate,
+        )),
         (result, _) => {
             let error = result.err().map(|e| e.to_compile_error());
             let stubs = step_stubs(krate, ident, func);
@@ -299,7 +309,15 @@ fn impl_block(args: &Args, item: &ItemImpl) -> syn::Result<TokenStream> {
     }
 }
 
-fn step_impls(krate: &Path, ident: &Ident, step: &ast::Step<'_>, body: &syn::Block) -> TokenStream {
+/// The step for both forms, and the user's `fn validate` (unchanged: it only compares
+/// hyperparameters, which a twin's `Scalar`s do by value) beside it in both.
+fn step_impls(
+    krate: &Path,
+    ident: &Ident,
+    step: &ast::Step<'_>,
+    body: &syn::Block,
+    validate: Option<&syn::ImplItemFn>,
+) -> TokenStream {
     let twin = ast::twin_ident(ident);
     let p = quote!(#krate::__private);
     let attrs = &step.func.attrs;
@@ -312,12 +330,14 @@ fn step_impls(krate: &Path, ident: &Ident, step: &ast::Step<'_>, body: &syn::Blo
             #(#attrs)*
             #[allow(clippy::clone_on_copy)]
             #sig #body
+            #validate
         }
         #[automatically_derived]
         impl #p::OptimizerStep for #twin {
             #(#attrs)*
             #[allow(clippy::clone_on_copy)]
             #sig #body
+            #validate
         }
         #[automatically_derived]
         impl #p::DifferentiableOptimizer for #ident {}

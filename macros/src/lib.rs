@@ -39,9 +39,11 @@ use proc_macro::TokenStream;
 /// `SignSgdTwin` (every `f64` becomes a `Scalar`, a tuple of `f64` a tuple of `Scalar`s;
 /// `bool` and integer fields are copied as flags) with `Hyperparameters` and
 /// `TwinHyperparameters`. On the `impl` block it emits the step as `OptimizerStep` for
-/// both structs, and `DifferentiableOptimizer` for the optimizer. State tensors alias their
-/// entries (`let buf = state.get_or_insert_with(..)?` is the entry, as in torch), so
-/// nothing needs writing back.
+/// both structs, and `DifferentiableOptimizer` for the optimizer; an optional
+/// `fn validate(&self) -> Result<()>` beside the step (the hyperparameter checks) goes into
+/// both impls unchanged, where the twin's `Scalar`s compare with floats by value. State
+/// tensors alias their entries (`let buf = state.get_or_insert_with(..)?` is the entry, as
+/// in torch), so nothing needs writing back.
 ///
 /// Code inside the runtime crate writes `#[differentiable_optimizer(crate = crate)]`.
 #[proc_macro_attribute]

@@ -169,6 +169,46 @@ pub enum Error {
         /// Name, the model's shape, the source's shape.
         mis_shaped: Vec<(String, Vec<usize>, Vec<usize>)>,
     },
+    /// An optimizer hyperparameter outside the range torch.optim accepts (negative
+    /// learning rate, `betas` outside `[0, 1)`, NaN, ...), found at construction, when an
+    /// override is set, or at a step after the hyperparameters were changed.
+    #[error("{optimizer}: invalid {name}: {value}{}; expected {expected}", in_group(.group))]
+    InvalidHyperparameter {
+        /// The optimizer's name.
+        optimizer: &'static str,
+        /// The hyperparameter, as in `Hyperparameters::FLOAT_NAMES` (`lr`, `betas.0`).
+        name: String,
+        /// Its value (an override tensor's value when it was set).
+        value: f64,
+        /// What is accepted, e.g. `>= 0`, `in [0, 1)`.
+        expected: String,
+        /// The parameter group whose hyperparameters these are, where the runtime knows it.
+        group: Option<usize>,
+    },
+    /// An optimizer was given no parameters, or a parameter group holds none (torch.optim:
+    /// "optimizer got an empty parameter list").
+    #[error("{op}: {}", describe_empty(.group))]
+    NoParameters {
+        /// The constructor that rejected it.
+        op: &'static str,
+        /// The empty group; `None` when there are no parameters or no groups at all.
+        group: Option<usize>,
+    },
+    /// A tensor state entry whose shape is not its parameter's: a state made for other
+    /// parameters (set by `set_states`, or branched from), which would otherwise broadcast.
+    #[error("{op}: state entry \"{entry}\" of parameter {param} has shape {state_shape:?}, but the parameter has shape {param_shape:?}")]
+    StateShape {
+        /// The function that found it.
+        op: &'static str,
+        /// The parameter's position.
+        param: usize,
+        /// The state entry's name.
+        entry: String,
+        /// The parameter's shape.
+        param_shape: Vec<usize>,
+        /// The entry's shape.
+        state_shape: Vec<usize>,
+    },
     /// An error from candle itself.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -197,4 +237,17 @@ fn describe_load(
         parts.push(format!("mis-shaped: {}", items.join(", ")));
     }
     parts.join("; ")
+}
+
+fn in_group(group: &Option<usize>) -> String {
+    group
+        .map(|g| format!(" in parameter group {g}"))
+        .unwrap_or_default()
+}
+
+fn describe_empty(group: &Option<usize>) -> String {
+    match group {
+        Some(g) => format!("parameter group {g} has no parameters"),
+        None => "the optimizer got an empty parameter list".to_string(),
+    }
 }

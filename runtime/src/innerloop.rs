@@ -126,8 +126,8 @@ impl InnerloopOptions {
 /// let dev = Device::Cpu;
 /// let vb = nn::VarBuilder::new(0, DType::F64, &dev);
 /// let mut model = nn::seq().add(nn::linear(1, 8, vb.pp("0"))?).add(nn::Activation::Tanh).add(nn::linear(8, 1, vb.pp("2"))?);
-/// let mut meta_opt = Optimizer::new(Sgd::new(0.01), model.parameters()?.len());
-/// let inner_opt = Optimizer::new(Sgd::new(0.1), model.parameters()?.len());
+/// let mut meta_opt = Optimizer::new(Sgd::new(0.01), model.parameters()?.len())?;
+/// let inner_opt = Optimizer::new(Sgd::new(0.1), model.parameters()?.len())?;
 /// let x = Tensor::from_vec(vec![0.1f64, 0.5, 0.9], &[3, 1], &dev)?;
 /// let y = x.mul(3.0)?;
 /// // One MAML outer step: 2 inner steps, then the meta-loss reaches the base model.
@@ -209,19 +209,21 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
         self.step_with(fmodel, loss, StepOptions::default())
     }
 
-    /// [`DiffOptimizer::step`] with a per-step override (it persists) and callback.
+    /// [`DiffOptimizer::step`] with a per-step override (it persists) and callback. A
+    /// failing step (a bad override, a gradient callback's error, new weights the fmodel
+    /// rejects) changes neither the fmodel nor this optimizer.
     pub fn step_with<M: Module + Parameters + Clone>(
         &mut self,
         fmodel: &mut FunctionalModel<M>,
         loss: &Tensor,
         options: StepOptions,
     ) -> Result<Vec<Tensor>> {
-        if self.frozen() != fmodel.frozen() {
-            self.set_frozen(fmodel.frozen())?;
-        }
         let params = fmodel.fast_params().to_vec();
-        let new = self.step_params_with(loss, &params, options)?;
-        fmodel.update_params(new)?;
+        let pending = self.prepare_step(loss, &params, options, Some(fmodel.frozen()))?;
+        // The fmodel checks the new weights; the state, the overrides and the frozen flags
+        // are committed only once it has accepted them.
+        fmodel.update_params(pending.params().to_vec())?;
+        self.commit(pending);
         Ok(fmodel.fast_params().to_vec())
     }
 }
@@ -229,14 +231,20 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
 impl<O: DifferentiableOptimizer> Optimizer<O> {
     /// One step on a model's parameters with the gradients of `backward(loss)` (the
     /// outer loop of MAML: `opt.step_module(&mut model, &backward(&meta_loss)?)`). The
-    /// model's parameters are replaced by fresh leaves; frozen ones are left alone.
+    /// model's parameters are replaced by fresh leaves; frozen ones are left alone. The
+    /// states are committed only once the model has accepted the new parameters: a failing
+    /// call changes neither.
     pub fn step_module<M: Parameters + Clone>(
         &mut self,
         model: &mut M,
         grads: &crate::GradStore,
     ) -> Result<()> {
         let mut params = model.parameters()?;
-        self.step(&mut params, grads)?;
-        model.set_parameters(&params)
+        let grads: Vec<Option<Tensor>> = params.iter().map(|p| grads.get(p).cloned()).collect();
+        let pending = self.compute_step(&params, &grads)?;
+        pending.apply_to(&mut params);
+        model.set_parameters(&params)?;
+        self.commit_states(pending);
+        Ok(())
     }
 }

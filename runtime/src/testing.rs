@@ -376,7 +376,7 @@ impl Problem {
         start: &[Tensor],
         steps: usize,
     ) -> Result<(Vec<Vec<Tensor>>, Vec<State>), Error> {
-        let mut opt = Optimizer::new(optimizer.clone(), start.len());
+        let mut opt = Optimizer::new(optimizer.clone(), start.len())?;
         let mut params = start.to_vec();
         let mut path = Vec::new();
         for _ in 0..steps {

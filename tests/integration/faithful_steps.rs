@@ -52,7 +52,7 @@ fn agrees_with_reference<O: DifferentiableOptimizer>(opt: O, lr: f64, reference:
     let name = std::any::type_name::<O>();
     let mut expected = P0.to_vec();
     let mut ref_state = BTreeMap::new();
-    let mut ordinary = Optimizer::new(opt.clone(), 1);
+    let mut ordinary = Optimizer::new(opt.clone(), 1).unwrap();
     let mut params = vec![t(&P0).to_leaf()];
     let mut twin = DiffOptimizer::new(opt.clone(), &params).unwrap();
     let mut twin_params = params.clone();
@@ -548,6 +548,7 @@ fn leaving_the_graph_in_a_twin_step_is_a_typed_error_that_changes_nothing() {
         // The ordinary optimizer has no graph to leave.
         let mut params = vec![t(&P0).to_leaf()];
         Optimizer::new(opt.clone(), 1)
+            .unwrap()
             .step_grads(&mut params, &[Some(t(&GRADS[0]))])
             .unwrap();
         let p0 = t(&P0).to_leaf();

@@ -59,7 +59,7 @@ fn golden_case<O: DifferentiableOptimizer>(file: &str, opt: O) -> f64 {
         overrides = overrides.set(&name, t.clone());
         tensors.push((name, t));
     }
-    let inner = Optimizer::new(opt, 4);
+    let inner = Optimizer::new(opt, 4).unwrap();
     let options = InnerloopOptions::new()
         .initial_weights(InitialWeights::BaseParameters)
         .overrides(overrides);
@@ -180,7 +180,7 @@ fn first_order_files_through_innerloop() {
             let g = case.group().clone();
             let (mut fmodel, meta) = if is_adam {
                 let (mut f, mut d) =
-                    innerloop(&base, &Optimizer::new(adam(&g), 4), options).unwrap();
+                    innerloop(&base, &Optimizer::new(adam(&g), 4).unwrap(), options).unwrap();
                 for _ in 0..case.steps {
                     let l = loss(&f, &case.xs, &case.ys);
                     d.step(&mut f, &l).unwrap();
@@ -189,7 +189,7 @@ fn first_order_files_through_innerloop() {
                 (f, m)
             } else {
                 let (mut f, mut d) =
-                    innerloop(&base, &Optimizer::new(sgd(&g), 4), options).unwrap();
+                    innerloop(&base, &Optimizer::new(sgd(&g), 4).unwrap(), options).unwrap();
                 for _ in 0..case.steps {
                     let l = loss(&f, &case.xs, &case.ys);
                     d.step(&mut f, &l).unwrap();
@@ -244,8 +244,8 @@ fn first_order_files_through_innerloop() {
 fn maml_outer_loop_with_the_ordinary_optimizer() {
     let case = Case::new("mlp_sgd_plain.json");
     let mut base = model(&case);
-    let mut meta_opt = Optimizer::new(Adam::new(0.01), 4);
-    let inner = Optimizer::new(Sgd::new(0.1), 4);
+    let mut meta_opt = Optimizer::new(Adam::new(0.01), 4).unwrap();
+    let inner = Optimizer::new(Sgd::new(0.1), 4).unwrap();
     let mut losses = Vec::new();
     for _ in 0..20 {
         let options = InnerloopOptions::new().initial_weights(InitialWeights::BaseParameters);
@@ -275,7 +275,7 @@ fn maml_outer_loop_with_the_ordinary_optimizer() {
 fn innerloop_branches_from_a_stepped_optimizer() {
     let case = Case::new("mlp_adam_default_head.json");
     let mut base = model(&case);
-    let mut opt = Optimizer::new(adam(case.group()), 4);
+    let mut opt = Optimizer::new(adam(case.group()), 4).unwrap();
     for _ in 0..2 {
         let l = loss(&base, &case.xs, &case.ys);
         let grads = backward(&l).unwrap();
@@ -307,7 +307,7 @@ fn detached_copies_keep_the_base_model_out_of_the_graph() {
     let base = model(&case);
     let (mut fmodel, mut diffopt) = innerloop(
         &base,
-        &Optimizer::new(Sgd::new(0.1), 4),
+        &Optimizer::new(Sgd::new(0.1), 4).unwrap(),
         InnerloopOptions::new(),
     )
     .unwrap();
@@ -340,7 +340,7 @@ fn device_option_and_frozen_parameters() {
         .device(&Device::Cpu)
         .initial_weights(InitialWeights::BaseParameters);
     let (mut fmodel, mut diffopt) =
-        innerloop(&base, &Optimizer::new(Sgd::new(0.1), 4), options).unwrap();
+        innerloop(&base, &Optimizer::new(Sgd::new(0.1), 4).unwrap(), options).unwrap();
     assert_eq!(fmodel.frozen(), &[false, true, false, false]);
     for _ in 0..2 {
         let l = loss(&fmodel, &case.xs, &case.ys);
@@ -351,7 +351,7 @@ fn device_option_and_frozen_parameters() {
     let meta = loss(&fmodel, &case.xq, &case.yq);
     let grads = backward(&meta).unwrap();
     assert!(grads.get(&base.parameters().unwrap()[0]).is_some());
-    let mut opt = Optimizer::new(Sgd::new(0.1), 4);
+    let mut opt = Optimizer::new(Sgd::new(0.1), 4).unwrap();
     opt.step_module(&mut base, &grads).unwrap();
     assert_eq!(base.parameters().unwrap()[1].id(), frozen_before.id());
     // f32 models work too (the optimizers are dtype-generic).
@@ -359,7 +359,7 @@ fn device_option_and_frozen_parameters() {
     let small = nn::seq().add(nn::linear(3, 2, vb.pp("0")).unwrap());
     let (mut f, mut d) = innerloop(
         &small,
-        &Optimizer::new(Adam::new(0.1), 2),
+        &Optimizer::new(Adam::new(0.1), 2).unwrap(),
         InnerloopOptions::new()
             .overrides(Overrides::new().set("lr", Tensor::scalar(0.1f64).to_leaf())),
     )
@@ -376,14 +376,14 @@ fn innerloop_override_errors() {
     let case = Case::new("mlp_sgd_plain.json");
     let base = model(&case);
     let options = InnerloopOptions::new().overrides(Overrides::new().per_group("lr", [0.1, 0.2]));
-    let err = innerloop(&base, &Optimizer::new(Sgd::new(0.1), 4), options).unwrap_err();
+    let err = innerloop(&base, &Optimizer::new(Sgd::new(0.1), 4).unwrap(), options).unwrap_err();
     assert!(
         err.to_string().contains("2 values for 1 parameter groups"),
         "{err}"
     );
     let err = innerloop(
         &base,
-        &Optimizer::new(Sgd::new(0.1), 3),
+        &Optimizer::new(Sgd::new(0.1), 3).unwrap(),
         InnerloopOptions::new(),
     )
     .unwrap_err();

@@ -5,7 +5,7 @@
 //! overrides, and an override given at a step.
 //!
 //! `h = 1e-6` for weights and `1e-6 max(|v|, 1e-3)` for hyperparameters (as the golden
-//! files; at value 0 see `fd_hyper`). Central differences have truncation error
+//! files; at value 0, where negative values are rejected, see `fd_hyper`). Central differences have truncation error
 //! O(h^2 f''') and rounding error O(eps f / h) ~ 1e-10 here, so the tolerance is 1e-6
 //! relative to the largest gradient of the same kind (weights, or that hyperparameter)
 //! plus 1e-9 absolute. Measured: at most 2e-7 relative, except ASGD's `alpha`, whose
@@ -51,16 +51,24 @@ fn objective<O: DifferentiableOptimizer>(
 }
 
 /// The derivative of `f` at 0 in the direction of one hyperparameter whose value is `v`:
-/// the golden files' central difference with `h = 1e-6 max(|v|, 1e-3)`, except at `v = 0`
-/// (an unused `weight_decay`, `lr_decay`): there `h = 1e-9` leaves rounding noise of
-/// ~1e-8 absolute and Adam's `g / (sqrt(v) + eps)` is steep enough that `h = 1e-6` is off
-/// by ~2e-7, so it is `h = 1e-6` with one Richardson step, `(4 D(h/2) - D(h)) / 3`.
+/// the golden files' central difference with `h = 1e-6 max(|v|, 1e-3)`, except where
+/// `v - h` would be negative (an unused `weight_decay` or `lr_decay` at 0, Adagrad's `eps`
+/// of 1e-10). The optimizers reject negative values, as torch does, so there the
+/// difference is one-sided: the three-point forward difference
+/// `D(h) = (-3 f(0) + 4 f(h) - f(2h)) / 2h` (error `c2 h^2 + c3 h^3 + ..`) with two
+/// Richardson steps, `R1(h) = (4 D(h/2) - D(h)) / 3` and `(8 R1(h/2) - R1(h)) / 7`
+/// (error O(h^4)), at `h = 2e-6`. Adagrad's `initial_accumulator_value` at 0 is steep
+/// enough (`sqrt(sum)` of small squared gradients) that one step is off by 2e-6 relative;
+/// rounding noise, ~1e-9 absolute, rules out smaller `h`.
 fn fd_hyper(f: &dyn Fn(f64) -> f64, v: f64) -> f64 {
-    let d = |h: f64| (f(h) - f(-h)) / (2.0 * h);
-    if v == 0.0 {
-        (4.0 * d(0.5e-6) - d(1e-6)) / 3.0
+    let h = 1e-6 * v.abs().max(1e-3);
+    if v >= 0.0 && v < h {
+        let f0 = f(0.0);
+        let d = |h: f64| (-3.0 * f0 + 4.0 * f(h) - f(2.0 * h)) / (2.0 * h);
+        let r1 = |h: f64| (4.0 * d(0.5 * h) - d(h)) / 3.0;
+        (8.0 * r1(1e-6) - r1(2e-6)) / 7.0
     } else {
-        d(1e-6 * v.abs().max(1e-3))
+        (f(h) - f(-h)) / (2.0 * h)
     }
 }
 
@@ -182,7 +190,10 @@ fd_test!(
         nesterov: true,
         weight_decay: 0.01,
         ..Sgd::new(0.1)
-    }
+    },
+    // Nesterov requires zero dampening (torch rejects any other value), so there is no
+    // two-sided difference in it.
+    ["dampening"]
 );
 fd_test!(adam_default, Adam::new(0.05));
 fd_test!(

@@ -352,7 +352,7 @@ fn track_higher_grads_switches_between_test_and_full() {
 fn ordinary_optimizer_steps_leaves_and_keys_state_by_position() {
     let case = Case::new("mlp_adam_default_head.json");
     let mut params = leaves(&case);
-    let mut opt = Optimizer::new(adam(case.group()), params.len());
+    let mut opt = Optimizer::new(adam(case.group()), params.len()).unwrap();
     for t in 0..case.steps {
         let loss = case.support_loss(&params).unwrap();
         let grads = backward(&loss).unwrap();
@@ -375,7 +375,7 @@ fn ordinary_optimizer_steps_leaves_and_keys_state_by_position() {
 fn branching_from_an_ordinary_optimizer_copies_and_leaves_it_unchanged() {
     let case = Case::new("mlp_adam_default_head.json");
     let mut params = leaves(&case);
-    let mut opt = Optimizer::new(adam(case.group()), params.len());
+    let mut opt = Optimizer::new(adam(case.group()), params.len()).unwrap();
     for _ in 0..2 {
         let loss = case.support_loss(&params).unwrap();
         let grads = backward(&loss).unwrap();
@@ -417,15 +417,15 @@ fn learned_hyperparameters_read_back_into_an_ordinary_optimizer() {
     let h = d.hyperparameters().unwrap();
     assert_eq!(h[0].lr, 0.07);
     assert_eq!(h[0].betas, (0.9, 0.99));
-    let mut opt = Optimizer::new(Adam::new(0.001), 1);
+    let mut opt = Optimizer::new(Adam::new(0.001), 1).unwrap();
     d.apply_to(&mut opt).unwrap();
     assert_eq!(opt.groups()[0].hyperparameters.lr, 0.07);
     assert_eq!(opt.groups()[0].hyperparameters.float("betas.1"), Some(0.99));
     let mut two = Optimizer::with_groups(
-        1,
+        2,
         vec![
             ParamGroup::new(vec![0], Adam::new(0.1)),
-            ParamGroup::new(vec![], Adam::new(0.1)),
+            ParamGroup::new(vec![1], Adam::new(0.1)),
         ],
     )
     .unwrap();
@@ -497,7 +497,7 @@ fn runtime_error_paths() {
     // Frozen flags of the wrong length.
     assert!(d.set_frozen(&[true]).is_err());
     // Ordinary optimizer: wrong counts and shapes; a failed step changes nothing.
-    let mut opt = Optimizer::new(Sgd::new(0.1), 2);
+    let mut opt = Optimizer::new(Sgd::new(0.1), 2).unwrap();
     let mut params = p0.clone();
     assert!(opt.step_grads(&mut params[..1], &[None]).is_err());
     assert!(opt.step_grads(&mut params, &[None]).is_err());
@@ -530,8 +530,8 @@ fn steps_candle_vars_like_our_tensors() {
             .sum_all()
             .unwrap()
     };
-    let mut on_vars = Optimizer::new(Adam::new(0.1), 2);
-    let mut ours = Optimizer::new(Adam::new(0.1), 1);
+    let mut on_vars = Optimizer::new(Adam::new(0.1), 2).unwrap();
+    let mut ours = Optimizer::new(Adam::new(0.1), 1).unwrap();
     let mut p = vec![Tensor::new(w.as_tensor().copy().unwrap()).to_leaf()];
     let first = candle_loss(w.as_tensor()).to_scalar::<f64>().unwrap();
     for _ in 0..5 {

@@ -14,7 +14,7 @@ const STEPS: usize = 5;
 
 fn ordinary<O: DifferentiableOptimizer>(case: &Case, opt: O, steps: usize) -> Vec<Vec<Tensor>> {
     let mut params: Vec<Tensor> = case.initial().iter().map(Tensor::to_leaf).collect();
-    let mut opt = Optimizer::new(opt, params.len());
+    let mut opt = Optimizer::new(opt, params.len()).unwrap();
     let mut out = vec![params.clone()];
     for _ in 0..steps {
         let loss = case.support_loss(&params).unwrap();

@@ -30,8 +30,8 @@ fn maml_in_a_dozen_lines() -> Result<()> {
         .add(nn::linear(1, 40, vb.pp("0"))?)
         .add(nn::Activation::Relu)
         .add(nn::linear(40, 1, vb.pp("2"))?);
-    let mut meta_opt = Optimizer::new(Adam::new(1e-3), model.parameters()?.len());
-    let inner_opt = Optimizer::new(Sgd::new(0.01), model.parameters()?.len());
+    let mut meta_opt = Optimizer::new(Adam::new(1e-3), model.parameters()?.len())?;
+    let inner_opt = Optimizer::new(Sgd::new(0.01), model.parameters()?.len())?;
     let before: Vec<Vec<f64>> = model
         .parameters()?
         .iter()
@@ -70,7 +70,7 @@ fn tensor_learning_rate() -> Result<()> {
         .add(nn::linear(1, 8, vb.pp("0"))?)
         .add(nn::Activation::Tanh)
         .add(nn::linear(8, 1, vb.pp("2"))?);
-    let inner_opt = Optimizer::new(Sgd::new(0.01), model.parameters()?.len());
+    let inner_opt = Optimizer::new(Sgd::new(0.01), model.parameters()?.len())?;
     let meta_loss = |lr: Tensor| -> Result<Tensor> {
         let options = InnerloopOptions::new().overrides(Overrides::new().set("lr", lr));
         let (mut fmodel, mut diffopt) = innerloop(&model, &inner_opt, options)?;
@@ -169,7 +169,7 @@ fn your_own_optimizer_on_candle_vars() -> Result<()> {
             momentum: 0.9,
         },
         1,
-    );
+    )?;
     let loss = |w: &candle_core::Tensor| w.sqr().and_then(|s| s.sum_all());
     let first = loss(w.as_tensor())?.to_scalar::<f64>()?;
     for _ in 0..3 {

@@ -275,10 +275,50 @@ impl<M: Module + Parameters + Clone> FunctionalModel<M> {
     }
 
     /// Records `params` as the next time ([`FunctionalModel::update_params`]) and runs the
-    /// model with them (higher's `fmodel(x, params=params)`).
+    /// model with them (higher's `fmodel(x, params=params)`). If the forward pass fails,
+    /// the fmodel is put back as it was: its time, weights and buffers.
     pub fn forward_with(&mut self, params: Vec<Tensor>, x: &Tensor) -> Result<Tensor> {
+        let saved = self.snapshot()?;
         self.update_params(params)?;
-        self.forward(x)
+        self.forward(x).inspect_err(|_| self.restore(saved))
+    }
+
+    /// What [`FunctionalModel::forward_with`] may change: the history (only its latest
+    /// time, when tracking), and the buffers when the model has any.
+    fn snapshot(&mut self) -> Result<Snapshot> {
+        let history = if self.options.track_higher_grads {
+            None
+        } else {
+            Some(self.history.clone())
+        };
+        let buffers = if self.layout.buffer_names.is_empty() {
+            None
+        } else {
+            Some(self.layout.read_buffers(&mut self.model)?)
+        };
+        Ok(Snapshot {
+            len: self.history.len(),
+            history,
+            first: self.first,
+            dropped: self.dropped.clone(),
+            buffers,
+        })
+    }
+
+    /// Puts back a [`Snapshot`]; the model's slots get the weights and buffers it held.
+    fn restore(&mut self, saved: Snapshot) {
+        match saved.history {
+            Some(history) => self.history = history,
+            None => self.history.truncate(saved.len),
+        }
+        self.first = saved.first;
+        self.dropped = saved.dropped;
+        let latest = self.fast_params().to_vec();
+        // Both lists were read from this model's own slots; writing them back cannot fail.
+        let _ = self.layout.write(&mut self.model, &latest);
+        if let Some(buffers) = saved.buffers {
+            let _ = self.layout.write_buffers(&mut self.model, &buffers);
+        }
     }
 
     /// Drops the history and graph before the latest time and continues from there
@@ -354,6 +394,17 @@ impl<M: Module + Parameters + Clone> FunctionalModel<M> {
         let roots: Vec<&Tensor> = self.history.iter().flatten().collect();
         count_op_nodes(&roots)
     }
+}
+
+/// The parts of a [`FunctionalModel`] that a failing call puts back.
+struct Snapshot {
+    /// The history's length (tracking: a failed update is popped).
+    len: usize,
+    /// The whole history (test mode, where an update replaces it).
+    history: Option<Vec<Vec<Tensor>>>,
+    first: usize,
+    dropped: Option<String>,
+    buffers: Option<Vec<Tensor>>,
 }
 
 /// Counts op nodes reachable from `roots` (each once).

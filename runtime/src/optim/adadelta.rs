@@ -1,6 +1,7 @@
 //! Adadelta (`torch.optim.Adadelta`).
 
 use super::common::weight_decay;
+use super::validation::in_range;
 use super::State;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -63,5 +64,13 @@ impl Adadelta {
             .addcmul_(&delta, &delta, 1.0 - self.rho)?;
         p.sub_(&delta.mul(self.lr)?)?;
         Ok(())
+    }
+
+    /// torch's checks: `lr`, `eps`, `weight_decay` >= 0, `rho` in `[0, 1]`.
+    fn validate(&self) -> Result<()> {
+        in_range("Adadelta", "lr", &self.lr, 0.0..)?;
+        in_range("Adadelta", "rho", &self.rho, 0.0..=1.0)?;
+        in_range("Adadelta", "eps", &self.eps, 0.0..)?;
+        in_range("Adadelta", "weight_decay", &self.weight_decay, 0.0..)
     }
 }

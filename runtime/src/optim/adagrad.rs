@@ -1,6 +1,7 @@
 //! Adagrad (`torch.optim.Adagrad`).
 
 use super::common::{full_like, weight_decay};
+use super::validation::in_range;
 use super::State;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -63,5 +64,20 @@ impl Adagrad {
         let std = sum.sqrt()?.add(self.eps)?;
         p.addcdiv_(&g, &std, -clr)?;
         Ok(())
+    }
+
+    /// torch's checks: `lr`, `lr_decay`, `weight_decay`, `initial_accumulator_value`,
+    /// `eps` >= 0.
+    fn validate(&self) -> Result<()> {
+        in_range("Adagrad", "lr", &self.lr, 0.0..)?;
+        in_range("Adagrad", "lr_decay", &self.lr_decay, 0.0..)?;
+        in_range("Adagrad", "weight_decay", &self.weight_decay, 0.0..)?;
+        in_range(
+            "Adagrad",
+            "initial_accumulator_value",
+            &self.initial_accumulator_value,
+            0.0..,
+        )?;
+        in_range("Adagrad", "eps", &self.eps, 0.0..)
     }
 }

@@ -1,6 +1,7 @@
 //! Adam (`torch.optim.Adam`), with AMSGrad and coupled weight decay.
 
 use super::common::{bias_correction, weight_decay};
+use super::validation::in_range;
 use super::{Scalar, State};
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -71,6 +72,15 @@ impl Adam {
             self.eps,
             self.amsgrad,
         )
+    }
+
+    /// torch's checks: `lr`, `eps`, `weight_decay` >= 0, both betas in `[0, 1)`.
+    fn validate(&self) -> Result<()> {
+        in_range("Adam", "lr", &self.lr, 0.0..)?;
+        in_range("Adam", "eps", &self.eps, 0.0..)?;
+        in_range("Adam", "betas.0", &self.betas.0, 0.0..1.0)?;
+        in_range("Adam", "betas.1", &self.betas.1, 0.0..1.0)?;
+        in_range("Adam", "weight_decay", &self.weight_decay, 0.0..)
     }
 }
 

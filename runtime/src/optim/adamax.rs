@@ -1,6 +1,7 @@
 //! Adamax (`torch.optim.Adamax`): Adam with the infinity norm.
 
 use super::common::{bias_correction, weight_decay};
+use super::validation::in_range;
 use super::State;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -64,5 +65,14 @@ impl Adamax {
         let clr = self.lr / bias_correction(self.betas.0, step);
         p.addcdiv_(&exp_avg, &exp_inf, -clr)?;
         Ok(())
+    }
+
+    /// torch's checks: `lr`, `eps`, `weight_decay` >= 0, both betas in `[0, 1)`.
+    fn validate(&self) -> Result<()> {
+        in_range("Adamax", "lr", &self.lr, 0.0..)?;
+        in_range("Adamax", "eps", &self.eps, 0.0..)?;
+        in_range("Adamax", "betas.0", &self.betas.0, 0.0..1.0)?;
+        in_range("Adamax", "betas.1", &self.betas.1, 0.0..1.0)?;
+        in_range("Adamax", "weight_decay", &self.weight_decay, 0.0..)
     }
 }

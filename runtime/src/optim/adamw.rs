@@ -1,6 +1,7 @@
 //! AdamW (`torch.optim.AdamW`): Adam with decoupled weight decay.
 
 use super::adam::adam_update;
+use super::validation::in_range;
 use super::State;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -65,5 +66,14 @@ impl AdamW {
             self.eps,
             self.amsgrad,
         )
+    }
+
+    /// torch's checks: `lr`, `eps`, `weight_decay` >= 0, both betas in `[0, 1)`.
+    fn validate(&self) -> Result<()> {
+        in_range("AdamW", "lr", &self.lr, 0.0..)?;
+        in_range("AdamW", "eps", &self.eps, 0.0..)?;
+        in_range("AdamW", "betas.0", &self.betas.0, 0.0..1.0)?;
+        in_range("AdamW", "betas.1", &self.betas.1, 0.0..1.0)?;
+        in_range("AdamW", "weight_decay", &self.weight_decay, 0.0..)
     }
 }

@@ -1,6 +1,7 @@
 //! Averaged SGD (`torch.optim.ASGD`), as higher implements it.
 
 use super::common::{scalar, weight_decay};
+use super::validation::in_range;
 use super::State;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -75,5 +76,12 @@ impl Asgd {
         state.set_scalar("eta", scalar(self.lr) / base.pow(&scalar(self.alpha)));
         state.set_scalar("mu", scalar(step as f64 - self.t0).max_f64(1.0).recip());
         Ok(())
+    }
+
+    /// torch's checks: `lr`, `weight_decay` >= 0 (`lambd`, `alpha`, `t0` only must not be
+    /// NaN, which the runtime checks for every float).
+    fn validate(&self) -> Result<()> {
+        in_range("Asgd", "lr", &self.lr, 0.0..)?;
+        in_range("Asgd", "weight_decay", &self.weight_decay, 0.0..)
     }
 }

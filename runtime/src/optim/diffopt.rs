@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
-use super::runner::{check_count, check_grad_shape, check_groups, ParamGroup};
+use super::runner::{
+    check_count, check_grad_shape, check_groups, check_state_shapes, check_step_result, ParamGroup,
+};
+use super::validation::{check_hyperparameters, check_twin, short_name};
 use super::{
     unknown_hyperparameter, DifferentiableOptimizer, Hyperparameters, Optimizer, OptimizerStep,
     Scalar, State, TwinHyperparameters,
@@ -106,11 +109,11 @@ pub enum InnerGradMode {
 }
 
 /// Per-step options of [`DiffOptimizer::step_params_with`]: an override that replaces the
-/// current values from this step on (it persists, as in higher) and a callback that wins
-/// over the one given at construction, for this step only.
+/// current values from this step on (it persists, as in higher, once the step succeeds)
+/// and a callback that wins over the one given at construction, for this step only.
 #[derive(Clone, Default)]
 pub struct StepOptions {
-    /// Overrides applied before this step; they persist.
+    /// Overrides applied before this step; they persist if the step succeeds.
     pub overrides: Option<Overrides>,
     /// A gradient callback for this step only.
     pub callback: Option<GradCallback>,
@@ -229,21 +232,48 @@ fn dtype_device(params: &[Tensor]) -> (DType, Device) {
         .unwrap_or((DType::F32, Device::Cpu))
 }
 
+/// A step computed but not committed: the new parameters, the new states of the stepped
+/// parameters, and the twins (with this step's overrides) and frozen flags it ran with.
+pub(crate) struct PendingStep<O: DifferentiableOptimizer> {
+    params: Vec<Tensor>,
+    states: Vec<(usize, State)>,
+    twins: Option<Vec<O::Twin>>,
+    frozen: Option<Vec<bool>>,
+}
+
+impl<O: DifferentiableOptimizer> PendingStep<O> {
+    /// The new parameters, in order.
+    pub(crate) fn params(&self) -> &[Tensor] {
+        &self.params
+    }
+}
+
 impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
-    /// One group holding all `params` (which give the count, dtype and device).
+    /// One group holding all `params` (which give the count, dtype and device). No
+    /// parameters and invalid hyperparameters are errors.
     pub fn new(hyperparameters: O, params: &[Tensor]) -> Result<Self> {
+        if params.is_empty() {
+            return Err(Error::NoParameters {
+                op: "DiffOptimizer::new",
+                group: None,
+            });
+        }
         let group = ParamGroup::new((0..params.len()).collect(), hyperparameters);
         Self::with_groups(params, vec![group])
     }
 
     /// Several groups over `params`; parameters in no group pass through every step
-    /// unchanged. An index out of range or in two groups is an error.
+    /// unchanged. No group, an empty group, an index out of range or in two groups, and
+    /// invalid hyperparameters are errors.
     pub fn with_groups(params: &[Tensor], groups: Vec<ParamGroup<O>>) -> Result<Self> {
         check_groups(
             "DiffOptimizer::with_groups",
             params.len(),
             groups.iter().map(|g| g.params.as_slice()),
         )?;
+        for (g, group) in groups.iter().enumerate() {
+            check_hyperparameters(&group.hyperparameters, g)?;
+        }
         let (dtype, device) = dtype_device(params);
         Ok(DiffOptimizer {
             groups: groups
@@ -267,14 +297,15 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
     /// hyperparameters and per-parameter states are copied (tensors are immutable handles,
     /// so the copy is cheap and the ordinary optimizer is not changed). `params` are the
     /// current parameters, for the count, dtype and device; states are moved to their
-    /// device and detached.
+    /// device and detached. A state whose tensors do not have its parameter's shape is
+    /// [`Error::StateShape`], and the hyperparameters are checked again (they may have
+    /// been changed through [`Optimizer::groups_mut`]).
     pub fn from_optimizer(opt: &Optimizer<O>, params: &[Tensor]) -> Result<Self> {
-        check_count(
-            "DiffOptimizer::from_optimizer",
-            "parameters",
-            opt.n_params(),
-            params.len(),
-        )?;
+        const OP: &str = "DiffOptimizer::from_optimizer";
+        check_count(OP, "parameters", opt.n_params(), params.len())?;
+        for (i, (state, p)) in opt.states().iter().zip(params).enumerate() {
+            check_state_shapes(OP, i, p, state)?;
+        }
         let mut d = Self::with_groups(params, opt.groups().to_vec())?;
         let device = d.device.clone();
         d.states = opt
@@ -374,8 +405,19 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
 
     /// Applies overrides (see [`Overrides`]); they persist for every later step. Every
     /// entry is checked before any is applied: an unknown name is an error that lists the
-    /// known ones, a wrong number of values is [`Error::OverrideCount`].
+    /// known ones, a wrong number of values is [`Error::OverrideCount`], and a value the
+    /// optimizer does not accept (a tensor by its value now) is
+    /// [`Error::InvalidHyperparameter`]; on error nothing changes.
     pub fn set_overrides(&mut self, overrides: &Overrides) -> Result<()> {
+        let twins = self.overridden_twins(overrides)?;
+        for (group, twin) in self.groups.iter_mut().zip(twins) {
+            group.twin = twin;
+        }
+        Ok(())
+    }
+
+    /// Every group's twin with `overrides` applied and checked; `self` is not changed.
+    fn overridden_twins(&self, overrides: &Overrides) -> Result<Vec<O::Twin>> {
         let n_groups = self.groups.len();
         let mut plan: Vec<(&'static str, usize, Scalar)> = Vec::new();
         for (name, values) in overrides.entries() {
@@ -399,16 +441,16 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
                 }
             }
         }
-        // Names were validated above, so `set` cannot fail on them; apply to copies anyway
-        // so that a failure leaves the optimizer as it was.
         let mut twins: Vec<O::Twin> = self.groups.iter().map(|g| g.twin.clone()).collect();
         for (name, g, v) in plan {
             twins[g].set(name, v)?;
         }
-        for (group, twin) in self.groups.iter_mut().zip(twins) {
-            group.twin = twin;
+        if !overrides.is_empty() {
+            for (g, twin) in twins.iter().enumerate() {
+                check_twin::<O>(twin, g)?;
+            }
         }
-        Ok(())
+        Ok(twins)
     }
 
     /// An override value as the twin uses it: a float, or a 0-dim tensor with the
@@ -440,28 +482,21 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
         self.step_params_with(loss, params, StepOptions::default())
     }
 
-    /// [`DiffOptimizer::step_params`] with a per-step override and callback.
+    /// [`DiffOptimizer::step_params`] with a per-step override and callback. A failing
+    /// step changes nothing: its overrides are kept only if it succeeds.
     pub fn step_params_with(
         &mut self,
         loss: &Tensor,
         params: &[Tensor],
         options: StepOptions,
     ) -> Result<Vec<Tensor>> {
-        check_count(
-            "DiffOptimizer::step",
-            "parameters",
-            self.states.len(),
-            params.len(),
-        )?;
-        if let Some(o) = &options.overrides {
-            self.set_overrides(o)?;
-        }
-        let grads = self.inner_grads(loss, params)?;
-        self.apply(params, grads, options.callback.as_ref())
+        let pending = self.prepare_step(loss, params, options, None)?;
+        Ok(self.commit(pending))
     }
 
     /// One step with gradients computed elsewhere (one per parameter, `None` for none);
-    /// the callback and the update as in [`DiffOptimizer::step_params`].
+    /// the callback and the update as in [`DiffOptimizer::step_params`]. A failing step
+    /// changes nothing.
     pub fn step_grads(
         &mut self,
         params: &[Tensor],
@@ -471,18 +506,71 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
         const OP: &str = "DiffOptimizer::step_grads";
         check_count(OP, "parameters", self.states.len(), params.len())?;
         check_count(OP, "gradients", params.len(), grads.len())?;
-        if let Some(o) = &options.overrides {
-            self.set_overrides(o)?;
+        let twins = self.step_twins(&options)?;
+        let trainable = self.trainable(&self.frozen);
+        let pending = self.update(params, grads, &options, twins, None, &trainable)?;
+        Ok(self.commit(pending))
+    }
+
+    /// A whole step on `params` computed without changing anything: this step's overrides
+    /// (checked), the inner gradients of `loss`, the callback, the update. `frozen`, when
+    /// given, replaces the frozen flags for this step (and is committed with it).
+    pub(crate) fn prepare_step(
+        &self,
+        loss: &Tensor,
+        params: &[Tensor],
+        options: StepOptions,
+        frozen: Option<&[bool]>,
+    ) -> Result<PendingStep<O>> {
+        const OP: &str = "DiffOptimizer::step";
+        check_count(OP, "parameters", self.states.len(), params.len())?;
+        let frozen = match frozen {
+            Some(f) if f != self.frozen.as_slice() => {
+                check_count(OP, "frozen flags", self.states.len(), f.len())?;
+                Some(f.to_vec())
+            }
+            _ => None,
+        };
+        let twins = self.step_twins(&options)?;
+        let trainable = self.trainable(frozen.as_deref().unwrap_or(&self.frozen));
+        let grads = self.inner_grads(loss, params, &trainable)?;
+        self.update(params, grads, &options, twins, frozen, &trainable)
+    }
+
+    /// The twins with this step's overrides, if it has any.
+    fn step_twins(&self, options: &StepOptions) -> Result<Option<Vec<O::Twin>>> {
+        options
+            .overrides
+            .as_ref()
+            .map(|o| self.overridden_twins(o))
+            .transpose()
+    }
+
+    /// Commits a computed step (states, overrides, frozen flags) and returns its new
+    /// parameters.
+    pub(crate) fn commit(&mut self, pending: PendingStep<O>) -> Vec<Tensor> {
+        for (i, state) in pending.states {
+            // A snapshot keeps each entry's current value only, not the versions the
+            // step went through.
+            self.states[i] = state.clone();
         }
-        self.apply(params, grads, options.callback.as_ref())
+        if let Some(twins) = pending.twins {
+            for (group, twin) in self.groups.iter_mut().zip(twins) {
+                group.twin = twin;
+            }
+        }
+        if let Some(frozen) = pending.frozen {
+            self.frozen = frozen;
+        }
+        pending.params
     }
 
     /// Whether parameter `i` is stepped: in a group and not frozen.
-    fn trainable(&self) -> Vec<bool> {
+    fn trainable(&self, frozen: &[bool]) -> Vec<bool> {
         let mut t = vec![false; self.states.len()];
         for g in &self.groups {
             for &i in &g.params {
-                t[i] = !self.frozen[i];
+                t[i] = !frozen[i];
             }
         }
         t
@@ -490,12 +578,12 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
 
     /// The gradients of `loss` with respect to every trainable parameter (`None`
     /// elsewhere), with `create_graph` in full mode only.
-    pub(crate) fn inner_grads(
+    fn inner_grads(
         &self,
         loss: &Tensor,
         params: &[Tensor],
+        trainable: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
-        let trainable = self.trainable();
         let idx: Vec<usize> = (0..params.len())
             .filter(|&i| trainable[i] && params[i].requires_grad())
             .collect();
@@ -516,15 +604,19 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
         Ok(out)
     }
 
-    /// The callback and the update, given the gradients.
-    fn apply(
-        &mut self,
+    /// The callback and the update, given the gradients, with `twins` (this step's
+    /// overrides) where given; nothing is changed.
+    fn update(
+        &self,
         params: &[Tensor],
         grads: Vec<Option<Tensor>>,
-        step_callback: Option<&GradCallback>,
-    ) -> Result<Vec<Tensor>> {
+        options: &StepOptions,
+        twins: Option<Vec<O::Twin>>,
+        frozen: Option<Vec<bool>>,
+        trainable: &[bool],
+    ) -> Result<PendingStep<O>> {
         const OP: &str = "DiffOptimizer::step";
-        let grads = match step_callback.or(self.callback.as_ref()) {
+        let grads = match options.callback.as_ref().or(self.callback.as_ref()) {
             Some(cb) => {
                 let out = cb(&grads)?;
                 if out.len() != grads.len() {
@@ -543,20 +635,21 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
         };
         let test = self.mode == InnerGradMode::Test;
         let _guard = test.then(no_grad);
-        let trainable = self.trainable();
         let mut new_params = params.to_vec();
         let mut new_states = Vec::new();
-        for group in &self.groups {
+        for (g_index, group) in self.groups.iter().enumerate() {
+            let twin = twins.as_ref().map_or(&group.twin, |t| &t[g_index]);
             for &i in &group.params {
                 if !trainable[i] {
                     continue;
                 }
                 let Some(g) = &grads[i] else { continue };
                 check_grad_shape(OP, i, &params[i], g)?;
+                check_state_shapes(OP, i, &params[i], &self.states[i])?;
                 let mut p = params[i].clone();
                 let mut state = self.states[i].clone();
                 let watch = (!test).then(TwinStepGuard::start);
-                group.twin.step(&mut p, g, &mut state)?;
+                twin.step(&mut p, g, &mut state)?;
                 if let Some(exit) = watch.and_then(TwinStepGuard::finish) {
                     return Err(Error::LeavesGraph {
                         op: exit.op,
@@ -564,16 +657,17 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
                         param: i,
                     });
                 }
+                check_step_result(OP, i, &params[i], &p)?;
                 new_params[i] = if test { p.detach().to_leaf() } else { p };
                 new_states.push((i, state));
             }
         }
-        for (i, state) in new_states {
-            // A snapshot keeps each entry's current value only, not the versions the
-            // step went through.
-            self.states[i] = state.clone();
-        }
-        Ok(new_params)
+        Ok(PendingStep {
+            params: new_params,
+            states: new_states,
+            twins,
+            frozen,
+        })
     }
 
     /// The current hyperparameters as ordinary values, one `O` per group: the base
@@ -595,7 +689,9 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
     }
 
     /// Writes the current float hyperparameters into an ordinary optimizer with the same
-    /// number of groups (higher's `apply_trainable_opt_params`).
+    /// number of groups (higher's `apply_trainable_opt_params`). Values the optimizer
+    /// does not accept (a learned learning rate gone negative) are an error, and then
+    /// nothing is written.
     pub fn apply_to(&self, opt: &mut Optimizer<O>) -> Result<()> {
         check_count(
             "DiffOptimizer::apply_to",
@@ -603,12 +699,19 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
             self.groups.len(),
             opt.groups().len(),
         )?;
-        for (dst, src) in opt.groups_mut().iter_mut().zip(self.hyperparameters()?) {
+        let mut updated: Vec<O> = Vec::with_capacity(self.groups.len());
+        for (g, (dst, src)) in opt.groups().iter().zip(self.hyperparameters()?).enumerate() {
+            let mut h = dst.hyperparameters.clone();
             for &name in O::FLOAT_NAMES {
                 if let Some(v) = src.float(name) {
-                    dst.hyperparameters.set_float(name, v)?;
+                    h.set_float(name, v)?;
                 }
             }
+            check_hyperparameters(&h, g)?;
+            updated.push(h);
+        }
+        for (dst, h) in opt.groups_mut().iter_mut().zip(updated) {
+            dst.hyperparameters = h;
         }
         Ok(())
     }
@@ -624,12 +727,6 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
             .collect::<Result<_>>()?;
         Ok(())
     }
-}
-
-/// The optimizer's type name without its path (`Adam`), for error messages.
-fn short_name<O>() -> &'static str {
-    let full = std::any::type_name::<O>();
-    full.rsplit("::").next().unwrap_or(full)
 }
 
 /// The value of a scalar, with an error for a tensor that cannot be read.

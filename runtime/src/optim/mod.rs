@@ -34,6 +34,7 @@ pub mod asgd;
 pub mod rmsprop;
 pub mod rprop;
 pub mod sgd;
+pub mod validation;
 
 pub use adadelta::Adadelta;
 pub use adagrad::Adagrad;
@@ -61,6 +62,17 @@ use crate::tensor::Tensor;
 pub trait OptimizerStep {
     /// Updates `param` (and `state`) given its gradient.
     fn step(&self, param: &mut Tensor, grad: &Tensor, state: &mut State) -> Result<()>;
+
+    /// Checks the hyperparameters as torch.optim's constructors do (a negative learning
+    /// rate, `betas` outside `[0, 1)`, ...), with an [`crate::Error::InvalidHyperparameter`]
+    /// naming the one that is wrong; every float is also checked for NaN by the runtime.
+    /// The runners call it at construction, when overrides are set (on the twin, reading
+    /// tensors by value) and before every ordinary step. Written as `fn validate` next to
+    /// `fn step` in the `#[differentiable_optimizer]` block (see [`validation`]); accepts
+    /// everything by default.
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Named float hyperparameters of an optimizer, and its differentiable twin.

@@ -1,6 +1,7 @@
 //! RMSprop (`torch.optim.RMSprop`), plain, centered and with momentum.
 
 use super::common::weight_decay;
+use super::validation::in_range;
 use super::State;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -82,5 +83,14 @@ impl RmsProp {
             p.addcdiv_(&g, &avg, -self.lr)?;
         }
         Ok(())
+    }
+
+    /// torch's checks: `lr`, `eps`, `momentum`, `weight_decay`, `alpha` >= 0.
+    fn validate(&self) -> Result<()> {
+        in_range("RmsProp", "lr", &self.lr, 0.0..)?;
+        in_range("RmsProp", "eps", &self.eps, 0.0..)?;
+        in_range("RmsProp", "momentum", &self.momentum, 0.0..)?;
+        in_range("RmsProp", "weight_decay", &self.weight_decay, 0.0..)?;
+        in_range("RmsProp", "alpha", &self.alpha, 0.0..)
     }
 }

@@ -1,6 +1,9 @@
 //! Resilient backpropagation (`torch.optim.Rprop`).
 
 use super::common::{clamp, full_like, sign_masks};
+use std::ops::Bound::{Excluded, Unbounded};
+
+use super::validation::{in_range, require, value_of};
 use super::State;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -66,5 +69,22 @@ impl Rprop {
         p.sub_(&g.sign()?.mul(&step_size)?)?;
         state.set("prev", g);
         Ok(())
+    }
+
+    /// torch's checks: `lr` >= 0 and `0 < etas.0 < 1 < etas.1`. Beyond torch (which
+    /// accepts them and clamps oddly): `0 <= step_sizes.0 <= step_sizes.1`.
+    fn validate(&self) -> Result<()> {
+        in_range("Rprop", "lr", &self.lr, 0.0..)?;
+        in_range(
+            "Rprop",
+            "etas.0",
+            &self.etas.0,
+            (Excluded(0.0), Excluded(1.0)),
+        )?;
+        in_range("Rprop", "etas.1", &self.etas.1, (Excluded(1.0), Unbounded))?;
+        let (min, max) = (value_of(&self.step_sizes.0), value_of(&self.step_sizes.1));
+        in_range("Rprop", "step_sizes.0", &min, 0.0..)?;
+        let at_least_min = format!(">= step_sizes.0 = {min}");
+        require(max >= min, "Rprop", "step_sizes.1", &max, &at_least_min)
     }
 }

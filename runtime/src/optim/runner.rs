@@ -1,7 +1,8 @@
 //! The ordinary optimizer: steps parameters in place under `no_grad`, for normal training
 //! (the outer loop of MAML).
 
-use super::{Hyperparameters, OptimizerStep, State};
+use super::validation::check_hyperparameters;
+use super::{Hyperparameters, OptimizerStep, State, StateValue};
 use crate::autograd::GradStore;
 use crate::error::{Error, Result};
 use crate::tensor::{no_grad, Tensor};
@@ -26,14 +27,20 @@ impl<O> ParamGroup<O> {
     }
 }
 
-/// Checks that every group index is in range and no parameter is in two groups.
+/// Checks that there is a group, that every group has a parameter, that every index is
+/// in range and that no parameter is in two groups.
 pub(crate) fn check_groups<'a>(
     op: &'static str,
     n_params: usize,
     groups: impl Iterator<Item = &'a [usize]>,
 ) -> Result<()> {
     let mut owner = vec![None; n_params];
+    let mut n_groups = 0;
     for (g, params) in groups.enumerate() {
+        n_groups += 1;
+        if params.is_empty() {
+            return Err(Error::NoParameters { op, group: Some(g) });
+        }
         for &i in params {
             if i >= n_params {
                 return Err(Error::InvalidArgument {
@@ -52,6 +59,9 @@ pub(crate) fn check_groups<'a>(
             owner[i] = Some(g);
         }
     }
+    if n_groups == 0 {
+        return Err(Error::NoParameters { op, group: None });
+    }
     Ok(())
 }
 
@@ -60,6 +70,64 @@ pub(crate) fn check_count(op: &'static str, what: &str, expected: usize, got: us
         return Err(Error::InvalidArgument {
             op,
             message: format!("expected {expected} {what}, got {got}"),
+        });
+    }
+    Ok(())
+}
+
+/// Every tensor entry of parameter `i`'s state that has a dimension has the parameter's
+/// shape (0-dim entries are per-parameter scalars, as torch's `step`). A state made for
+/// other parameters would otherwise broadcast into them. The one place this rule lives.
+pub(crate) fn check_state_shapes(
+    op: &'static str,
+    i: usize,
+    p: &Tensor,
+    state: &State,
+) -> Result<()> {
+    for (entry, value) in state.entries() {
+        if let StateValue::Tensor(t) = value {
+            if t.rank() > 0 && t.dims() != p.dims() {
+                return Err(Error::StateShape {
+                    op,
+                    param: i,
+                    entry: entry.to_string(),
+                    param_shape: p.dims().to_vec(),
+                    state_shape: t.dims().to_vec(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A step keeps its parameter's shape, dtype and device: anything else is a step that
+/// broadcast or converted it.
+pub(crate) fn check_step_result(
+    op: &'static str,
+    i: usize,
+    old: &Tensor,
+    new: &Tensor,
+) -> Result<()> {
+    if old.dims() != new.dims() {
+        return Err(Error::ShapeMismatch {
+            op,
+            expected: format!(
+                "{:?}, the shape of parameter {i} before the step",
+                old.dims()
+            ),
+            got: new.dims().to_vec(),
+        });
+    }
+    if old.dtype() != new.dtype() || !old.device().same_device(new.device()) {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!(
+                "the step turned parameter {i} from {:?} on {:?} into {:?} on {:?}",
+                old.dtype(),
+                old.device(),
+                new.dtype(),
+                new.device()
+            ),
         });
     }
     Ok(())
@@ -87,7 +155,7 @@ pub(crate) fn check_grad_shape(op: &'static str, i: usize, p: &Tensor, g: &Tenso
 /// # use candle_higher_runtime::optim::{Optimizer, Sgd};
 /// # fn main() -> candle_higher_runtime::Result<()> {
 /// let mut params = vec![Tensor::from_vec(vec![1.0f64, -2.0], &[2], &Device::Cpu)?.to_leaf()];
-/// let mut opt = Optimizer::new(Sgd::new(0.1), params.len());
+/// let mut opt = Optimizer::new(Sgd::new(0.1), params.len())?;
 /// let loss = params[0].sqr()?.sum_all()?;
 /// let grads = backward(&loss)?;
 /// opt.step(&mut params, &grads)?;
@@ -101,23 +169,51 @@ pub struct Optimizer<O> {
     states: Vec<State>,
 }
 
+/// A step computed for every parameter that has a gradient, not yet committed: the new
+/// parameters and their states, by position.
+pub(crate) struct PendingStep {
+    updates: Vec<(usize, Tensor, State)>,
+}
+
+impl PendingStep {
+    /// Writes the new parameters into `params`.
+    pub(crate) fn apply_to(&self, params: &mut [Tensor]) {
+        for (i, p, _) in &self.updates {
+            params[*i] = p.clone();
+        }
+    }
+}
+
 impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
-    /// One group holding all `n_params` parameters.
-    pub fn new(hyperparameters: O, n_params: usize) -> Self {
-        Optimizer {
+    /// One group holding all `n_params` parameters. Invalid hyperparameters (as
+    /// torch.optim rejects them, see [`OptimizerStep::validate`]) and `n_params == 0` are
+    /// errors.
+    pub fn new(hyperparameters: O, n_params: usize) -> Result<Self> {
+        if n_params == 0 {
+            return Err(Error::NoParameters {
+                op: "Optimizer::new",
+                group: None,
+            });
+        }
+        check_hyperparameters(&hyperparameters, 0)?;
+        Ok(Optimizer {
             groups: vec![ParamGroup::new((0..n_params).collect(), hyperparameters)],
             states: vec![State::new(); n_params],
-        }
+        })
     }
 
     /// Several groups over `n_params` parameters; parameters in no group are never
-    /// updated. An index out of range or in two groups is an error.
+    /// updated. No group, an empty group, an index out of range or in two groups, and
+    /// invalid hyperparameters are errors.
     pub fn with_groups(n_params: usize, groups: Vec<ParamGroup<O>>) -> Result<Self> {
         check_groups(
             "Optimizer::with_groups",
             n_params,
             groups.iter().map(|g| g.params.as_slice()),
         )?;
+        for (g, group) in groups.iter().enumerate() {
+            check_hyperparameters(&group.hyperparameters, g)?;
+        }
         Ok(Optimizer {
             groups,
             states: vec![State::new(); n_params],
@@ -134,7 +230,9 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
         &self.groups
     }
 
-    /// The parameter groups, mutably (to change a learning rate between steps).
+    /// The parameter groups, mutably (to change a learning rate between steps). The next
+    /// step checks the hyperparameters again and fails, changing nothing, if they are
+    /// invalid.
     pub fn groups_mut(&mut self) -> &mut [ParamGroup<O>] {
         &mut self.groups
     }
@@ -145,7 +243,8 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
     }
 
     /// Replaces the state of every parameter (e.g. loaded from a checkpoint); the count
-    /// must match.
+    /// must match. Each state's tensors are checked against its parameter's shape at the
+    /// next step.
     pub fn set_states(&mut self, states: Vec<State>) -> Result<()> {
         check_count(
             "Optimizer::set_states",
@@ -167,15 +266,17 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
     /// One step on a plain candle model's `Var`s with the gradients of candle's own
     /// `loss.backward()` (candle-nn's `Optimizer::step` style). Vars are matched to the
     /// optimizer's parameters by position; a var without a gradient is left as it is. The
-    /// update is computed for every var before any is set, so a failing step changes none.
+    /// update is computed and checked against every var (shape, dtype, device) before any
+    /// is set, so a failing step changes no var and no state.
     pub fn step_vars(
         &mut self,
         vars: &[candle_core::Var],
         grads: &candle_core::backprop::GradStore,
     ) -> Result<()> {
+        const OP: &str = "Optimizer::step_vars";
         // Copies: `Var::set` writes into the var's storage, which a state entry holding
         // the parameter itself would otherwise share.
-        let mut params = vars
+        let params = vars
             .iter()
             .map(|v| Ok(Tensor::new(v.as_tensor().copy()?)))
             .collect::<Result<Vec<Tensor>>>()?;
@@ -183,33 +284,56 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
             .iter()
             .map(|v| grads.get(v.as_tensor()).map(|g| Tensor::new(g.clone())))
             .collect();
-        let before: Vec<Tensor> = params.clone();
-        self.step_grads(&mut params, &grads)?;
-        for ((var, new), old) in vars.iter().zip(&params).zip(&before) {
-            if new.id() != old.id() {
-                var.set(new.value())?;
-            }
+        let pending = self.compute_step(&params, &grads)?;
+        for (i, new, _) in &pending.updates {
+            let var = vars[*i].as_tensor();
+            check_step_result(OP, *i, &Tensor::new(var.clone()), new)?;
         }
+        for (i, new, _) in &pending.updates {
+            vars[*i].set(new.value())?;
+        }
+        self.commit_states(pending);
         Ok(())
     }
 
     /// One step with explicit gradients, one per parameter in order (`None`: no gradient).
+    /// Everything is computed and checked before anything is committed: a failing step
+    /// changes neither the parameters nor the states.
     pub fn step_grads(&mut self, params: &mut [Tensor], grads: &[Option<Tensor>]) -> Result<()> {
+        let pending = self.compute_step(params, grads)?;
+        pending.apply_to(params);
+        self.commit_states(pending);
+        Ok(())
+    }
+
+    /// The step of every parameter that has a gradient, computed under `no_grad` on copies
+    /// of the states; nothing is changed. Checks the hyperparameters (they may have been
+    /// changed through [`Optimizer::groups_mut`]), each gradient's and state's shapes
+    /// against the parameter's, and that the step kept the parameter's shape and dtype.
+    pub(crate) fn compute_step(
+        &self,
+        params: &[Tensor],
+        grads: &[Option<Tensor>],
+    ) -> Result<PendingStep> {
         const OP: &str = "Optimizer::step";
         check_count(OP, "parameters", self.states.len(), params.len())?;
         check_count(OP, "gradients", params.len(), grads.len())?;
+        for (g, group) in self.groups.iter().enumerate() {
+            check_hyperparameters(&group.hyperparameters, g)?;
+        }
         let _guard = no_grad();
-        // Compute everything first, commit after: a failing step changes nothing.
         let mut updates = Vec::new();
         for group in &self.groups {
             for &i in &group.params {
                 let Some(g) = &grads[i] else { continue };
                 check_grad_shape(OP, i, &params[i], g)?;
+                check_state_shapes(OP, i, &params[i], &self.states[i])?;
                 let mut p = params[i].detach();
                 let mut state = self.states[i].clone();
                 group
                     .hyperparameters
                     .step(&mut p, &g.detach(), &mut state)?;
+                check_step_result(OP, i, &params[i], &p)?;
                 let p = if params[i].requires_grad() {
                     p.to_leaf()
                 } else {
@@ -218,12 +342,15 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
                 updates.push((i, p, state));
             }
         }
-        for (i, p, state) in updates {
-            params[i] = p;
+        Ok(PendingStep { updates })
+    }
+
+    /// Commits the states of a computed step (its parameters are the caller's to write).
+    pub(crate) fn commit_states(&mut self, pending: PendingStep) {
+        for (i, _, state) in pending.updates {
             // A snapshot keeps each entry's current value only, not the versions the
             // step went through.
             self.states[i] = state.clone();
         }
-        Ok(())
     }
 }

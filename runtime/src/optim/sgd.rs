@@ -1,6 +1,7 @@
 //! Stochastic gradient descent (`torch.optim.SGD`).
 
 use super::common::weight_decay;
+use super::validation::{in_range, require};
 use super::State;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -78,6 +79,21 @@ impl Sgd {
             }
         }
         p.sub_(&g.mul(self.lr)?)?;
+        Ok(())
+    }
+
+    /// torch's checks: `lr`, `momentum`, `weight_decay` >= 0; Nesterov needs a
+    /// momentum and zero dampening.
+    fn validate(&self) -> Result<()> {
+        in_range("Sgd", "lr", &self.lr, 0.0..)?;
+        in_range("Sgd", "momentum", &self.momentum, 0.0..)?;
+        in_range("Sgd", "weight_decay", &self.weight_decay, 0.0..)?;
+        if self.nesterov {
+            let m = &self.momentum;
+            require(*m > 0.0, "Sgd", "momentum", m, "> 0 with nesterov")?;
+            let d = &self.dampening;
+            require(*d == 0.0, "Sgd", "dampening", d, "0 with nesterov")?;
+        }
         Ok(())
     }
 }
