@@ -299,7 +299,17 @@ fn propagate(
             grad: &g,
             needs: &needs,
         };
-        let input_grads = backward.vjp(&ctx)?;
+        let input_grads = backward.vjp(&ctx).map_err(|e| match e {
+            // An op of the VJP (recorded under create_graph, or not) was flagged.
+            Error::NonFinite { what } => Error::NonFinite {
+                what: format!(
+                    "in the backward of {} (output {:?}): {what}",
+                    backward.name(),
+                    t.dims()
+                ),
+            },
+            other => other,
+        })?;
         if crate::tensor::anomaly::is_anomaly_enabled() {
             check_backward(backward.name(), inputs, t, &input_grads)?;
         }

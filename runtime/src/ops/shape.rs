@@ -126,8 +126,14 @@ fn check_dim(op: &'static str, t: &Tensor, dim: usize) -> Result<()> {
 impl Tensor {
     /// The same elements in a new shape (same element count).
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
-        // Checked: a product past usize::MAX would wrap and could match the count.
-        let count = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        // Checked: a product past usize::MAX would wrap and could match the count. The
+        // nonzero dims alone must not overflow either (candle's strides multiply them even
+        // when another dim is 0).
+        let nonzero = shape
+            .iter()
+            .filter(|&&d| d != 0)
+            .try_fold(1usize, |n, &d| n.checked_mul(d));
+        let count = nonzero.map(|n| if shape.contains(&0) { 0 } else { n });
         if count != Some(self.elem_count()) {
             let count = count.map_or_else(|| "more than usize::MAX".into(), |n| n.to_string());
             return Err(Error::ShapeMismatch {
