@@ -190,6 +190,43 @@ fn an_input_listed_twice_gets_its_gradient_at_every_position() {
     assert_eq!(g, vec![dx.clone(), dh.clone(), dx, vec![14.0], dh]);
 }
 
+/// A diffopt over a list that holds one tensor twice steps both copies, each exactly as a
+/// list holding it once would (it used to step the first copy only).
+#[test]
+fn a_diffopt_over_a_repeated_tensor_steps_both_copies() {
+    use candle_higher::optim::{Adam, DiffOptimizer};
+    let x = t(&[1.0, -2.0, 0.5], &[3]).to_leaf();
+    let loss = |p: &[Tensor]| -> Tensor {
+        // Depends on x once, whichever copy is read.
+        p[0].sqr().unwrap().sum_all().unwrap()
+    };
+    let adam = Adam {
+        lr: 0.1,
+        ..Adam::default()
+    };
+    let mut once = DiffOptimizer::new(adam.clone(), &[x.clone()]).unwrap();
+    let mut twice = DiffOptimizer::new(adam, &[x.clone(), x.clone()]).unwrap();
+    let (mut p1, mut p2) = (vec![x.clone()], vec![x.clone(), x.clone()]);
+    let mut second_after_step_0 = None;
+    for _ in 0..3 {
+        p1 = once.step_params(&loss(&p1), &p1).unwrap();
+        // The loss reads the first copy. At step 0 both positions hold x and both get its
+        // gradient; afterwards they are separate tensors and only the first is reached.
+        let l = loss(&p2);
+        p2 = twice.step_params(&l, &p2).unwrap();
+        assert_eq!(vals(&p2[0]), vals(&p1[0]));
+        second_after_step_0.get_or_insert_with(|| (vals(&p2[1]), vals(&p1[0])));
+    }
+    let (second, first) = second_after_step_0.unwrap();
+    assert_eq!(second, first, "the second copy took the same step 0");
+    assert_ne!(second, vals(&x));
+    assert_eq!(
+        vals(&p2[1]),
+        second,
+        "not reached after step 0, so not stepped"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Out-of-range indices.
 
