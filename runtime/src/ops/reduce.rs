@@ -134,8 +134,9 @@ impl Tensor {
         self.sum_dims(&dims, false)
     }
 
-    /// Mean over `dims`.
+    /// Mean over `dims` (floating point tensors only, as PyTorch).
     pub fn mean_dims(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+        self.require_float("mean")?;
         let n: usize = dims
             .iter()
             .map(|&d| self.dims().get(d).copied().unwrap_or(1))
