@@ -323,6 +323,8 @@ fn propagate(
 }
 
 /// With anomaly detection on: fails if the backward of `op` gave a non-finite gradient.
+#[cold]
+#[inline(never)]
 fn check_backward(
     op: &str,
     inputs: &[Tensor],

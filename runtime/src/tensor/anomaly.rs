@@ -7,6 +7,7 @@ use std::cell::Cell;
 use candle_core::DType;
 
 use crate::error::{Error, Result};
+use crate::tensor::Tensor;
 
 thread_local! {
     static ANOMALY: Cell<bool> = const { Cell::new(false) };
@@ -66,6 +67,19 @@ pub(crate) fn all_finite(value: &candle_core::Tensor) -> Result<bool> {
         _ => true,
     };
     Ok(finite)
+}
+
+/// [`check`] of a forward output, kept out of line so the ordinary path of every op pays
+/// only for the flag.
+#[cold]
+#[inline(never)]
+pub(crate) fn check_forward(
+    op: &str,
+    inputs: &[&Tensor],
+    value: &candle_core::Tensor,
+) -> Result<()> {
+    let shapes: Vec<&[usize]> = inputs.iter().map(|t| t.dims()).collect();
+    check("forward", op, &shapes, value)
 }
 
 /// With anomaly detection on, fails if `value` (the output of `op` in `phase`) is not

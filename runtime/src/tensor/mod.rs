@@ -74,12 +74,11 @@ impl Tensor {
         backward: B,
     ) -> Result<Self> {
         if anomaly::is_anomaly_enabled() {
-            let shapes: Vec<&[usize]> = inputs.iter().map(|t| t.dims()).collect();
-            anomaly::check("forward", backward.name(), &shapes, &value)?;
+            anomaly::check_forward(backward.name(), inputs, &value)?;
         }
         let record = is_grad_enabled()
-            && value.dtype().is_float()
-            && inputs.iter().any(|t| t.requires_grad());
+            && inputs.iter().any(|t| t.requires_grad())
+            && value.dtype().is_float();
         Ok(if record {
             let node = Node::Op {
                 inputs: inputs.iter().map(|t| (*t).clone()).collect(),
