@@ -89,6 +89,31 @@ pub enum Error {
         /// The parameter being stepped.
         param: usize,
     },
+    /// An op received a tensor whose dtype it does not support (an integer tensor in a
+    /// float-only op, or where only floating point tensors can require gradients).
+    #[error("{op}: {dtype:?} tensors are not supported; {expected}")]
+    UnsupportedDType {
+        /// The op that rejected the tensor.
+        op: &'static str,
+        /// The tensor's dtype.
+        dtype: candle_core::DType,
+        /// What the op accepts, and what to do instead.
+        expected: &'static str,
+    },
+    /// An index outside the dimension it indexes.
+    #[error("{op}: index {index} at position {position} is out of range for dimension {dim} of size {size}")]
+    IndexOutOfRange {
+        /// The op that failed.
+        op: &'static str,
+        /// The offending index, as given.
+        index: i64,
+        /// Its flat position in the index tensor.
+        position: usize,
+        /// The indexed dimension.
+        dim: usize,
+        /// That dimension's size (valid indices are `0..size`).
+        size: usize,
+    },
     /// A value is NaN or infinite where finite data is required.
     #[error("{what}: contains NaN or infinite values")]
     NonFinite {

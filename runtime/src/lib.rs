@@ -17,7 +17,10 @@ pub mod testing;
 pub use autograd::{backward, grad, grad_with_stats, GradOptions, GradStats, GradStore};
 pub use error::{Error, Result};
 pub use ops::Operand;
-pub use tensor::{is_grad_enabled, no_grad, NoGradGuard, Tensor, TensorId};
+pub use tensor::{
+    detect_anomaly, is_anomaly_enabled, is_grad_enabled, no_grad, AnomalyGuard, NoGradGuard,
+    Tensor, TensorId,
+};
 
 pub use optim::{
     DiffOptimizer, InnerGradMode, Optimizer, Overrides, ParamGroup, StateTensor, StateValue,

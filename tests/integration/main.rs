@@ -5,6 +5,7 @@
 mod common;
 mod optim_support;
 
+mod adversarial_ops;
 mod adversarial_optim;
 mod custom_optimizers;
 mod engine_smoke;

@@ -111,6 +111,9 @@ pub fn grad_with_stats(
     inputs: &[Tensor],
     options: GradOptions,
 ) -> Result<(Vec<Option<Tensor>>, GradStats)> {
+    for t in inputs {
+        check_float_leaf("grad", t)?;
+    }
     let seeds = seeds(outputs, options.grad_outputs.as_deref())?;
     let input_index: HashMap<u64, usize> = inputs
         .iter()
@@ -125,11 +128,12 @@ pub fn grad_with_stats(
         nodes_visited,
         nodes_on_path: order.len(),
     };
-    let mut grads = propagate(&order, seeds, options.create_graph)?;
+    let grads = propagate(&order, seeds, options.create_graph)?;
+    // `get`, not `remove`: an input listed twice gets its gradient at both positions.
     let grads = inputs
         .iter()
         .enumerate()
-        .map(|(i, t)| match grads.remove(&t.0.id) {
+        .map(|(i, t)| match grads.get(&t.0.id).cloned() {
             Some(g) => Ok(Some(g)),
             None if options.allow_unused => Ok(None),
             None => Err(Error::UnusedInput {
@@ -151,6 +155,11 @@ pub fn backward(output: &Tensor) -> Result<GradStore> {
         |t| matches!(t.node(), Some(Node::Leaf)),
         0,
     );
+    for t in &order {
+        if matches!(t.node(), Some(Node::Leaf)) {
+            check_float_leaf("backward", t)?;
+        }
+    }
     let mut grads = propagate(&order, seeds, false)?;
     let mut store = GradStore::default();
     for t in &order {
@@ -161,6 +170,19 @@ pub fn backward(output: &Tensor) -> Result<GradStore> {
         }
     }
     Ok(store)
+}
+
+/// Only floating point tensors can require gradients (PyTorch's rule): an integer leaf
+/// would get a truncated gradient.
+fn check_float_leaf(op: &'static str, t: &Tensor) -> Result<()> {
+    if !t.requires_grad() || t.dtype().is_float() {
+        return Ok(());
+    }
+    Err(Error::UnsupportedDType {
+        op,
+        dtype: t.dtype(),
+        expected: "only floating point tensors can require gradients",
+    })
 }
 
 /// The initial output gradients: `grad_outputs`, or ones for single-element outputs.
@@ -277,7 +299,20 @@ fn propagate(
             grad: &g,
             needs: &needs,
         };
-        let input_grads = backward.vjp(&ctx)?;
+        let input_grads = backward.vjp(&ctx).map_err(|e| match e {
+            // An op of the VJP (recorded under create_graph, or not) was flagged.
+            Error::NonFinite { what } => Error::NonFinite {
+                what: format!(
+                    "in the backward of {} (output {:?}): {what}",
+                    backward.name(),
+                    t.dims()
+                ),
+            },
+            other => other,
+        })?;
+        if crate::tensor::anomaly::is_anomaly_enabled() {
+            check_backward(backward.name(), inputs, t, &input_grads)?;
+        }
         for ((input, need), ig) in inputs.iter().zip(&needs).zip(input_grads) {
             if let (true, Some(ig)) = (need, ig) {
                 accumulate(&mut grads, input.0.id, ig)?;
@@ -285,6 +320,23 @@ fn propagate(
         }
     }
     Ok(grads)
+}
+
+/// With anomaly detection on: fails if the backward of `op` gave a non-finite gradient.
+#[cold]
+#[inline(never)]
+fn check_backward(
+    op: &str,
+    inputs: &[Tensor],
+    output: &Tensor,
+    input_grads: &[Option<Tensor>],
+) -> Result<()> {
+    let shapes: Vec<&[usize]> = inputs.iter().map(Tensor::dims).collect();
+    let phase = format!("backward (output {:?})", output.dims());
+    for g in input_grads.iter().flatten() {
+        crate::tensor::anomaly::check(&phase, op, &shapes, g.value())?;
+    }
+    Ok(())
 }
 
 fn accumulate(grads: &mut HashMap<u64, Tensor>, id: u64, g: Tensor) -> Result<()> {

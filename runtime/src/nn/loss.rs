@@ -6,6 +6,7 @@ use crate::tensor::Tensor;
 
 /// Mean squared error `mean((pred - target)^2)`; shapes broadcast.
 pub fn mse(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+    pred.require_float("mse")?;
     pred.sub(target)?.sqr()?.mean_all()
 }
 

@@ -116,17 +116,21 @@ impl Module for BatchNorm {
         let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
         let (centered, var) = if self.training {
             let n: usize = dims.iter().map(|&d| x.dims()[d]).product();
+            if n < 2 {
+                // PyTorch raises for one value; none would make the statistics NaN.
+                return Err(Error::ShapeMismatch {
+                    op: "BatchNorm",
+                    expected: "more than 1 value per channel when training".into(),
+                    got: x.dims().to_vec(),
+                });
+            }
             let mean = x.mean_dims(&dims, true)?;
             let centered = x.sub(&mean)?;
             let var = centered.sqr()?.mean_dims(&dims, true)?;
             {
                 let _g = no_grad();
                 let m = self.config.momentum;
-                let unbiased = if n > 1 {
-                    var.affine(n as f64 / (n as f64 - 1.0), 0.0)?
-                } else {
-                    var.clone()
-                };
+                let unbiased = var.affine(n as f64 / (n as f64 - 1.0), 0.0)?;
                 let rm = self
                     .running_mean
                     .get()

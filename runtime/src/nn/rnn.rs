@@ -107,6 +107,39 @@ impl RecurrentCell {
         })
     }
 
+    /// Checks that `state` has `x`'s leading (batch) dims and this cell's hidden size, and
+    /// a cell state exactly for an LSTM: a state of another batch size would broadcast.
+    fn check_state(&self, x: &Tensor, state: &CellState) -> Result<()> {
+        let mut expected = x.dims().to_vec();
+        if let Some(last) = expected.last_mut() {
+            *last = self.hidden;
+        }
+        let lstm = self.kind == CellKind::Lstm;
+        if lstm != state.c.is_some() {
+            return Err(Error::InvalidArgument {
+                op: "RecurrentCell",
+                message: format!(
+                    "a {:?} cell's state {} a cell state c",
+                    self.kind,
+                    if lstm { "needs" } else { "has no" }
+                ),
+            });
+        }
+        for (name, t) in [("h", Some(&state.h)), ("c", state.c.as_ref())] {
+            if let Some(t) = t.filter(|t| t.dims() != expected.as_slice()) {
+                return Err(Error::ShapeMismatch {
+                    op: "RecurrentCell",
+                    expected: format!(
+                        "state {name} of shape {expected:?} for input {:?}",
+                        x.dims()
+                    ),
+                    got: t.dims().to_vec(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// One step: `x` `[batch, input]` and the previous state give the next state.
     pub fn step(&self, x: &Tensor, state: &CellState) -> Result<CellState> {
         let input = self.weight_ih.dims()[1];
@@ -117,6 +150,7 @@ impl RecurrentCell {
                 got: x.dims().to_vec(),
             });
         }
+        self.check_state(x, state)?;
         let hsz = self.hidden;
         let gi = x.matmul(&self.weight_ih.t()?)?.add(&self.bias_ih)?;
         let gh = state.h.matmul(&self.weight_hh.t()?)?.add(&self.bias_hh)?;
@@ -192,6 +226,14 @@ fn recurrent(
     layers: usize,
     vb: &VarBuilder,
 ) -> Result<Recurrent> {
+    if layers == 0 || hidden == 0 {
+        return Err(Error::InvalidArgument {
+            op: "Recurrent",
+            message: format!(
+                "num_layers ({layers}) and hidden size ({hidden}) must be positive, as in PyTorch"
+            ),
+        });
+    }
     let cells = (0..layers)
         .map(|l| {
             cell(

@@ -31,7 +31,8 @@ pub fn save_safetensors<M: Parameters + Clone>(model: &M, path: impl AsRef<Path>
 /// Loads every parameter and buffer of `model` from a safetensors file, by name.
 ///
 /// All names and shapes are checked before anything is replaced: any missing, extra or
-/// mis-shaped tensor gives one [`Error::LoadMismatch`] listing them all, and the model is
+/// mis-shaped tensor gives one [`Error::LoadMismatch`] listing them all, a tensor holding
+/// NaN or an infinity gives [`Error::NonFinite`] naming them, and either way the model is
 /// unchanged. Values are converted to the dtype and device of the tensor they replace;
 /// trainable parameters become fresh leaves, frozen ones stay frozen.
 pub fn load_safetensors<M: Parameters>(model: &mut M, path: impl AsRef<Path>) -> Result<()> {
@@ -78,6 +79,22 @@ pub fn load_state_dict<M: Parameters>(
             missing,
             unexpected,
             mis_shaped,
+        });
+    }
+    // NaN or inf weights are never what a checkpoint should hold: refuse them all, by
+    // name, before anything is replaced (one pass over the values; loading reads them anyway).
+    let mut non_finite = Vec::new();
+    for (name, _) in &current {
+        if !crate::tensor::anomaly::all_finite(&tensors[name.as_str()])? {
+            non_finite.push(name.to_string());
+        }
+    }
+    if !non_finite.is_empty() {
+        return Err(Error::NonFinite {
+            what: format!(
+                "{source}: nothing loaded; tensors {}",
+                non_finite.join(", ")
+            ),
         });
     }
     let convert = |name: &String, like: &Tensor| -> Result<Tensor> {

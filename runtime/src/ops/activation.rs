@@ -79,46 +79,51 @@ impl Backward for Activation {
 }
 
 impl Tensor {
-    fn activation(&self, kind: Kind, value: candle_core::Tensor) -> Tensor {
+    fn activation(&self, kind: Kind, value: candle_core::Tensor) -> Result<Tensor> {
         Tensor::from_op(value, &[self], Activation(kind))
     }
 
     /// The error function; `d erf(x)/dx = 2/sqrt(pi) e^(-x^2)`.
     pub fn erf(&self) -> Result<Tensor> {
-        Ok(self.activation(Kind::Erf, self.value().erf()?))
+        self.require_float("erf")?;
+        self.activation(Kind::Erf, self.value().erf()?)
     }
 
     /// `x` for `x > 0`, `slope * x` otherwise (`torch.nn.functional.leaky_relu`, whose
     /// default slope is 0.01); the derivative at 0 is `slope`.
     pub fn leaky_relu(&self, slope: f64) -> Result<Tensor> {
+        self.require_float("leaky_relu")?;
         let v = self.value();
         let m = v.gt(0.0)?.to_dtype(v.dtype())?.affine(1.0 - slope, slope)?;
-        Ok(self.activation(Kind::LeakyRelu(slope), (v * m)?))
+        self.activation(Kind::LeakyRelu(slope), (v * m)?)
     }
 
     /// `x` for `x > 0`, `alpha (e^x - 1)` otherwise (`torch.nn.functional.elu`, default
     /// alpha 1.0); the derivative is `alpha e^x` for `x <= 0`.
     pub fn elu(&self, alpha: f64) -> Result<Tensor> {
+        self.require_float("elu")?;
         let v = self.value();
         let m = v.gt(0.0)?.to_dtype(v.dtype())?;
         let neg = v.minimum(0.0)?.exp()?.affine(alpha, -alpha)?;
         let value = ((v * &m)? + (neg * m.affine(-1.0, 1.0)?)?)?;
-        Ok(self.activation(Kind::Elu(alpha), value))
+        self.activation(Kind::Elu(alpha), value)
     }
 
     /// `x Phi(x)` with the exact normal CDF (`torch.nn.functional.gelu`, approximate =
     /// "none"); `d/dx = Phi(x) + x phi(x)`.
     pub fn gelu(&self) -> Result<Tensor> {
-        Ok(self.activation(Kind::Gelu, self.value().gelu_erf()?))
+        self.require_float("gelu")?;
+        self.activation(Kind::Gelu, self.value().gelu_erf()?)
     }
 
     /// `log(1 + e^x)`, and `x` itself where `x > 20` (`torch.nn.functional.softplus` with
     /// beta 1, threshold 20); `d/dx = sigmoid(x)` (1 above the threshold).
     pub fn softplus(&self) -> Result<Tensor> {
+        self.require_float("softplus")?;
         let v = self.value();
         // Stable form: max(x, 0) + log(1 + e^-|x|).
         let smooth = (v.relu()? + (v.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
         let value = v.gt(SOFTPLUS_THRESHOLD)?.where_cond(v, &smooth)?;
-        Ok(self.activation(Kind::Softplus, value))
+        self.activation(Kind::Softplus, value)
     }
 }

@@ -80,10 +80,20 @@ fn binary(kind: Kind, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         Kind::Sub => (&va - &vb)?,
         Kind::Mul => (&va * &vb)?,
         Kind::Div => (&va / &vb)?,
-        Kind::Maximum => va.maximum(&vb)?,
-        Kind::Minimum => va.minimum(&vb)?,
+        Kind::Maximum | Kind::Minimum => {
+            let m = match kind {
+                Kind::Maximum => va.maximum(&vb)?,
+                _ => va.minimum(&vb)?,
+            };
+            // candle keeps the left operand when the right one is NaN; PyTorch gives NaN.
+            if super::nan::has_nan(&vb)? {
+                super::nan::set_nan_where(&super::nan::nan_mask(&vb)?, &m)?
+            } else {
+                m
+            }
+        }
     };
-    Ok(Tensor::from_op(value, &[a, b], BinaryBackward(kind)))
+    Tensor::from_op(value, &[a, b], BinaryBackward(kind))
 }
 
 struct BinaryBackward(Kind);
@@ -167,7 +177,8 @@ impl Tensor {
         self.binary_or_scalar(rhs.into(), Kind::Div, |t, v| t.affine(1.0 / v, 0.0))
     }
 
-    /// Elementwise maximum (`torch.maximum`); at ties the gradient is split in half.
+    /// Elementwise maximum (`torch.maximum`, NaN where either side is NaN); at ties the
+    /// gradient is split in half.
     pub fn maximum(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
         let rhs = match rhs.into() {
             Operand::Tensor(t) => t,
@@ -176,7 +187,8 @@ impl Tensor {
         binary(Kind::Maximum, self, &rhs)
     }
 
-    /// Elementwise minimum (`torch.minimum`); at ties the gradient is split in half.
+    /// Elementwise minimum (`torch.minimum`, NaN where either side is NaN); at ties the
+    /// gradient is split in half.
     pub fn minimum(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
         let rhs = match rhs.into() {
             Operand::Tensor(t) => t,

@@ -36,16 +36,12 @@ pub(crate) fn to_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
     if t.dtype() == dtype {
         return Ok(t.clone());
     }
-    Ok(Tensor::from_op(t.value().to_dtype(dtype)?, &[t], ToDType))
+    Tensor::from_op(t.value().to_dtype(dtype)?, &[t], ToDType)
 }
 
 pub(crate) fn to_device(t: &Tensor, device: &Device) -> Result<Tensor> {
     if t.device().same_device(device) {
         return Ok(t.clone());
     }
-    Ok(Tensor::from_op(
-        t.value().to_device(device)?,
-        &[t],
-        ToDevice,
-    ))
+    Tensor::from_op(t.value().to_device(device)?, &[t], ToDevice)
 }

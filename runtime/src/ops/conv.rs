@@ -173,18 +173,36 @@ fn weight_grad_value(x: &Value, gy: &Value, g: &Geom) -> Result<Value> {
 }
 
 fn conv_op(x: &Tensor, w: &Tensor, g: Geom) -> Result<Tensor> {
+    if x.elem_count() == 0 || w.elem_count() == 0 {
+        return empty_conv(x, w, &g);
+    }
     let value = conv_value(x.value(), w.value(), &g)?;
-    Ok(Tensor::from_op(value, &[x, w], Conv(g)))
+    Tensor::from_op(value, &[x, w], Conv(g))
 }
 
 fn input_grad_op(gy: &Tensor, w: &Tensor, g: Geom) -> Result<Tensor> {
     let value = input_grad_value(gy.value(), w.value(), &g)?;
-    Ok(Tensor::from_op(value, &[gy, w], ConvInputGrad(g)))
+    Tensor::from_op(value, &[gy, w], ConvInputGrad(g))
 }
 
 fn weight_grad_op(x: &Tensor, gy: &Tensor, g: Geom) -> Result<Tensor> {
     let value = weight_grad_value(x.value(), gy.value(), &g)?;
-    Ok(Tensor::from_op(value, &[x, gy], ConvWeightGrad(g)))
+    Tensor::from_op(value, &[x, gy], ConvWeightGrad(g))
+}
+
+/// The result of a convolution with no batch, no input channels or no output channels:
+/// zeros of the output's shape, as in PyTorch.
+fn empty_conv(x: &Tensor, w: &Tensor, g: &Geom) -> Result<Tensor> {
+    // `validate` has checked that these sizes neither overflow nor underflow.
+    let out =
+        |len: usize, k: usize| (len + 2 * g.padding - g.dilation * (k - 1) - 1) / g.stride + 1;
+    let shape = [
+        x.dims()[0],
+        w.dims()[0],
+        out(g.in_hw.0, g.k_hw.0),
+        out(g.in_hw.1, g.k_hw.1),
+    ];
+    super::connected_zeros(&shape, x, &[x, w])
 }
 
 struct Conv(Geom);
@@ -267,6 +285,7 @@ fn validate(
     groups: usize,
 ) -> Result<()> {
     x.check_same(w, op)?;
+    x.require_float(op)?;
     if x.rank() != spatial + 2 || w.rank() != spatial + 2 {
         let layout = if spatial == 1 {
             "input [N, C_in, L] and kernel [C_out, C_in/groups, K]"
@@ -284,21 +303,42 @@ fn validate(
         });
     }
     let (c_in, c_out, cin_g) = (x.dims()[1], w.dims()[0], w.dims()[1]);
-    if c_in != cin_g * groups || c_out % groups != 0 {
+    if cin_g.checked_mul(groups) != Some(c_in) || c_out % groups != 0 {
         return Err(shape_error(
             op,
             x,
             w,
             format!(
-                "{} input channels and output channels divisible by groups = {groups}",
-                cin_g * groups
+                "{cin_g} x groups = {groups} input channels and output channels divisible by groups"
             ),
         ));
     }
     for d in 0..spatial {
-        let size = x.dims()[2 + d] + 2 * padding;
-        let reach = dilation * (w.dims()[2 + d] - 1) + 1;
-        if w.dims()[2 + d] == 0 || reach > size {
+        let k = w.dims()[2 + d];
+        if k == 0 {
+            return Err(shape_error(
+                op,
+                x,
+                w,
+                format!("a kernel of positive size along spatial dim {d}"),
+            ));
+        }
+        // Checked: padding or dilation near usize::MAX must not wrap around.
+        let size = padding
+            .checked_mul(2)
+            .and_then(|p| p.checked_add(x.dims()[2 + d]));
+        let reach = dilation.checked_mul(k - 1).and_then(|r| r.checked_add(1));
+        let (Some(size), Some(reach)) = (size, reach) else {
+            return Err(Error::InvalidArgument {
+                op,
+                message: format!(
+                    "padding {padding} or dilation {dilation} overflows usize for input {:?} and kernel {:?}",
+                    x.dims(),
+                    w.dims()
+                ),
+            });
+        };
+        if reach > size {
             return Err(shape_error(
                 op,
                 x,

@@ -31,6 +31,41 @@ fn check_indices(op: &'static str, t: &Tensor, indices: &Tensor, dim: usize) -> 
     Ok(())
 }
 
+/// Checks every index against `size`, the length of the indexed dimension (one pass over
+/// the indices, as PyTorch does), and returns them in the form candle's kernels get: candle
+/// treats the largest value of the index dtype as "skip" (u32::MAX gave a zero row or a
+/// dropped update), so u8 indices go in as u32 and out-of-range ones never reach it.
+fn checked_indices(
+    op: &'static str,
+    indices: &Tensor,
+    dim: usize,
+    size: usize,
+) -> Result<candle_core::Tensor> {
+    let values = indices
+        .value()
+        .flatten_all()?
+        .to_dtype(DType::I64)?
+        .to_vec1::<i64>()?;
+    let bad = values
+        .iter()
+        .position(|&v| v < 0 || usize::try_from(v).map_or(true, |v| v >= size));
+    if let Some(position) = bad {
+        return Err(Error::IndexOutOfRange {
+            op,
+            index: values[position],
+            position,
+            dim,
+            size,
+        });
+    }
+    let v = indices.value();
+    Ok(if v.dtype() == DType::U8 {
+        v.to_dtype(DType::U32)?
+    } else {
+        v.clone()
+    })
+}
+
 /// Checks that `other` has `base`'s shape except along `dim` (the rule of gather's
 /// indices and of scatter's source).
 fn check_same_except(
@@ -157,15 +192,9 @@ impl Tensor {
     pub fn index_select(&self, indices: &Tensor, dim: usize) -> Result<Tensor> {
         check_indices("index_select", self, indices, dim)?;
         check_index_vector("index_select", indices)?;
-        let value = self.value().index_select(indices.value(), dim)?;
-        Ok(Tensor::from_op(
-            value,
-            &[self],
-            IndexSelect {
-                indices: indices.value().clone(),
-                dim,
-            },
-        ))
+        let indices = checked_indices("index_select", indices, dim, self.dims()[dim])?;
+        let value = self.value().index_select(&indices, dim)?;
+        Tensor::from_op(value, &[self], IndexSelect { indices, dim })
     }
 
     /// `self` with `source`'s slices added at `indices` (one-dimensional) along `dim`
@@ -185,19 +214,12 @@ impl Tensor {
                 got: source.dims().to_vec(),
             });
         }
-        let value = self.value().contiguous()?.index_add(
-            indices.value(),
-            &source.value().contiguous()?,
-            dim,
-        )?;
-        Ok(Tensor::from_op(
-            value,
-            &[self, source],
-            IndexAdd {
-                indices: indices.value().clone(),
-                dim,
-            },
-        ))
+        let indices = checked_indices("index_add", indices, dim, self.dims()[dim])?;
+        let value =
+            self.value()
+                .contiguous()?
+                .index_add(&indices, &source.value().contiguous()?, dim)?;
+        Tensor::from_op(value, &[self, source], IndexAdd { indices, dim })
     }
 
     /// `out[..][i][..] = self[..][indices[..][i][..]][..]` along `dim` (`torch.gather`);
@@ -205,9 +227,9 @@ impl Tensor {
     pub fn gather(&self, indices: &Tensor, dim: usize) -> Result<Tensor> {
         check_indices("gather", self, indices, dim)?;
         check_same_except("gather", self, indices.dims(), dim, "indices")?;
-        let indices = indices.value().contiguous()?;
+        let indices = checked_indices("gather", indices, dim, self.dims()[dim])?.contiguous()?;
         let value = self.value().gather(&indices, dim)?;
-        Ok(Tensor::from_op(value, &[self], Gather { indices, dim }))
+        Tensor::from_op(value, &[self], Gather { indices, dim })
     }
 
     /// `self` with each element of `source` added at the position `indices` names along
@@ -224,14 +246,11 @@ impl Tensor {
                 got: indices.dims().to_vec(),
             });
         }
-        let indices = indices.value().contiguous()?;
+        let indices =
+            checked_indices("scatter_add", indices, dim, self.dims()[dim])?.contiguous()?;
         let value = self
             .value()
             .scatter_add(&indices, &source.value().contiguous()?, dim)?;
-        Ok(Tensor::from_op(
-            value,
-            &[self, source],
-            ScatterAdd { indices, dim },
-        ))
+        Tensor::from_op(value, &[self, source], ScatterAdd { indices, dim })
     }
 }

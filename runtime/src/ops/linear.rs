@@ -54,6 +54,7 @@ impl Tensor {
     /// `[.., in]`, `weight` `[out, in]`, `bias` `[out]`.
     pub fn linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         self.check_same(weight, "linear")?;
+        self.require_float("linear")?;
         let wd = weight.dims();
         let fits = wd.len() == 2 && self.rank() >= 1 && self.dims()[self.rank() - 1] == wd[1];
         if !fits {
@@ -78,15 +79,23 @@ impl Tensor {
         }
         let mut out_shape = self.dims().to_vec();
         *out_shape.last_mut().expect("rank >= 1") = wd[0];
+        if self.elem_count() == 0 || weight.elem_count() == 0 {
+            // No input features: the output is the bias alone; no rows or no outputs: empty.
+            let zeros = super::connected_zeros(&out_shape, self, &[self, weight])?;
+            return match bias {
+                Some(b) => zeros.add(b),
+                None => Ok(zeros),
+            };
+        }
         let x2 = self.value().reshape((self.elem_count() / wd[1], wd[1]))?;
         let mut y = x2.matmul(&weight.value().t()?)?;
         if let Some(b) = bias {
             y = y.broadcast_add(b.value())?;
         }
         let value = y.reshape(out_shape)?;
-        Ok(match bias {
+        match bias {
             Some(b) => Tensor::from_op(value, &[self, weight, b], Linear { has_bias: true }),
             None => Tensor::from_op(value, &[self, weight], Linear { has_bias: false }),
-        })
+        }
     }
 }

@@ -31,6 +31,7 @@ impl Tensor {
     /// Matrix product of the last two dims; leading (batch) dims broadcast as in PyTorch.
     pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
         self.check_same(rhs, "matmul")?;
+        self.require_float("matmul")?;
         let (a, b) = (self.dims(), rhs.dims());
         if a.len() < 2 || b.len() < 2 || a[a.len() - 1] != b[b.len() - 2] {
             return Err(Error::ShapeMismatch {
@@ -40,6 +41,13 @@ impl Tensor {
                 ),
                 got: b.to_vec(),
             });
+        }
+        if self.elem_count() == 0 || rhs.elem_count() == 0 {
+            let batch =
+                super::binary::broadcast_shape("matmul", &a[..a.len() - 2], &b[..b.len() - 2])?;
+            let mut shape = batch;
+            shape.extend_from_slice(&[a[a.len() - 2], b[b.len() - 1]]);
+            return super::connected_zeros(&shape, self, &[self, rhs]);
         }
         let value = if a.len() == 2 && b.len() == 2 {
             match small_cpu_matmul(self.value(), rhs.value())? {
@@ -67,7 +75,7 @@ impl Tensor {
             };
             expand(self.value(), a)?.matmul(&expand(rhs.value(), b)?)?
         };
-        Ok(Tensor::from_op(value, &[self, rhs], Matmul))
+        Tensor::from_op(value, &[self, rhs], Matmul)
     }
 }
 

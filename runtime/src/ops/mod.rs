@@ -11,6 +11,7 @@ pub(crate) mod im2col;
 pub(crate) mod index;
 pub(crate) mod linear;
 pub(crate) mod matmul;
+mod nan;
 pub(crate) mod pool;
 pub(crate) mod reduce;
 pub(crate) mod scalar;
@@ -21,7 +22,24 @@ pub(crate) mod unary;
 
 mod operators;
 
+use crate::error::Result;
 use crate::tensor::Tensor;
+
+/// Zeros of `shape`, like `like`, connected to `inputs` so that their gradients are zeros:
+/// the result of a product or convolution with an empty operand (candle's kernels do not
+/// take them), as PyTorch gives it. A sum over no elements is an exact 0 whose gradient
+/// is the empty tensor, so no inf or NaN in an input can leak in.
+pub(crate) fn connected_zeros(
+    shape: &[usize],
+    like: &Tensor,
+    inputs: &[&Tensor],
+) -> Result<Tensor> {
+    let mut out = Tensor::zeros(shape, like.dtype(), like.device())?;
+    for t in inputs {
+        out = out.add(&t.flatten_all()?.narrow(0, 0, 0)?.sum_all()?)?;
+    }
+    Ok(out)
+}
 
 /// The right-hand side of an arithmetic op: a tensor (broadcast like PyTorch) or a plain
 /// float (a scalar op that records no extra input).

@@ -28,6 +28,7 @@ impl Pool {
         kernel: (usize, usize),
         stride: (usize, usize),
     ) -> Result<Self> {
+        x.require_float(op)?;
         let &[n, c, h, w] = x.dims() else {
             return Err(Error::ShapeMismatch {
                 op,
@@ -114,7 +115,11 @@ impl Pool {
                     for a in 0..self.kernel.0 {
                         for b in 0..self.kernel.1 {
                             let at = self.position(i, j, a, b);
-                            if plane[at as usize] > plane[best as usize] {
+                            let (v, b) = (plane[at as usize], plane[best as usize]);
+                            // NaN wins, as the forward pools it to NaN (`v != v`: NaN).
+                            #[allow(clippy::eq_op)]
+                            let nan_over_number = v != v && b == b;
+                            if v > b || nan_over_number {
                                 best = at;
                             }
                         }
@@ -153,7 +158,8 @@ impl Pool {
                 best = Some(match best {
                     None => (v, pos),
                     Some((bv, bp)) => {
-                        let better = v.gt(&bv)?;
+                        // Greater, or NaN over a number (NaN wins, as in the forward).
+                        let better = v.gt(&bv)?.maximum(&v.ne(&v)?.mul(&bv.eq(&bv)?)?)?;
                         (better.where_cond(&v, &bv)?, better.where_cond(&pos, &bp)?)
                     }
                 });
@@ -213,17 +219,25 @@ impl Tensor {
     }
 
     /// Max pooling over `[N, C, H, W]` with the given kernel and stride; windows that do
-    /// not fit are dropped. The gradient is 1 at each window's maximum.
+    /// not fit are dropped. The gradient is 1 at each window's maximum. A window holding a
+    /// NaN pools to NaN, as in PyTorch.
     pub fn max_pool2d_with_stride(
         &self,
         kernel: impl ToUsize2,
         stride: impl ToUsize2,
     ) -> Result<Tensor> {
         let pool = Pool::new("max_pool2d", self, kernel.to_usize2(), stride.to_usize2())?;
-        let value = self
-            .value()
-            .max_pool2d_with_stride(pool.kernel, pool.stride)?;
-        Ok(Tensor::from_op(value, &[self], MaxPool(pool)))
+        let x = self.value();
+        let mut value = x.max_pool2d_with_stride(pool.kernel, pool.stride)?;
+        // candle skips NaN; in PyTorch a window holding a NaN pools to NaN.
+        if super::nan::has_nan(x)? {
+            let nan_in_window = super::nan::nan_mask(x)?
+                .to_dtype(x.dtype())?
+                .max_pool2d_with_stride(pool.kernel, pool.stride)?
+                .gt(0.0)?;
+            value = super::nan::set_nan_where(&nan_in_window, &value)?;
+        }
+        Tensor::from_op(value, &[self], MaxPool(pool))
     }
 
     /// Average pooling with stride equal to the kernel (`torch.nn.functional.avg_pool2d`
@@ -243,7 +257,7 @@ impl Tensor {
         let value = self
             .value()
             .avg_pool2d_with_stride(pool.kernel, pool.stride)?;
-        Ok(Tensor::from_op(value, &[self], AvgPool(pool)))
+        Tensor::from_op(value, &[self], AvgPool(pool))
     }
 }
 

@@ -109,13 +109,13 @@ impl Tensor {
                 .collect();
             value = value.reshape(out)?;
         }
-        Ok(Tensor::from_op(
+        Tensor::from_op(
             value,
             &[self],
             Sum {
                 keepdim_shape: keep,
             },
-        ))
+        )
     }
 
     /// Sum over one dimension, removing it.
@@ -134,8 +134,9 @@ impl Tensor {
         self.sum_dims(&dims, false)
     }
 
-    /// Mean over `dims`.
+    /// Mean over `dims` (floating point tensors only, as PyTorch).
     pub fn mean_dims(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+        self.require_float("mean")?;
         let n: usize = dims
             .iter()
             .map(|&d| self.dims().get(d).copied().unwrap_or(1))
@@ -162,22 +163,29 @@ impl Tensor {
     fn extremum(&self, dim: usize, keepdim: bool, max: bool) -> Result<Tensor> {
         check_dims(if max { "max" } else { "min" }, self, &[dim])?;
         let keep = keepdim_shape(self.dims(), &[dim]);
-        let value = if max {
-            self.value().max_keepdim(dim)?
+        let x = self.value();
+        let mut value = if max {
+            x.max_keepdim(dim)?
         } else {
-            self.value().min_keepdim(dim)?
+            x.min_keepdim(dim)?
         };
+        // candle skips NaN; PyTorch's max/min is NaN wherever the slice holds one.
+        if super::nan::has_nan(x)? {
+            let nan_in_slice = super::nan::nan_mask(x)?.max_keepdim(dim)?;
+            value = super::nan::set_nan_where(&nan_in_slice, &value)?;
+        }
         let value = if keepdim { value } else { value.squeeze(dim)? };
-        Ok(Tensor::from_op(
+        Tensor::from_op(
             value,
             &[self],
             Extremum {
                 keepdim_shape: keep,
             },
-        ))
+        )
     }
 
-    /// Maximum over one dimension, removing it; ties share the gradient evenly.
+    /// Maximum over one dimension, removing it; ties share the gradient evenly. A slice
+    /// holding a NaN gives NaN, as in PyTorch.
     pub fn max(&self, dim: usize) -> Result<Tensor> {
         self.extremum(dim, false, true)
     }
@@ -187,7 +195,8 @@ impl Tensor {
         self.extremum(dim, true, true)
     }
 
-    /// Minimum over one dimension, removing it; ties share the gradient evenly.
+    /// Minimum over one dimension, removing it; ties share the gradient evenly. A slice
+    /// holding a NaN gives NaN, as in PyTorch.
     pub fn min(&self, dim: usize) -> Result<Tensor> {
         self.extremum(dim, false, false)
     }

@@ -28,8 +28,13 @@ impl Backward for Powf {
         "powf"
     }
 
-    /// d x^e / dx = e x^(e-1).
+    /// d x^e / dx = e x^(e-1), and exactly 0 for e = 0 (also at x = 0, where the general
+    /// form would be 0 * inf = NaN; this keeps every higher derivative of an integer
+    /// power finite, e.g. the third of x^2 and the fourth of x^3 at 0, as PyTorch).
     fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        if self.exponent == 0.0 {
+            return Ok(vec![Some(ctx.grad.zeros_like()?)]);
+        }
         let x = &ctx.inputs[0];
         let d = x.powf(self.exponent - 1.0)?.affine(self.exponent, 0.0)?;
         Ok(vec![Some(ctx.grad.mul(&d)?)])
@@ -37,15 +42,22 @@ impl Backward for Powf {
 }
 
 impl Tensor {
-    /// `self * mul + add` with constant floats.
+    /// `self * mul + add` with constant floats. An integer tensor is first converted to
+    /// f32, PyTorch's default float dtype, as PyTorch promotes `int_tensor * 0.5`
+    /// (candle would truncate the constants: `[1, 2, 3] u32 * 0.5` gave `[0, 0, 0]`).
     pub fn affine(&self, mul: f64, add: f64) -> Result<Tensor> {
+        if !self.dtype().is_float() {
+            return self.to_dtype(candle_core::DType::F32)?.affine(mul, add);
+        }
         let value = self.value().affine(mul, add)?;
-        Ok(Tensor::from_op(value, &[self], Affine { mul }))
+        Tensor::from_op(value, &[self], Affine { mul })
     }
 
     /// `self ^ exponent` for a constant exponent (elementwise; negative bases give NaN
-    /// unless the exponent is an integer, as in PyTorch).
+    /// unless the exponent is an integer, as in PyTorch; `0^e` is `inf` for `e < 0`).
+    /// Floating point tensors only.
     pub fn powf(&self, exponent: f64) -> Result<Tensor> {
+        self.require_float("powf")?;
         let value = if exponent == 2.0 {
             self.value().sqr()?
         } else if exponent == 1.0 {
@@ -57,23 +69,29 @@ impl Tensor {
         } else {
             self.value().powf(exponent)?
         };
-        Ok(Tensor::from_op(value, &[self], Powf { exponent }))
+        Tensor::from_op(value, &[self], Powf { exponent })
     }
 
     /// `-self`, exactly: `-0.0` for `0.0` (an affine `0 * -1 + 0` would give `+0.0`).
+    /// Integer tensors promote as [`Tensor::affine`] does.
     pub fn neg(&self) -> Result<Tensor> {
+        if !self.dtype().is_float() {
+            return self.affine(-1.0, 0.0);
+        }
         let value = self.value().neg()?;
-        Ok(Tensor::from_op(value, &[self], Affine { mul: -1.0 }))
+        Tensor::from_op(value, &[self], Affine { mul: -1.0 })
     }
 }
 
 /// An integer power that keeps the sign of negative bases (candle's `powf` is
-/// `exp(e ln x)`, NaN for x < 0).
+/// `exp(e ln x)`, NaN for x < 0). For odd exponents the sign is -1 below 0 and +1
+/// elsewhere, so that `0^-1` is `inf`, not `inf * sign(0) = NaN`.
 fn powi(x: &candle_core::Tensor, exponent: f64) -> Result<candle_core::Tensor> {
     let magnitude = x.abs()?.powf(exponent)?;
     if exponent.rem_euclid(2.0) == 0.0 {
         Ok(magnitude)
     } else {
-        Ok((magnitude * x.sign()?)?)
+        let sign = x.lt(0.0)?.to_dtype(x.dtype())?.affine(-2.0, 1.0)?;
+        Ok((magnitude * sign)?)
     }
 }

@@ -76,7 +76,7 @@ impl Tensor {
             &on_false.value().broadcast_as(shape.as_slice())?,
         )?;
         let mask = pred.to_dtype(on_true.dtype())?;
-        Ok(Tensor::from_op(value, &[on_true, on_false], Where { mask }))
+        Tensor::from_op(value, &[on_true, on_false], Where { mask })
     }
 
     /// Limits every element to `[min, max]` (`torch.clamp`); the bounds are floats or
@@ -87,7 +87,7 @@ impl Tensor {
         match (min.into(), max.into()) {
             (Operand::Float(lo), Operand::Float(hi)) => {
                 let value = self.value().clamp(lo, hi)?;
-                Ok(Tensor::from_op(value, &[self], Clamp { min: lo, max: hi }))
+                Tensor::from_op(value, &[self], Clamp { min: lo, max: hi })
             }
             (lo, hi) => {
                 let bound = |b: Operand| -> Result<Tensor> {

@@ -126,13 +126,19 @@ fn check_dim(op: &'static str, t: &Tensor, dim: usize) -> Result<()> {
 impl Tensor {
     /// The same elements in a new shape (same element count).
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
-        if shape.iter().product::<usize>() != self.elem_count() {
+        // Checked: a product past usize::MAX would wrap and could match the count. The
+        // nonzero dims alone must not overflow either (candle's strides multiply them even
+        // when another dim is 0).
+        let nonzero = shape
+            .iter()
+            .filter(|&&d| d != 0)
+            .try_fold(1usize, |n, &d| n.checked_mul(d));
+        let count = nonzero.map(|n| if shape.contains(&0) { 0 } else { n });
+        if count != Some(self.elem_count()) {
+            let count = count.map_or_else(|| "more than usize::MAX".into(), |n| n.to_string());
             return Err(Error::ShapeMismatch {
                 op: "reshape",
-                expected: format!(
-                    "{} elements for shape {shape:?}",
-                    shape.iter().product::<usize>()
-                ),
+                expected: format!("{count} elements for shape {shape:?}"),
                 got: self.dims().to_vec(),
             });
         }
@@ -140,7 +146,7 @@ impl Tensor {
             return Ok(self.clone());
         }
         let value = self.value().reshape(shape)?;
-        Ok(Tensor::from_op(value, &[self], Reshape))
+        Tensor::from_op(value, &[self], Reshape)
     }
 
     /// A broadcast view with the given shape (PyTorch's `expand`).
@@ -157,7 +163,7 @@ impl Tensor {
             });
         }
         let value = self.value().broadcast_as(shape)?;
-        Ok(Tensor::from_op(value, &[self], BroadcastAs))
+        Tensor::from_op(value, &[self], BroadcastAs)
     }
 
     /// Reorders the dimensions.
@@ -177,13 +183,13 @@ impl Tensor {
             });
         }
         let value = self.value().permute(dims)?;
-        Ok(Tensor::from_op(
+        Tensor::from_op(
             value,
             &[self],
             Permute {
                 dims: dims.to_vec(),
             },
-        ))
+        )
     }
 
     /// Swaps two dimensions.
@@ -209,25 +215,41 @@ impl Tensor {
     /// `len` elements along `dim` starting at `start`.
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor> {
         check_dim("narrow", self, dim)?;
-        if start + len > self.dims()[dim] {
+        let end = start
+            .checked_add(len)
+            .filter(|&end| end <= self.dims()[dim]);
+        if end.is_none() {
             return Err(Error::InvalidArgument {
                 op: "narrow",
                 message: format!(
-                    "range {start}..{} out of bounds for dim {dim} of shape {:?}",
-                    start + len,
+                    "start {start} and length {len} are out of bounds for dim {dim} of shape {:?}",
                     self.dims()
                 ),
             });
         }
         let value = self.value().narrow(dim, start, len)?;
-        Ok(Tensor::from_op(value, &[self], Narrow { dim, start }))
+        Tensor::from_op(value, &[self], Narrow { dim, start })
     }
 
     /// Pads `dim` with `left` zeros before and `right` after.
     pub fn pad_with_zeros(&self, dim: usize, left: usize, right: usize) -> Result<Tensor> {
         check_dim("pad_with_zeros", self, dim)?;
+        let padded = self.dims()[dim]
+            .checked_add(left)
+            .and_then(|n| n.checked_add(right));
+        let count =
+            padded.and_then(|p| (self.elem_count() / self.dims()[dim].max(1)).checked_mul(p));
+        if count.is_none() {
+            return Err(Error::InvalidArgument {
+                op: "pad_with_zeros",
+                message: format!(
+                    "padding {left} + {right} of dim {dim} of shape {:?} overflows usize",
+                    self.dims()
+                ),
+            });
+        }
         let value = self.value().pad_with_zeros(dim, left, right)?;
-        Ok(Tensor::from_op(value, &[self], PadWithZeros { dim, left }))
+        Tensor::from_op(value, &[self], PadWithZeros { dim, left })
     }
 
     /// Concatenates along `dim`; shapes must agree elsewhere.
@@ -256,7 +278,7 @@ impl Tensor {
         let values: Vec<&candle_core::Tensor> = tensors.iter().map(Tensor::value).collect();
         let value = candle_core::Tensor::cat(&values, dim)?;
         let inputs: Vec<&Tensor> = tensors.iter().collect();
-        Ok(Tensor::from_op(value, &inputs, Cat { dim }))
+        Tensor::from_op(value, &inputs, Cat { dim })
     }
 
     /// Stacks equal-shaped tensors along a new dimension `dim`.

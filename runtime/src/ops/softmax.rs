@@ -64,36 +64,39 @@ impl Backward for SoftmaxBackward {
 impl Tensor {
     /// `e^x / sum(e^x)` along `dim`.
     pub fn softmax(&self, dim: usize) -> Result<Tensor> {
+        self.require_float("softmax")?;
         check_dim("softmax", self, dim)?;
         let e = shifted(self.value(), dim)?.exp()?;
         let value = e.broadcast_div(&e.sum_keepdim(dim)?)?;
-        Ok(Tensor::from_op(
+        Tensor::from_op(
             value,
             &[self],
             SoftmaxBackward {
                 kind: Kind::Softmax,
                 dim,
             },
-        ))
+        )
     }
 
     /// `x - logsumexp(x)` along `dim`.
     pub fn log_softmax(&self, dim: usize) -> Result<Tensor> {
+        self.require_float("log_softmax")?;
         check_dim("log_softmax", self, dim)?;
         let s = shifted(self.value(), dim)?;
         let value = s.broadcast_sub(&s.exp()?.sum_keepdim(dim)?.log()?)?;
-        Ok(Tensor::from_op(
+        Tensor::from_op(
             value,
             &[self],
             SoftmaxBackward {
                 kind: Kind::LogSoftmax,
                 dim,
             },
-        ))
+        )
     }
 
     /// `log(sum(e^x))` along `dim`, keeping it as size 1 when `keepdim`.
     pub fn logsumexp(&self, dim: usize, keepdim: bool) -> Result<Tensor> {
+        self.require_float("logsumexp")?;
         check_dim("logsumexp", self, dim)?;
         let m = self.value().max_keepdim(dim)?;
         let s = self.value().broadcast_sub(&m)?;
@@ -101,13 +104,13 @@ impl Tensor {
         if !keepdim {
             value = value.squeeze(dim)?;
         }
-        Ok(Tensor::from_op(
+        Tensor::from_op(
             value,
             &[self],
             SoftmaxBackward {
                 kind: Kind::LogSumExp { keepdim },
                 dim,
             },
-        ))
+        )
     }
 }

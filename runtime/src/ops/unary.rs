@@ -55,61 +55,67 @@ impl Backward for UnaryBackward {
 }
 
 impl Tensor {
-    fn unary(&self, kind: Kind, value: candle_core::Tensor) -> Tensor {
+    fn unary(&self, kind: Kind, value: candle_core::Tensor) -> Result<Tensor> {
         Tensor::from_op(value, &[self], UnaryBackward(kind))
     }
 
     /// `e^x`.
     pub fn exp(&self) -> Result<Tensor> {
-        Ok(self.unary(Kind::Exp, self.value().exp()?))
+        self.require_float("exp")?;
+        self.unary(Kind::Exp, self.value().exp()?)
     }
 
     /// Natural logarithm.
     pub fn log(&self) -> Result<Tensor> {
-        Ok(self.unary(Kind::Log, self.value().log()?))
+        self.require_float("log")?;
+        self.unary(Kind::Log, self.value().log()?)
     }
 
     /// Square root whose derivative is defined as 0 at 0, at every order: adaptive
     /// optimizers take the root of second moments that are exactly 0 for dead units, and
     /// the usual infinite slope there turns a whole meta-gradient into NaN.
     pub fn sqrt(&self) -> Result<Tensor> {
-        Ok(self.unary(Kind::Sqrt, self.value().sqrt()?))
+        self.require_float("sqrt")?;
+        self.unary(Kind::Sqrt, self.value().sqrt()?)
     }
 
     /// `1 / x` where `x != 0`, and 0 where `x == 0` (its derivative `-1/x^2` likewise).
     pub fn safe_recip(&self) -> Result<Tensor> {
+        self.require_float("safe_recip")?;
         let v = self.value();
         let zero = v.eq(0.0)?;
         let denom = zero.where_cond(&v.ones_like()?, v)?;
         let value = zero.where_cond(&v.zeros_like()?, &denom.recip()?)?;
-        Ok(self.unary(Kind::SafeRecip, value))
+        self.unary(Kind::SafeRecip, value)
     }
 
     /// `|x|`; its derivative is `sign(x)` (0 at 0, as PyTorch).
     pub fn abs(&self) -> Result<Tensor> {
-        Ok(self.unary(Kind::Abs, self.value().abs()?))
+        self.unary(Kind::Abs, self.value().abs()?)
     }
 
     /// -1, 0 or 1; no gradient flows through it.
     pub fn sign(&self) -> Result<Tensor> {
-        Ok(self.unary(Kind::Sign, self.value().sign()?))
+        self.unary(Kind::Sign, self.value().sign()?)
     }
 
-    /// `max(x, 0)`; derivative 0 at 0, as PyTorch.
+    /// `max(x, 0)`, NaN where `x` is NaN; derivative 0 at 0 (and at NaN), as PyTorch.
     pub fn relu(&self) -> Result<Tensor> {
-        Ok(self.unary(Kind::Relu, self.value().relu()?))
+        self.unary(Kind::Relu, super::nan::relu(self.value())?)
     }
 
     /// Hyperbolic tangent.
     pub fn tanh(&self) -> Result<Tensor> {
-        Ok(self.unary(Kind::Tanh, self.value().tanh()?))
+        self.require_float("tanh")?;
+        self.unary(Kind::Tanh, self.value().tanh()?)
     }
 
     /// Logistic sigmoid `1 / (1 + e^-x)`.
     pub fn sigmoid(&self) -> Result<Tensor> {
+        self.require_float("sigmoid")?;
         let value = candle_core::Tensor::ones_like(self.value())?
             .broadcast_div(&(self.value().neg()?.exp()? + 1.0)?)?;
-        Ok(self.unary(Kind::Sigmoid, value))
+        self.unary(Kind::Sigmoid, value)
     }
 
     /// `x^2`.

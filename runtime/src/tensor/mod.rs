@@ -1,9 +1,11 @@
 //! The differentiable `Tensor` handle: a detached candle value plus an optional graph node.
 
+pub(crate) mod anomaly;
 mod convert;
 mod grad_mode;
 pub(crate) mod graph_exit;
 
+pub use anomaly::{detect_anomaly, is_anomaly_enabled, AnomalyGuard};
 pub use grad_mode::{is_grad_enabled, no_grad, NoGradGuard};
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,14 +65,22 @@ impl Tensor {
         }))
     }
 
-    /// Records the output of an op: a node is kept only when grad mode is on and some input
-    /// requires grad; otherwise the result is a constant.
+    /// Records the output of an op: a node is kept only when grad mode is on, some input
+    /// requires grad and the output is floating point (integer results are constants, as in
+    /// PyTorch); otherwise the result is a constant. With [`detect_anomaly`] on, a
+    /// non-finite output is an error naming the op.
     pub(crate) fn from_op<B: Backward + 'static>(
         value: candle_core::Tensor,
         inputs: &[&Tensor],
         backward: B,
-    ) -> Self {
-        if is_grad_enabled() && inputs.iter().any(|t| t.requires_grad()) {
+    ) -> Result<Self> {
+        if anomaly::is_anomaly_enabled() {
+            anomaly::check_forward(backward.name(), inputs, &value)?;
+        }
+        let record = is_grad_enabled()
+            && inputs.iter().any(|t| t.requires_grad())
+            && value.dtype().is_float();
+        Ok(if record {
             let node = Node::Op {
                 inputs: inputs.iter().map(|t| (*t).clone()).collect(),
                 backward: Box::new(backward),
@@ -78,7 +88,7 @@ impl Tensor {
             Self::from_parts(value, Some(node))
         } else {
             Self::from_parts(value, None)
-        }
+        })
     }
 
     /// Whether gradients flow to this tensor: it is a leaf made with [`Tensor::to_leaf`] or
@@ -89,6 +99,8 @@ impl Tensor {
 
     /// A leaf with the same value that requires grad (`requires_grad_()` in PyTorch):
     /// `grad` can be asked for gradients with respect to it, and `backward` reports it.
+    /// Only floating point tensors can require gradients: for an integer leaf, `grad` and
+    /// `backward` return [`Error::UnsupportedDType`] (ops on it give constants).
     pub fn to_leaf(&self) -> Self {
         Self::from_parts(self.0.value.clone(), Some(Node::Leaf))
     }
@@ -164,6 +176,19 @@ impl Tensor {
 
     pub(crate) fn node(&self) -> Option<&Node> {
         self.0.node.as_ref()
+    }
+
+    /// Checks that this tensor is floating point: the one check of every float-only op
+    /// (candle reaches `todo!` on integer tensors in many of them).
+    pub(crate) fn require_float(&self, op: &'static str) -> Result<()> {
+        if self.dtype().is_float() {
+            return Ok(());
+        }
+        Err(Error::UnsupportedDType {
+            op,
+            dtype: self.dtype(),
+            expected: "it needs a floating point tensor; convert with to_dtype first",
+        })
     }
 
     /// Checks that `other` has this tensor's dtype and device.
