@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 mod autograd;
+mod device;
 mod error;
 mod functional;
 mod innerloop;
@@ -15,7 +16,9 @@ mod tensor;
 pub mod testing;
 
 pub use autograd::{backward, grad, grad_with_stats, GradOptions, GradStats, GradStore};
+pub use device::{device_from_env, parse_device};
 pub use error::{Error, Result};
+pub use ops::kernels::{cpu_fast_paths, set_cpu_fast_paths};
 pub use ops::Operand;
 pub use tensor::{
     detect_anomaly, is_anomaly_enabled, is_grad_enabled, no_grad, AnomalyGuard, NoGradGuard,

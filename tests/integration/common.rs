@@ -17,6 +17,20 @@ pub(crate) const H: f64 = 1e-5;
 /// Relative tolerance of every check (scaled by max(1, largest |FD value|)).
 pub(crate) const TOL: f64 = 1e-6;
 
+/// The device the golden and finite-difference suites run on: `CANDLE_HIGHER_DEVICE` =
+/// `cpu` (the default), `cuda:N` or `metal:N` (which need the `cuda` / `metal` feature).
+pub(crate) fn device() -> Device {
+    candle_higher::device_from_env().unwrap_or_else(|e| panic!("CANDLE_HIGHER_DEVICE: {e}"))
+}
+
+/// The kernel switch reads the environment: `CANDLE_HIGHER_KERNELS=candle` turns the CPU
+/// fast paths off for the whole run (CI runs the suite both ways).
+#[test]
+fn kernel_switch_follows_the_environment() {
+    let forced = std::env::var("CANDLE_HIGHER_KERNELS").is_ok_and(|v| v == "candle");
+    assert_eq!(candle_higher::cpu_fast_paths(), !forced);
+}
+
 /// A generator with a fixed seed, so every run sees the same inputs.
 pub(crate) fn rng(seed: u64) -> StdRng {
     StdRng::seed_from_u64(seed)
@@ -26,7 +40,7 @@ pub(crate) fn rng(seed: u64) -> StdRng {
 pub(crate) fn uniform(rng: &mut StdRng, shape: &[usize], lo: f64, hi: f64) -> Tensor {
     let n: usize = shape.iter().product();
     let data: Vec<f64> = (0..n).map(|_| rng.gen_range(lo..hi)).collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    Tensor::from_vec(data, shape, &device()).unwrap()
 }
 
 /// Uniform values in `[-1, 1)`.
@@ -47,12 +61,12 @@ pub(crate) fn away_from_zero(rng: &mut StdRng, shape: &[usize]) -> Tensor {
             }
         })
         .collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    Tensor::from_vec(data, shape, &device()).unwrap()
 }
 
 /// A constant f64 tensor from values.
 pub(crate) fn t(data: &[f64], shape: &[usize]) -> Tensor {
-    Tensor::from_slice(data, shape, &Device::Cpu).unwrap()
+    Tensor::from_slice(data, shape, &device()).unwrap()
 }
 
 /// The gradient of scalar `y` w.r.t. each of `xs`, zeros where `xs` do not reach `y`.
@@ -93,7 +107,7 @@ pub(crate) fn directional(f: ScalarFn, xs: &[Tensor], seed: u64) -> ScalarFn {
     Rc::new(move |xs: &[Tensor]| {
         let y = f(xs)?;
         let gs = grads_or_zero(&y, xs, true)?;
-        let mut acc = Tensor::zeros(&[], xs[0].dtype(), &Device::Cpu)?;
+        let mut acc = Tensor::zeros(&[], xs[0].dtype(), &device())?;
         for (g, v) in gs.iter().zip(&vs) {
             acc = acc.add(&g.mul(v)?.sum_all()?)?;
         }
@@ -126,7 +140,7 @@ pub(crate) fn check_gradient(name: &str, f: &ScalarFn, xs: &[Tensor]) {
                 let mut v = base.clone();
                 v[j] += delta;
                 let mut p = xs.to_vec();
-                p[i] = Tensor::from_vec(v, x.dims(), &Device::Cpu).unwrap();
+                p[i] = Tensor::from_vec(v, x.dims(), &device()).unwrap();
                 value_at(f, &p)
             };
             fd[j] = (at(H) - at(-H)) / (2.0 * H);

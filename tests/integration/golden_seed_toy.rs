@@ -3,7 +3,7 @@
 //! a 1x1 linear model without bias, 5 steps of SGD with momentum, lr and momentum as
 //! leaf tensors of shape [1].
 
-use candle_higher::{grad, Device, GradOptions, Tensor};
+use candle_higher::{grad, GradOptions, Tensor};
 use serde_json::Value;
 
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/seed_toy.json");
@@ -28,7 +28,7 @@ fn seed_toy_matches_higher() {
     let text = std::fs::read_to_string(GOLDEN).expect("the golden file is readable");
     let golden: Value = serde_json::from_str(&text).unwrap();
     let out = &golden["outputs"];
-    let dev = Device::Cpu;
+    let dev = crate::common::device();
 
     let xs: Vec<f64> = golden["data"]["x"]
         .as_array()

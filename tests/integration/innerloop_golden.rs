@@ -9,7 +9,7 @@ use crate::optim_support::*;
 use candle_higher::nn::{self, Module, Parameters};
 use candle_higher::optim::{Adam, Optimizer, Overrides, Sgd};
 use candle_higher::{
-    backward, grad, innerloop, DType, Device, DifferentiableOptimizer, GradOptions, InitialWeights,
+    backward, grad, innerloop, DType, DifferentiableOptimizer, GradOptions, InitialWeights,
     InnerloopOptions, Tensor,
 };
 
@@ -337,7 +337,7 @@ fn device_option_and_frozen_parameters() {
     base.set_frozen("0.bias", true).unwrap();
     let frozen_before = base.parameters().unwrap()[1].clone();
     let options = InnerloopOptions::new()
-        .device(&Device::Cpu)
+        .device(&crate::common::device())
         .initial_weights(InitialWeights::BaseParameters);
     let (mut fmodel, mut diffopt) =
         innerloop(&base, &Optimizer::new(Sgd::new(0.1), 4).unwrap(), options).unwrap();
@@ -355,7 +355,7 @@ fn device_option_and_frozen_parameters() {
     opt.step_module(&mut base, &grads).unwrap();
     assert_eq!(base.parameters().unwrap()[1].id(), frozen_before.id());
     // f32 models work too (the optimizers are dtype-generic).
-    let vb = nn::VarBuilder::new(0, DType::F32, &Device::Cpu);
+    let vb = nn::VarBuilder::new(0, DType::F32, &crate::common::device());
     let small = nn::seq().add(nn::linear(3, 2, vb.pp("0")).unwrap());
     let (mut f, mut d) = innerloop(
         &small,

@@ -5,9 +5,7 @@ use candle_higher::optim::{
     Adadelta, Adagrad, Adam, AdamW, Adamax, Asgd, DiffOptimizer, InnerGradMode, Overrides, RmsProp,
     Rprop, Sgd, StateValue, StepOptions,
 };
-use candle_higher::{
-    grad, Device, DifferentiableOptimizer, GradOptions, Result, Scalar, State, Tensor,
-};
+use candle_higher::{grad, DifferentiableOptimizer, GradOptions, Result, Scalar, State, Tensor};
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
 
@@ -55,7 +53,7 @@ pub(crate) fn flat(v: &Value) -> (Vec<f64>, Vec<usize>) {
 
 pub(crate) fn tensor(v: &Value) -> Tensor {
     let (vals, shape) = flat(v);
-    Tensor::from_vec(vals, &shape, &Device::Cpu).unwrap()
+    Tensor::from_vec(vals, &shape, &crate::common::device()).unwrap()
 }
 
 pub(crate) const PARAM_NAMES: [&str; 4] = ["0.weight", "0.bias", "2.weight", "2.bias"];

@@ -96,7 +96,8 @@ fn cpu_float(ts: &[&candle_core::Tensor]) -> Option<DType> {
     let ok = ts
         .iter()
         .all(|t| t.device().is_cpu() && t.dtype() == dtype && t.rank() == 4);
-    (ok && matches!(dtype, DType::F32 | DType::F64)).then_some(dtype)
+    (ok && matches!(dtype, DType::F32 | DType::F64) && super::kernels::cpu_fast_paths())
+        .then_some(dtype)
 }
 
 /// Runs `f` on the elements of contiguous CPU tensors.

@@ -99,7 +99,12 @@ fn small_cpu_matmul(
     a: &candle_core::Tensor,
     b: &candle_core::Tensor,
 ) -> Result<Option<candle_core::Tensor>> {
-    if !a.device().is_cpu() || !b.device().is_cpu() || a.rank() != 2 || b.rank() != 2 {
+    if !a.device().is_cpu()
+        || !b.device().is_cpu()
+        || a.rank() != 2
+        || b.rank() != 2
+        || !super::kernels::cpu_fast_paths()
+    {
         return Ok(None);
     }
     let ((m, k), n) = (a.dims2()?, b.dim(1)?);

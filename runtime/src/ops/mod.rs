@@ -9,6 +9,7 @@ pub(crate) mod conv;
 mod cpu_gemm;
 pub(crate) mod im2col;
 pub(crate) mod index;
+pub(crate) mod kernels;
 pub(crate) mod linear;
 pub(crate) mod matmul;
 mod nan;

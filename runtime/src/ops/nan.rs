@@ -12,7 +12,7 @@ pub(crate) fn has_nan(v: &Value) -> Result<bool> {
     if !v.dtype().is_float() || v.elem_count() == 0 {
         return Ok(false);
     }
-    if v.device().is_cpu() && v.is_contiguous() && matches!(v.dtype(), DType::F32 | DType::F64) {
+    if cpu_float_slice(v) {
         let (storage, layout) = v.storage_and_layout();
         if let Storage::Cpu(cpu) = &*storage {
             let range = layout.start_offset()..layout.start_offset() + v.elem_count();
@@ -23,6 +23,14 @@ pub(crate) fn has_nan(v: &Value) -> Result<bool> {
         }
     }
     Ok(v.ne(v)?.flatten_all()?.max(0)?.to_scalar::<u8>()? != 0)
+}
+
+/// Whether `v` is a contiguous f32/f64 CPU tensor that the direct loops may read.
+fn cpu_float_slice(v: &Value) -> bool {
+    v.device().is_cpu()
+        && v.is_contiguous()
+        && matches!(v.dtype(), DType::F32 | DType::F64)
+        && super::kernels::cpu_fast_paths()
 }
 
 /// A 0/1 mask (u8) of the NaN elements of `v`.
@@ -41,7 +49,7 @@ pub(crate) fn relu(v: &Value) -> Result<Value> {
     if !v.dtype().is_float() {
         return Ok(v.relu()?);
     }
-    if v.device().is_cpu() && v.is_contiguous() && matches!(v.dtype(), DType::F32 | DType::F64) {
+    if cpu_float_slice(v) {
         let (storage, layout) = v.storage_and_layout();
         if let Storage::Cpu(cpu) = &*storage {
             let range = layout.start_offset()..layout.start_offset() + v.elem_count();

@@ -86,11 +86,12 @@ impl Backward for MaxPool {
         let [n, c, _, _] = p.input;
         let (ho, wo) = p.out;
         let x = ctx.inputs[0].value();
+        let fast = super::kernels::cpu_fast_paths();
         let positions = match (x.device(), x.dtype()) {
-            (candle_core::Device::Cpu, DType::F32) => {
+            (candle_core::Device::Cpu, DType::F32) if fast => {
                 p.argmax_cpu(&x.flatten_all()?.to_vec1::<f32>()?)?
             }
-            (candle_core::Device::Cpu, DType::F64) => {
+            (candle_core::Device::Cpu, DType::F64) if fast => {
                 p.argmax_cpu(&x.flatten_all()?.to_vec1::<f64>()?)?
             }
             _ => p.argmax(x)?,

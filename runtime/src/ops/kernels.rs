@@ -1,0 +1,35 @@
+//! Which kernels run on the CPU: the library's fast paths (small matmuls through gemm,
+//! convolution by im2col, the max-pool argmax, NaN-keeping relu) or candle's own kernels,
+//! the ones every other device takes.
+//!
+//! `CANDLE_HIGHER_KERNELS=candle` in the environment (read once, at the first op) forces
+//! candle's kernels everywhere, so the path a GPU takes is tested on any machine; CI runs
+//! the golden and finite-difference suites both ways. Unset, or `fast`, keeps the fast
+//! paths. [`set_cpu_fast_paths`] switches in-process.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+const UNREAD: u8 = 0;
+const FAST: u8 = 1;
+const CANDLE: u8 = 2;
+
+static MODE: AtomicU8 = AtomicU8::new(UNREAD);
+
+/// Whether the CPU fast paths run (see the module docs).
+pub fn cpu_fast_paths() -> bool {
+    match MODE.load(Ordering::Relaxed) {
+        FAST => true,
+        CANDLE => false,
+        _ => {
+            let candle = std::env::var("CANDLE_HIGHER_KERNELS").is_ok_and(|v| v == "candle");
+            MODE.store(if candle { CANDLE } else { FAST }, Ordering::Relaxed);
+            !candle
+        }
+    }
+}
+
+/// Turns the CPU fast paths on or off for the whole process (`false`: candle's own
+/// kernels, as on other devices). Wins over `CANDLE_HIGHER_KERNELS`.
+pub fn set_cpu_fast_paths(on: bool) {
+    MODE.store(if on { FAST } else { CANDLE }, Ordering::Relaxed);
+}

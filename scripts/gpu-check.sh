@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The CUDA check, in one command, for a machine with the CUDA toolkit (nvcc) and a GPU:
+#   scripts/gpu-check.sh            build with --features cuda, run on cuda:0
+#   scripts/gpu-check.sh --dry-run  the same steps on the CPU without the feature
+# Steps: one release build of the tests, examples and benchmarks (timed); the integration
+# suite (golden vectors and finite differences included) on the device; maml_sine; the maml
+# benchmark (quick, no Python anchors). Everything is written to one file,
+# target/gpu-check/summary.txt, with each step's log beside it. The build cache stays in
+# target/, so a second run only rebuilds what changed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "--dry-run" ]]; then
+    features=()
+    export CANDLE_HIGHER_DEVICE=cpu
+else
+    features=(--features cuda)
+    export CANDLE_HIGHER_DEVICE=${CANDLE_HIGHER_DEVICE:-cuda:0}
+    # candle's kernels are built for this GPU's compute capability unless told otherwise.
+    if [[ -z "${CUDA_COMPUTE_CAP:-}" ]] && command -v nvidia-smi >/dev/null; then
+        CUDA_COMPUTE_CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+        export CUDA_COMPUTE_CAP
+    fi
+fi
+out=target/gpu-check
+mkdir -p "$out"
+summary="$out/summary.txt"
+echo "gpu-check $(date -u +%FT%TZ) device=$CANDLE_HIGHER_DEVICE features=${features[*]:-none} commit=$(git rev-parse --short HEAD 2>/dev/null)" >"$summary"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>"$summary"
+
+failed=0
+step() {
+    local name=$1
+    shift
+    local start=$SECONDS
+    if "$@" >"$out/$name.log" 2>&1; then
+        echo "PASS $name ($((SECONDS - start)) s)" >>"$summary"
+    else
+        echo "FAIL $name ($((SECONDS - start)) s): see $out/$name.log" >>"$summary"
+        failed=1
+    fi
+    tail -n 3 "$out/$name.log" | sed 's/^/    /' >>"$summary"
+}
+
+step build cargo build --release "${features[@]}" --tests --examples --benches
+step tests cargo test --release "${features[@]}" --test integration
+step maml_sine cargo run --release "${features[@]}" --example maml_sine -- --iters 200
+step bench cargo bench "${features[@]}" --bench maml -- --quick --no-anchor
+if [[ -f target/bench-results/maml.json ]]; then
+    cp target/bench-results/maml.json "$out/maml.json"
+fi
+cat "$summary"
+exit $failed
