@@ -640,6 +640,45 @@ fn sizes_that_overflow_are_errors() {
         );
     }
     assert_eq!(empty.reshape(&[big, 0]).unwrap().dims(), &[big, 0]);
+    // Views and constructors of such shapes (candle panicked computing their sizes).
+    let one = t(&[1.0], &[1, 1]);
+    for shape in [vec![usize::MAX, 2], vec![big, 2, 1], vec![3, big, 0, 2]] {
+        let layout_error = |r: candle_higher::Result<Tensor>, op: &str| match r {
+            Err(Error::InvalidArgument { op: o, message }) => {
+                assert_eq!(o, op);
+                assert!(
+                    message.contains("more than usize::MAX elements"),
+                    "{message}"
+                );
+            }
+            other => panic!("{op} {shape:?}: {other:?}"),
+        };
+        layout_error(one.broadcast_as(&shape), "broadcast_as");
+        layout_error(Tensor::zeros(&shape, DType::F64, &CPU), "zeros");
+        layout_error(Tensor::ones(&shape, DType::F32, &CPU), "ones");
+        layout_error(Tensor::full(2.0, &shape, DType::F64, &CPU), "full");
+        layout_error(Tensor::from_slice(&[1.0f64], &shape, &CPU), "from_slice");
+        layout_error(Tensor::from_vec(vec![1u32], &shape, &CPU), "from_vec");
+    }
+    // Padding the empty dim of [0, 2^62] would need 2^62 f64s; padding the other one past
+    // usize::MAX cannot be laid out; padding it a little is an empty result.
+    let wide = empty.reshape(&[0, big / 2]).unwrap();
+    for (dim, l, r) in [(0, 1, 0), (1, big, big)] {
+        match wide.pad_with_zeros(dim, l, r) {
+            Err(Error::InvalidArgument {
+                op: "pad_with_zeros",
+                ..
+            }) => {}
+            other => panic!("pad {dim} {l} {r}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        wide.pad_with_zeros(1, 1, 2).unwrap().dims(),
+        &[0, big / 2 + 3]
+    );
+    // Constructors refuse what cannot be allocated instead of panicking in the allocator.
+    assert!(Tensor::zeros(&[big / 4], DType::F64, &CPU).is_err());
+    assert!(Tensor::ones(&[2, big / 8], DType::F32, &CPU).is_err());
     assert!(matches!(
         x.reshape(&[usize::MAX, 4]),
         Err(Error::ShapeMismatch { .. })
