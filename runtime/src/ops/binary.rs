@@ -1,5 +1,7 @@
 //! Elementwise binary ops with PyTorch broadcasting: add, sub, mul, div, maximum, minimum.
 
+use candle_core::DType;
+
 use super::Operand;
 use crate::autograd::{Backward, VjpCtx};
 use crate::error::{Error, Result};
@@ -66,6 +68,12 @@ impl Kind {
 fn binary(kind: Kind, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let op = kind.name();
     a.check_same(b, op)?;
+    if matches!(kind, Kind::Div) && !a.dtype().is_float() {
+        // PyTorch's `/` is true division: integer operands are promoted to its default
+        // float dtype (candle's integer division truncates, and panics dividing by 0).
+        let f32 = candle_core::DType::F32;
+        return binary(kind, &a.to_dtype(f32)?, &b.to_dtype(f32)?);
+    }
     let (va, vb) = if a.dims() == b.dims() {
         (a.value().clone(), b.value().clone())
     } else {
@@ -76,6 +84,17 @@ fn binary(kind: Kind, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         )
     };
     let value = match kind {
+        Kind::Add | Kind::Sub | Kind::Mul if narrow_unsigned(&va) => {
+            // candle's u8/u32 kernels panic on overflow in debug builds; PyTorch wraps.
+            // Exact in i64, then wrapped back by the conversion.
+            let (wa, wb) = (va.to_dtype(DType::I64)?, vb.to_dtype(DType::I64)?);
+            let wide = match kind {
+                Kind::Add => (&wa + &wb)?,
+                Kind::Sub => (&wa - &wb)?,
+                _ => (&wa * &wb)?,
+            };
+            wrap_to(&wide, va.dtype())?
+        }
         Kind::Add => (&va + &vb)?,
         Kind::Sub => (&va - &vb)?,
         Kind::Mul => (&va * &vb)?,
@@ -94,6 +113,25 @@ fn binary(kind: Kind, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         }
     };
     Tensor::from_op(value, &[a, b], BinaryBackward(kind))
+}
+
+/// Whether `v` is u8 or u32, whose arithmetic goes through i64.
+fn narrow_unsigned(v: &candle_core::Tensor) -> bool {
+    matches!(v.dtype(), DType::U8 | DType::U32)
+}
+
+/// An i64 tensor reduced modulo 2^8 or 2^32 into `dtype` (two's-complement wrapping, as
+/// PyTorch's unsigned arithmetic).
+fn wrap_to(wide: &candle_core::Tensor, dtype: DType) -> Result<candle_core::Tensor> {
+    let modulus: i64 = if dtype == DType::U8 { 1 << 8 } else { 1 << 32 };
+    let values: Vec<i64> = wide
+        .flatten_all()?
+        .to_vec1::<i64>()?
+        .into_iter()
+        .map(|v| v.rem_euclid(modulus))
+        .collect();
+    let reduced = candle_core::Tensor::from_vec(values, wide.shape(), wide.device())?;
+    Ok(reduced.to_dtype(dtype)?)
 }
 
 struct BinaryBackward(Kind);
