@@ -84,16 +84,9 @@ fn binary(kind: Kind, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         )
     };
     let value = match kind {
-        Kind::Add | Kind::Sub | Kind::Mul if narrow_unsigned(&va) => {
-            // candle's u8/u32 kernels panic on overflow in debug builds; PyTorch wraps.
-            // Exact in i64, then wrapped back by the conversion.
-            let (wa, wb) = (va.to_dtype(DType::I64)?, vb.to_dtype(DType::I64)?);
-            let wide = match kind {
-                Kind::Add => (&wa + &wb)?,
-                Kind::Sub => (&wa - &wb)?,
-                _ => (&wa * &wb)?,
-            };
-            wrap_to(&wide, va.dtype())?
+        Kind::Add | Kind::Sub | Kind::Mul if !va.dtype().is_float() => {
+            // candle's integer kernels panic on overflow in debug builds; PyTorch wraps.
+            wrapping(kind, &va, &vb)?
         }
         Kind::Add => (&va + &vb)?,
         Kind::Sub => (&va - &vb)?,
@@ -115,23 +108,38 @@ fn binary(kind: Kind, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Tensor::from_op(value, &[a, b], BinaryBackward(kind))
 }
 
-/// Whether `v` is u8 or u32, whose arithmetic goes through i64.
-fn narrow_unsigned(v: &candle_core::Tensor) -> bool {
-    matches!(v.dtype(), DType::U8 | DType::U32)
-}
-
-/// An i64 tensor reduced modulo 2^8 or 2^32 into `dtype` (two's-complement wrapping, as
-/// PyTorch's unsigned arithmetic).
-fn wrap_to(wide: &candle_core::Tensor, dtype: DType) -> Result<candle_core::Tensor> {
-    let modulus: i64 = if dtype == DType::U8 { 1 << 8 } else { 1 << 32 };
-    let values: Vec<i64> = wide
-        .flatten_all()?
-        .to_vec1::<i64>()?
-        .into_iter()
-        .map(|v| v.rem_euclid(modulus))
+/// Integer `+`, `-` or `*` of same-shape values with two's-complement wrapping in their
+/// dtype, as PyTorch's integer arithmetic: computed in i64 with wrapping ops, then reduced
+/// modulo 2^8 or 2^32 for u8 and u32 (exact there, since the i64 results do not wrap).
+fn wrapping(
+    kind: Kind,
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+) -> Result<candle_core::Tensor> {
+    let dtype = a.dtype();
+    let as_i64 = |t: &candle_core::Tensor| -> Result<Vec<i64>> {
+        Ok(t.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?)
+    };
+    let (xa, xb) = (as_i64(a)?, as_i64(b)?);
+    let modulus: Option<i64> = match dtype {
+        DType::U8 => Some(1 << 8),
+        DType::U32 => Some(1 << 32),
+        _ => None,
+    };
+    let values: Vec<i64> = xa
+        .iter()
+        .zip(&xb)
+        .map(|(&x, &y)| {
+            let v = match kind {
+                Kind::Add => x.wrapping_add(y),
+                Kind::Sub => x.wrapping_sub(y),
+                _ => x.wrapping_mul(y),
+            };
+            modulus.map_or(v, |m| v.rem_euclid(m))
+        })
         .collect();
-    let reduced = candle_core::Tensor::from_vec(values, wide.shape(), wide.device())?;
-    Ok(reduced.to_dtype(dtype)?)
+    let out = candle_core::Tensor::from_vec(values, a.shape(), a.device())?;
+    Ok(out.to_dtype(dtype)?)
 }
 
 struct BinaryBackward(Kind);
