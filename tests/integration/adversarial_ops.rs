@@ -142,13 +142,13 @@ fn integer_arithmetic_wraps_and_divides_as_pytorch() {
     );
     let i64s = |v: &[i64]| Tensor::from_slice(v, &[v.len()], &CPU).unwrap();
     let big = i64s(&[i64::MAX, i64::MIN, 3])
-        .add(&i64s(&[1, -1, -5]))
+        .add(i64s(&[1, -1, -5]))
         .unwrap();
     assert_eq!(
         big.value().to_vec1::<i64>().unwrap(),
         vec![i64::MIN, i64::MAX, -2]
     );
-    let prod = i64s(&[1 << 62]).mul(&i64s(&[4])).unwrap();
+    let prod = i64s(&[1 << 62]).mul(i64s(&[4])).unwrap();
     assert_eq!(prod.value().to_vec1::<i64>().unwrap(), vec![0]);
     // Sums of u8 and u32 are i64, as PyTorch's (a u8 sum of 200 + 100 overflowed).
     let s = a.sum_all().unwrap();
