@@ -86,6 +86,88 @@ fn float_only_ops_reject_every_integer_dtype_by_name() {
     }
 }
 
+/// Layers and losses given integer inputs fail with a typed error (the float-only check of
+/// the op they reach first, or the dtype mismatch with their f64 weights), never a panic.
+#[test]
+fn layers_and_losses_reject_integer_inputs() {
+    let lin = nn::linear(3, 2, vb(0)).unwrap();
+    let conv = nn::conv2d(1, 2, 2, ConvConfig::default(), vb(0)).unwrap();
+    let bn = nn::batch_norm1d(3, nn::BatchNormConfig::default(), vb(0)).unwrap();
+    let ln = nn::layer_norm(&[3], vb(0)).unwrap();
+    let lstm = nn::lstm(3, 2, 1, vb(0)).unwrap();
+    let drop = nn::dropout(0.5, vb(0)).unwrap();
+    for x in integer_tensors(&[2, 3]) {
+        let typed = |r: candle_higher::Result<Tensor>, what: &str| match r {
+            Err(Error::UnsupportedDType { dtype, .. }) => assert_eq!(dtype, x.dtype(), "{what}"),
+            Err(Error::DTypeMismatch { .. }) => {}
+            other => panic!("{what} on {:?}: {other:?}", x.dtype()),
+        };
+        typed(lin.forward(&x), "Linear");
+        typed(conv.forward(&x.reshape(&[1, 1, 2, 3]).unwrap()), "Conv2d");
+        typed(bn.forward(&x), "BatchNorm");
+        typed(ln.forward(&x), "LayerNorm");
+        typed(lstm.forward(&x.reshape(&[2, 1, 3]).unwrap()), "LSTM");
+        typed(drop.forward(&x), "Dropout");
+        let labels = Tensor::from_slice(&[0u32, 2], &[2], &CPU).unwrap();
+        typed(nn::cross_entropy(&x, &labels), "cross_entropy");
+        typed(
+            nn::binary_cross_entropy_with_logits(&x, &x),
+            "bce_with_logits",
+        );
+    }
+}
+
+/// Unsigned arithmetic wraps as in PyTorch (candle's kernels panicked on overflow in debug
+/// builds), and `/` of integer tensors is true division in f32, as PyTorch's `/` (candle
+/// truncated, and panicked dividing by 0).
+#[test]
+fn integer_arithmetic_wraps_and_divides_as_pytorch() {
+    let u8s = |v: &[u8]| Tensor::from_slice(v, &[v.len()], &CPU).unwrap();
+    let u32s = |v: &[u32]| Tensor::from_slice(v, &[v.len()], &CPU).unwrap();
+    let (a, b) = (u8s(&[200, 3, 16]), u8s(&[100, 5, 16]));
+    assert_eq!(vals(&a.add(&b).unwrap()), vec![44.0, 8.0, 32.0]);
+    assert_eq!(vals(&a.sub(&b).unwrap()), vec![100.0, 254.0, 0.0]);
+    assert_eq!(vals(&a.mul(&b).unwrap()), vec![32.0, 15.0, 0.0]);
+    assert_eq!(a.add(&b).unwrap().dtype(), DType::U8);
+    let (c, d) = (u32s(&[u32::MAX, 0, 70_000]), u32s(&[1, 1, 70_000]));
+    let want_mul = (70_000u64 * 70_000 % (1u64 << 32)) as f64;
+    assert_eq!(vals(&c.add(&d).unwrap()), vec![0.0, 1.0, 140_000.0]);
+    assert_eq!(
+        vals(&c.sub(&d).unwrap()),
+        vec![f64::from(u32::MAX - 1), f64::from(u32::MAX), 0.0]
+    );
+    assert_eq!(
+        vals(&c.mul(&d).unwrap()),
+        vec![f64::from(u32::MAX), 0.0, want_mul]
+    );
+    let i64s = |v: &[i64]| Tensor::from_slice(v, &[v.len()], &CPU).unwrap();
+    let big = i64s(&[i64::MAX, i64::MIN, 3])
+        .add(i64s(&[1, -1, -5]))
+        .unwrap();
+    assert_eq!(
+        big.value().to_vec1::<i64>().unwrap(),
+        vec![i64::MIN, i64::MAX, -2]
+    );
+    let prod = i64s(&[1 << 62]).mul(i64s(&[4])).unwrap();
+    assert_eq!(prod.value().to_vec1::<i64>().unwrap(), vec![0]);
+    // Sums of u8 and u32 are i64, as PyTorch's (a u8 sum of 200 + 100 overflowed).
+    let s = a.sum_all().unwrap();
+    assert_eq!((s.dtype(), vals(&s)), (DType::I64, vec![219.0]));
+    let s = c.sum(0).unwrap();
+    assert_eq!(
+        (s.dtype(), vals(&s)),
+        (DType::I64, vec![f64::from(u32::MAX) + 70_000.0])
+    );
+    // Broadcasting goes the same way.
+    assert_eq!(vals(&a.sub(u8s(&[201])).unwrap()), vec![255.0, 58.0, 71.0]);
+    for x in integer_tensors(&[3]) {
+        let y = x.div(x.add(&x).unwrap()).unwrap();
+        assert_eq!((y.dtype(), vals(&y)), (DType::F32, vec![0.5; 3]));
+        let zero = x.sub(&x).unwrap();
+        assert_eq!(vals(&x.div(&zero).unwrap()), vec![f64::INFINITY; 3]);
+    }
+}
+
 #[test]
 fn ops_that_are_defined_on_integers_still_work_on_them() {
     for x in integer_tensors(&[2, 3]) {
@@ -640,6 +722,45 @@ fn sizes_that_overflow_are_errors() {
         );
     }
     assert_eq!(empty.reshape(&[big, 0]).unwrap().dims(), &[big, 0]);
+    // Views and constructors of such shapes (candle panicked computing their sizes).
+    let one = t(&[1.0], &[1, 1]);
+    for shape in [vec![usize::MAX, 2], vec![big, 2, 1], vec![3, big, 0, 2]] {
+        let layout_error = |r: candle_higher::Result<Tensor>, op: &str| match r {
+            Err(Error::InvalidArgument { op: o, message }) => {
+                assert_eq!(o, op);
+                assert!(
+                    message.contains("more than usize::MAX elements"),
+                    "{message}"
+                );
+            }
+            other => panic!("{op} {shape:?}: {other:?}"),
+        };
+        layout_error(one.broadcast_as(&shape), "broadcast_as");
+        layout_error(Tensor::zeros(&shape, DType::F64, &CPU), "zeros");
+        layout_error(Tensor::ones(&shape, DType::F32, &CPU), "ones");
+        layout_error(Tensor::full(2.0, &shape, DType::F64, &CPU), "full");
+        layout_error(Tensor::from_slice(&[1.0f64], &shape, &CPU), "from_slice");
+        layout_error(Tensor::from_vec(vec![1u32], &shape, &CPU), "from_vec");
+    }
+    // Padding the empty dim of [0, 2^62] would need 2^62 f64s; padding the other one past
+    // usize::MAX cannot be laid out; padding it a little is an empty result.
+    let wide = empty.reshape(&[0, big / 2]).unwrap();
+    for (dim, l, r) in [(0, 1, 0), (1, big, big)] {
+        match wide.pad_with_zeros(dim, l, r) {
+            Err(Error::InvalidArgument {
+                op: "pad_with_zeros",
+                ..
+            }) => {}
+            other => panic!("pad {dim} {l} {r}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        wide.pad_with_zeros(1, 1, 2).unwrap().dims(),
+        &[0, big / 2 + 3]
+    );
+    // Constructors refuse what cannot be allocated instead of panicking in the allocator.
+    assert!(Tensor::zeros(&[big / 4], DType::F64, &CPU).is_err());
+    assert!(Tensor::ones(&[2, big / 8], DType::F32, &CPU).is_err());
     assert!(matches!(
         x.reshape(&[usize::MAX, 4]),
         Err(Error::ShapeMismatch { .. })

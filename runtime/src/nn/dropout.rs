@@ -19,6 +19,8 @@ impl SeededRng {
 
     /// A constant mask with this tensor's shape: `1/(1-p)` with probability `1 - p`, else 0.
     pub(crate) fn dropout_mask(&self, like: &Tensor, p: f64) -> Result<Tensor> {
+        // The mask's 1/(1-p) would be truncated in an integer dtype.
+        like.require_float("dropout")?;
         let mut rng = match self.0.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),

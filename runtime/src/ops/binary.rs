@@ -1,5 +1,7 @@
 //! Elementwise binary ops with PyTorch broadcasting: add, sub, mul, div, maximum, minimum.
 
+use candle_core::DType;
+
 use super::Operand;
 use crate::autograd::{Backward, VjpCtx};
 use crate::error::{Error, Result};
@@ -66,6 +68,12 @@ impl Kind {
 fn binary(kind: Kind, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let op = kind.name();
     a.check_same(b, op)?;
+    if matches!(kind, Kind::Div) && !a.dtype().is_float() {
+        // PyTorch's `/` is true division: integer operands are promoted to its default
+        // float dtype (candle's integer division truncates, and panics dividing by 0).
+        let f32 = candle_core::DType::F32;
+        return binary(kind, &a.to_dtype(f32)?, &b.to_dtype(f32)?);
+    }
     let (va, vb) = if a.dims() == b.dims() {
         (a.value().clone(), b.value().clone())
     } else {
@@ -76,6 +84,10 @@ fn binary(kind: Kind, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         )
     };
     let value = match kind {
+        Kind::Add | Kind::Sub | Kind::Mul if !va.dtype().is_float() => {
+            // candle's integer kernels panic on overflow in debug builds; PyTorch wraps.
+            wrapping(kind, &va, &vb)?
+        }
         Kind::Add => (&va + &vb)?,
         Kind::Sub => (&va - &vb)?,
         Kind::Mul => (&va * &vb)?,
@@ -94,6 +106,40 @@ fn binary(kind: Kind, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         }
     };
     Tensor::from_op(value, &[a, b], BinaryBackward(kind))
+}
+
+/// Integer `+`, `-` or `*` of same-shape values with two's-complement wrapping in their
+/// dtype, as PyTorch's integer arithmetic: computed in i64 with wrapping ops, then reduced
+/// modulo 2^8 or 2^32 for u8 and u32 (exact there, since the i64 results do not wrap).
+fn wrapping(
+    kind: Kind,
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+) -> Result<candle_core::Tensor> {
+    let dtype = a.dtype();
+    let as_i64 = |t: &candle_core::Tensor| -> Result<Vec<i64>> {
+        Ok(t.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?)
+    };
+    let (xa, xb) = (as_i64(a)?, as_i64(b)?);
+    let modulus: Option<i64> = match dtype {
+        DType::U8 => Some(1 << 8),
+        DType::U32 => Some(1 << 32),
+        _ => None,
+    };
+    let values: Vec<i64> = xa
+        .iter()
+        .zip(&xb)
+        .map(|(&x, &y)| {
+            let v = match kind {
+                Kind::Add => x.wrapping_add(y),
+                Kind::Sub => x.wrapping_sub(y),
+                _ => x.wrapping_mul(y),
+            };
+            modulus.map_or(v, |m| v.rem_euclid(m))
+        })
+        .collect();
+    let out = candle_core::Tensor::from_vec(values, a.shape(), a.device())?;
+    Ok(out.to_dtype(dtype)?)
 }
 
 struct BinaryBackward(Kind);

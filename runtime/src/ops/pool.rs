@@ -268,13 +268,17 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// The CPU pass and the tensor-op path pick the same positions, ties included
-    /// (values drawn from a few integers), for overlapping and disjoint windows.
+    /// (values drawn from a few integers) and NaN, for overlapping and disjoint windows.
     #[test]
     fn cpu_argmax_matches_the_tensor_path() -> Result<()> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let dims = [2, 3, 7, 6];
+        // Small integers (ties) and some NaN, which wins its window on both paths.
         let data: Vec<f64> = (0..dims.iter().product::<usize>())
-            .map(|_| f64::from(rng.gen_range(0..4)))
+            .map(|_| match rng.gen_range(0..5) {
+                4 => f64::NAN,
+                v => f64::from(v),
+            })
             .collect();
         let x = Tensor::from_slice(&data, &dims, &candle_core::Device::Cpu)?;
         for (kernel, stride) in [((2, 2), (2, 2)), ((3, 2), (1, 2)), ((2, 3), (2, 1))] {

@@ -1,6 +1,8 @@
 //! Reductions: sum, mean, max, min over dimensions, and `sum_to` (the inverse of
 //! broadcasting).
 
+use candle_core::DType;
+
 use crate::autograd::{Backward, VjpCtx};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -97,9 +99,14 @@ fn sum_keepdim_value(v: &candle_core::Tensor, dims: &[usize]) -> Result<candle_c
 }
 
 impl Tensor {
-    /// Sum over `dims`, keeping them as size 1 when `keepdim`.
+    /// Sum over `dims`, keeping them as size 1 when `keepdim`. u8 and u32 tensors sum in
+    /// i64, as PyTorch's integer sums.
     pub fn sum_dims(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
         check_dims("sum", self, dims)?;
+        if matches!(self.dtype(), DType::U8 | DType::U32) {
+            // PyTorch sums integers in int64 (candle's u8 sums overflowed).
+            return self.to_dtype(DType::I64)?.sum_dims(dims, keepdim);
+        }
         let keep = keepdim_shape(self.dims(), dims);
         let mut value = sum_keepdim_value(self.value(), dims)?;
         if !keepdim {

@@ -1,6 +1,8 @@
 //! Shape ops: reshape, broadcast_as, transpose, permute, narrow, pad, cat, stack,
 //! squeeze, unsqueeze, flatten.
 
+use candle_core::DType;
+
 use crate::autograd::{Backward, VjpCtx};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -123,17 +125,47 @@ fn check_dim(op: &'static str, t: &Tensor, dim: usize) -> Result<()> {
     Ok(())
 }
 
+/// The number of elements of `shape`, or `None` when it cannot be laid out: the product
+/// of its nonzero dims passes `usize::MAX` (candle's element counts and strides multiply
+/// them even when another dim is 0, and would overflow).
+pub(crate) fn checked_elem_count(shape: &[usize]) -> Option<usize> {
+    let nonzero = shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |n, &d| n.checked_mul(d))?;
+    Some(if shape.contains(&0) { 0 } else { nonzero })
+}
+
+/// `Err` naming `op` and `shape` when [`checked_elem_count`] refuses it.
+pub(crate) fn check_layout(op: &'static str, shape: &[usize]) -> Result<()> {
+    match checked_elem_count(shape) {
+        Some(_) => Ok(()),
+        None => Err(Error::InvalidArgument {
+            op,
+            message: format!("shape {shape:?} has more than usize::MAX elements"),
+        }),
+    }
+}
+
+/// [`check_layout`], and that a buffer of `shape` in `dtype` can be allocated at all
+/// (at most `isize::MAX` bytes; beyond that Rust's allocator panics instead of failing).
+pub(crate) fn check_alloc(op: &'static str, shape: &[usize], dtype: DType) -> Result<()> {
+    check_layout(op, shape)?;
+    let bytes = checked_elem_count(shape).and_then(|n| n.checked_mul(dtype.size_in_bytes()));
+    match bytes {
+        Some(b) if isize::try_from(b).is_ok() => Ok(()),
+        _ => Err(Error::InvalidArgument {
+            op,
+            message: format!("shape {shape:?} of {dtype:?} needs more than isize::MAX bytes"),
+        }),
+    }
+}
+
 impl Tensor {
     /// The same elements in a new shape (same element count).
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
-        // Checked: a product past usize::MAX would wrap and could match the count. The
-        // nonzero dims alone must not overflow either (candle's strides multiply them even
-        // when another dim is 0).
-        let nonzero = shape
-            .iter()
-            .filter(|&&d| d != 0)
-            .try_fold(1usize, |n, &d| n.checked_mul(d));
-        let count = nonzero.map(|n| if shape.contains(&0) { 0 } else { n });
+        // Checked: a product past usize::MAX would wrap and could match the count.
+        let count = checked_elem_count(shape);
         if count != Some(self.elem_count()) {
             let count = count.map_or_else(|| "more than usize::MAX".into(), |n| n.to_string());
             return Err(Error::ShapeMismatch {
@@ -154,6 +186,7 @@ impl Tensor {
         if self.dims() == shape {
             return Ok(self.clone());
         }
+        check_layout("broadcast_as", shape)?;
         let target = super::binary::broadcast_shape("broadcast_as", self.dims(), shape)?;
         if target != shape {
             return Err(Error::BroadcastMismatch {
@@ -237,16 +270,24 @@ impl Tensor {
         let padded = self.dims()[dim]
             .checked_add(left)
             .and_then(|n| n.checked_add(right));
-        let count =
-            padded.and_then(|p| (self.elem_count() / self.dims()[dim].max(1)).checked_mul(p));
-        if count.is_none() {
+        let shape = padded.map(|p| {
+            let mut shape = self.dims().to_vec();
+            shape[dim] = p;
+            shape
+        });
+        let Some(shape) = shape.filter(|s| check_alloc("pad_with_zeros", s, self.dtype()).is_ok())
+        else {
             return Err(Error::InvalidArgument {
                 op: "pad_with_zeros",
                 message: format!(
-                    "padding {left} + {right} of dim {dim} of shape {:?} overflows usize",
+                    "padding {left} + {right} of dim {dim} of shape {:?} gives a shape too large to lay out or allocate",
                     self.dims()
                 ),
             });
+        };
+        if self.elem_count() == 0 {
+            // candle's pad of an empty tensor sizes a buffer from its nonzero dims.
+            return super::connected_zeros(&shape, self, &[self]);
         }
         let value = self.value().pad_with_zeros(dim, left, right)?;
         Tensor::from_op(value, &[self], PadWithZeros { dim, left })

@@ -4,10 +4,12 @@ use candle_core::{DType, Device, WithDType};
 
 use super::Tensor;
 use crate::error::Result;
+use crate::ops::shape::{check_alloc, check_layout};
 
 impl Tensor {
     /// A tensor from a slice and a shape.
     pub fn from_slice<T: WithDType>(data: &[T], shape: &[usize], device: &Device) -> Result<Self> {
+        check_layout("from_slice", shape)?;
         Ok(Self::new(candle_core::Tensor::from_slice(
             data, shape, device,
         )?))
@@ -15,6 +17,7 @@ impl Tensor {
 
     /// A tensor from a vector and a shape.
     pub fn from_vec<T: WithDType>(data: Vec<T>, shape: &[usize], device: &Device) -> Result<Self> {
+        check_layout("from_vec", shape)?;
         Ok(Self::new(candle_core::Tensor::from_vec(
             data, shape, device,
         )?))
@@ -34,6 +37,7 @@ impl Tensor {
 
     /// A tensor filled with `value`.
     pub fn full(value: f64, shape: &[usize], dtype: DType, device: &Device) -> Result<Self> {
+        check_alloc("full", shape, dtype)?;
         Ok(Self::new(
             candle_core::Tensor::ones(shape, dtype, device)?.affine(0.0, value)?,
         ))
@@ -41,11 +45,13 @@ impl Tensor {
 
     /// Zeros.
     pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Self> {
+        check_alloc("zeros", shape, dtype)?;
         Ok(Self::new(candle_core::Tensor::zeros(shape, dtype, device)?))
     }
 
     /// Ones.
     pub fn ones(shape: &[usize], dtype: DType, device: &Device) -> Result<Self> {
+        check_alloc("ones", shape, dtype)?;
         Ok(Self::new(candle_core::Tensor::ones(shape, dtype, device)?))
     }
 

@@ -99,8 +99,8 @@ impl Tensor {
 
     /// A leaf with the same value that requires grad (`requires_grad_()` in PyTorch):
     /// `grad` can be asked for gradients with respect to it, and `backward` reports it.
-    /// Only floating point tensors can require gradients: for an integer leaf, `grad` and
-    /// `backward` return [`Error::UnsupportedDType`] (ops on it give constants).
+    /// Only floating point tensors can require gradients: `grad` with an integer leaf among
+    /// its inputs, and `backward` reaching one, return [`Error::UnsupportedDType`].
     pub fn to_leaf(&self) -> Self {
         Self::from_parts(self.0.value.clone(), Some(Node::Leaf))
     }
