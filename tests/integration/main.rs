@@ -5,6 +5,7 @@
 mod common;
 mod optim_support;
 
+mod batched;
 mod custom_optimizers;
 mod engine_smoke;
 mod functional_basic;
