@@ -137,38 +137,18 @@ fn add_channel_bias(y: Tensor, bias: &Option<Tensor>, batched: bool) -> Result<T
     }
 }
 
-/// A convolution of a task-batched input `[T, N, ..]` with per-task kernels `[T, ..]`:
-/// task `t` convolves `x[t]` with `weight[t]`; the results are stacked on the task axis.
-fn conv_tasks(
-    op: &'static str,
-    x: &Tensor,
-    weight: &Tensor,
-    conv: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
-    let tasks = weight.dims()[0];
-    super::tasks::check_input(op, x, tasks, weight.rank())?;
-    let outputs = (0..tasks)
-        .map(|t| {
-            conv(
-                &x.narrow(0, t, 1)?.squeeze(0)?,
-                &weight.narrow(0, t, 1)?.squeeze(0)?,
-            )
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::stack(&outputs, 0)
-}
-
 impl Module for Conv2d {
     /// Task-batched when the weight is `[T, out, in/groups, kh, kw]` (bias `[T, out]`):
     /// then `x` is `[T, N, in, H, W]` and the output `[T, N, out, H', W']`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = self.config;
-        let conv = |x: &Tensor, w: &Tensor| x.conv2d(w, c.padding, c.stride, c.dilation, c.groups);
-        let batched = super::tasks::batched("Conv2d", &self.weight, 4)?;
+        let w = &self.weight;
+        let batched = super::tasks::batched("Conv2d", w, 4)?;
         let y = if batched {
-            conv_tasks("Conv2d", x, &self.weight, conv)?
+            super::tasks::check_input("Conv2d", x, w.dims()[0], 5)?;
+            x.conv2d_tasks(w, c.padding, c.stride, c.dilation, c.groups)?
         } else {
-            conv(x, &self.weight)?
+            x.conv2d(w, c.padding, c.stride, c.dilation, c.groups)?
         };
         add_channel_bias(y, &self.bias, batched)
     }
@@ -179,12 +159,13 @@ impl Module for Conv1d {
     /// is `[T, N, in, L]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = self.config;
-        let conv = |x: &Tensor, w: &Tensor| x.conv1d(w, c.padding, c.stride, c.dilation, c.groups);
-        let batched = super::tasks::batched("Conv1d", &self.weight, 3)?;
+        let w = &self.weight;
+        let batched = super::tasks::batched("Conv1d", w, 3)?;
         let y = if batched {
-            conv_tasks("Conv1d", x, &self.weight, conv)?
+            super::tasks::check_input("Conv1d", x, w.dims()[0], 4)?;
+            x.conv1d_tasks(w, c.padding, c.stride, c.dilation, c.groups)?
         } else {
-            conv(x, &self.weight)?
+            x.conv1d(w, c.padding, c.stride, c.dilation, c.groups)?
         };
         add_channel_bias(y, &self.bias, batched)
     }
