@@ -3,7 +3,7 @@
 //! f64, every task's fast weights, buffers and meta-gradients that `T` separate unrolls
 //! give. Covered: an MLP, a small Omniglot-style CNN with batch norm (momentum 1 and 0.1,
 //! the query in train and in eval mode), an Embedding + LayerNorm model; SGD with momentum
-//! and weight decay, Adam; per-task learning rates; full, first-order and test modes;
+//! and weight decay, Adam; an LSTM and a GRU; per-task learning rates; full, first-order and test modes;
 //! meta-gradients with respect to the base parameters and to detached initial copies.
 
 use candle_higher::nn::{
@@ -414,6 +414,27 @@ fn token_data(tasks: usize, seed: u64) -> Data {
     }
 }
 
+/// A two-layer recurrent net on `[seq, batch, 2]` sequences with a linear read-out.
+fn recurrent_model(kind: &str) -> Sequential {
+    let vb = VarBuilder::new(17, F64, &Device::Cpu);
+    let body = match kind {
+        "lstm" => nn::lstm(2, 5, 2, vb.pp("0")).unwrap(),
+        _ => nn::gru(2, 5, 2, vb.pp("0")).unwrap(),
+    };
+    seq().add(body).add(linear(5, 1, vb.pp("1")).unwrap())
+}
+
+fn sequence_data(tasks: usize, seed: u64) -> Data {
+    let mut r = rng(seed);
+    let mut set = || (randn(&mut r, &[4, 3, 2]), randn(&mut r, &[4, 3, 1]));
+    Data {
+        support: (0..tasks).map(|_| set()).collect(),
+        query: (0..tasks).map(|_| set()).collect(),
+        loss: mse,
+        loss_per_task: mse_per_task,
+    }
+}
+
 fn sgd_momentum(n: usize) -> Optimizer<Sgd> {
     let sgd = Sgd {
         lr: 0.1,
@@ -521,6 +542,52 @@ fn embedding_and_layer_norm_batched_equal_looped() {
     let data = token_data(3, 13);
     let n = model.parameters().unwrap().len();
     check("tokens adam", &model, &adam(n), &data, Setup::maml(2));
+}
+
+#[test]
+fn conv1d_with_stride_and_padding_batched_equals_looped() {
+    let vb = VarBuilder::new(21, F64, &Device::Cpu);
+    let config = ConvConfig {
+        padding: 1,
+        stride: 2,
+        ..ConvConfig::default()
+    };
+    let model = seq()
+        .add(nn::conv1d(2, 3, 3, config, vb.pp("0")).unwrap())
+        .add(Activation::Tanh)
+        .add(flatten())
+        .add(linear(12, 3, vb.pp("3")).unwrap());
+    let mut r = rng(23);
+    let mut set = |n: usize| {
+        let labels: Vec<f64> = (0..n).map(|i| (i % 3) as f64).collect();
+        (
+            randn(&mut r, &[n, 2, 8]),
+            Tensor::from_vec(labels, &[n], &Device::Cpu).unwrap(),
+        )
+    };
+    let data = Data {
+        support: (0..3).map(|_| set(4)).collect(),
+        query: (0..3).map(|_| set(5)).collect(),
+        loss: cross_entropy,
+        loss_per_task: cross_entropy_per_task,
+    };
+    let n = model.parameters().unwrap().len();
+    check("conv1d", &model, &adam(n), &data, Setup::maml(2));
+}
+
+#[test]
+fn lstm_and_gru_batched_equal_looped() {
+    let data = sequence_data(3, 19);
+    for kind in ["lstm", "gru"] {
+        let model = recurrent_model(kind);
+        let n = model.parameters().unwrap().len();
+        check(kind, &model, &adam(n), &data, Setup::maml(2));
+        let lr = Setup {
+            per_task_lr: true,
+            ..Setup::maml(2)
+        };
+        check(&format!("{kind} lr"), &model, &sgd_momentum(n), &data, lr);
+    }
 }
 
 #[test]
