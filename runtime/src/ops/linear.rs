@@ -168,13 +168,16 @@ impl Tensor {
         let rows = self.elem_count() / (tasks * inp);
         let x3 = self.value().reshape((tasks, rows, inp))?;
         let wt = weight.value().t()?;
-        let mut y = match super::matmul::small_cpu_bmm(&x3, &wt)? {
+        let y = match super::matmul::small_cpu_bmm_plus_rows(&x3, &wt, bias.map(Tensor::value))? {
             Some(y) => y,
-            None => x3.matmul(&wt)?,
+            None => {
+                let y = x3.matmul(&wt)?;
+                match bias {
+                    Some(b) => y.broadcast_add(&b.value().unsqueeze(1)?)?,
+                    None => y,
+                }
+            }
         };
-        if let Some(b) = bias {
-            y = y.broadcast_add(&b.value().unsqueeze(1)?)?;
-        }
         let value = y.reshape(out_shape)?;
         Ok(match bias {
             Some(b) => Tensor::from_op(value, &[self, weight, b], LinearTasks { has_bias: true }),

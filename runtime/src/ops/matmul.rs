@@ -117,6 +117,17 @@ pub(crate) fn small_cpu_bmm(
     a: &candle_core::Tensor,
     b: &candle_core::Tensor,
 ) -> Result<Option<candle_core::Tensor>> {
+    small_cpu_bmm_plus_rows(a, b, None)
+}
+
+/// [`small_cpu_bmm`] plus, when given, `rows` `[batch, n]` added to every row of entry
+/// `i` (a per-task bias, added by gemm itself: the output starts as the bias rows and the
+/// product accumulates onto them).
+pub(crate) fn small_cpu_bmm_plus_rows(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    rows: Option<&candle_core::Tensor>,
+) -> Result<Option<candle_core::Tensor>> {
     if !a.device().is_cpu() || !b.device().is_cpu() || a.rank() != 3 || b.rank() != 3 {
         return Ok(None);
     }
@@ -124,9 +135,16 @@ pub(crate) fn small_cpu_bmm(
     if batch != batch_b || k != k_b || m * n * k >= SMALL_MATMUL || m * n * k == 0 {
         return Ok(None);
     }
+    let rows = match rows {
+        Some(r) if r.dims() != [batch, n] || !r.device().is_cpu() || r.dtype() != a.dtype() => {
+            return Ok(None)
+        }
+        Some(r) => Some(r.contiguous()?),
+        None => None,
+    };
     match a.dtype() {
-        DType::F32 => bmm_no_threads::<f32>(a, b, (batch, m, n, k)).map(Some),
-        DType::F64 => bmm_no_threads::<f64>(a, b, (batch, m, n, k)).map(Some),
+        DType::F32 => bmm_no_threads::<f32>(a, b, rows.as_ref(), (batch, m, n, k)).map(Some),
+        DType::F64 => bmm_no_threads::<f64>(a, b, rows.as_ref(), (batch, m, n, k)).map(Some),
         _ => Ok(None),
     }
 }
@@ -134,6 +152,7 @@ pub(crate) fn small_cpu_bmm(
 fn bmm_no_threads<T: WithDType>(
     a: &candle_core::Tensor,
     b: &candle_core::Tensor,
+    rows: Option<&candle_core::Tensor>,
     (batch, m, n, k): (usize, usize, usize, usize),
 ) -> Result<candle_core::Tensor> {
     let (sa, la) = a.storage_and_layout();
@@ -143,7 +162,24 @@ fn bmm_no_threads<T: WithDType>(
     };
     let (lhs, rhs) = (ca.as_slice::<T>()?, cb.as_slice::<T>()?);
     let (ta, tb) = (la.stride(), lb.stride());
-    let mut dst = vec![T::from_f64(0.0); batch * m * n];
+    let mut dst = match rows {
+        Some(r) => {
+            let (sr, lr) = r.storage_and_layout();
+            let Storage::Cpu(cr) = &*sr else {
+                return Ok(a.matmul(b)?.broadcast_add(&r.unsqueeze(1)?)?);
+            };
+            let r = &cr.as_slice::<T>()?[lr.start_offset()..][..batch * n];
+            let mut dst = Vec::with_capacity(batch * m * n);
+            for bias in r.chunks_exact(n) {
+                for _ in 0..m {
+                    dst.extend_from_slice(bias);
+                }
+            }
+            dst
+        }
+        None => vec![T::from_f64(0.0); batch * m * n],
+    };
+    let accumulate = rows.is_some();
     for (i, out) in dst.chunks_exact_mut(m * n).enumerate() {
         let (oa, ob) = (la.start_offset() + i * ta[0], lb.start_offset() + i * tb[0]);
         fn view<'a, T>(data: &'a [T], offset: usize, stride: &[usize]) -> Result<Strided<'a, T>> {
@@ -162,7 +198,7 @@ fn bmm_no_threads<T: WithDType>(
             view(lhs, oa, ta)?,
             view(rhs, ob, tb)?,
             out,
-            false,
+            accumulate,
             gemm::Parallelism::None,
         )?;
     }
