@@ -19,7 +19,7 @@
 //! peak resident memory is its own; 1-thread rows run pinned to core 0, as the anchors do.
 //! Workers run with `MIMALLOC_PURGE_DELAY=-1` unless the environment sets it (see
 //! `purge_delay`). Options: `--quick` (fewer iterations), `--only sine|omniglot|unroll`,
-//! `--no-anchor`.
+//! `--no-anchor`, `--slow-anchors` (adds JAX on the CNN, minutes per meta-iteration).
 
 use std::process::Command;
 use std::time::Instant;
@@ -528,7 +528,10 @@ const SINE_ANCHORS: [&str; 5] = [
     "torchfunc_vmap",
     "jax",
 ];
-const OMNIGLOT_ANCHORS: [&str; 3] = ["higher", "torchfunc_vmap", "jax"];
+const OMNIGLOT_ANCHORS: [&str; 2] = ["higher", "torchfunc_vmap"];
+/// JAX on the CNN (vmap over tasks) takes minutes per meta-iteration on XLA:CPU (the
+/// anchors' RESULTS.md), so it runs only with `--slow-anchors`.
+const OMNIGLOT_SLOW_ANCHORS: [&str; 1] = ["jax"];
 
 fn driver(args: &[String]) {
     let quick = args.iter().any(|a| a == "--quick");
@@ -604,7 +607,11 @@ fn driver(args: &[String]) {
         let (it, wu) = if quick { (2, 1) } else { (5, 1) };
         let worker = ["omniglot".to_string(), it.to_string(), wu.to_string()].to_vec();
         ours(&mut rows, "omniglot_cnn", 5, 1, worker);
-        for variant in OMNIGLOT_ANCHORS.iter().filter(|_| anchors) {
+        let slow = args.iter().any(|a| a == "--slow-anchors");
+        let variants = OMNIGLOT_ANCHORS
+            .iter()
+            .chain(OMNIGLOT_SLOW_ANCHORS.iter().filter(|_| slow));
+        for variant in variants.filter(|_| anchors) {
             let script_args = [
                 "--variant",
                 variant,

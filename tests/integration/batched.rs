@@ -591,6 +591,29 @@ fn lstm_and_gru_batched_equal_looped() {
 }
 
 #[test]
+fn dropout_masks_are_independent_across_tasks() {
+    let vb = VarBuilder::new(29, F64, &Device::Cpu);
+    let model = seq()
+        .add(linear(4, 64, vb.pp("0")).unwrap())
+        .add(nn::dropout(0.5, vb.pp("1")).unwrap());
+    let opt = adam(model.parameters().unwrap().len());
+    let (fmodel, _) = innerloop(&model, &opt, InnerloopOptions::new().tasks(3)).unwrap();
+    let x = Tensor::ones(&[3, 2, 4], F64, &Device::Cpu).unwrap();
+    let y = fmodel.forward(&x).unwrap().to_vec_f64().unwrap();
+    // Every task has the same weights and input, so only the masks tell them apart.
+    let dropped: Vec<Vec<bool>> = y
+        .chunks(128)
+        .map(|t| t.iter().map(|v| *v == 0.0).collect())
+        .collect();
+    assert_eq!(dropped.len(), 3);
+    for t in 1..3 {
+        assert_ne!(dropped[t], dropped[0], "task {t} got task 0's dropout mask");
+    }
+    let rate = dropped.iter().flatten().filter(|d| **d).count() as f64 / 384.0;
+    assert!((0.35..0.65).contains(&rate), "drop rate {rate}");
+}
+
+#[test]
 fn per_task_override_of_the_wrong_length_is_an_error() {
     let model = mlp(1);
     let opt = adam(model.parameters().unwrap().len());
