@@ -21,10 +21,12 @@
 //!
 //! The tasks of a meta-batch are adapted at once in one task-batched inner loop
 //! (`InnerloopOptions::tasks`: conv kernels `[B, 64, C, 3, 3]`, batch-norm statistics per
-//! task, images `[B, N, 1, 28, 28]`); `--looped` adapts them one by one instead.
+//! task, images `[B, N, 1, 28, 28]`), in chunks of `--chunk C` tasks (default 4: all tasks
+//! of a chunk hold their graphs at once, about 0.4 GB each here); `--looped` adapts them one
+//! by one instead.
 //!
 //! `cargo run --release --example maml_fewshot -- [--iters N] [--meta-batch B] [--ways N]
-//! [--shots K] [--eval-tasks T] [--omniglot PATH] [--looped]`
+//! [--shots K] [--eval-tasks T] [--omniglot PATH] [--chunk C] [--looped]`
 
 use candle_higher::nn::{
     batch_norm2d, conv2d, cross_entropy, cross_entropy_per_task, flatten, linear, max_pool2d, seq,
@@ -331,6 +333,7 @@ fn main() -> Result<()> {
     let shots = flag("--shots", 1);
     let eval_tasks = flag("--eval-tasks", 20);
     let looped = args.iter().any(|a| a == "--looped");
+    let chunk = flag("--chunk", 4).max(1);
     let source = match args.iter().position(|a| a == "--omniglot") {
         Some(i) => {
             let path = args
@@ -395,17 +398,24 @@ fn main() -> Result<()> {
                 grads.accumulate(&backward(&q)?)?;
             }
         } else {
-            let (logits, yq) = adapt_batched(&model, &inner_opt, &tasks)?;
-            // The mean over tasks of the per-task query losses, as the loop averages them.
-            let q = cross_entropy_per_task(&logits, &yq)?.mean_all()?;
-            loss_sum += q.to_scalar_f64()? * meta_batch as f64;
-            // Every task has as many queries, so the accuracy over all of them is the
-            // mean of the per-task accuracies.
-            let rows = logits.dims()[0] * logits.dims()[1];
-            acc_sum +=
-                accuracy(&logits.reshape(&[rows, ways])?, &yq.flatten_all()?)? * meta_batch as f64;
-            n += meta_batch;
-            grads = backward(&q)?;
+            // Chunks of `chunk` tasks per task-batched loop: batching all of a large
+            // meta-batch at once holds every task's graph together.
+            for part in tasks.chunks(chunk) {
+                let (logits, yq) = adapt_batched(&model, &inner_opt, part)?;
+                // Summed over the chunk's tasks and divided by the meta-batch: over all
+                // chunks, the mean of the per-task query losses, as the loop averages them.
+                let q = cross_entropy_per_task(&logits, &yq)?
+                    .sum_all()?
+                    .affine(1.0 / meta_batch as f64, 0.0)?;
+                loss_sum += q.to_scalar_f64()? * meta_batch as f64;
+                // Every task has as many queries, so the accuracy over all of them is the
+                // mean of the per-task accuracies.
+                let rows = logits.dims()[0] * logits.dims()[1];
+                acc_sum += accuracy(&logits.reshape(&[rows, ways])?, &yq.flatten_all()?)?
+                    * part.len() as f64;
+                n += part.len();
+                grads.accumulate(&backward(&q)?)?;
+            }
         }
         meta_opt.step_module(&mut model, &grads)?;
         if it % report_every == 0 || it == iters {
