@@ -613,6 +613,79 @@ fn dropout_masks_are_independent_across_tasks() {
     assert!((0.35..0.65).contains(&rate), "drop rate {rate}");
 }
 
+/// Per-task learning rates beside a shared tensor `betas.0`: the twin combines a `[T, 1, ..]`
+/// value with a 0-dim one both ways round (`lr / (1 - beta1^t)`), and the meta-gradient with
+/// respect to the shared value is the sum of the per-task ones.
+#[test]
+fn per_task_and_shared_tensor_overrides_together() {
+    let model = mlp(8);
+    let data = sine_data(3, 9);
+    let opt = adam(model.parameters().unwrap().len());
+    let beta = || Tensor::scalar(0.8f64).to_leaf();
+    let lr_values = lrs(3);
+    // Looped: task t with lr_t and its own leaf for beta1 (summed afterwards).
+    let (mut fast, mut lr_grads) = (Vec::new(), Vec::new());
+    let mut beta_grad = 0.0;
+    for t in 0..3 {
+        let (lr, b1) = (Tensor::scalar(lr_values[t]).to_leaf(), beta());
+        let o = Overrides::new()
+            .set("lr", lr.clone())
+            .set("betas.0", b1.clone());
+        let options = Setup::maml(2).options().overrides(o);
+        let (mut fmodel, mut diffopt) = innerloop(&model, &opt, options).unwrap();
+        let (xs, ys) = &data.support[t];
+        for _ in 0..2 {
+            let loss = mse(&fmodel.forward(xs).unwrap(), ys).unwrap();
+            diffopt.step(&mut fmodel, &loss).unwrap();
+        }
+        let (xq, yq) = &data.query[t];
+        let q = mse(&fmodel.forward(xq).unwrap(), yq).unwrap();
+        let g = grads(&q, &[lr, b1]);
+        lr_grads.push(g[0].clone());
+        beta_grad += g[1].to_scalar_f64().unwrap();
+        fast.push(fmodel.fast_params()[0].clone());
+    }
+    // Batched: one [3] lr tensor and one shared beta1 leaf.
+    let (lr, b1) = (
+        Tensor::from_vec(lr_values, &[3], &Device::Cpu)
+            .unwrap()
+            .to_leaf(),
+        beta(),
+    );
+    let o = Overrides::new()
+        .set("lr", lr.clone())
+        .set("betas.0", b1.clone());
+    let options = Setup::maml(2).options().overrides(o).tasks(3);
+    let (mut fmodel, mut diffopt) = innerloop(&model, &opt, options).unwrap();
+    let (xs, ys) = Data::stacked(&data.support);
+    for _ in 0..2 {
+        let loss = mse_per_task(&fmodel.forward(&xs).unwrap(), &ys).unwrap();
+        diffopt.step(&mut fmodel, &loss.sum_all().unwrap()).unwrap();
+    }
+    let (xq, yq) = Data::stacked(&data.query);
+    let q = mse_per_task(&fmodel.forward(&xq).unwrap(), &yq)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let g = grads(&q, &[lr, b1]);
+    assert_same(
+        "first fast weight",
+        &fmodel.fast_params()[0],
+        &Tensor::stack(&fast, 0).unwrap(),
+    );
+    assert_same(
+        "lr meta-gradient",
+        &g[0],
+        &Tensor::stack(&lr_grads, 0).unwrap(),
+    );
+    assert_same(
+        "shared beta1 meta-gradient",
+        &g[1],
+        &Tensor::scalar(beta_grad),
+    );
+    assert!(beta_grad.abs() > 1e-8, "the beta1 meta-gradient vanished");
+}
+
 #[test]
 fn per_task_override_of_the_wrong_length_is_an_error() {
     let model = mlp(1);
