@@ -626,8 +626,8 @@ fn per_task_and_shared_tensor_overrides_together() {
     // Looped: task t with lr_t and its own leaf for beta1 (summed afterwards).
     let (mut fast, mut lr_grads) = (Vec::new(), Vec::new());
     let mut beta_grad = 0.0;
-    for t in 0..3 {
-        let (lr, b1) = (Tensor::scalar(lr_values[t]).to_leaf(), beta());
+    for (t, &lr_t) in lr_values.iter().enumerate() {
+        let (lr, b1) = (Tensor::scalar(lr_t).to_leaf(), beta());
         let o = Overrides::new()
             .set("lr", lr.clone())
             .set("betas.0", b1.clone());
