@@ -1,12 +1,18 @@
 //! MAML benchmarks against PyTorch + higher, measured in the same run.
 //!
-//! `cargo bench --bench maml` prints one table row per workload: our time, the anchor's
-//! time (from `../shared/anchors/`, when its Python environment is installed), and the
-//! ratio. It asserts nothing. Workloads:
+//! `cargo bench --bench maml` prints one table: per workload, our task-batched time
+//! (`ours-batched`, the inner loop over all tasks at once), our loop over tasks
+//! (`ours-looped`), and, when the anchors' Python environment is installed, every anchor
+//! variant of `../shared/anchors/` (PyTorch + higher, TorchOpt, TorchOpt functional + vmap,
+//! torch.func + vmap, JAX jit + vmap), each with its ratio to `ours-batched`. The rows are
+//! also written to `target/bench-results/maml.json` (`workload`, `variant`, `inner_steps`,
+//! `threads`, `seconds`: median per meta-iteration, `peak_rss_mib`). It asserts nothing.
+//! Task data are generated before the timed region, as on the Python side. Workloads:
 //! - MAML sine (1-40-40-1 ReLU MLP, 25 tasks, K = 10, second order, f32): seconds per
 //!   meta-iteration for 1, 5, 10 and 20 inner steps, one and two threads; peak memory;
 //! - the MAML-Omniglot CNN (synthetic 28x28, 5-way 1-shot, 15 query, meta-batch 16,
-//!   5 inner steps), one thread;
+//!   5 inner steps), one thread; `ours-batched` runs it as task-batched chunks of
+//!   `OMNIGLOT_CHUNK` tasks;
 //! - the cost of one inner step at step 1 and at step 1000 of an unroll, memory per
 //!   unrolled step, and test-mode memory over 1000 steps.
 //!
@@ -14,7 +20,7 @@
 //! peak resident memory is its own; 1-thread rows run pinned to core 0, as the anchors do.
 //! Workers run with `MIMALLOC_PURGE_DELAY=-1` unless the environment sets it (see
 //! `purge_delay`). Options: `--quick` (fewer iterations), `--only sine|omniglot|unroll`,
-//! `--no-anchor`.
+//! `--no-anchor`, `--slow-anchors` (adds JAX on the CNN, minutes per meta-iteration).
 
 use std::process::Command;
 use std::time::Instant;
@@ -22,7 +28,10 @@ use std::time::Instant;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use candle_higher::nn::{cross_entropy, linear, mse, seq, Activation, Sequential, VarBuilder};
+use candle_higher::nn::{
+    cross_entropy, cross_entropy_per_task, linear, mse, mse_per_task, seq, Activation, Sequential,
+    VarBuilder,
+};
 use candle_higher::optim::{Adam, Optimizer, Sgd};
 use candle_higher::{
     backward, innerloop, DType, Device, GradStore, InitialWeights, InnerloopOptions, Parameters,
@@ -157,22 +166,76 @@ fn maml_iteration(
     meta_opt.step_module(model, &total)
 }
 
+/// The same meta-iteration with the tasks batched: one inner loop over `[T, ...]` fast
+/// weights, the inner loss the sum of the per-task losses, the meta-loss their mean.
+fn maml_iteration_batched(
+    model: &mut Sequential,
+    meta_opt: &mut Optimizer<Adam>,
+    batch: &SineBatch,
+    steps: usize,
+) -> Result<()> {
+    let inner_opt = Optimizer::new(Sgd::new(0.01), model.parameters()?.len())?;
+    let options = maml_options().tasks(batch.tasks);
+    let (mut fmodel, mut diffopt) = innerloop(&*model, &inner_opt, options)?;
+    for _ in 0..steps {
+        let loss = mse_per_task(&fmodel.forward(&batch.xs)?, &batch.ys)?.sum_all()?;
+        diffopt.step(&mut fmodel, &loss)?;
+    }
+    let query = mse_per_task(&fmodel.forward(&batch.xq)?, &batch.yq)?.mean_all()?;
+    meta_opt.step_module(model, &backward(&query)?)
+}
+
+/// A meta-batch of sine tasks stacked on a task axis: `[T, K, 1]` each.
+struct SineBatch {
+    tasks: usize,
+    xs: Tensor,
+    ys: Tensor,
+    xq: Tensor,
+    yq: Tensor,
+}
+
+fn stack_sine(tasks: &[SineTask]) -> Result<SineBatch> {
+    let stack = |f: fn(&SineTask) -> &Tensor| -> Result<Tensor> {
+        let parts: Vec<Tensor> = tasks.iter().map(|t| f(t).clone()).collect();
+        Tensor::stack(&parts, 0)
+    };
+    Ok(SineBatch {
+        tasks: tasks.len(),
+        xs: stack(|t| &t.xs)?,
+        ys: stack(|t| &t.ys)?,
+        xq: stack(|t| &t.xq)?,
+        yq: stack(|t| &t.yq)?,
+    })
+}
+
 /// MAML's inner loops start from the base parameters, so meta-gradients reach them.
 fn maml_options() -> InnerloopOptions {
     InnerloopOptions::new().initial_weights(InitialWeights::BaseParameters)
 }
 
-fn sine_worker(steps: usize, iters: usize, warmup: usize) -> Result<String> {
+fn sine_worker(batched: bool, steps: usize, iters: usize, warmup: usize) -> Result<String> {
     let mut model = sine_model()?;
     let mut meta_opt = Optimizer::new(Adam::new(1e-3), model.parameters()?.len())?;
     let mut rng = Lcg(123);
     let batches: Vec<Vec<SineTask>> = (0..iters + warmup)
         .map(|_| (0..META_BATCH).map(|_| sine_task(&mut rng)).collect())
         .collect::<Result<_>>()?;
+    let stacked: Vec<SineBatch> = if batched {
+        batches
+            .iter()
+            .map(|b| stack_sine(b))
+            .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
     let mut times = Vec::new();
     for (i, batch) in batches.iter().enumerate() {
         let t0 = Instant::now();
-        maml_iteration(&mut model, &mut meta_opt, batch, steps)?;
+        if batched {
+            maml_iteration_batched(&mut model, &mut meta_opt, &stacked[i], steps)?;
+        } else {
+            maml_iteration(&mut model, &mut meta_opt, batch, steps)?;
+        }
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
@@ -216,7 +279,22 @@ fn unroll_worker(steps: usize) -> Result<String> {
 
 // ------------------------------------------------------------------------ Omniglot CNN
 
-fn omniglot_worker(iters: usize, warmup: usize) -> Result<String> {
+/// Tasks per task-batched inner loop on the CNN (a meta-batch of 16 runs as 16 / CHUNK
+/// loops, their meta-gradients summed). All 16 at once hold every task's graph together:
+/// 5.6 GiB peak, and most of the time is then the kernel zeroing fresh pages (measured
+/// with `perf`: 4.2 s, against 2.4-3.0 s in chunks of 2 at 0.8 GiB, 2.6 s in chunks of 4
+/// at 1.5 GiB, on a shared machine).
+const OMNIGLOT_CHUNK: usize = 2;
+
+/// One task of the Omniglot workload: support and query images with labels.
+struct ImageTask {
+    xs: Tensor,
+    ys: Tensor,
+    xq: Tensor,
+    yq: Tensor,
+}
+
+fn omniglot_worker(batched: bool, iters: usize, warmup: usize) -> Result<String> {
     use candle_higher::nn::{
         batch_norm2d, conv2d, flatten, max_pool2d, BatchNormConfig, ConvConfig,
     };
@@ -257,10 +335,9 @@ fn omniglot_worker(iters: usize, warmup: usize) -> Result<String> {
         ))
     };
     let mut proto_rng = Lcg(11);
-    let mut times = Vec::new();
-    for it in 0..iters + warmup {
-        let t0 = Instant::now();
-        let mut total = GradStore::default();
+    let mut batches: Vec<Vec<ImageTask>> = Vec::new();
+    for _ in 0..iters + warmup {
+        let mut tasks = Vec::new();
         for _ in 0..meta_batch {
             let protos: Vec<Vec<f32>> = (0..ways)
                 .map(|_| {
@@ -271,16 +348,66 @@ fn omniglot_worker(iters: usize, warmup: usize) -> Result<String> {
                 .collect();
             let (xs, ys) = images(shots, &protos)?;
             let (xq, yq) = images(queries, &protos)?;
-            let (mut fmodel, mut diffopt) = innerloop(&model, &inner_opt, maml_options())?;
-            for _ in 0..steps {
-                let loss = cross_entropy(&fmodel.forward(&xs)?, &ys)?;
-                diffopt.step(&mut fmodel, &loss)?;
-            }
-            let q =
-                cross_entropy(&fmodel.forward(&xq)?, &yq)?.affine(1.0 / meta_batch as f64, 0.0)?;
-            total.accumulate(&backward(&q)?)?;
+            tasks.push(ImageTask { xs, ys, xq, yq });
         }
-        meta_opt.step_module(&mut model, &total)?;
+        batches.push(tasks);
+    }
+    let stack = |tasks: &[ImageTask], f: fn(&ImageTask) -> &Tensor| -> Result<Tensor> {
+        let parts: Vec<Tensor> = tasks.iter().map(|t| f(t).clone()).collect();
+        Tensor::stack(&parts, 0)
+    };
+    // Each meta-batch as chunks of OMNIGLOT_CHUNK tasks, stacked on a task axis.
+    let stacked: Vec<Vec<ImageTask>> = if batched {
+        batches
+            .iter()
+            .map(|b| {
+                b.chunks(OMNIGLOT_CHUNK)
+                    .map(|c| {
+                        Ok(ImageTask {
+                            xs: stack(c, |t| &t.xs)?,
+                            ys: stack(c, |t| &t.ys)?,
+                            xq: stack(c, |t| &t.xq)?,
+                            yq: stack(c, |t| &t.yq)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    let mut times = Vec::new();
+    for (it, batch) in batches.iter().enumerate() {
+        let t0 = Instant::now();
+        if batched {
+            let mut total = GradStore::default();
+            for b in &stacked[it] {
+                let options = maml_options().tasks(b.xs.dims()[0]);
+                let (mut fmodel, mut diffopt) = innerloop(&model, &inner_opt, options)?;
+                for _ in 0..steps {
+                    let loss = cross_entropy_per_task(&fmodel.forward(&b.xs)?, &b.ys)?.sum_all()?;
+                    diffopt.step(&mut fmodel, &loss)?;
+                }
+                let q = cross_entropy_per_task(&fmodel.forward(&b.xq)?, &b.yq)?
+                    .sum_all()?
+                    .affine(1.0 / meta_batch as f64, 0.0)?;
+                total.accumulate(&backward(&q)?)?;
+            }
+            meta_opt.step_module(&mut model, &total)?;
+        } else {
+            let mut total = GradStore::default();
+            for task in batch {
+                let (mut fmodel, mut diffopt) = innerloop(&model, &inner_opt, maml_options())?;
+                for _ in 0..steps {
+                    let loss = cross_entropy(&fmodel.forward(&task.xs)?, &task.ys)?;
+                    diffopt.step(&mut fmodel, &loss)?;
+                }
+                let q = cross_entropy(&fmodel.forward(&task.xq)?, &task.yq)?
+                    .affine(1.0 / meta_batch as f64, 0.0)?;
+                total.accumulate(&backward(&q)?)?;
+            }
+            meta_opt.step_module(&mut model, &total)?;
+        }
         if it >= warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
@@ -294,10 +421,11 @@ fn worker(args: &[String]) -> Result<()> {
             .and_then(|s| s.parse::<usize>().ok())
             .unwrap_or(0)
     };
+    let batched = args.get(1).is_some_and(|m| m == "batched");
     let out = match args.first().map(String::as_str) {
-        Some("sine") => sine_worker(num(1), num(2), num(3))?,
+        Some("sine") => sine_worker(batched, num(2), num(3), num(4))?,
         Some("unroll") => unroll_worker(num(1))?,
-        Some("omniglot") => omniglot_worker(num(1), num(2))?,
+        Some("omniglot") => omniglot_worker(batched, num(2), num(3))?,
         other => format!("unknown worker {other:?}"),
     };
     println!("RESULT {out}");
@@ -400,6 +528,29 @@ fn purge_delay() -> String {
     std::env::var("MIMALLOC_PURGE_DELAY").unwrap_or_else(|_| "-1".into())
 }
 
+/// One measured row of the table and of `maml.json`.
+struct Row {
+    workload: &'static str,
+    variant: String,
+    inner_steps: usize,
+    threads: usize,
+    seconds: f64,
+    peak_rss_mib: f64,
+}
+
+/// The anchor variants of each workload's script.
+const SINE_ANCHORS: [&str; 5] = [
+    "higher",
+    "torchopt",
+    "torchopt_func_vmap",
+    "torchfunc_vmap",
+    "jax",
+];
+const OMNIGLOT_ANCHORS: [&str; 2] = ["higher", "torchfunc_vmap"];
+/// JAX on the CNN (vmap over tasks) takes minutes per meta-iteration on XLA:CPU (the
+/// anchors' RESULTS.md), so it runs only with `--slow-anchors`.
+const OMNIGLOT_SLOW_ANCHORS: [&str; 1] = ["jax"];
+
 fn driver(args: &[String]) {
     let quick = args.iter().any(|a| a == "--quick");
     let anchors = !args.iter().any(|a| a == "--no-anchor") && anchor_python().is_some();
@@ -410,56 +561,61 @@ fn driver(args: &[String]) {
     let wants = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let (iters, warmup) = if quick { (5, 1) } else { (30, 3) };
     if !anchors {
-        println!("(anchors not installed: run ../shared/anchors/setup.sh for the PyTorch + higher column)");
+        println!("(anchors not installed: run ../shared/anchors/setup.sh for the Python columns)");
     }
     println!(
         "(allocator: mimalloc, MIMALLOC_PURGE_DELAY={}; set MIMALLOC_PURGE_DELAY=10 for its default)",
         purge_delay()
     );
-    println!("| workload | ours | PyTorch + higher (same run) | speed-up |");
-    println!("|---|---|---|---|");
-    let row = |name: &str, ours: f64, theirs: Option<f64>, unit: &str| match theirs {
-        Some(t) => println!(
-            "| {name} | {ours:.4} {unit} | {t:.4} {unit} | {:.1}x |",
-            t / ours
-        ),
-        None => println!("| {name} | {ours:.4} {unit} | - | - |"),
+    let mut rows: Vec<Row> = Vec::new();
+    let ours = |rows: &mut Vec<Row>, workload, steps, threads, worker: Vec<String>| {
+        for mode in ["batched", "looped"] {
+            let mut a = worker.clone();
+            a.insert(1, mode.to_string());
+            if let Some(o) = run_worker(threads, &a) {
+                rows.push(Row {
+                    workload,
+                    variant: format!("ours-{mode}"),
+                    inner_steps: steps,
+                    threads,
+                    seconds: o[0],
+                    peak_rss_mib: o[1],
+                });
+            }
+        }
     };
-    let mut rss_rows = Vec::new();
     if wants("sine") {
         for threads in [1usize, 2] {
             for steps in [1usize, 5, 10, 20] {
                 let it = if steps >= 20 { iters / 2 } else { iters };
                 let a = [steps, it, warmup].map(|v| v.to_string());
-                let ours = run_worker(threads, &[vec!["sine".to_string()], a.to_vec()].concat());
-                let theirs = anchors
-                    .then(|| {
-                        run_anchor(
-                            "bench_maml_sinusoid.py",
-                            &[
-                                "--variant",
-                                "higher",
-                                "--inner-steps",
-                                &a[0],
-                                "--iters",
-                                &a[1],
-                                "--warmup",
-                                &a[2],
-                                "--threads",
-                                &threads.to_string(),
-                            ]
-                            .map(String::from),
+                let worker = [vec!["sine".to_string()], a.to_vec()].concat();
+                ours(&mut rows, "maml_sine", steps, threads, worker);
+                for variant in SINE_ANCHORS.iter().filter(|_| anchors) {
+                    let script_args = [
+                        "--variant",
+                        variant,
+                        "--inner-steps",
+                        &a[0],
+                        "--iters",
+                        &a[1],
+                        "--warmup",
+                        &a[2],
+                        "--threads",
+                        &threads.to_string(),
+                    ]
+                    .map(String::from);
+                    if let Some((t, rss)) =
+                        run_anchor("bench_maml_sinusoid.py", &script_args, threads)
+                    {
+                        rows.push(Row {
+                            workload: "maml_sine",
+                            variant: variant.to_string(),
+                            inner_steps: steps,
                             threads,
-                        )
-                    })
-                    .flatten();
-                if let Some(o) = ours {
-                    let name = format!(
-                        "MAML sine, {steps} inner steps, {threads} thread(s), s/meta-iteration"
-                    );
-                    row(&name, o[0], theirs.map(|t| t.0), "s");
-                    if threads == 1 && steps == 5 {
-                        rss_rows.push(("MAML sine 5 steps, peak RSS", o[1], theirs.map(|t| t.1)));
+                            seconds: t,
+                            peak_rss_mib: rss,
+                        });
                     }
                 }
             }
@@ -467,63 +623,132 @@ fn driver(args: &[String]) {
     }
     if wants("omniglot") {
         let (it, wu) = if quick { (2, 1) } else { (5, 1) };
-        let ours = run_worker(1, &["omniglot".to_string(), it.to_string(), wu.to_string()]);
-        let theirs = anchors
-            .then(|| {
-                run_anchor(
-                    "bench_omniglot_conv.py",
-                    &[
-                        "--variant",
-                        "higher",
-                        "--meta-batch",
-                        "16",
-                        "--iters",
-                        &it.to_string(),
-                        "--warmup",
-                        &wu.to_string(),
-                        "--threads",
-                        "1",
-                    ]
-                    .map(String::from),
-                    1,
-                )
-            })
-            .flatten();
-        if let Some(o) = ours {
-            row(
-                "Omniglot CNN, meta-batch 16, 1-shot, 5 steps, 1 thread, s/meta-iteration",
-                o[0],
-                theirs.map(|t| t.0),
-                "s",
-            );
-            rss_rows.push(("Omniglot CNN, peak RSS", o[1], theirs.map(|t| t.1)));
+        let worker = ["omniglot".to_string(), it.to_string(), wu.to_string()].to_vec();
+        ours(&mut rows, "omniglot_cnn", 5, 1, worker);
+        let slow = args.iter().any(|a| a == "--slow-anchors");
+        let variants = OMNIGLOT_ANCHORS
+            .iter()
+            .chain(OMNIGLOT_SLOW_ANCHORS.iter().filter(|_| slow));
+        for variant in variants.filter(|_| anchors) {
+            let script_args = [
+                "--variant",
+                variant,
+                "--meta-batch",
+                "16",
+                "--iters",
+                &it.to_string(),
+                "--warmup",
+                &wu.to_string(),
+                "--threads",
+                "1",
+            ]
+            .map(String::from);
+            if let Some((t, rss)) = run_anchor("bench_omniglot_conv.py", &script_args, 1) {
+                rows.push(Row {
+                    workload: "omniglot_cnn",
+                    variant: variant.to_string(),
+                    inner_steps: 5,
+                    threads: 1,
+                    seconds: t,
+                    peak_rss_mib: rss,
+                });
+            }
         }
     }
-    for (name, ours, theirs) in rss_rows {
-        match theirs {
-            Some(t) => println!(
-                "| {name} | {ours:.0} MiB | {t:.0} MiB | {:.1}x less |",
-                t / ours
-            ),
-            None => println!("| {name} | {ours:.0} MiB | - | - |"),
-        }
-    }
+    print_table(&rows);
+    write_json(&rows);
     if wants("unroll") {
         if let Some(o) = run_worker(1, &["unroll".to_string(), "1000".to_string()]) {
             println!(
-                "| inner step near step 1 vs near step 1000 (1-40-40-1, graph kept) | {:.1} us vs {:.1} us | - | ratio {:.2} |",
+                "| inner step near step 1 vs near step 1000 (1-40-40-1, graph kept) | {:.1} us vs {:.1} us | ratio {:.2} |",
                 o[0] * 1e6,
                 o[1] * 1e6,
                 o[1] / o[0]
             );
             println!(
-                "| memory per unrolled step (graph kept) | {:.3} MiB | - | - |",
+                "| memory per unrolled step (graph kept) | {:.3} MiB | - |",
                 o[2]
             );
             println!(
-                "| memory growth over 1000 test-mode steps | {:.2} MiB | - | - |",
+                "| memory growth over 1000 test-mode steps | {:.2} MiB | - |",
                 o[3]
             );
         }
+    }
+}
+
+/// One line per (workload, inner steps, threads): each variant's seconds per
+/// meta-iteration and peak RSS, with its time as a multiple of `ours-batched`'s (above 1:
+/// slower than ours-batched).
+fn print_table(rows: &[Row]) {
+    let mut variants: Vec<&str> = vec!["ours-batched", "ours-looped"];
+    for r in rows {
+        if !variants.contains(&r.variant.as_str()) {
+            variants.push(&r.variant);
+        }
+    }
+    println!("seconds per meta-iteration (median), x = time / ours-batched's, peak RSS in MiB");
+    println!("| workload | steps | threads | {} |", variants.join(" | "));
+    println!("|---|---|---|{}", "---|".repeat(variants.len()));
+    let mut keys: Vec<(&str, usize, usize)> = Vec::new();
+    for r in rows {
+        let k = (r.workload, r.inner_steps, r.threads);
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    for (workload, steps, threads) in keys {
+        let find = |v: &str| {
+            rows.iter().find(|r| {
+                r.workload == workload
+                    && r.inner_steps == steps
+                    && r.threads == threads
+                    && r.variant == v
+            })
+        };
+        let base = find("ours-batched").map(|r| r.seconds);
+        let cells: Vec<String> = variants
+            .iter()
+            .map(|v| match (find(v), base) {
+                (Some(r), Some(b)) => format!(
+                    "{:.5} ({:.2}x, {:.0} MiB)",
+                    r.seconds,
+                    r.seconds / b,
+                    r.peak_rss_mib
+                ),
+                (Some(r), None) => format!("{:.5} ({:.0} MiB)", r.seconds, r.peak_rss_mib),
+                (None, _) => "-".to_string(),
+            })
+            .collect();
+        println!(
+            "| {workload} | {steps} | {threads} | {} |",
+            cells.join(" | ")
+        );
+    }
+}
+
+/// Writes the rows to `target/bench-results/maml.json`.
+fn write_json(rows: &[Row]) {
+    let values: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "workload": r.workload,
+                "variant": r.variant,
+                "inner_steps": r.inner_steps,
+                "threads": r.threads,
+                "seconds": r.seconds,
+                "peak_rss_mib": r.peak_rss_mib,
+            })
+        })
+        .collect();
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench-results"));
+    let written = std::fs::create_dir_all(dir).and_then(|()| {
+        let text = serde_json::to_string_pretty(&values).unwrap_or_default();
+        std::fs::write(dir.join("maml.json"), text)
+    });
+    match written {
+        Ok(()) => println!("(wrote {})", dir.join("maml.json").display()),
+        Err(e) => eprintln!("could not write maml.json: {e}"),
     }
 }

@@ -35,6 +35,10 @@ pub struct InnerloopOptions {
     pub first_order: bool,
     /// A gradient callback for every step (a step's own callback wins).
     pub callback: Option<GradCallback>,
+    /// Task batching: `Some(T)` steps `T` tasks at once (see
+    /// [`FunctionalOptions::tasks`]); overrides may then give one value per task. Default
+    /// `None`.
+    pub tasks: Option<usize>,
 }
 
 impl std::fmt::Debug for InnerloopOptions {
@@ -46,6 +50,7 @@ impl std::fmt::Debug for InnerloopOptions {
             .field("track_higher_grads", &self.track_higher_grads)
             .field("first_order", &self.first_order)
             .field("callback", &self.callback.as_ref().map(|_| "<fn>"))
+            .field("tasks", &self.tasks)
             .finish()
     }
 }
@@ -59,6 +64,7 @@ impl Default for InnerloopOptions {
             track_higher_grads: true,
             first_order: false,
             callback: None,
+            tasks: None,
         }
     }
 }
@@ -102,6 +108,15 @@ impl InnerloopOptions {
     /// Sets the gradient callback.
     pub fn callback(mut self, callback: GradCallback) -> Self {
         self.callback = Some(callback);
+        self
+    }
+
+    /// Batches `tasks` tasks in one unroll: every fast weight, buffer and optimizer state
+    /// carries a leading task axis `[tasks, ...]` (see [`FunctionalOptions::tasks`] for the
+    /// initial weights and the meta-gradient), and [`Overrides`] may give a `[tasks]`
+    /// tensor, one value per task.
+    pub fn tasks(mut self, tasks: usize) -> Self {
+        self.tasks = Some(tasks);
         self
     }
 
@@ -159,11 +174,13 @@ where
         }
         None => model,
     };
-    let fmodel_options = FunctionalOptions::default()
+    let mut fmodel_options = FunctionalOptions::default()
         .initial_weights(options.initial_weights)
         .track_higher_grads(options.track_higher_grads);
+    fmodel_options.tasks = options.tasks;
     let fmodel = FunctionalModel::new(base, fmodel_options)?;
     let mut diffopt = DiffOptimizer::from_optimizer(opt, fmodel.fast_params())?;
+    diffopt.set_tasks(options.tasks);
     diffopt.set_frozen(fmodel.frozen())?;
     diffopt.set_mode(options.mode());
     diffopt.set_callback(options.callback.clone());

@@ -7,6 +7,7 @@ mod optim_support;
 
 mod adversarial_ops;
 mod adversarial_optim;
+mod batched;
 mod custom_optimizers;
 mod engine_smoke;
 mod faithful_steps;

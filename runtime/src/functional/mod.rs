@@ -41,6 +41,10 @@ pub struct FunctionalOptions {
     /// update is detached and only the latest weights are held, so memory stays flat over
     /// any number of steps; gradients w.r.t. the latest weights still work.
     pub track_higher_grads: bool,
+    /// Task batching (`Some(T)`): every fast weight and buffer carries a leading task axis
+    /// `[T, ...]`, so one unroll steps `T` tasks at once; see [`FunctionalOptions::tasks`].
+    /// Default `None`.
+    pub tasks: Option<usize>,
 }
 
 impl Default for FunctionalOptions {
@@ -48,6 +52,7 @@ impl Default for FunctionalOptions {
         FunctionalOptions {
             initial_weights: InitialWeights::DetachedCopy,
             track_higher_grads: true,
+            tasks: None,
         }
     }
 }
@@ -62,6 +67,27 @@ impl FunctionalOptions {
     /// Sets [`FunctionalOptions::track_higher_grads`].
     pub fn track_higher_grads(mut self, track: bool) -> Self {
         self.track_higher_grads = track;
+        self
+    }
+
+    /// Batches `tasks` tasks in one fmodel: the fast weights at time 0 are the base
+    /// parameters broadcast to `[tasks, ...]`, and each buffer (batch-norm statistics) is
+    /// copied to `[tasks, ...]`, one per task.
+    ///
+    /// - With [`InitialWeights::BaseParameters`] the broadcast is recorded, so
+    ///   `backward(meta_loss)` reaches the base parameters with the **sum over tasks** of
+    ///   the per-task meta-gradients (divide the meta-loss by `T` for their mean).
+    /// - With [`InitialWeights::DetachedCopy`] time 0 holds one fresh leaf of shape
+    ///   `[tasks, ...]` per parameter; a gradient with respect to it has the task axis,
+    ///   row `t` being task `t`'s.
+    ///
+    /// Inputs carry the task axis too (`[T, N, ...]`), and the forward runs inside a
+    /// [`crate::nn::task_scope`]. The library's layers detect it (a Linear weight `[T, out,
+    /// in]` is a batched layer) and losses have per-task forms ([`crate::nn::mse_per_task`]
+    /// returns `[T]`); the inner loss is the sum of the per-task losses, so each task's
+    /// gradient is its own. The optimizers step all tasks at once, unchanged.
+    pub fn tasks(mut self, tasks: usize) -> Self {
+        self.tasks = Some(tasks);
         self
     }
 }
@@ -130,18 +156,31 @@ impl<M: Module + Parameters + Clone> FunctionalModel<M> {
     /// copied, and parameters are replaced by their time-0 fast weights.
     pub fn new(base: &M, options: FunctionalOptions) -> Result<Self> {
         let mut model = base.clone();
-        let layout = ParamLayout::of(&mut model)?;
+        let mut layout = ParamLayout::of(&mut model)?;
         let frozen: Vec<bool> = layout.tensors.iter().map(|t| !t.requires_grad()).collect();
-        let initial: Vec<Tensor> = match options.initial_weights {
-            InitialWeights::BaseParameters => layout.tensors.clone(),
-            InitialWeights::DetachedCopy => layout
-                .tensors
-                .iter()
-                .zip(&frozen)
-                .map(|(t, &f)| if f { t.detach() } else { t.detach().to_leaf() })
-                .collect(),
+        let initial: Vec<Tensor> = match options.tasks {
+            None => match options.initial_weights {
+                InitialWeights::BaseParameters => layout.tensors.clone(),
+                InitialWeights::DetachedCopy => layout
+                    .tensors
+                    .iter()
+                    .zip(&frozen)
+                    .map(|(t, &f)| if f { t.detach() } else { t.detach().to_leaf() })
+                    .collect(),
+            },
+            Some(tasks) => Self::batched_initial(&layout, &frozen, tasks, options)?,
         };
         layout.write(&mut model, &initial)?;
+        if let Some(tasks) = options.tasks {
+            let buffers = layout
+                .buffer_tensors
+                .iter()
+                .map(|b| task_copies(&b.detach(), tasks))
+                .collect::<Result<Vec<_>>>()?;
+            layout.write_buffers(&mut model, &buffers)?;
+            // The slots now hold `[T, ...]` tensors: later lists are checked against them.
+            layout = ParamLayout::of(&mut model)?;
+        }
         Ok(FunctionalModel {
             model,
             layout,
@@ -151,6 +190,42 @@ impl<M: Module + Parameters + Clone> FunctionalModel<M> {
             dropped: None,
             options,
         })
+    }
+
+    /// Time 0 of a task-batched fmodel (see [`FunctionalOptions::tasks`]).
+    fn batched_initial(
+        layout: &ParamLayout,
+        frozen: &[bool],
+        tasks: usize,
+        options: FunctionalOptions,
+    ) -> Result<Vec<Tensor>> {
+        if tasks == 0 {
+            return Err(Error::InvalidArgument {
+                op: "FunctionalModel::new",
+                message: "a task-batched fmodel needs at least one task (tasks = 0)".into(),
+            });
+        }
+        layout
+            .tensors
+            .iter()
+            .zip(frozen)
+            .map(|(t, &f)| match (options.initial_weights, f) {
+                (InitialWeights::BaseParameters, false) => {
+                    let mut shape = vec![tasks];
+                    shape.extend_from_slice(t.dims());
+                    t.unsqueeze(0)?.broadcast_as(&shape)
+                }
+                (InitialWeights::DetachedCopy, false) => {
+                    Ok(task_copies(&t.detach(), tasks)?.to_leaf())
+                }
+                (_, true) => task_copies(&t.detach(), tasks),
+            })
+            .collect()
+    }
+
+    /// The number of tasks of a task-batched fmodel (`None`: not batched).
+    pub fn tasks(&self) -> Option<usize> {
+        self.options.tasks
     }
 
     /// The options it was made with.
@@ -269,8 +344,13 @@ impl<M: Module + Parameters + Clone> FunctionalModel<M> {
     }
 
     /// Runs the model with the latest fast weights. In training mode, layers with buffers
-    /// (batch norm) update this fmodel's copy of them.
+    /// (batch norm) update this fmodel's copy of them. A task-batched fmodel runs it
+    /// inside a [`crate::nn::task_scope`].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _scope = self
+            .options
+            .tasks
+            .map(|tasks| crate::nn::task_scope(Some(tasks)));
         self.model.forward(x)
     }
 
@@ -367,6 +447,7 @@ impl<M: Module + Parameters + Clone> FunctionalModel<M> {
     /// leaves, frozen ones as constants; tied slots stay tied. The base's old parameter
     /// handles are replaced (an optimizer holding them must be given the new ones).
     pub fn write_back_params(&self, base: &mut M) -> Result<()> {
+        self.check_not_batched("write_back_params")?;
         let params: Vec<Tensor> = self
             .fast_params()
             .iter()
@@ -380,11 +461,26 @@ impl<M: Module + Parameters + Clone> FunctionalModel<M> {
 
     /// Writes this fmodel's buffers (e.g. running statistics) into `base`.
     pub fn write_back_buffers(&self, base: &mut M) -> Result<()> {
+        self.check_not_batched("write_back_buffers")?;
         let mut copy = self.model.clone();
         let values = self.layout.read_buffers(&mut copy)?;
         let layout = ParamLayout::of(base)?;
         layout.check_buffers("write_back_buffers", &values)?;
         layout.write_buffers(base, &values)
+    }
+
+    /// A task-batched fmodel holds `[T, ...]` tensors that do not fit the base model.
+    fn check_not_batched(&self, op: &'static str) -> Result<()> {
+        match self.options.tasks {
+            Some(tasks) => Err(Error::InvalidArgument {
+                op,
+                message: format!(
+                    "this fmodel batches {tasks} tasks: its tensors have a leading task axis \
+                     and do not fit the base model; read them with fast_params() or buffers()"
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The number of recorded op nodes reachable from the fast weights it holds: 0 in
@@ -405,6 +501,14 @@ struct Snapshot {
     first: usize,
     dropped: Option<String>,
     buffers: Option<Vec<Tensor>>,
+}
+
+/// `tasks` contiguous copies of `t` stacked on a new leading axis (no graph).
+fn task_copies(t: &Tensor, tasks: usize) -> Result<Tensor> {
+    let mut shape = vec![tasks];
+    shape.extend_from_slice(t.dims());
+    let value = t.value().unsqueeze(0)?.broadcast_as(shape)?.contiguous()?;
+    Ok(Tensor::new(value))
 }
 
 /// Counts op nodes reachable from `roots` (each once).

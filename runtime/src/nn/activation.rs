@@ -81,8 +81,11 @@ pub fn flatten() -> Flatten {
 }
 
 impl Module for Flatten {
+    /// In a task-batched forward ([`super::task_batch`]) the task axis is kept: dims from
+    /// `start_dim + 1` on are flattened.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.flatten_from(self.start_dim)
+        let offset = usize::from(super::task_batch().is_some());
+        x.flatten_from(self.start_dim + offset)
     }
 }
 

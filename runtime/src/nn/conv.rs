@@ -119,31 +119,68 @@ pub fn conv1d(
     })
 }
 
-fn add_channel_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
+/// Adds a per-channel bias `[C]` at dim 1, or a per-task one `[T, C]` at dims 0 and 2 of a
+/// task-batched output `[T, N, C, ..]`.
+fn add_channel_bias(y: Tensor, bias: &Option<Tensor>, batched: bool) -> Result<Tensor> {
     match bias {
         None => Ok(y),
         Some(b) => {
             let mut shape = vec![1; y.rank()];
-            shape[1] = b.elem_count();
+            if batched {
+                shape[0] = b.dims()[0];
+                shape[2] = b.dims()[1];
+            } else {
+                shape[1] = b.elem_count();
+            }
             y.add(&b.reshape(&shape)?)
         }
     }
 }
 
 impl Module for Conv2d {
+    /// Task-batched when the weight is `[T, out, in/groups, kh, kw]` (bias `[T, out]`):
+    /// then `x` is `[T, N, in, H, W]` and the output `[T, N, out, H', W']`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let c = &self.config;
-        let y = x.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)?;
-        add_channel_bias(y, &self.bias)
+        let c = self.config;
+        let w = &self.weight;
+        let batched = super::tasks::batched("Conv2d", w, 4)?;
+        let y = if batched {
+            super::tasks::check_input("Conv2d", x, w.dims()[0], 5)?;
+            x.conv2d_tasks(w, c.padding, c.stride, c.dilation, c.groups)?
+        } else {
+            x.conv2d(w, c.padding, c.stride, c.dilation, c.groups)?
+        };
+        add_channel_bias(y, &self.bias, batched)
     }
 }
 
 impl Module for Conv1d {
+    /// Task-batched when the weight is `[T, out, in/groups, k]` (bias `[T, out]`): then `x`
+    /// is `[T, N, in, L]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let c = &self.config;
-        let y = x.conv1d(&self.weight, c.padding, c.stride, c.dilation, c.groups)?;
-        add_channel_bias(y, &self.bias)
+        let c = self.config;
+        let w = &self.weight;
+        let batched = super::tasks::batched("Conv1d", w, 3)?;
+        let y = if batched {
+            super::tasks::check_input("Conv1d", x, w.dims()[0], 4)?;
+            x.conv1d_tasks(w, c.padding, c.stride, c.dilation, c.groups)?
+        } else {
+            x.conv1d(w, c.padding, c.stride, c.dilation, c.groups)?
+        };
+        add_channel_bias(y, &self.bias, batched)
     }
+}
+
+/// Applies a pooling of `[N, C, H, W]` to a task-batched `[T, N, C, H, W]` by folding the
+/// task axis into the batch.
+fn pool_folding_tasks(x: &Tensor, pool: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    if x.rank() != 5 {
+        return pool(x);
+    }
+    let d = x.dims().to_vec();
+    let y = pool(&x.reshape(&[d[0] * d[1], d[2], d[3], d[4]])?)?;
+    let yd = y.dims().to_vec();
+    y.reshape(&[d[0], d[1], yd[1], yd[2], yd[3]])
 }
 
 impl Parameters for Conv2d {
@@ -196,14 +233,16 @@ pub fn avg_pool2d(kernel: usize) -> AvgPool2d {
 }
 
 impl Module for MaxPool2d {
+    /// A rank-5 input `[T, N, C, H, W]` (task-batched) is pooled per image.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.max_pool2d_with_stride(self.kernel, self.stride)
+        pool_folding_tasks(x, |x| x.max_pool2d_with_stride(self.kernel, self.stride))
     }
 }
 
 impl Module for AvgPool2d {
+    /// A rank-5 input `[T, N, C, H, W]` (task-batched) is pooled per image.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.avg_pool2d_with_stride(self.kernel, self.stride)
+        pool_folding_tasks(x, |x| x.avg_pool2d_with_stride(self.kernel, self.stride))
     }
 }
 

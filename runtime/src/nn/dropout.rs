@@ -120,13 +120,28 @@ pub fn embedding(num_embeddings: usize, dim: usize, vb: VarBuilder) -> Result<Em
 }
 
 impl Module for Embedding {
+    /// Task-batched when the weight is `[T, num_embeddings, dim]`: then `ids` is `[T, ..]`
+    /// and task `t` looks up its own table.
     fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let (n, d) = (self.weight.dims()[0], self.weight.dims()[1]);
-        let idx = super::loss::class_indices("Embedding", ids, n)?;
+        let batched = super::tasks::batched("Embedding", &self.weight, 2)?;
+        let (table, tasks) = if batched {
+            let d = self.weight.dims();
+            super::tasks::check_input("Embedding", ids, d[0], 1)?;
+            (self.weight.reshape(&[d[0] * d[1], d[2]])?, d[0])
+        } else {
+            (self.weight.clone(), 1)
+        };
+        let (n, d) = (table.dims()[0] / tasks, table.dims()[1]);
+        let mut idx = super::loss::class_indices("Embedding", ids, n)?;
+        // Task t's rows start at t * n in the flattened table.
+        let per_task = ids.elem_count() / tasks.max(1);
+        for (i, v) in idx.iter_mut().enumerate() {
+            *v += ((i / per_task.max(1)) * n) as u32;
+        }
         let idx = Tensor::from_vec(idx, &[ids.elem_count()], self.weight.device())?;
         let mut shape = ids.dims().to_vec();
         shape.push(d);
-        self.weight.index_select(&idx, 0)?.reshape(&shape)
+        table.index_select(&idx, 0)?.reshape(&shape)
     }
 }
 

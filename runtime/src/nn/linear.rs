@@ -47,8 +47,11 @@ pub fn linear_b(
 }
 
 impl Module for Linear {
+    /// `x W^T + b` over the last dim. Task-batched when the weight is `[T, out, in]` (bias
+    /// `[T, out]`): then `x` is `[T, .., in]` and each task uses its own weights.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let in_features = self.weight.dims().get(1).copied().unwrap_or(0);
+        let batched = super::tasks::batched("Linear", &self.weight, 2)?;
+        let in_features = self.weight.dims().last().copied().unwrap_or(0);
         if x.rank() == 0 || x.dims()[x.rank() - 1] != in_features {
             return Err(Error::ShapeMismatch {
                 op: "Linear",
@@ -56,7 +59,12 @@ impl Module for Linear {
                 got: x.dims().to_vec(),
             });
         }
-        x.linear(&self.weight, self.bias.as_ref())
+        if !batched {
+            return x.linear(&self.weight, self.bias.as_ref());
+        }
+        let tasks = self.weight.dims()[0];
+        super::tasks::check_input("Linear", x, tasks, 2)?;
+        x.linear_tasks(&self.weight, self.bias.as_ref())
     }
 }
 

@@ -1,5 +1,11 @@
 //! Losses, each reduced by the mean over the batch as PyTorch's default
 //! (`reduction = "mean"`).
+//!
+//! The `_per_task` forms take task-batched predictions `[T, ..]` and return `[T]`: entry
+//! `t` is the plain loss of task `t`. The inner loss of a task-batched unroll is their
+//! **sum** (`.sum_all()`), so that the gradient with respect to task `t`'s fast weights is
+//! task `t`'s own gradient (no other task's loss depends on them); a meta-loss averaged
+//! over tasks, as a looped MAML averages it, is their mean (`.mean_all()`).
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -107,4 +113,92 @@ pub fn binary_cross_entropy_with_logits(logits: &Tensor, targets: &Tensor) -> Re
         .sub(&logits.mul(targets)?)?
         .add(&softplus_neg_abs)?
         .mean_all()
+}
+
+/// The task count of a task-batched `pred` `[T, ..]`.
+fn task_axis(op: &'static str, pred: &Tensor, min_rank: usize) -> Result<usize> {
+    if pred.rank() < min_rank {
+        return Err(Error::ShapeMismatch {
+            op,
+            expected: format!("a task-batched input [T, ..] of rank at least {min_rank}"),
+            got: pred.dims().to_vec(),
+        });
+    }
+    Ok(pred.dims()[0])
+}
+
+/// Per-task mean squared error: `[T]`, entry `t` is `mse(pred[t], target[t])`. `target`
+/// broadcasts against `pred` `[T, ..]`.
+pub fn mse_per_task(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+    let tasks = task_axis("mse_per_task", pred, 1)?;
+    let sq = pred.sub(target)?.sqr()?;
+    if sq.dims()[0] != tasks {
+        return Err(Error::ShapeMismatch {
+            op: "mse_per_task",
+            expected: format!("a target that keeps the prediction's {tasks} tasks"),
+            got: target.dims().to_vec(),
+        });
+    }
+    sq.reshape(&[tasks, sq.elem_count() / tasks.max(1)])?
+        .mean(1)
+}
+
+/// Per-task negative log-likelihood of `log_probs` `[T, n, classes]` at integer `labels`
+/// `[T, n]`: entry `t` is `nll(log_probs[t], labels[t])`.
+pub fn nll_per_task(log_probs: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let d = log_probs.dims();
+    if d.len() != 3 || labels.dims() != [d[0], d[1]] {
+        return Err(Error::ShapeMismatch {
+            op: "nll_per_task",
+            expected: format!(
+                "log_probs [T, n, classes] with labels [T, n]; labels have shape {:?}",
+                labels.dims()
+            ),
+            got: d.to_vec(),
+        });
+    }
+    let (tasks, n, classes) = (d[0], d[1], d[2]);
+    let mask = one_hot("nll_per_task", labels, classes, log_probs)?;
+    log_probs
+        .mul(&mask)?
+        .reshape(&[tasks, n * classes])?
+        .sum(1)?
+        .affine(-1.0 / n as f64, 0.0)
+}
+
+/// Per-task cross-entropy of `logits` `[T, n, classes]` with integer `labels` `[T, n]`:
+/// entry `t` is `cross_entropy(logits[t], labels[t])`.
+pub fn cross_entropy_per_task(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    if logits.rank() != 3 {
+        return Err(Error::ShapeMismatch {
+            op: "cross_entropy_per_task",
+            expected: "logits [T, n, classes]".into(),
+            got: logits.dims().to_vec(),
+        });
+    }
+    nll_per_task(&logits.log_softmax(2)?, labels)
+}
+
+/// Per-task binary cross-entropy with logits: `[T]`, entry `t` is
+/// `binary_cross_entropy_with_logits(logits[t], targets[t])`.
+pub fn binary_cross_entropy_with_logits_per_task(
+    logits: &Tensor,
+    targets: &Tensor,
+) -> Result<Tensor> {
+    let tasks = task_axis("binary_cross_entropy_with_logits_per_task", logits, 1)?;
+    if logits.dims() != targets.dims() {
+        return Err(Error::ShapeMismatch {
+            op: "binary_cross_entropy_with_logits_per_task",
+            expected: format!("targets of the logits' shape {:?}", logits.dims()),
+            got: targets.dims().to_vec(),
+        });
+    }
+    let softplus_neg_abs = logits.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
+    let per_element = logits
+        .relu()?
+        .sub(&logits.mul(targets)?)?
+        .add(&softplus_neg_abs)?;
+    per_element
+        .reshape(&[tasks, logits.elem_count() / tasks.max(1)])?
+        .mean(1)
 }

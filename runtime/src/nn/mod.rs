@@ -22,6 +22,7 @@ mod reparam;
 mod rnn;
 mod safetensors;
 mod sequential;
+mod tasks;
 mod var_builder;
 
 pub use activation::{flatten, Activation, Flatten};
@@ -30,7 +31,10 @@ pub use conv::{
 };
 pub use dropout::{dropout, embedding, Dropout, Embedding};
 pub use linear::{linear, linear_b, linear_no_bias, Linear};
-pub use loss::{binary_cross_entropy_with_logits, cross_entropy, mse, nll};
+pub use loss::{
+    binary_cross_entropy_with_logits, binary_cross_entropy_with_logits_per_task, cross_entropy,
+    cross_entropy_per_task, mse, mse_per_task, nll, nll_per_task,
+};
 pub use module::{walk, Buffer, Entry, Module, ParamInfo, Parameters, VisitFn, Visitor};
 pub use norm::{batch_norm1d, batch_norm2d, layer_norm, BatchNorm, BatchNormConfig, LayerNorm};
 pub use reparam::{weight_dropout, weight_norm, WeightDropout, WeightNorm};
@@ -39,6 +43,7 @@ pub use rnn::{
 };
 pub use safetensors::{load_safetensors, load_state_dict, save_safetensors, state_dict};
 pub use sequential::{seq, Func, Layer, Sequential};
+pub use tasks::{task_batch, task_scope, TaskScope};
 pub use var_builder::VarBuilder;
 
 pub(crate) use module::ParamLayout;

@@ -99,21 +99,40 @@ pub fn batch_norm2d(
 }
 
 impl Module for BatchNorm {
+    /// Task-batched when the running statistics are `[T, C]` (as a task-batched fmodel
+    /// keeps them; weight and bias then `[T, C]`): `x` is `[T, N, C, ..]`, and each task
+    /// is normalised with its own statistics and updates its own buffers.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !self.ranks.contains(&x.rank()) || x.dims()[1] != self.num_features {
+        let running_mean = self.running_mean.get();
+        let batched = super::tasks::batched("BatchNorm", &running_mean, 1)?;
+        let lead = usize::from(batched);
+        let cd = 1 + lead;
+        let rank_ok = self.ranks.contains(&(x.rank().saturating_sub(lead)));
+        if !rank_ok || x.dims()[cd] != self.num_features {
+            let task = if batched { "a task axis, then " } else { "" };
             return Err(Error::ShapeMismatch {
                 op: "BatchNorm",
                 expected: format!(
-                    "rank in {:?} with {} channels at dim 1",
+                    "{task}rank in {:?} with {} channels at dim 1",
                     self.ranks, self.num_features
                 ),
                 got: x.dims().to_vec(),
             });
         }
         let c = self.num_features;
+        let stat_shape: Vec<usize> = if batched {
+            let tasks = running_mean.dims()[0];
+            super::tasks::check_input("BatchNorm", x, tasks, 1)?;
+            vec![tasks, c]
+        } else {
+            vec![c]
+        };
         let mut bshape = vec![1; x.rank()];
-        bshape[1] = c;
-        let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
+        bshape[cd] = c;
+        if batched {
+            bshape[0] = stat_shape[0];
+        }
+        let dims: Vec<usize> = (lead..x.rank()).filter(|&d| d != cd).collect();
         let (centered, var) = if self.training {
             let n: usize = dims.iter().map(|&d| x.dims()[d]).product();
             if n < 2 {
@@ -131,22 +150,20 @@ impl Module for BatchNorm {
                 let _g = no_grad();
                 let m = self.config.momentum;
                 let unbiased = var.affine(n as f64 / (n as f64 - 1.0), 0.0)?;
-                let rm = self
-                    .running_mean
-                    .get()
+                let rm = running_mean
                     .affine(1.0 - m, 0.0)?
-                    .add(&mean.detach().reshape(&[c])?.affine(m, 0.0)?)?;
+                    .add(&mean.detach().reshape(&stat_shape)?.affine(m, 0.0)?)?;
                 let rv = self
                     .running_var
                     .get()
                     .affine(1.0 - m, 0.0)?
-                    .add(&unbiased.detach().reshape(&[c])?.affine(m, 0.0)?)?;
+                    .add(&unbiased.detach().reshape(&stat_shape)?.affine(m, 0.0)?)?;
                 self.running_mean.set(&rm);
                 self.running_var.set(&rv);
             }
             (centered, var)
         } else {
-            let mean = self.running_mean.get().reshape(&bshape)?;
+            let mean = running_mean.reshape(&bshape)?;
             (x.sub(&mean)?, self.running_var.get().reshape(&bshape)?)
         };
         // The per-channel factors are combined on the [C] tensors first, so the full-size
@@ -197,6 +214,8 @@ pub fn layer_norm(normalized_shape: &[usize], vb: VarBuilder) -> Result<LayerNor
 }
 
 impl Module for LayerNorm {
+    /// Task-batched when the weight has a leading task axis `[T, ..normalized_shape]`:
+    /// then `x` is `[T, .., ..normalized_shape]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let k = self.normalized_shape.len();
         if x.rank() < k || x.dims()[x.rank() - k..] != self.normalized_shape[..] {
@@ -206,16 +225,27 @@ impl Module for LayerNorm {
                 got: x.dims().to_vec(),
             });
         }
+        let affine = |p: &Tensor| -> Result<Tensor> {
+            if !super::tasks::batched("LayerNorm", p, k)? {
+                return Ok(p.clone());
+            }
+            let tasks = p.dims()[0];
+            super::tasks::check_input("LayerNorm", x, tasks, k + 1)?;
+            let mut shape = vec![1; x.rank()];
+            shape[0] = tasks;
+            shape[x.rank() - k..].copy_from_slice(&self.normalized_shape);
+            p.reshape(&shape)
+        };
         let dims: Vec<usize> = (x.rank() - k..x.rank()).collect();
         let mean = x.mean_dims(&dims, true)?;
         let centered = x.sub(&mean)?;
         let var = centered.sqr()?.mean_dims(&dims, true)?;
         let mut y = centered.div(&var.add(self.eps)?.sqrt()?)?;
         if let Some(w) = &self.weight {
-            y = y.mul(w)?;
+            y = y.mul(&affine(w)?)?;
         }
         if let Some(b) = &self.bias {
-            y = y.add(b)?;
+            y = y.add(&affine(b)?)?;
         }
         Ok(y)
     }

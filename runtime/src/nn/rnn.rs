@@ -94,13 +94,20 @@ impl RecurrentCell {
         self.hidden
     }
 
-    /// A zero state for `batch` rows, in the weights' dtype and device.
+    /// The task count when the weights are task-batched (`weight_ih` `[T, gates, input]`).
+    fn tasks(&self) -> Result<Option<usize>> {
+        let batched = super::tasks::batched("RecurrentCell", &self.weight_ih, 2)?;
+        Ok(batched.then(|| self.weight_ih.dims()[0]))
+    }
+
+    /// A zero state for `batch` rows (`[T, batch, hidden]` when task-batched), in the
+    /// weights' dtype and device.
     pub fn zero_state(&self, batch: usize) -> Result<CellState> {
-        let z = Tensor::zeros(
-            &[batch, self.hidden],
-            self.weight_ih.dtype(),
-            self.weight_ih.device(),
-        )?;
+        let shape = match self.tasks()? {
+            Some(tasks) => vec![tasks, batch, self.hidden],
+            None => vec![batch, self.hidden],
+        };
+        let z = Tensor::zeros(&shape, self.weight_ih.dtype(), self.weight_ih.device())?;
         Ok(CellState {
             c: (self.kind == CellKind::Lstm).then(|| z.clone()),
             h: z,
@@ -141,20 +148,41 @@ impl RecurrentCell {
     }
 
     /// One step: `x` `[batch, input]` and the previous state give the next state.
+    /// Task-batched when the weights are `[T, .., ..]` (biases `[T, ..]`): then `x` is `[T,
+    /// batch, input]` and the state `[T, batch, hidden]`.
     pub fn step(&self, x: &Tensor, state: &CellState) -> Result<CellState> {
-        let input = self.weight_ih.dims()[1];
-        if x.rank() != 2 || x.dims()[1] != input {
+        let tasks = self.tasks()?;
+        let input = self.weight_ih.dims()[self.weight_ih.rank() - 1];
+        let lead = usize::from(tasks.is_some());
+        let fits = x.rank() == 2 + lead
+            && x.dims()[x.rank() - 1] == input
+            && tasks.is_none_or(|t| x.dims()[0] == t);
+        if !fits {
+            let expected = match tasks {
+                Some(t) => format!("[{t}, batch, {input}] (task-batched)"),
+                None => format!("[batch, {input}]"),
+            };
             return Err(Error::ShapeMismatch {
                 op: "RecurrentCell",
-                expected: format!("[batch, {input}]"),
+                expected,
                 got: x.dims().to_vec(),
             });
         }
         self.check_state(x, state)?;
         let hsz = self.hidden;
-        let gi = x.matmul(&self.weight_ih.t()?)?.add(&self.bias_ih)?;
-        let gh = state.h.matmul(&self.weight_hh.t()?)?.add(&self.bias_hh)?;
-        let chunk = |t: &Tensor, k: usize| t.narrow(1, k * hsz, hsz);
+        let (gi, gh) = if tasks.is_some() {
+            (
+                x.linear_tasks(&self.weight_ih, Some(&self.bias_ih))?,
+                state.h.linear_tasks(&self.weight_hh, Some(&self.bias_hh))?,
+            )
+        } else {
+            (
+                x.matmul(&self.weight_ih.t()?)?.add(&self.bias_ih)?,
+                state.h.matmul(&self.weight_hh.t()?)?.add(&self.bias_hh)?,
+            )
+        };
+        let last = 1 + lead;
+        let chunk = |t: &Tensor, k: usize| t.narrow(last, k * hsz, hsz);
         match self.kind {
             CellKind::Rnn => Ok(CellState {
                 h: gi.add(&gh)?.tanh()?,
@@ -196,7 +224,8 @@ impl RecurrentCell {
 impl Module for RecurrentCell {
     /// One step from a zero state; returns `h`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let batch = x.dims().first().copied().unwrap_or(0);
+        let lead = usize::from(self.tasks()?.is_some());
+        let batch = x.dims().get(lead).copied().unwrap_or(0);
         Ok(self.step(x, &self.zero_state(batch)?)?.h)
     }
 }
@@ -209,7 +238,8 @@ impl Parameters for RecurrentCell {
 
 /// A multi-layer recurrent network over a sequence (`nn.RNN`, `nn.LSTM`, `nn.GRU`;
 /// unidirectional, no inter-layer dropout). Input `[seq, batch, input]`, or
-/// `[batch, seq, input]` with `batch_first`. Parameters are named as PyTorch's:
+/// `[batch, seq, input]` with `batch_first`; task-batched (weights `[T, ..]`) `[T, seq,
+/// batch, input]` or `[T, batch, seq, input]`. Parameters are named as PyTorch's:
 /// `weight_ih_l0`, `weight_hh_l0`, `bias_ih_l0`, `bias_hh_l0`, `weight_ih_l1`, ...
 #[derive(Clone, Debug)]
 pub struct Recurrent {
@@ -275,17 +305,25 @@ impl Recurrent {
         x: &Tensor,
         initial: Option<Vec<CellState>>,
     ) -> Result<(Tensor, Vec<CellState>)> {
-        if x.rank() != 3 {
+        let tasks = match self.cells.first() {
+            Some(c) => c.tasks()?,
+            None => None,
+        };
+        let lead = usize::from(tasks.is_some());
+        if x.rank() != 3 + lead {
+            let task = if lead == 1 { "a task axis, then " } else { "" };
             return Err(Error::ShapeMismatch {
                 op: "Recurrent",
-                expected: "[seq, batch, input] (or [batch, seq, input] with batch_first)".into(),
+                expected: format!(
+                    "{task}[seq, batch, input] (or [batch, seq, input] with batch_first)"
+                ),
                 got: x.dims().to_vec(),
             });
         }
         let (seq_dim, batch) = if self.batch_first {
-            (1, x.dims()[0])
+            (lead + 1, x.dims()[lead])
         } else {
-            (0, x.dims()[1])
+            (lead, x.dims()[lead + 1])
         };
         let mut states = match initial {
             Some(s) if s.len() == self.cells.len() => s,

@@ -28,6 +28,9 @@ struct Geom {
     in_hw: (usize, usize),
     /// Height and width of the kernel.
     k_hw: (usize, usize),
+    /// Task-batched: every operand has a leading task axis `[T, ...]` and task `t`'s
+    /// convolution uses only the operands' entry `t`.
+    tasks: bool,
 }
 
 impl Geom {
@@ -49,7 +52,28 @@ impl Geom {
 }
 
 fn conv_value(x: &Value, w: &Value, g: &Geom) -> Result<Value> {
+    if g.tasks {
+        return per_task(x, w, |x, w| conv_value(x, w, &g.single()));
+    }
     conv2d_value(x, w, g.padding, g.stride, g.dilation, g.groups)
+}
+
+impl Geom {
+    /// The geometry of one task's convolution.
+    fn single(&self) -> Geom {
+        Geom {
+            tasks: false,
+            ..*self
+        }
+    }
+}
+
+/// `f` on entry `t` of both operands for each task `t`, stacked on a new task axis.
+fn per_task(a: &Value, b: &Value, f: impl Fn(&Value, &Value) -> Result<Value>) -> Result<Value> {
+    let outputs = (0..a.dim(0)?)
+        .map(|t| f(&a.get(t)?, &b.get(t)?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Value::stack(&outputs, 0)?)
 }
 
 /// candle's `conv2d`, through our im2col on CPU where it applies.
@@ -92,6 +116,9 @@ fn pad_or_crop(t: Value, dim: usize, q: isize) -> Result<Value> {
 
 /// `dB/dx` for `B = <gy, conv(x, w)>`: the input gradient, shape `[N, C_in, H, W]`.
 fn input_grad_value(gy: &Value, w: &Value, g: &Geom) -> Result<Value> {
+    if g.tasks {
+        return per_task(gy, w, |gy, w| input_grad_value(gy, w, &g.single()));
+    }
     let (c_out, cin_g, kh, kw) = w.dims4()?;
     if g.groups == 1 {
         let conv = g.im2col(gy.dim(0)?, cin_g, c_out);
@@ -151,6 +178,9 @@ fn input_grad_value(gy: &Value, w: &Value, g: &Geom) -> Result<Value> {
 /// kh, kw]`. Per group it is a convolution of `x` (batch and channels swapped) with `gy`
 /// as the kernel, stride and dilation exchanged.
 fn weight_grad_value(x: &Value, gy: &Value, g: &Geom) -> Result<Value> {
+    if g.tasks {
+        return per_task(x, gy, |x, gy| weight_grad_value(x, gy, &g.single()));
+    }
     if g.groups == 1 {
         let conv = g.im2col(x.dim(0)?, x.dim(1)?, gy.dim(1)?);
         if let Some(dw) = im2col::weight_grad(&conv, x, gy)? {
@@ -377,8 +407,107 @@ impl Tensor {
                 groups,
                 in_hw: (d[2], d[3]),
                 k_hw: (k[2], k[3]),
+                tasks: false,
             },
         )
+    }
+
+    /// The task-batched [`Tensor::conv2d`]: `self` is `[T, N, C_in, H, W]`, `kernel` `[T,
+    /// C_out, C_in/groups, kH, kW]`, the output `[T, N, C_out, H', W']`; task `t` convolves
+    /// `self[t]` with `kernel[t]`. One recorded op (and one per adjoint), whatever `T`.
+    pub fn conv2d_tasks(
+        &self,
+        kernel: &Tensor,
+        padding: usize,
+        stride: usize,
+        dilation: usize,
+        groups: usize,
+    ) -> Result<Tensor> {
+        let (d, k) = (self.dims(), kernel.dims());
+        if d.len() != 5 || k.len() != 5 || d[0] != k[0] || d[0] == 0 {
+            return Err(shape_error(
+                "conv2d_tasks",
+                self,
+                kernel,
+                "input [T, N, C_in, H, W] and kernel [T, C_out, C_in/groups, kH, kW] with the \
+                 same T > 0"
+                    .into(),
+            ));
+        }
+        // One task's operands, as views without a graph, for the checks.
+        let (x0, w0) = (
+            Tensor::new(self.value().get(0)?),
+            Tensor::new(kernel.value().get(0)?),
+        );
+        self.check_same(kernel, "conv2d_tasks")?;
+        validate(
+            "conv2d_tasks",
+            &x0,
+            &w0,
+            2,
+            padding,
+            stride,
+            dilation,
+            groups,
+        )?;
+        conv_op(
+            self,
+            kernel,
+            Geom {
+                padding,
+                stride,
+                dilation,
+                groups,
+                in_hw: (d[3], d[4]),
+                k_hw: (k[3], k[4]),
+                tasks: true,
+            },
+        )
+    }
+
+    /// The task-batched [`Tensor::conv1d`]: `self` is `[T, N, C_in, L]`, `kernel` `[T,
+    /// C_out, C_in/groups, K]`.
+    pub fn conv1d_tasks(
+        &self,
+        kernel: &Tensor,
+        padding: usize,
+        stride: usize,
+        dilation: usize,
+        groups: usize,
+    ) -> Result<Tensor> {
+        let (d, k) = (self.dims(), kernel.dims());
+        if d.len() != 4 || k.len() != 4 || d[0] != k[0] || d[0] == 0 {
+            return Err(shape_error(
+                "conv1d_tasks",
+                self,
+                kernel,
+                "input [T, N, C_in, L] and kernel [T, C_out, C_in/groups, K] with the same T > 0"
+                    .into(),
+            ));
+        }
+        let (x0, w0) = (
+            Tensor::new(self.value().get(0)?),
+            Tensor::new(kernel.value().get(0)?),
+        );
+        self.check_same(kernel, "conv1d_tasks")?;
+        validate(
+            "conv1d_tasks",
+            &x0,
+            &w0,
+            1,
+            padding,
+            stride,
+            dilation,
+            groups,
+        )?;
+        let x = if padding > 0 {
+            self.pad_with_zeros(3, padding, padding)?
+        } else {
+            self.clone()
+        };
+        x.unsqueeze(3)?
+            .conv2d_tasks(&kernel.unsqueeze(3)?, 0, stride, dilation, groups)?
+            .squeeze(3)
     }
 
     /// 1-D convolution of `[N, C_in, L]` with a kernel `[C_out, C_in/groups, K]`

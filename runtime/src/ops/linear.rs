@@ -99,3 +99,98 @@ impl Tensor {
         }
     }
 }
+
+struct LinearTasks {
+    has_bias: bool,
+}
+
+impl Backward for LinearTasks {
+    fn name(&self) -> &'static str {
+        "linear_tasks"
+    }
+
+    /// Per task t, with X_t flattened to [n, in]: dX_t = G_t W_t, dW_t = G_t^T X_t,
+    /// db_t = 1^T G_t (batched products over the task axis).
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        let (x, w) = (&ctx.inputs[0], &ctx.inputs[1]);
+        let (tasks, out) = (w.dims()[0], w.dims()[1]);
+        let rows = ctx.grad.elem_count() / (tasks * out);
+        let g = ctx.grad.reshape(&[tasks, rows, out])?;
+        let gx = ctx.needs[0]
+            .then(|| g.matmul(w)?.reshape(x.dims()))
+            .transpose()?;
+        let gw = ctx.needs[1]
+            .then(|| {
+                let x3 = x.reshape(&[tasks, rows, w.dims()[2]])?;
+                g.t()?.matmul(&x3)
+            })
+            .transpose()?;
+        let mut grads = vec![gx, gw];
+        if self.has_bias {
+            let gb = ctx.needs[2]
+                .then(|| {
+                    let ones =
+                        Tensor::new(candle_core::Tensor::ones((1, rows), g.dtype(), g.device())?);
+                    ones.matmul(&g)?.reshape(&[tasks, out])
+                })
+                .transpose()?;
+            grads.push(gb);
+        }
+        Ok(grads)
+    }
+}
+
+impl Tensor {
+    /// The task-batched [`Tensor::linear`]: `self` is `[T, .., in]`, `weight` `[T, out,
+    /// in]`, `bias` `[T, out]`; task `t` computes `self[t] weight[t]^T + bias[t]`.
+    pub fn linear_tasks(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        self.check_same(weight, "linear_tasks")?;
+        let wd = weight.dims();
+        let fits = wd.len() == 3
+            && self.rank() >= 2
+            && self.dims()[0] == wd[0]
+            && self.dims()[self.rank() - 1] == wd[2];
+        if !fits {
+            return Err(Error::ShapeMismatch {
+                op: "linear_tasks",
+                expected: format!(
+                    "[{}, .., {}] to match the weight {wd:?}",
+                    wd.first().copied().unwrap_or(0),
+                    wd.get(2).copied().unwrap_or(0)
+                ),
+                got: self.dims().to_vec(),
+            });
+        }
+        let (tasks, out, inp) = (wd[0], wd[1], wd[2]);
+        if let Some(b) = bias {
+            self.check_same(b, "linear_tasks")?;
+            if b.dims() != [tasks, out] {
+                return Err(Error::ShapeMismatch {
+                    op: "linear_tasks (bias)",
+                    expected: format!("[{tasks}, {out}]"),
+                    got: b.dims().to_vec(),
+                });
+            }
+        }
+        let mut out_shape = self.dims().to_vec();
+        *out_shape.last_mut().expect("rank >= 2") = out;
+        let rows = self.elem_count() / (tasks * inp);
+        let x3 = self.value().reshape((tasks, rows, inp))?;
+        let wt = weight.value().t()?;
+        let y = match super::matmul::small_cpu_bmm_plus_rows(&x3, &wt, bias.map(Tensor::value))? {
+            Some(y) => y,
+            None => {
+                let y = x3.matmul(&wt)?;
+                match bias {
+                    Some(b) => y.broadcast_add(&b.value().unsqueeze(1)?)?,
+                    None => y,
+                }
+            }
+        };
+        let value = y.reshape(out_shape)?;
+        match bias {
+            Some(b) => Tensor::from_op(value, &[self, weight, b], LinearTasks { has_bias: true }),
+            None => Tensor::from_op(value, &[self, weight], LinearTasks { has_bias: false }),
+        }
+    }
+}

@@ -73,7 +73,11 @@ impl Tensor {
                     Ok(t.contiguous()?)
                 }
             };
-            expand(self.value(), a)?.matmul(&expand(rhs.value(), b)?)?
+            let (ea, eb) = (expand(self.value(), a)?, expand(rhs.value(), b)?);
+            match small_cpu_bmm(&ea, &eb)? {
+                Some(v) => v,
+                None => ea.matmul(&eb)?,
+            }
         };
         Tensor::from_op(value, &[self, rhs], Matmul)
     }
@@ -116,6 +120,112 @@ fn small_cpu_matmul(
         DType::F64 => gemm_no_threads::<f64>(a, b, m, n, k).map(Some),
         _ => Ok(None),
     }
+}
+
+/// A 3-D CPU f32/f64 batched product whose per-batch products are below
+/// [`SMALL_MATMUL`], by one direct gemm call per batch entry (any strides, a stretched
+/// batch included) into one buffer, as [`small_cpu_matmul`] does for 2-D; `None` when the
+/// fast path does not apply.
+pub(crate) fn small_cpu_bmm(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+) -> Result<Option<candle_core::Tensor>> {
+    small_cpu_bmm_plus_rows(a, b, None)
+}
+
+/// [`small_cpu_bmm`] plus, when given, `rows` `[batch, n]` added to every row of entry
+/// `i` (a per-task bias, added by gemm itself: the output starts as the bias rows and the
+/// product accumulates onto them).
+pub(crate) fn small_cpu_bmm_plus_rows(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    rows: Option<&candle_core::Tensor>,
+) -> Result<Option<candle_core::Tensor>> {
+    if !a.device().is_cpu()
+        || !b.device().is_cpu()
+        || a.rank() != 3
+        || b.rank() != 3
+        || !super::kernels::cpu_fast_paths()
+    {
+        return Ok(None);
+    }
+    let ((batch, m, k), (batch_b, k_b, n)) = (a.dims3()?, b.dims3()?);
+    if batch != batch_b || k != k_b || m * n * k >= SMALL_MATMUL || m * n * k == 0 {
+        return Ok(None);
+    }
+    let rows = match rows {
+        Some(r) if r.dims() != [batch, n] || !r.device().is_cpu() || r.dtype() != a.dtype() => {
+            return Ok(None)
+        }
+        Some(r) => Some(r.contiguous()?),
+        None => None,
+    };
+    match a.dtype() {
+        DType::F32 => bmm_no_threads::<f32>(a, b, rows.as_ref(), (batch, m, n, k)).map(Some),
+        DType::F64 => bmm_no_threads::<f64>(a, b, rows.as_ref(), (batch, m, n, k)).map(Some),
+        _ => Ok(None),
+    }
+}
+
+fn bmm_no_threads<T: WithDType>(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    rows: Option<&candle_core::Tensor>,
+    (batch, m, n, k): (usize, usize, usize, usize),
+) -> Result<candle_core::Tensor> {
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Storage::Cpu(ca), Storage::Cpu(cb)) = (&*sa, &*sb) else {
+        return Ok(a.matmul(b)?);
+    };
+    let (lhs, rhs) = (ca.as_slice::<T>()?, cb.as_slice::<T>()?);
+    let (ta, tb) = (la.stride(), lb.stride());
+    let mut dst = match rows {
+        Some(r) => {
+            let (sr, lr) = r.storage_and_layout();
+            let Storage::Cpu(cr) = &*sr else {
+                return Ok(a.matmul(b)?.broadcast_add(&r.unsqueeze(1)?)?);
+            };
+            let r = &cr.as_slice::<T>()?[lr.start_offset()..][..batch * n];
+            let mut dst = Vec::with_capacity(batch * m * n);
+            for bias in r.chunks_exact(n) {
+                for _ in 0..m {
+                    dst.extend_from_slice(bias);
+                }
+            }
+            dst
+        }
+        None => vec![T::from_f64(0.0); batch * m * n],
+    };
+    let accumulate = rows.is_some();
+    for (i, out) in dst.chunks_exact_mut(m * n).enumerate() {
+        let (oa, ob) = (la.start_offset() + i * ta[0], lb.start_offset() + i * tb[0]);
+        fn view<'a, T>(data: &'a [T], offset: usize, stride: &[usize]) -> Result<Strided<'a, T>> {
+            let data = data.get(offset..).ok_or_else(|| Error::InvalidArgument {
+                op: "matmul",
+                message: "a batch entry lies outside its storage".into(),
+            })?;
+            Ok(Strided {
+                data,
+                row_stride: stride[1],
+                col_stride: stride[2],
+            })
+        }
+        matmul_into(
+            (m, n, k),
+            view(lhs, oa, ta)?,
+            view(rhs, ob, tb)?,
+            out,
+            accumulate,
+            gemm::Parallelism::None,
+        )?;
+    }
+    drop((sa, sb));
+    Ok(candle_core::Tensor::from_vec(
+        dst,
+        (batch, m, n),
+        &Device::Cpu,
+    )?)
 }
 
 fn gemm_no_threads<T: WithDType>(
@@ -188,6 +298,46 @@ mod tests {
                         .unwrap();
                     assert_eq!(diff, 0.0, "{dtype:?} {m}x{k}x{n}");
                 }
+            }
+        }
+        // Batched: each batch entry agrees with candle's 2-D product of its views to
+        // rounding (gemm may block a strided entry differently), for plain, transposed and
+        // stretched (stride-0) operands.
+        for dtype in [DType::F32, DType::F64] {
+            let a = Tensor::randn(0f32, 1.0, (3, 4, 5), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let b = Tensor::randn(0f32, 1.0, (3, 6, 5), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let bt = b.transpose(1, 2).unwrap();
+            let one = Tensor::randn(0f32, 1.0, (1, 5, 2), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let stretched = one.broadcast_as((3, 5, 2)).unwrap();
+            for (x, y) in [(&a, &bt), (&a, &stretched)] {
+                let fast = super::small_cpu_bmm(x, y).unwrap().unwrap();
+                let entries: Vec<Tensor> = (0..3)
+                    .map(|i| x.get(i).unwrap().matmul(&y.get(i).unwrap()).unwrap())
+                    .collect();
+                let reference = Tensor::stack(&entries, 0).unwrap();
+                let diff = (fast - reference)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                let tol = if dtype == DType::F32 { 1e-6 } else { 1e-14 };
+                assert!(diff <= tol, "{dtype:?} batched {:?}: {diff}", y.stride());
             }
         }
         // Large products and other dtypes go to candle.

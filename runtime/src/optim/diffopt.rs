@@ -13,7 +13,7 @@ use super::runner::{
 use super::validation::{check_hyperparameters, check_twin, short_name};
 use super::{
     unknown_hyperparameter, DifferentiableOptimizer, Hyperparameters, Optimizer, OptimizerStep,
-    Scalar, State, TwinHyperparameters,
+    Scalar, State, StateValue, TwinHyperparameters,
 };
 use crate::autograd::{grad, GradOptions};
 use crate::error::{Error, Result};
@@ -38,7 +38,9 @@ pub fn grad_callback(
 /// Each entry names a float hyperparameter as in [`Hyperparameters::FLOAT_NAMES`] (`lr`,
 /// `betas.0`, `betas.1`, ...) and gives one value for every
 /// parameter group or one value per group. Tensors must have one element; they are
-/// converted, differentiably, to the dtype and device of the parameters.
+/// converted, differentiably, to the dtype and device of the parameters. In a task-batched
+/// unroll ([`DiffOptimizer::set_tasks`]) a tensor may instead have shape `[T]`: one value
+/// per task, broadcast as `[T, 1, .., 1]` against each `[T, ...]` parameter.
 ///
 /// ```
 /// # use candle_higher_runtime::{Tensor, optim::Overrides};
@@ -193,6 +195,8 @@ pub struct DiffOptimizer<O: DifferentiableOptimizer> {
     callback: Option<GradCallback>,
     dtype: DType,
     device: Device,
+    /// The task count of a task-batched unroll, which per-task overrides must match.
+    tasks: Option<usize>,
 }
 
 impl<O: DifferentiableOptimizer> Clone for DiffOptimizer<O> {
@@ -205,6 +209,7 @@ impl<O: DifferentiableOptimizer> Clone for DiffOptimizer<O> {
             callback: self.callback.clone(),
             dtype: self.dtype,
             device: self.device.clone(),
+            tasks: self.tasks,
         }
     }
 }
@@ -290,6 +295,7 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
             callback: None,
             dtype,
             device,
+            tasks: None,
         })
     }
 
@@ -398,6 +404,20 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
         &self.frozen
     }
 
+    /// Declares a task-batched unroll of `tasks` tasks (every parameter `[tasks, ...]`), so
+    /// that an override may be a `[tasks]` tensor, one value per task; `None` ends it.
+    /// [`crate::innerloop`] sets it from [`crate::InnerloopOptions::tasks`]. The built-in
+    /// optimizers are elementwise and step all tasks at once unchanged; a gradient
+    /// callback sees `[tasks, ...]` gradients (a norm for clipping must be taken per task).
+    pub fn set_tasks(&mut self, tasks: Option<usize>) {
+        self.tasks = tasks;
+    }
+
+    /// The task count of a task-batched unroll.
+    pub fn tasks(&self) -> Option<usize> {
+        self.tasks
+    }
+
     /// Sets (or clears) the gradient callback used by every step without its own.
     pub fn set_callback(&mut self, callback: Option<GradCallback>) {
         self.callback = callback;
@@ -454,23 +474,55 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
     }
 
     /// An override value as the twin uses it: a float, or a 0-dim tensor with the
-    /// parameters' dtype and device (converted differentiably).
+    /// parameters' dtype and device (converted differentiably), or in a task-batched
+    /// unroll a `[T]` tensor (one value per task).
     fn convert(&self, name: &str, v: &Scalar) -> Result<Scalar> {
         match v {
             Scalar::Float(x) => Ok(Scalar::Float(*x)),
             Scalar::Tensor(t) => {
-                if t.elem_count() != 1 {
+                let per_task = matches!(self.tasks, Some(n) if t.dims() == [n]);
+                if t.elem_count() != 1 && !per_task {
+                    let expected = match self.tasks {
+                        Some(n) => format!("one element, or [{n}] (one per task), for \"{name}\""),
+                        None => format!("one element for \"{name}\""),
+                    };
                     return Err(Error::ShapeMismatch {
                         op: "DiffOptimizer override",
-                        expected: format!("one element for \"{name}\""),
+                        expected,
                         got: t.dims().to_vec(),
                     });
                 }
                 let t = t.to_dtype(self.dtype)?.to_device(&self.device)?;
-                let t = if t.rank() == 0 { t } else { t.reshape(&[])? };
+                let t = if per_task || t.rank() == 0 {
+                    t
+                } else {
+                    t.reshape(&[])?
+                };
                 Ok(Scalar::Tensor(t))
             }
         }
+    }
+
+    /// The twin of a group as it steps a parameter of rank `rank`: each per-task (`[T]`)
+    /// hyperparameter reshaped to `[T, 1, .., 1]` so that it broadcasts against `[T, ...]`.
+    /// `None` when the twin has no per-task hyperparameter.
+    fn twin_for_rank(&self, twin: &O::Twin, rank: usize) -> Result<Option<O::Twin>> {
+        let Some(tasks) = self.tasks else {
+            return Ok(None);
+        };
+        let mut out: Option<O::Twin> = None;
+        for &name in O::FLOAT_NAMES {
+            if let Some(Scalar::Tensor(t)) = twin.get(name) {
+                if t.rank() == 1 && t.dims() == [tasks] {
+                    let mut shape = vec![1; rank.max(1)];
+                    shape[0] = tasks;
+                    let reshaped = Scalar::Tensor(t.reshape(&shape)?);
+                    out.get_or_insert_with(|| twin.clone())
+                        .set(name, reshaped)?;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// One step on bare tensors (no model): gradients of `loss` with respect to `params`,
@@ -638,14 +690,40 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
         let mut new_params = params.to_vec();
         let mut new_states = Vec::new();
         for (g_index, group) in self.groups.iter().enumerate() {
-            let twin = twins.as_ref().map_or(&group.twin, |t| &t[g_index]);
+            let group_twin = twins.as_ref().map_or(&group.twin, |t| &t[g_index]);
+            let mut by_rank: Vec<(usize, Option<O::Twin>)> = Vec::new();
             for &i in &group.params {
                 if !trainable[i] {
                     continue;
                 }
                 let Some(g) = &grads[i] else { continue };
                 check_grad_shape(OP, i, &params[i], g)?;
-                check_state_shapes(OP, i, &params[i], &self.states[i])?;
+                check_state_shapes(OP, i, &params[i], &self.states[i]).or_else(|e| {
+                    // A state branched from an un-batched optimizer is every task's state.
+                    let shared = self.tasks.is_some()
+                        && self.states[i].entries().all(|(_, v)| match v {
+                            StateValue::Tensor(t) => {
+                                t.rank() == 0
+                                    || t.dims() == params[i].dims()
+                                    || t.dims() == &params[i].dims()[1..]
+                            }
+                            _ => true,
+                        });
+                    if shared {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })?;
+                let rank = params[i].rank();
+                if !by_rank.iter().any(|(r, _)| *r == rank) {
+                    by_rank.push((rank, self.twin_for_rank(group_twin, rank)?));
+                }
+                let twin = by_rank
+                    .iter()
+                    .find(|(r, _)| *r == rank)
+                    .and_then(|(_, t)| t.as_ref())
+                    .unwrap_or(group_twin);
                 let mut p = params[i].clone();
                 let mut state = self.states[i].clone();
                 let watch = (!test).then(TwinStepGuard::start);

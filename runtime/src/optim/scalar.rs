@@ -21,10 +21,12 @@ pub enum Scalar {
 }
 
 impl Scalar {
-    /// The current value as f64 (reads the tensor; for branches, never for gradients).
-    /// Inside a differentiable twin's step, on a tensor that requires grad, this is
-    /// reported as [`crate::Error::LeavesGraph`]; comparisons (`self.lr > 0.0`) read the
-    /// value without it, since a branch carries no gradient.
+    /// The current value as f64 (reads the tensor; for branches, never for gradients). A
+    /// per-task tensor (one value per task) reads as its value when all tasks agree, and
+    /// as NaN otherwise (so `!= 0.0` holds and `> 0.0` does not). Inside a differentiable
+    /// twin's step, on a tensor that requires grad, this is reported as
+    /// [`crate::Error::LeavesGraph`]; comparisons (`self.lr > 0.0`) read the value without
+    /// it, since a branch carries no gradient.
     #[track_caller]
     pub fn value(&self) -> f64 {
         if let Scalar::Tensor(t) = self {
@@ -41,7 +43,10 @@ impl Scalar {
     fn read(&self) -> f64 {
         match self {
             Scalar::Float(v) => *v,
-            Scalar::Tensor(t) => t.to_scalar_f64().unwrap_or(f64::NAN),
+            Scalar::Tensor(t) => match t.to_vec_f64() {
+                Ok(v) if !v.is_empty() && v.iter().all(|&x| x == v[0]) => v[0],
+                _ => f64::NAN,
+            },
         }
     }
 
@@ -166,7 +171,13 @@ fn combine(
         }
         (Scalar::Tensor(x), Scalar::Tensor(y)) => {
             let y = infallible(y.to_dtype(x.dtype()).and_then(|y| y.to_device(x.device())));
-            let y = infallible(y.reshape(x.dims()).or_else(|_| y.broadcast_as(x.dims())));
+            // Same element count: align the shapes; otherwise (a per-task `[T, 1, ..]`
+            // value against a shared one) the op broadcasts both ways.
+            let y = if y.elem_count() == x.elem_count() {
+                infallible(y.reshape(x.dims()))
+            } else {
+                y
+            };
             Scalar::Tensor(infallible(t(&x, Operand::Tensor(y))))
         }
     }

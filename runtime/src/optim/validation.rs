@@ -155,14 +155,31 @@ pub(crate) fn check_hyperparameters<O: Hyperparameters + OptimizerStep>(
 }
 
 /// The twin of parameter group `group`, as [`check_hyperparameters`]; tensors are read by
-/// value (run when overrides are set, not at every step).
+/// value (run when overrides are set, not at every step). A per-task tensor (one value per
+/// task) is checked task by task, each task's values together.
 pub(crate) fn check_twin<O: Hyperparameters>(twin: &O::Twin, group: usize) -> Result<()> {
+    let mut per_task: Vec<(&'static str, Vec<f64>)> = Vec::new();
     for &name in O::FLOAT_NAMES {
-        if let Some(v) = twin.get(name) {
-            not_nan(short_name::<O>(), name, v.value()).map_err(|e| in_group(e, group))?;
+        if let Some(Scalar::Tensor(t)) = twin.get(name) {
+            if t.elem_count() > 1 {
+                per_task.push((name, t.to_vec_f64()?));
+            }
         }
     }
-    twin.validate().map_err(|e| in_group(e, group))
+    let tasks = per_task.iter().map(|(_, v)| v.len()).max().unwrap_or(1);
+    for task in 0..tasks {
+        let mut one = twin.clone();
+        for (name, values) in &per_task {
+            one.set(name, Scalar::Float(values[task.min(values.len() - 1)]))?;
+        }
+        for &name in O::FLOAT_NAMES {
+            if let Some(v) = one.get(name) {
+                not_nan(short_name::<O>(), name, v.value()).map_err(|e| in_group(e, group))?;
+            }
+        }
+        one.validate().map_err(|e| in_group(e, group))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
