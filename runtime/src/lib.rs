@@ -13,6 +13,7 @@ mod ops;
 pub mod optim;
 mod tensor;
 pub mod testing;
+pub mod unroll;
 
 pub use autograd::{backward, grad, grad_with_stats, GradOptions, GradStats, GradStore};
 pub use error::{Error, Result};
