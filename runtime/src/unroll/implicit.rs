@@ -22,7 +22,8 @@ use super::dot;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum LinearSolver {
     /// Conjugate gradient: for a symmetric positive-definite `dF/dx` (the Hessian of a
-    /// strongly convex inner objective). A direction of non-positive curvature is an error.
+    /// strongly convex inner objective). A direction of non-positive curvature is an error,
+    /// unless [`ImplicitOptions::truncate_at_negative_curvature`] is set.
     ConjugateGradient,
     /// The Neumann series `v = alpha sum_k (I - alpha A^T)^k b`: converges when every
     /// eigenvalue of `alpha A` lies in (0, 2) (for a Hessian: `alpha < 2 / L`).
@@ -41,6 +42,10 @@ pub struct ImplicitOptions {
     pub tol: f64,
     /// At most this many products with `(dF/dx)^T`.
     pub max_iter: usize,
+    /// Conjugate gradient only: at a direction of non-positive curvature (a nonconvex inner
+    /// problem, such as a ReLU network's), stop and return the iterate so far (truncated CG,
+    /// as Newton-CG does) instead of an error. The residual is reported as usual.
+    pub truncate_at_negative_curvature: bool,
 }
 
 impl Default for ImplicitOptions {
@@ -50,6 +55,7 @@ impl Default for ImplicitOptions {
             solver: LinearSolver::ConjugateGradient,
             tol: 1e-10,
             max_iter: 1000,
+            truncate_at_negative_curvature: false,
         }
     }
 }
@@ -61,6 +67,7 @@ impl ImplicitOptions {
             solver: LinearSolver::ConjugateGradient,
             tol,
             max_iter,
+            truncate_at_negative_curvature: false,
         }
     }
 
@@ -70,6 +77,7 @@ impl ImplicitOptions {
             solver: LinearSolver::Neumann { alpha },
             tol,
             max_iter,
+            truncate_at_negative_curvature: false,
         }
     }
 }
@@ -257,6 +265,9 @@ fn cg(
         let ap = product(&p)?;
         iterations += 1;
         let curvature = dot(&p, &ap)?;
+        if !(curvature > 0.0) && options.truncate_at_negative_curvature && curvature.is_finite() {
+            break;
+        }
         if !(curvature > 0.0) {
             return Err(Error::InvalidArgument {
                 op: "implicit_grad (conjugate gradient)",
