@@ -312,5 +312,21 @@ fn bad_inputs_are_typed_errors() -> Result<()> {
         matches!(negative, Err(Error::InvalidArgument { .. })),
         "{negative:?}"
     );
+    // Truncated CG stops there instead, at v = 0: residual 1, not converged.
+    let truncated = implicit_grad(
+        |x, th| Ok(vec![x[0].mul(&th[0])?.neg()?]),
+        &[x.clone()],
+        &[theta.clone()],
+        &[col(&[1.0, 1.0])],
+        &ImplicitOptions {
+            truncate_at_negative_curvature: true,
+            ..ImplicitOptions::default()
+        },
+    )?;
+    assert!(
+        !truncated.converged && (truncated.residual - 1.0).abs() < 1e-15,
+        "{truncated:?}"
+    );
+    assert_eq!(truncated.v[0].to_vec_f64()?, [0.0, 0.0]);
     Ok(())
 }
