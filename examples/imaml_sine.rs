@@ -9,8 +9,8 @@
 //! - MAML: one differentiable SGD step (lr 0.01) on the support set; the query loss is
 //!   differentiated through it.
 //! - iMAML: the inner problem is `min_x L_support(x) + lambda/2 |x - theta|^2`, solved
-//!   approximately by `--inner-steps` gradient steps (lr 0.01) from `x = theta` without a
-//!   graph; its optimality condition `F(x, theta) = grad L_support(x) + lambda (x - theta)`
+//!   approximately by `--inner-steps` gradient steps (`--prox-lr`, halved while a step would
+//!   increase the objective) from `x = theta` without a graph; its optimality condition `F(x, theta) = grad L_support(x) + lambda (x - theta)`
 //!   gives `dL_query/dtheta = lambda v` with `(H + lambda I) v = grad L_query(x*)`, solved by
 //!   conjugate gradient (`--cg-iters`) on Hessian-vector products, truncated where the
 //!   network's Hessian has negative curvature; each task's meta-gradient is clipped to norm 10.
@@ -18,7 +18,7 @@
 //! Meta-test: 100 new tasks, the query MSE after 0, 1, 5 and 10 SGD steps (lr 0.01) on the
 //! support set, for both learned initialisations.
 //!
-//! `cargo run --release --example imaml_sine -- [--iters N] [--inner-steps K] [--lambda L] [--cg-iters M]`
+//! `cargo run --release --example imaml_sine -- [--iters N] [--inner-steps K] [--prox-lr LR] [--lambda L] [--cg-iters M]`
 
 use candle_higher::optim::{Adam, Optimizer};
 use candle_higher::unroll::{implicit_grad, ImplicitOptions};
@@ -93,13 +93,7 @@ fn grads(loss: &Tensor, p: &[Tensor], create_graph: bool) -> Result<Vec<Tensor>>
 }
 
 /// `steps` plain SGD steps (no graph kept): the adapted parameters as leaves.
-fn sgd(
-    p: &[Tensor],
-    x: &Tensor,
-    y: &Tensor,
-    steps: usize,
-    prox: Option<(&[Tensor], f64)>,
-) -> Result<Vec<Tensor>> {
+fn sgd(p: &[Tensor], x: &Tensor, y: &Tensor, steps: usize, lr: f64) -> Result<Vec<Tensor>> {
     let mut p: Vec<Tensor> = p.iter().map(|t| t.detach().to_leaf()).collect();
     for _ in 0..steps {
         let g = grads(&mse(&p, x, y)?, &p, false)?;
@@ -107,15 +101,55 @@ fn sgd(
         p = p
             .iter()
             .zip(&g)
-            .enumerate()
-            .map(|(i, (p, g))| {
-                let g = match prox {
-                    Some((theta, lambda)) => g.add(&p.sub(&theta[i])?.affine(lambda, 0.0)?)?,
-                    None => g.clone(),
-                };
-                Ok(p.sub(&g.affine(INNER_LR, 0.0)?)?.to_leaf())
-            })
+            .map(|(p, g)| Ok(p.sub(&g.affine(lr, 0.0)?)?.to_leaf()))
             .collect::<Result<_>>()?;
+    }
+    Ok(p)
+}
+
+/// The inner problem of iMAML, `min_x L(x) + lambda/2 |x - theta|^2`, by `steps` gradient
+/// steps from `x = theta` (no graph kept), halving the step while it would increase the
+/// objective, so the solve cannot diverge where the curvature exceeds 2 / lr.
+fn prox_solve(
+    theta: &[Tensor],
+    x: &Tensor,
+    y: &Tensor,
+    steps: usize,
+    lr: f64,
+    lambda: f64,
+) -> Result<Vec<Tensor>> {
+    let objective = |p: &[Tensor]| -> Result<f64> {
+        let mut prox = 0.0;
+        for (p, t) in p.iter().zip(theta) {
+            prox += p.sub(t)?.sqr()?.sum_all()?.to_scalar_f64()?;
+        }
+        Ok(mse(p, x, y)?.to_scalar_f64()? + lambda / 2.0 * prox)
+    };
+    let mut p: Vec<Tensor> = theta.iter().map(|t| t.detach().to_leaf()).collect();
+    let mut current = objective(&p)?;
+    let mut lr = lr;
+    for _ in 0..steps {
+        let g = grads(&mse(&p, x, y)?, &p, false)?;
+        let _guard = no_grad();
+        let g: Vec<Tensor> = g
+            .iter()
+            .zip(p.iter().zip(theta))
+            .map(|(g, (p, t))| g.add(&p.sub(t)?.affine(lambda, 0.0)?))
+            .collect::<Result<_>>()?;
+        for _ in 0..30 {
+            let next: Vec<Tensor> = p
+                .iter()
+                .zip(&g)
+                .map(|(p, g)| Ok(p.sub(&g.affine(lr, 0.0)?)?.to_leaf()))
+                .collect::<Result<_>>()?;
+            let value = objective(&next)?;
+            if value <= current {
+                p = next;
+                current = value;
+                break;
+            }
+            lr /= 2.0;
+        }
     }
     Ok(p)
 }
@@ -137,11 +171,12 @@ fn imaml_grads(
     theta: &[Tensor],
     task: &[(Tensor, Tensor); 2],
     inner_steps: usize,
+    prox_lr: f64,
     lambda: f64,
     cg_iters: usize,
 ) -> Result<(Vec<Tensor>, f64, usize)> {
     let [(xs, ys), (xq, yq)] = task;
-    let x_star = sgd(theta, xs, ys, inner_steps, Some((theta, lambda)))?;
+    let x_star = prox_solve(theta, xs, ys, inner_steps, prox_lr, lambda)?;
     let dl_dx = grads(&mse(&x_star, xq, yq)?, &x_star, false)?;
     let condition = |x: &[Tensor], th: &[Tensor]| -> Result<Vec<Tensor>> {
         let g = grads(&mse(x, xs, ys)?, x, true)?;
@@ -175,7 +210,7 @@ fn meta_test(theta: &[Tensor], tasks: &[[(Tensor, Tensor); 2]]) -> Result<[f64; 
     for (i, steps) in [0usize, 1, 5, 10].into_iter().enumerate() {
         let mut total = 0.0;
         for [(xs, ys), (xq, yq)] in tasks {
-            let p = sgd(theta, xs, ys, steps, None)?;
+            let p = sgd(theta, xs, ys, steps, INNER_LR)?;
             total += mse(&p, xq, yq)?.to_scalar_f64()?;
         }
         out[i] = total / tasks.len() as f64;
@@ -194,7 +229,10 @@ fn main() -> Result<()> {
     let iters: usize = flag("--iters").and_then(|v| v.parse().ok()).unwrap_or(1000);
     let inner_steps: usize = flag("--inner-steps")
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(40);
+    let prox_lr: f64 = flag("--prox-lr")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.005);
     let lambda: f64 = flag("--lambda")
         .and_then(|v| v.parse().ok())
         .unwrap_or(20.0);
@@ -225,11 +263,11 @@ fn main() -> Result<()> {
         }
         let t1 = std::time::Instant::now();
         for task in &tasks {
-            let (g, res, n) = imaml_grads(&imaml, task, inner_steps, lambda, cg_iters)?;
+            let (g, res, n) = imaml_grads(&imaml, task, inner_steps, prox_lr, lambda, cg_iters)?;
             cg_total += n;
-            // A solve that ended no better than v = 0 (residual >= 1, or not finite: the
-            // Hessian nearly singular along a direction) gives no usable gradient.
-            if !(res < 1.0) {
+            // A solve that ended no better than v = 0 (residual >= 1), or an inner loop that
+            // failed (residual NaN), gives no usable gradient.
+            if res.is_nan() || res >= 1.0 {
                 skipped += 1;
                 continue;
             }
@@ -238,7 +276,7 @@ fn main() -> Result<()> {
             // (a negative eigenvalue near -lambda), v is huge.
             let norm = g
                 .iter()
-                .map(|g| Ok(g.sqr()?.sum_all()?.to_scalar_f64()?))
+                .map(|g| g.sqr()?.sum_all()?.to_scalar_f64())
                 .sum::<Result<f64>>()?
                 .sqrt();
             let scale = (10.0 / norm).min(1.0) / META_BATCH as f64;
@@ -258,7 +296,7 @@ fn main() -> Result<()> {
     let solves = (iters * META_BATCH).max(1) as f64;
     println!(
         "trained {iters} meta-iterations: MAML {maml_secs:.1} s, iMAML {imaml_secs:.1} s \
-         ({inner_steps} proximal steps, lambda {lambda}, CG: mean relative residual {:.2e}, \
+         ({inner_steps} proximal steps of lr {prox_lr}, lambda {lambda}, CG: mean relative residual {:.2e}, \
          {:.1} Hessian-vector products per task, {skipped} of {} solves skipped)",
         residuals / (solves - skipped as f64).max(1.0),
         cg_total as f64 / solves,
@@ -279,5 +317,15 @@ fn main() -> Result<()> {
     for (i, steps) in [0, 1, 5, 10].iter().enumerate() {
         println!("| {steps} | {:.3} | {:.3} |", a[i], b[i]);
     }
+    // iMAML's own adaptation: the proximal inner solve it was trained with.
+    let mut total = 0.0;
+    for [(xs, ys), (xq, yq)] in &tasks {
+        let p = prox_solve(&imaml, xs, ys, inner_steps, prox_lr, lambda)?;
+        total += mse(&p, xq, yq)?.to_scalar_f64()?;
+    }
+    println!(
+        "iMAML after its own inner solve ({inner_steps} proximal steps, lambda {lambda}): query MSE {:.3}",
+        total / tasks.len() as f64
+    );
     Ok(())
 }

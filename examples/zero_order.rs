@@ -65,7 +65,7 @@ fn unroll(p: &Problem, h: &Tensor) -> Result<(f64, Option<Tensor>)> {
         momentum: 0.5,
         ..Sgd::new(0.05)
     };
-    let mut opt = DiffOptimizer::new(sgd, &[p.w0.clone()])?;
+    let mut opt = DiffOptimizer::new(sgd, std::slice::from_ref(&p.w0))?;
     opt.set_overrides(&Overrides::new().set("lr", lr).set("momentum", momentum))?;
     let carry = OptimizerCarry::new(vec![p.w0.clone()], opt);
     let mse = |w: &Tensor, x: &Tensor, y: &Tensor| x.matmul(w)?.sub(y)?.sqr()?.mean_all();

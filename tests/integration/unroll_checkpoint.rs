@@ -211,7 +211,7 @@ fn assert_hyper_grads_match_fd<O: DifferentiableOptimizer>(
     steps: usize,
 ) -> Result<()> {
     let h = 1e-6;
-    for i in 0..values.len() {
+    for (i, g) in grads.iter().enumerate().take(values.len()) {
         let at = |delta: f64| -> Result<f64> {
             let hyper: Vec<Tensor> = values
                 .iter()
@@ -221,7 +221,7 @@ fn assert_hyper_grads_match_fd<O: DifferentiableOptimizer>(
             meta_value(make, &hyper, steps)
         };
         let fd = (at(h)? - at(-h)?) / (2.0 * h);
-        let g = grads[i]
+        let g = g
             .as_ref()
             .expect("hyperparameter gradient")
             .to_scalar_f64()?;
@@ -417,6 +417,49 @@ fn bad_arguments_are_typed_errors() -> Result<()> {
             })
         ),
         "{wrong:?}"
+    );
+    Ok(())
+}
+
+/// A bare `Vec<Tensor>` carry with a stateless step w <- w - 2 lr a w (elementwise):
+/// w_T = (1 - 2 a lr)^T w_0, so d sum(w_T) / d w_0 = (1 - 2 a lr)^T and
+/// d sum(w_T) / d lr = sum(-2 a T (1 - 2 a lr)^(T - 1) w_0); 37 steps in 7 segments.
+#[test]
+fn vec_carry_matches_the_closed_form() -> Result<()> {
+    let dev = candle_higher::Device::Cpu;
+    let a = [0.5f64, 1.0, 2.0];
+    let w0 = [1.0f64, -2.0, 0.5];
+    let lr_value = 0.1;
+    let a_t = Tensor::from_slice(&a, &[3], &dev)?;
+    let lr = Tensor::scalar(lr_value).to_leaf();
+    let steps = 37;
+    let out = checkpointed_unroll(
+        &vec![Tensor::from_slice(&w0, &[3], &dev)?],
+        steps,
+        std::slice::from_ref(&lr),
+        |c, _| Ok(vec![c[0].sub(&c[0].mul(&a_t)?.mul(&lr)?.affine(2.0, 0.0)?)?]),
+        |c| c[0].sum_all(),
+        &CheckpointOptions::checkpoints(7),
+    )?;
+    assert_eq!(out.checkpoints, 7);
+    let t = steps as i32;
+    let d_w0: Vec<f64> = a
+        .iter()
+        .map(|a| (1.0 - 2.0 * a * lr_value).powi(t))
+        .collect();
+    let d_lr: f64 = a
+        .iter()
+        .zip(&w0)
+        .map(|(a, w)| -2.0 * a * f64::from(t) * (1.0 - 2.0 * a * lr_value).powi(t - 1) * w)
+        .sum();
+    let got_w0 = out.initial_grads[0].as_ref().unwrap().to_vec_f64()?;
+    for (g, w) in got_w0.iter().zip(&d_w0) {
+        assert!((g - w).abs() <= 1e-12 * w.abs(), "{got_w0:?} vs {d_w0:?}");
+    }
+    let got_lr = out.hyper_grads[0].as_ref().unwrap().to_scalar_f64()?;
+    assert!(
+        (got_lr - d_lr).abs() <= 1e-12 * d_lr.abs(),
+        "{got_lr} vs {d_lr}"
     );
     Ok(())
 }

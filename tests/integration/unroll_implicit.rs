@@ -16,12 +16,13 @@ fn solve(mut m: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
             .unwrap();
         m.swap(c, p);
         b.swap(c, p);
-        for r in c + 1..n {
-            let f = m[r][c] / m[c][c];
-            for k in c..n {
-                m[r][k] -= f * m[c][k];
+        let (pivot_row, pivot_b) = (m[c].clone(), b[c]);
+        for (row, br) in m.iter_mut().zip(b.iter_mut()).skip(c + 1) {
+            let f = row[c] / pivot_row[c];
+            for (x, p) in row.iter_mut().zip(&pivot_row).skip(c) {
+                *x -= f * p;
             }
-            b[r] -= f * b[c];
+            *br -= f * pivot_b;
         }
     }
     let mut x = vec![0.0; n];
@@ -154,8 +155,8 @@ fn ridge_hypergradient_matches_closed_form() -> Result<()> {
     Ok(())
 }
 
-/// iMAML's inner problem, strongly convex: g(x, theta) = mean softplus(-y_i a_i^T x)
-/// + |x - theta|^2 / 2. Gradient descent from x_0 = theta for 300 steps (contraction
+/// iMAML's inner problem, strongly convex: g(x, theta) = mean softplus(-y_i a_i^T x) plus
+/// |x - theta|^2 / 2. Gradient descent from x_0 = theta for 300 steps (contraction
 /// about 0.5 per step), differentiated through the tape, gives dL/dtheta for
 /// L = |x_T - c|^2 / 2; the implicit gradient at x_T must agree to 1e-8.
 #[test]
@@ -173,16 +174,22 @@ fn implicit_agrees_with_a_long_unroll() -> Result<()> {
             .softplus()?
             .mean_all()?
             .add(&x.sub(th)?.sqr()?.sum_all()?.affine(0.5, 0.0)?)?;
-        Ok(grad(&[g], &[x.clone()], GradOptions::create_graph())?[0]
-            .clone()
-            .unwrap())
+        Ok(
+            grad(&[g], std::slice::from_ref(x), GradOptions::create_graph())?[0]
+                .clone()
+                .unwrap(),
+        )
     };
     let mut x = theta.clone();
     for _ in 0..300 {
         x = x.sub(&grad_inner(&x, &theta)?.affine(0.5, 0.0)?)?;
     }
     let outer = x.sub(&c)?.sqr()?.sum_all()?.affine(0.5, 0.0)?;
-    let unrolled = grad(&[outer], &[theta.clone()], GradOptions::default())?[0]
+    let unrolled = grad(
+        &[outer],
+        std::slice::from_ref(&theta),
+        GradOptions::default(),
+    )?[0]
         .clone()
         .unwrap()
         .to_vec_f64()?;
@@ -194,8 +201,8 @@ fn implicit_agrees_with_a_long_unroll() -> Result<()> {
         let out = implicit_grad(
             |x, th| Ok(vec![grad_inner(&x[0], &th[0])?]),
             &[x.detach()],
-            &[theta.clone()],
-            &[dl_dx.clone()],
+            std::slice::from_ref(&theta),
+            std::slice::from_ref(&dl_dx),
             &options,
         )?;
         assert!(out.converged, "{out:?}");
@@ -272,7 +279,13 @@ fn bad_inputs_are_typed_errors() -> Result<()> {
     let theta = Tensor::scalar(1.0f64).to_leaf();
     let cond = |x: &[Tensor], th: &[Tensor]| Ok(vec![x[0].mul(&th[0])?]);
     let run = |dl: Tensor, options: ImplicitOptions| {
-        implicit_grad(cond, &[x.clone()], &[theta.clone()], &[dl], &options)
+        implicit_grad(
+            cond,
+            std::slice::from_ref(&x),
+            std::slice::from_ref(&theta),
+            &[dl],
+            &options,
+        )
     };
     let wrong_shape = run(col(&[1.0, 2.0, 3.0]), ImplicitOptions::default());
     assert!(
@@ -291,7 +304,7 @@ fn bad_inputs_are_typed_errors() -> Result<()> {
     );
     let wrong_count = implicit_grad(
         |x, _| Ok(vec![x[0].clone(), x[0].clone()]),
-        &[x.clone()],
+        std::slice::from_ref(&x),
         &[],
         &[col(&[1.0, 1.0])],
         &ImplicitOptions::default(),
@@ -303,8 +316,8 @@ fn bad_inputs_are_typed_errors() -> Result<()> {
     // dF/dx = -I is negative definite: conjugate gradient refuses it.
     let negative = implicit_grad(
         |x, th| Ok(vec![x[0].mul(&th[0])?.neg()?]),
-        &[x.clone()],
-        &[theta.clone()],
+        std::slice::from_ref(&x),
+        std::slice::from_ref(&theta),
         &[col(&[1.0, 1.0])],
         &ImplicitOptions::default(),
     );
@@ -315,8 +328,8 @@ fn bad_inputs_are_typed_errors() -> Result<()> {
     // Truncated CG stops there instead, at v = 0: residual 1, not converged.
     let truncated = implicit_grad(
         |x, th| Ok(vec![x[0].mul(&th[0])?.neg()?]),
-        &[x.clone()],
-        &[theta.clone()],
+        std::slice::from_ref(&x),
+        std::slice::from_ref(&theta),
         &[col(&[1.0, 1.0])],
         &ImplicitOptions {
             truncate_at_negative_curvature: true,

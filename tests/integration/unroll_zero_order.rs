@@ -125,8 +125,8 @@ fn estimates_converge_within_the_stated_bound() {
 }
 
 /// Antithetic sampling on a quadratic: E|mean - g|^2 = (d + 1) |g|^2 / n exactly (see the
-/// module doc), so the error is within 5 sqrt((d + 1) / n) |g| (Markov: probability
-/// >= 1 - 1/25 for any distribution), and the reported standard error estimates
+/// module doc), so the error is within 5 sqrt((d + 1) / n) |g| (Markov: probability at
+/// least 1 - 1/25 for any distribution), and the reported standard error estimates
 /// sqrt((d + 1) / n) |g| within a factor 1.5 at n = 10000.
 #[test]
 fn antithetic_error_matches_its_exact_variance() {

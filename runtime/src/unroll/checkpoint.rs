@@ -343,8 +343,12 @@ pub fn checkpointed_unroll<C: Carry>(
     let loss = meta_loss(&carry)?;
     check_meta_loss(&loss)?;
     let seed = loss.ones_like()?;
-    let (mut cotangent, mut hyper_grads) =
-        pull_back(&[loss.clone()], &[Some(seed)], &carry.tensors(), hyper)?;
+    let (mut cotangent, mut hyper_grads) = pull_back(
+        std::slice::from_ref(&loss),
+        &[Some(seed)],
+        &carry.tensors(),
+        hyper,
+    )?;
     let final_carry = detached(&carry)?;
     drop(carry);
     // Backward, one segment at a time, last first.
@@ -391,8 +395,12 @@ pub fn plain_unroll<C: Carry>(
     let loss = meta_loss(&carry)?;
     check_meta_loss(&loss)?;
     let seed = loss.ones_like()?;
-    let (initial_grads, hyper_grads) =
-        pull_back(&[loss.clone()], &[Some(seed)], &start.tensors(), hyper)?;
+    let (initial_grads, hyper_grads) = pull_back(
+        std::slice::from_ref(&loss),
+        &[Some(seed)],
+        &start.tensors(),
+        hyper,
+    )?;
     Ok(UnrollGrads {
         meta_loss: loss.detach(),
         final_carry: detached(&carry)?,

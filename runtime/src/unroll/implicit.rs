@@ -265,10 +265,12 @@ fn cg(
         let ap = product(&p)?;
         iterations += 1;
         let curvature = dot(&p, &ap)?;
-        if !(curvature > 0.0) && options.truncate_at_negative_curvature && curvature.is_finite() {
+        // NaN counts as non-positive: a NaN curvature is an error even when truncating.
+        let positive = curvature > 0.0;
+        if !positive && options.truncate_at_negative_curvature && curvature.is_finite() {
             break;
         }
-        if !(curvature > 0.0) {
+        if !positive {
             return Err(Error::InvalidArgument {
                 op: "implicit_grad (conjugate gradient)",
                 message: format!(
