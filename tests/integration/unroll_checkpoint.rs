@@ -463,3 +463,41 @@ fn vec_carry_matches_the_closed_form() -> Result<()> {
     );
     Ok(())
 }
+
+/// ASGD keeps `eta` and `mu` as scalar state entries that depend on the learning rate (tensors
+/// when lr is one): the carry lists them, and their cotangents must reach lr.
+#[test]
+fn asgd_scalar_state_entries_are_carried() -> Result<()> {
+    use candle_higher::optim::Asgd;
+    let make = |h: &[Tensor]| -> Result<OptimizerCarry<Asgd>> {
+        let p = params();
+        let mut opt = DiffOptimizer::new(
+            Asgd {
+                t0: 5.0,
+                ..Asgd::new(0.2)
+            },
+            &p,
+        )?;
+        opt.set_overrides(&Overrides::new().set("lr", h[0].clone()))?;
+        Ok(OptimizerCarry::new(p, opt))
+    };
+    let values = [0.2];
+    let hyper = leaves(&values);
+    let plain = compare(&make(&hyper)?, 23, &hyper, "asgd")?;
+    let carried = plain.final_carry.tensors().len();
+    assert!(
+        carried > 4,
+        "W, b, their averages and eta/mu tensors: {carried}"
+    );
+    assert_hyper_grads_match_fd(&make, &values, &plain.hyper_grads, 23)
+}
+
+/// First-order mode (inner gradients as constants) is recomputed the same way.
+#[test]
+fn first_order_mode_checkpointed_equals_plain() -> Result<()> {
+    let hyper = leaves(&[0.3, 0.9]);
+    let mut carry = sgd_carry(&hyper, false)?;
+    carry.opt.set_mode(candle_higher::InnerGradMode::FirstOrder);
+    compare(&carry, 23, &hyper, "first-order sgd")?;
+    Ok(())
+}
