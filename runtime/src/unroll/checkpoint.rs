@@ -275,6 +275,11 @@ fn check_meta_loss(loss: &Tensor) -> Result<()> {
 /// `initial` and to `hyper` (tensors the closures capture: learning-rate overrides, data
 /// weights, ...), keeping only some carries (see the module doc).
 ///
+/// The initial carry's tensors are replaced by fresh leaves before the first step, so their
+/// gradients are in [`UnrollGrads::initial_grads`] (listing one in `hyper` as well gives
+/// `None` there); a carry tensor computed from something upstream can be pulled back further
+/// with [`grad`] and `grad_outputs` set to its entry.
+///
 /// `step` must be deterministic: it runs twice for each `t` (once to move forward, once,
 /// from a checkpoint, to rebuild the graph), and the meta-gradient is that of the unroll
 /// only if both runs compute the same thing. The gradients equal [`plain_unroll`]'s up to
