@@ -501,3 +501,15 @@ fn first_order_mode_checkpointed_equals_plain() -> Result<()> {
     compare(&carry, 23, &hyper, "first-order sgd")?;
     Ok(())
 }
+
+/// A hyperparameter that reaches the optimizer through a computation (lr = exp(log_lr), as
+/// in the learned-learning-rate example): every segment's pull-back walks through the shared
+/// `exp` node to `log_lr`, and the segment contributions add up to the plain gradient.
+#[test]
+fn hyperparameters_behind_a_computation() -> Result<()> {
+    let log_lr = Tensor::scalar(0.3f64.ln()).to_leaf();
+    let momentum = Tensor::scalar(0.9f64).to_leaf();
+    let carry = sgd_carry(&[log_lr.exp()?, momentum.clone()], false)?;
+    compare(&carry, 23, &[log_lr, momentum], "sgd, lr = exp(log_lr)")?;
+    Ok(())
+}
