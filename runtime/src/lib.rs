@@ -14,6 +14,7 @@ mod ops;
 pub mod optim;
 mod tensor;
 pub mod testing;
+pub mod unroll;
 
 pub use autograd::{backward, grad, grad_with_stats, GradOptions, GradStats, GradStore};
 pub use device::{device_from_env, parse_device};

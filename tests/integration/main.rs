@@ -28,3 +28,6 @@ mod optim_nan;
 mod optim_runtime;
 mod optim_twin;
 mod readme_tour;
+mod unroll_checkpoint;
+mod unroll_implicit;
+mod unroll_zero_order;

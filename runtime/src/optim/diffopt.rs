@@ -366,6 +366,19 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
         &self.states
     }
 
+    /// Replaces the state of every parameter, by position (restoring a snapshot of
+    /// [`DiffOptimizer::states`], as a checkpointed unroll does). The count must match.
+    pub fn set_states(&mut self, states: Vec<State>) -> Result<()> {
+        check_count(
+            "DiffOptimizer::set_states",
+            "states",
+            self.states.len(),
+            states.len(),
+        )?;
+        self.states = states;
+        Ok(())
+    }
+
     /// The inner-gradient mode.
     pub fn mode(&self) -> InnerGradMode {
         self.mode
