@@ -34,8 +34,8 @@ use candle_higher::nn::{
 };
 use candle_higher::optim::{Adam, Optimizer, Sgd};
 use candle_higher::{
-    backward, innerloop, DType, Device, GradStore, InitialWeights, InnerloopOptions, Parameters,
-    Result, Tensor,
+    backward, innerloop, DType, GradStore, InitialWeights, InnerloopOptions, Parameters, Result,
+    Tensor,
 };
 
 const META_BATCH: usize = 25;
@@ -124,8 +124,8 @@ fn sine_task(rng: &mut Lcg) -> Result<SineTask> {
             .map(|&x| (amp * (f64::from(x) - phase).sin()) as f32)
             .collect();
         Ok((
-            Tensor::from_vec(x, &[K, 1], &Device::Cpu)?,
-            Tensor::from_vec(y, &[K, 1], &Device::Cpu)?,
+            Tensor::from_vec(x, &[K, 1], &candle_higher::device_from_env()?)?,
+            Tensor::from_vec(y, &[K, 1], &candle_higher::device_from_env()?)?,
         ))
     };
     let (xs, ys) = set()?;
@@ -134,7 +134,7 @@ fn sine_task(rng: &mut Lcg) -> Result<SineTask> {
 }
 
 fn sine_model() -> Result<Sequential> {
-    let vb = VarBuilder::new(0, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::new(0, DType::F32, &candle_higher::device_from_env()?);
     Ok(seq()
         .add(linear(1, 40, vb.pp("0"))?)
         .add(Activation::Relu)
@@ -299,7 +299,7 @@ fn omniglot_worker(batched: bool, iters: usize, warmup: usize) -> Result<String>
         batch_norm2d, conv2d, flatten, max_pool2d, BatchNormConfig, ConvConfig,
     };
     let (ways, shots, queries, meta_batch, steps) = (5usize, 1usize, 15usize, 16usize, 5usize);
-    let vb = VarBuilder::new(0, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::new(0, DType::F32, &candle_higher::device_from_env()?);
     let mut net = seq();
     for (i, c_in) in [1usize, 64, 64].into_iter().enumerate() {
         let p = vb.pp(format!("{}", 4 * i));
@@ -330,8 +330,12 @@ fn omniglot_worker(batched: bool, iters: usize, warmup: usize) -> Result<String>
             }
         }
         Ok((
-            Tensor::from_vec(data, &[ways * n, 1, 28, 28], &Device::Cpu)?,
-            Tensor::from_vec(labels, &[ways * n], &Device::Cpu)?,
+            Tensor::from_vec(
+                data,
+                &[ways * n, 1, 28, 28],
+                &candle_higher::device_from_env()?,
+            )?,
+            Tensor::from_vec(labels, &[ways * n], &candle_higher::device_from_env()?)?,
         ))
     };
     let mut proto_rng = Lcg(11);

@@ -19,7 +19,7 @@ use candle_higher::nn::{
 };
 use candle_higher::optim::{Adam, Optimizer, Sgd};
 use candle_higher::{
-    backward, innerloop, no_grad, DType, Device, FunctionalModel, GradStore, InitialWeights,
+    backward, innerloop, no_grad, DType, FunctionalModel, GradStore, InitialWeights,
     InnerloopOptions, Result, Tensor,
 };
 use indicatif::{ProgressBar, ProgressStyle};
@@ -61,14 +61,14 @@ impl Task {
             .map(|&x| (self.amp * (f64::from(x) - self.phase).sin()) as f32)
             .collect();
         Ok((
-            Tensor::from_slice(x, &[x.len(), 1], &Device::Cpu)?,
-            Tensor::from_vec(y, &[x.len(), 1], &Device::Cpu)?,
+            Tensor::from_slice(x, &[x.len(), 1], &candle_higher::device_from_env()?)?,
+            Tensor::from_vec(y, &[x.len(), 1], &candle_higher::device_from_env()?)?,
         ))
     }
 }
 
 fn mlp(seed: u64) -> Result<Sequential> {
-    let vb = VarBuilder::new(seed, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::new(seed, DType::F32, &candle_higher::device_from_env()?);
     Ok(seq()
         .add(linear(1, 40, vb.pp("0"))?)
         .add(Activation::Relu)

@@ -1,13 +1,16 @@
 //! The device chosen by the environment, so that tests, examples and benchmarks run on a
 //! GPU without edits: `CANDLE_HIGHER_DEVICE` = `cpu` (the default), `cuda:N` or `metal:N`.
 
+use std::sync::Mutex;
+
 use candle_core::Device;
 
 use crate::error::{Error, Result};
 
 /// The device `CANDLE_HIGHER_DEVICE` names (`cpu` when unset). `cuda:N` and `metal:N`
 /// need the `cuda` / `metal` cargo feature; an unknown name, a bad ordinal or a device
-/// that cannot be opened is an error that says which.
+/// that cannot be opened is an error that says which. A device is opened once per process
+/// and every call returns it (candle treats two openings of one GPU as two devices).
 ///
 /// ```
 /// // With the variable unset, the CPU.
@@ -21,8 +24,19 @@ pub fn device_from_env() -> Result<Device> {
     }
 }
 
-/// `cpu`, `cuda`, `cuda:N`, `metal` or `metal:N` as a device.
+/// `cpu`, `cuda`, `cuda:N`, `metal` or `metal:N` as a device, opened once per process.
 pub fn parse_device(spec: &str) -> Result<Device> {
+    static OPENED: Mutex<Vec<(String, Device)>> = Mutex::new(Vec::new());
+    let mut opened = OPENED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, d)) = opened.iter().find(|(s, _)| s == spec) {
+        return Ok(d.clone());
+    }
+    let device = open(spec)?;
+    opened.push((spec.to_string(), device.clone()));
+    Ok(device)
+}
+
+fn open(spec: &str) -> Result<Device> {
     let bad = |message: String| Error::InvalidArgument {
         op: "device",
         message,
