@@ -1521,3 +1521,29 @@ fn a_diffopt_step_the_fmodel_rejects_does_not_advance_the_state() {
     assert_eq!(states_bits(diffopt.states()), states_bits(dcopy.states()));
     assert_eq!(fmodel.time(), time + 1);
 }
+
+/// An integer tensor as a hyperparameter: converted to the parameters' float dtype when
+/// its value is valid, rejected by value when not (a u32 cannot be negative, an i64 can),
+/// never a panic.
+#[test]
+fn integer_tensor_hyperparameters_convert_or_are_rejected() {
+    use candle_higher::optim::DiffOptimizer;
+    let p = candle_higher::Tensor::from_vec(vec![1.0f64, 2.0], &[2], &candle_higher::Device::Cpu)
+        .unwrap()
+        .to_leaf();
+    let mut opt = DiffOptimizer::new(Sgd::new(0.1), std::slice::from_ref(&p)).unwrap();
+    opt.set_overrides(&Overrides::new().set("lr", candle_higher::Tensor::scalar(1u32)))
+        .unwrap();
+    let lr = opt.hyperparameter(0, "lr").unwrap();
+    assert_eq!(lr.as_tensor().unwrap().dtype(), candle_higher::DType::F64);
+    let loss = p.sqr().unwrap().sum_all().unwrap();
+    let new = opt.step_params(&loss, std::slice::from_ref(&p)).unwrap();
+    assert_eq!(new[0].to_vec_f64().unwrap(), [-1.0, -2.0]);
+    let err = opt
+        .set_overrides(&Overrides::new().set("lr", candle_higher::Tensor::scalar(-3i64)))
+        .unwrap_err();
+    assert!(
+        matches!(err, candle_higher::Error::InvalidHyperparameter { value, .. } if value == -3.0),
+        "{err}"
+    );
+}
