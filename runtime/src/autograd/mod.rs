@@ -136,6 +136,10 @@ pub fn grad_with_stats(
         .map(|(i, t)| match grads.get(&t.0.id).cloned() {
             Some(g) => Ok(Some(g)),
             None if options.allow_unused => Ok(None),
+            None if !t.requires_grad() => Err(Error::InputDoesNotRequireGrad {
+                index: i,
+                shape: t.dims().to_vec(),
+            }),
             None => Err(Error::UnusedInput {
                 index: i,
                 shape: t.dims().to_vec(),

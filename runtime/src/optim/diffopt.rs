@@ -477,7 +477,8 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
     /// the callback, the update. Returns the new parameters, in order; frozen parameters,
     /// parameters without a gradient (the loss does not depend on them, or they do not
     /// require grad) and parameters in no group come back unchanged, their state not
-    /// advanced.
+    /// advanced. A loss that reaches none of the trainable parameters that require grad is
+    /// [`Error::NoGradient`]; with none of them trainable (all frozen) the step is a no-op.
     pub fn step_params(&mut self, loss: &Tensor, params: &[Tensor]) -> Result<Vec<Tensor>> {
         self.step_params_with(loss, params, StepOptions::default())
     }
@@ -588,18 +589,29 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
             .filter(|&i| trainable[i] && params[i].requires_grad())
             .collect();
         let mut out = vec![None; params.len()];
-        if idx.is_empty() || !loss.requires_grad() {
+        if idx.is_empty() {
             return Ok(out);
         }
         let inputs: Vec<Tensor> = idx.iter().map(|&i| params[i].clone()).collect();
-        let options = GradOptions {
-            create_graph: self.mode == InnerGradMode::Full,
-            allow_unused: true,
-            grad_outputs: None,
-        };
-        let grads = grad(std::slice::from_ref(loss), &inputs, options)?;
-        for (i, g) in idx.into_iter().zip(grads) {
-            out[i] = g;
+        if loss.requires_grad() {
+            let options = GradOptions {
+                create_graph: self.mode == InnerGradMode::Full,
+                allow_unused: true,
+                grad_outputs: None,
+            };
+            let grads = grad(std::slice::from_ref(loss), &inputs, options)?;
+            for (&i, g) in idx.iter().zip(grads) {
+                out[i] = g;
+            }
+        }
+        if out.iter().all(Option::is_none) {
+            // A loss that reaches some parameters but not others is fine; one that
+            // reaches none would make the step silently change nothing.
+            return Err(Error::NoGradient {
+                op: "DiffOptimizer::step",
+                trainable: idx.len(),
+                hint: LOSS_MISSES_FAST_WEIGHTS,
+            });
         }
         Ok(out)
     }
@@ -752,3 +764,9 @@ fn expand_name<O: Hyperparameters>(name: &str) -> Result<Vec<&'static str>> {
         )),
     }
 }
+
+/// What [`Error::NoGradient`] says when an inner loss reaches none of the fast weights.
+const LOSS_MISSES_FAST_WEIGHTS: &str = "the loss does not depend on the fast weights being \
+stepped: compute it from `fmodel.forward(..)` (or `forward_with` the latest \
+`fmodel.fast_params()`), not from the base model, and not under `no_grad` or from detached \
+tensors";

@@ -258,8 +258,13 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
 
     /// One step with the gradients of `backward(loss)`, keyed by the parameters' identity.
     /// Parameters without a gradient are left as they are and their state is not advanced.
+    ///
+    /// A store that holds a gradient for none of the parameters that require grad is
+    /// [`Error::NoGradient`] (the loss does not reach them, and the step would change
+    /// nothing); when no parameter requires grad (all frozen), the step is a no-op.
     pub fn step(&mut self, params: &mut [Tensor], grads: &GradStore) -> Result<()> {
         let grads: Vec<Option<Tensor>> = params.iter().map(|p| grads.get(p).cloned()).collect();
+        check_some_gradient("Optimizer::step", params, &grads)?;
         self.step_grads(params, &grads)
     }
 
@@ -353,4 +358,29 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
             self.states[i] = state.clone();
         }
     }
+}
+
+/// What [`Error::NoGradient`] says to a caller whose gradient store missed every parameter.
+const NO_GRADIENT_HINT: &str = "the gradients do not reach these parameters; a meta-loss \
+from `innerloop` with the default `InitialWeights::DetachedCopy` does not reach the base \
+model: use `InnerloopOptions::new().initial_weights(InitialWeights::BaseParameters)` (MAML), \
+or take `grad(&[meta_loss], &fmodel.parameters(0)?, ..)` and step with `step_grads`";
+
+/// Fails with [`Error::NoGradient`] when some parameter requires grad and none has a
+/// gradient: a step that would silently change nothing. Parameters that do not require
+/// grad (frozen) are not counted, so a model with only frozen parameters steps as a no-op.
+pub(crate) fn check_some_gradient(
+    op: &'static str,
+    params: &[Tensor],
+    grads: &[Option<Tensor>],
+) -> Result<()> {
+    let trainable = params.iter().filter(|p| p.requires_grad()).count();
+    if trainable == 0 || grads.iter().any(Option::is_some) {
+        return Ok(());
+    }
+    Err(Error::NoGradient {
+        op,
+        trainable,
+        hint: NO_GRADIENT_HINT,
+    })
 }
