@@ -191,3 +191,436 @@ fn grad_of_an_input_that_does_not_require_grad_says_so() -> Result<()> {
     assert_eq!(g[1].as_ref().unwrap().to_vec_f64()?, vec![2.0, 4.0]);
     Ok(())
 }
+
+mod pieces {
+    //! The pieces a first program reaches for (issue 11, "missing pieces").
+
+    use candle_higher::nn::{self, BatchNorm, BatchNormConfig, Module, Reduction};
+    use candle_higher::optim::{DiffOptimizer, Overrides, Sgd};
+    use candle_higher::{grad, grad_one, DType, Error, GradOptions, Result, Tensor};
+
+    use crate::common::{check12, randn, rng, t};
+
+    fn close(a: &[f64], b: &[f64]) {
+        assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-12 * (1.0 + y.abs()), "{a:?} vs {b:?}");
+        }
+    }
+
+    fn rows(v: &[f64], cols: usize) -> Vec<&[f64]> {
+        v.chunks(cols).collect()
+    }
+
+    /// One-hot labels given to `cross_entropy` or `nll` say what was expected and point to
+    /// `soft_cross_entropy`, which gives the same loss on them.
+    #[test]
+    fn one_hot_labels_say_class_indices_and_point_to_soft_targets() -> Result<()> {
+        let logits = t(&[0.2, -1.0, 0.5, 1.5, 0.3, -0.7], &[2, 3]);
+        let labels = t(&[2.0, 0.0], &[2]);
+        let targets = nn::one_hot(&labels, 3, DType::F64)?;
+        for err in [
+            nn::cross_entropy(&logits, &targets).unwrap_err(),
+            nn::nll(&logits.log_softmax(1)?, &targets).unwrap_err(),
+            nn::cross_entropy_with(&logits, &targets, Reduction::Sum).unwrap_err(),
+        ] {
+            assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("class indices of shape [2]") && msg.contains("soft_cross_entropy"),
+                "{msg}"
+            );
+        }
+        close(
+            &nn::soft_cross_entropy(&logits, &targets, Reduction::Mean)?.to_vec_f64()?,
+            &nn::cross_entropy(&logits, &labels)?.to_vec_f64()?,
+        );
+        // The hint's other route: argmax of the one-hot rows are the labels.
+        assert_eq!(targets.argmax(1)?.to_vec::<u32>()?, vec![2, 0]);
+        Ok(())
+    }
+
+    /// `one_hot` of any shape of whole-number labels; out-of-range labels are an error.
+    #[test]
+    fn one_hot_encodes_and_checks_labels() -> Result<()> {
+        let labels = Tensor::from_slice(&[1u32, 0, 2, 1], &[2, 2], &candle_higher::Device::Cpu)?;
+        let oh = nn::one_hot(&labels, 3, DType::F32)?;
+        assert_eq!(oh.dims(), &[2, 2, 3]);
+        assert_eq!(oh.dtype(), DType::F32);
+        assert!(!oh.requires_grad());
+        let v = oh.to_vec::<f32>()?;
+        for (i, &l) in [1usize, 0, 2, 1].iter().enumerate() {
+            for c in 0..3 {
+                assert_eq!(v[i * 3 + c], if c == l { 1.0 } else { 0.0 });
+            }
+        }
+        for bad in [3.0, -1.0, 0.5] {
+            let err = nn::one_hot(&t(&[0.0, bad], &[2]), 3, DType::F64).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+        }
+        Ok(())
+    }
+
+    /// Every loss with `Reduction::None` gives the per-element or per-example values of its
+    /// formula (computed here in plain f64), `Mean` their mean (the plain loss), `Sum`
+    /// their sum.
+    #[test]
+    fn reductions_match_the_formulas() -> Result<()> {
+        let mut r = rng(11);
+        let logits = randn(&mut r, &[4, 3]);
+        let labels = t(&[2.0, 0.0, 1.0, 2.0], &[4]);
+        let lv = logits.to_vec_f64()?;
+        let ce: Vec<f64> = rows(&lv, 3)
+            .iter()
+            .zip([2usize, 0, 1, 2])
+            .map(|(row, l)| row.iter().map(|v| v.exp()).sum::<f64>().ln() - row[l])
+            .collect();
+        let pred = randn(&mut r, &[4, 3]);
+        let target = randn(&mut r, &[4, 3]);
+        let (pv, tv) = (pred.to_vec_f64()?, target.to_vec_f64()?);
+        let se: Vec<f64> = pv.iter().zip(&tv).map(|(p, y)| (p - y).powi(2)).collect();
+        let probs = crate::common::uniform(&mut r, &[4, 3], 0.0, 1.0);
+        let yv = probs.to_vec_f64()?;
+        let bce: Vec<f64> = lv
+            .iter()
+            .zip(&yv)
+            .map(|(x, y)| {
+                -(y * (1.0 / (1.0 + (-x).exp())).ln() + (1.0 - y) * (1.0 / (1.0 + x.exp())).ln())
+            })
+            .collect();
+        let cases: Vec<(
+            &str,
+            Box<dyn Fn(Reduction) -> Result<Tensor>>,
+            Vec<f64>,
+            Tensor,
+        )> = vec![
+            (
+                "cross_entropy",
+                Box::new(|red| nn::cross_entropy_with(&logits, &labels, red)),
+                ce.clone(),
+                nn::cross_entropy(&logits, &labels)?,
+            ),
+            (
+                "nll",
+                Box::new(|red| nn::nll_with(&logits.log_softmax(1)?, &labels, red)),
+                ce.clone(),
+                nn::nll(&logits.log_softmax(1)?, &labels)?,
+            ),
+            (
+                "mse",
+                Box::new(|red| nn::mse_with(&pred, &target, red)),
+                se,
+                nn::mse(&pred, &target)?,
+            ),
+            (
+                "bce",
+                Box::new(|red| nn::binary_cross_entropy_with_logits_with(&logits, &probs, red)),
+                bce,
+                nn::binary_cross_entropy_with_logits(&logits, &probs)?,
+            ),
+        ];
+        for (name, f, want, plain) in cases {
+            let none = f(Reduction::None)?;
+            close(&none.to_vec_f64()?, &want);
+            let n = want.len() as f64;
+            let sum: f64 = want.iter().sum();
+            close(&f(Reduction::Sum)?.to_vec_f64()?, &[sum]);
+            close(&f(Reduction::Mean)?.to_vec_f64()?, &[sum / n]);
+            close(
+                &f(Reduction::default())?.to_vec_f64()?,
+                &plain.to_vec_f64()?,
+            );
+            assert_eq!(f(Reduction::Sum)?.dims(), &[] as &[usize], "{name}");
+        }
+        assert_eq!(
+            nn::cross_entropy_with(&logits, &labels, Reduction::None)?.dims(),
+            &[4]
+        );
+        Ok(())
+    }
+
+    /// First and second derivatives of the unreduced and summed losses match finite
+    /// differences (per-example weights multiply the unreduced values).
+    #[test]
+    fn reduced_losses_match_finite_differences() {
+        let mut r = rng(12);
+        let logits = randn(&mut r, &[3, 4]);
+        let soft = nn::one_hot(&t(&[1.0, 3.0, 0.0], &[3]), 4, DType::F64)
+            .unwrap()
+            .mul(0.7)
+            .unwrap()
+            .add(0.075)
+            .unwrap();
+        let probs = crate::common::uniform(&mut r, &[3, 4], 0.0, 1.0);
+        let target = randn(&mut r, &[3, 4]);
+        for red in [Reduction::None, Reduction::Sum, Reduction::Mean] {
+            check12(
+                "cross_entropy_with",
+                move |x| nn::cross_entropy_with(&x[0], &t(&[1.0, 3.0, 0.0], &[3]), red),
+                &[logits.clone()],
+            );
+            check12(
+                "soft_cross_entropy",
+                move |x| nn::soft_cross_entropy(&x[0], &x[1], red),
+                &[logits.clone(), soft.clone()],
+            );
+            check12(
+                "mse_with",
+                move |x| nn::mse_with(&x[0], &x[1], red),
+                &[logits.clone(), target.clone()],
+            );
+            check12(
+                "bce_with",
+                move |x| nn::binary_cross_entropy_with_logits_with(&x[0], &x[1], red),
+                &[logits.clone(), probs.clone()],
+            );
+        }
+    }
+
+    /// argmax / argmin along each dim against a plain scan (first index among ties), as
+    /// u32 constants; a bad dim is an error.
+    #[test]
+    fn argmax_and_argmin_along_a_dim() -> Result<()> {
+        let x = t(&[1.0, 5.0, 5.0, -2.0, 0.0, 7.0], &[2, 3]);
+        assert_eq!(x.argmax(1)?.to_vec::<u32>()?, vec![1, 2]);
+        assert_eq!(x.argmin(1)?.to_vec::<u32>()?, vec![0, 0]);
+        assert_eq!(x.argmax(0)?.to_vec::<u32>()?, vec![0, 0, 1]);
+        assert_eq!(x.argmin(0)?.to_vec::<u32>()?, vec![1, 1, 0]);
+        let leaf = x.to_leaf();
+        let a = leaf.argmax(1)?;
+        assert_eq!(a.dtype(), DType::U32);
+        assert!(!a.requires_grad());
+        assert_eq!(a.dims(), &[2]);
+        assert!(matches!(x.argmax(2), Err(Error::InvalidArgument { .. })));
+        Ok(())
+    }
+
+    /// topk: the k largest along a dim, largest first, with their indices; the values'
+    /// gradient goes to the selected positions (finite differences at first and second
+    /// order); k past the size is an error.
+    #[test]
+    fn topk_values_indices_and_gradient() -> Result<()> {
+        let x = t(&[0.3, -1.0, 2.0, 0.9, 1.5, -0.2, 0.1, 4.0], &[2, 4]);
+        let (v, i) = x.topk(2, 1)?;
+        assert_eq!(i.to_vec::<u32>()?, vec![2, 3, 3, 0]);
+        assert_eq!(v.to_vec_f64()?, vec![2.0, 0.9, 4.0, 1.5]);
+        let (v0, i0) = x.topk(1, 0)?;
+        assert_eq!(i0.to_vec::<u32>()?, vec![1, 1, 0, 1]);
+        assert_eq!(v0.dims(), &[1, 4]);
+        assert_eq!(v0.to_vec_f64()?, vec![1.5, -0.2, 2.0, 4.0]);
+        check12("topk", |x| Ok(x[0].topk(3, 1)?.0), &[x.clone()]);
+        check12("topk dim 0", |x| Ok(x[0].topk(2, 0)?.0), &[x.clone()]);
+        assert!(matches!(x.topk(5, 1), Err(Error::InvalidArgument { .. })));
+        Ok(())
+    }
+
+    /// clamp_min / clamp_max: values, and a gradient that passes only inside the bound
+    /// (finite differences away from it).
+    #[test]
+    fn clamp_min_and_clamp_max() -> Result<()> {
+        let x = t(&[-2.0, -0.5, 0.4, 3.0], &[4]);
+        assert_eq!(x.clamp_min(0.0)?.to_vec_f64()?, vec![0.0, 0.0, 0.4, 3.0]);
+        assert_eq!(x.clamp_max(0.0)?.to_vec_f64()?, vec![-2.0, -0.5, 0.0, 0.0]);
+        let lo = t(&[-3.0, 0.0, 0.0, 0.0], &[4]);
+        assert_eq!(x.clamp_min(&lo)?.to_vec_f64()?, vec![-2.0, 0.0, 0.4, 3.0]);
+        let leaf = x.to_leaf();
+        let g = grad_one(
+            &leaf.clamp_min(0.0)?.sum_all()?,
+            &leaf,
+            GradOptions::default(),
+        )?;
+        assert_eq!(g.to_vec_f64()?, vec![0.0, 0.0, 1.0, 1.0]);
+        check12("clamp_min", |x| x[0].clamp_min(0.0), &[x.clone()]);
+        check12("clamp_max", |x| x[0].clamp_max(0.0), &[x.clone()]);
+        Ok(())
+    }
+
+    /// mv: `[m, n] x [n] -> [m]`, against a plain sum; finite differences in both
+    /// arguments; mismatched shapes are an error.
+    #[test]
+    fn matrix_vector_product() -> Result<()> {
+        let mut r = rng(13);
+        let a = randn(&mut r, &[3, 4]);
+        let v = randn(&mut r, &[4]);
+        let (av, vv) = (a.to_vec_f64()?, v.to_vec_f64()?);
+        let want: Vec<f64> = rows(&av, 4)
+            .iter()
+            .map(|row| row.iter().zip(&vv).map(|(x, y)| x * y).sum())
+            .collect();
+        close(&a.mv(&v)?.to_vec_f64()?, &want);
+        check12("mv", |x| x[0].mv(&x[1]), &[a.clone(), v.clone()]);
+        for bad in [t(&[1.0, 2.0, 3.0], &[3]), randn(&mut r, &[4, 1])] {
+            assert!(matches!(a.mv(&bad), Err(Error::ShapeMismatch { .. })));
+        }
+        Ok(())
+    }
+
+    /// to_vec::<T>: every element, row-major, in the requested type.
+    #[test]
+    fn typed_to_vec() -> Result<()> {
+        let x = t(&[1.5, -2.0, 3.25, 4.0], &[2, 2]);
+        assert_eq!(x.to_vec::<f64>()?, vec![1.5, -2.0, 3.25, 4.0]);
+        assert_eq!(x.to_vec::<f32>()?, vec![1.5f32, -2.0, 3.25, 4.0]);
+        assert_eq!(x.t()?.to_vec::<f64>()?, vec![1.5, 3.25, -2.0, 4.0]);
+        assert_eq!(x.abs()?.to_vec::<u32>()?, vec![1, 2, 3, 4]);
+        Ok(())
+    }
+
+    /// grad_one equals grad's single entry, at first and second order; an unreached input
+    /// and one that does not require grad are errors even with allow_unused.
+    #[test]
+    fn gradient_with_respect_to_one_input() -> Result<()> {
+        let x = t(&[0.5, -1.5], &[2]).to_leaf();
+        let y = x.sqr()?.mul(&x)?.sum_all()?; // sum x^3
+        let g = grad_one(&y, &x, GradOptions::create_graph())?;
+        close(&g.to_vec_f64()?, &[0.75, 6.75]); // 3x^2
+        let g2 = grad_one(&g.sum_all()?, &x, GradOptions::default())?;
+        close(&g2.to_vec_f64()?, &[3.0, -9.0]); // 6x
+        let via_grad = grad(
+            std::slice::from_ref(&y),
+            std::slice::from_ref(&x),
+            GradOptions::default(),
+        )?;
+        close(
+            &via_grad[0].as_ref().unwrap().to_vec_f64()?,
+            &g.to_vec_f64()?,
+        );
+        let other = t(&[1.0], &[1]).to_leaf();
+        let unused = GradOptions::default().allow_unused(true);
+        assert!(matches!(
+            grad_one(&y, &other, unused.clone()),
+            Err(Error::UnusedInput { .. })
+        ));
+        assert!(matches!(
+            grad_one(&y, &t(&[1.0], &[1]), unused),
+            Err(Error::InputDoesNotRequireGrad { .. })
+        ));
+        Ok(())
+    }
+
+    /// BatchNorm from given tensors normalises with the given running statistics in eval
+    /// mode (against the formula), and rejects inconsistent tensors.
+    #[test]
+    fn batch_norm_from_given_tensors() -> Result<()> {
+        let w = t(&[2.0, 0.5], &[2]).to_leaf();
+        let b = t(&[0.1, -0.3], &[2]).to_leaf();
+        let rm = t(&[1.0, -2.0], &[2]);
+        let rv = t(&[4.0, 0.25], &[2]);
+        let config = BatchNormConfig::default();
+        let mut bn = BatchNorm::from_tensors_1d(Some(w), Some(b), rm.clone(), rv.clone(), config)?;
+        bn.training = false;
+        let x = t(&[3.0, 0.0, -1.0, -2.5], &[2, 2]);
+        let y = bn.forward(&x)?.to_vec_f64()?;
+        let (wv, bv, mv, vv) = ([2.0, 0.5], [0.1, -0.3], [1.0, -2.0], [4.0, 0.25]);
+        let xv = [3.0, 0.0, -1.0, -2.5];
+        let want: Vec<f64> = (0..4)
+            .map(|k| {
+                let c = k % 2;
+                (xv[k] - mv[c]) / (vv[c] + 1e-5f64).sqrt() * wv[c] + bv[c]
+            })
+            .collect();
+        close(&y, &want);
+        assert!(bn.config.affine);
+        let plain = BatchNorm::from_tensors_2d(None, None, rm.clone(), rv.clone(), config)?;
+        assert!(!plain.config.affine && plain.weight.is_none());
+        assert!(matches!(
+            BatchNorm::from_tensors_1d(
+                Some(t(&[1.0, 1.0], &[2])),
+                None,
+                rm.clone(),
+                rv.clone(),
+                config
+            ),
+            Err(Error::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            BatchNorm::from_tensors_1d(None, None, rm.clone(), t(&[1.0, 1.0, 1.0], &[3]), config),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            BatchNorm::from_tensors_1d(None, None, rm, rv.to_dtype(DType::F32)?, config),
+            Err(Error::DTypeMismatch { .. })
+        ));
+        Ok(())
+    }
+
+    /// Two SGD steps on `p` for `loss(p) = sum((p - c)^2 * s)`, with `weight_decay` and
+    /// `momentum` given either as floats (`hyper`) or as override tensors.
+    fn two_steps(wd: Option<&Tensor>, mom: Option<&Tensor>, hyper: Sgd) -> Result<Tensor> {
+        let p0 = t(&[0.4, -0.8, 1.2], &[3]).to_leaf();
+        let c = t(&[0.1, 0.2, -0.3], &[3]);
+        let s = t(&[1.0, 2.0, 0.5], &[3]);
+        let loss = |p: &Tensor| p.sub(&c)?.sqr()?.mul(&s)?.sum_all();
+        let mut opt = DiffOptimizer::new(hyper, std::slice::from_ref(&p0))?;
+        let mut o = Overrides::new();
+        if let Some(wd) = wd {
+            o = o.set("weight_decay", wd.clone());
+        }
+        if let Some(m) = mom {
+            o = o.set("momentum", m.clone());
+        }
+        opt.set_overrides(&o)?;
+        let mut p = vec![p0];
+        for _ in 0..2 {
+            p = opt.step_params(&loss(&p[0])?, &p)?;
+        }
+        loss(&p[0])
+    }
+
+    /// An override reaches `weight_decay` and `momentum` although the constructor's floats
+    /// are 0: its derivative matches finite differences of the float form. A
+    /// `weight_decay` tensor of value 0 still reports its derivative; a `momentum` tensor of
+    /// value exactly 0 takes torch's branch without a buffer and reports none.
+    #[test]
+    fn overrides_reach_hyperparameters_whose_float_is_zero() -> Result<()> {
+        let sgd = |wd: f64, m: f64| Sgd {
+            lr: 0.1,
+            momentum: m,
+            weight_decay: wd,
+            ..Sgd::default()
+        };
+        let h = 1e-5;
+        // Central differences, or at 0 (negative decay is invalid) the one-sided
+        // second-order formula (-3 f(0) + 4 f(h) - f(2h)) / 2h.
+        let fd = |f: &dyn Fn(f64) -> f64, at: f64| {
+            if at == 0.0 {
+                (-3.0 * f(0.0) + 4.0 * f(h) - f(2.0 * h)) / (2.0 * h)
+            } else {
+                (f(at + h) - f(at - h)) / (2.0 * h)
+            }
+        };
+        let value = |wd: f64, m: f64| {
+            two_steps(None, None, sgd(wd, m))
+                .unwrap()
+                .to_scalar_f64()
+                .unwrap()
+        };
+        for (wd0, m0) in [(0.05, 0.9), (0.0, 0.9)] {
+            let wd = Tensor::scalar(wd0).to_leaf();
+            let m = Tensor::scalar(m0).to_leaf();
+            let out = two_steps(Some(&wd), Some(&m), sgd(0.0, 0.0))?;
+            close(&[out.to_scalar_f64()?], &[value(wd0, m0)]);
+            let g = grad(&[out], &[wd, m], GradOptions::default())?;
+            let want_wd = fd(&|v| value(v, m0), wd0);
+            let want_m = fd(&|v| value(wd0, v), m0);
+            let got_wd = g[0].as_ref().unwrap().to_scalar_f64()?;
+            let got_m = g[1].as_ref().unwrap().to_scalar_f64()?;
+            assert!(
+                (got_wd - want_wd).abs() < 1e-7 && got_wd != 0.0,
+                "{got_wd} vs {want_wd}"
+            );
+            assert!(
+                (got_m - want_m).abs() < 1e-7 && got_m != 0.0,
+                "{got_m} vs {want_m}"
+            );
+        }
+        let m = Tensor::scalar(0.0f64).to_leaf();
+        let out = two_steps(None, Some(&m), sgd(0.0, 0.0))?;
+        let g = grad(&[out], &[m], GradOptions::default().allow_unused(true))?;
+        assert!(
+            g[0].is_none(),
+            "a zero momentum takes the branch without a buffer"
+        );
+        Ok(())
+    }
+}

@@ -16,6 +16,7 @@ mod conv;
 mod dropout;
 mod linear;
 mod loss;
+mod loss_with;
 mod module;
 mod norm;
 mod reparam;
@@ -31,6 +32,10 @@ pub use conv::{
 pub use dropout::{dropout, embedding, Dropout, Embedding};
 pub use linear::{linear, linear_b, linear_no_bias, Linear};
 pub use loss::{binary_cross_entropy_with_logits, cross_entropy, mse, nll};
+pub use loss_with::{
+    binary_cross_entropy_with_logits_with, cross_entropy_with, mse_with, nll_with, one_hot,
+    soft_cross_entropy, Reduction,
+};
 pub use module::{walk, Buffer, Entry, Module, ParamInfo, Parameters, VisitFn, Visitor};
 pub use norm::{batch_norm1d, batch_norm2d, layer_norm, BatchNorm, BatchNormConfig, LayerNorm};
 pub use reparam::{weight_dropout, weight_norm, WeightDropout, WeightNorm};

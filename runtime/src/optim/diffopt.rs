@@ -40,6 +40,15 @@ pub fn grad_callback(
 /// parameter group or one value per group. Tensors must have one element; they are
 /// converted, differentiably, to the dtype and device of the parameters.
 ///
+/// An override replaces the float wherever the step reads it, whatever the float was, and
+/// a branch on a hyperparameter (`if self.momentum != 0.0`) is decided by the override's
+/// value: `Sgd::new(0.1)` (`weight_decay` and `momentum` 0) with tensor overrides of
+/// `weight_decay` and `momentum` decays and uses momentum, and reports both derivatives.
+/// A `weight_decay` tensor is applied even at value 0, so its derivative is reported
+/// there too; a `momentum` (or `dampening`, `nesterov`-style branch) whose value is
+/// exactly 0 takes torch's branch without a buffer, and no derivative with respect to it
+/// is reported. The same holds for every optimizer's branches on a float.
+///
 /// ```
 /// # use candle_higher_runtime::{Tensor, optim::Overrides};
 /// let lr = Tensor::scalar(0.1f64).to_leaf();
