@@ -7,3 +7,8 @@
 pub use candle_higher_runtime::*;
 
 pub use candle_higher_macros::differentiable_optimizer;
+
+/// The candle-core this crate is built on, so that your program uses the same version
+/// (`candle_higher::candle::Tensor` is a plain candle tensor, e.g. for a [`CustomOp`]'s
+/// forward).
+pub use candle_core as candle;

@@ -15,7 +15,10 @@ pub mod optim;
 mod tensor;
 pub mod testing;
 
-pub use autograd::{backward, grad, grad_one, grad_with_stats, GradOptions, GradStats, GradStore};
+pub use autograd::{
+    apply_custom_op, backward, grad, grad_one, grad_with_stats, CustomOp, GradOptions, GradStats,
+    GradStore,
+};
 pub use device::{device_from_env, parse_device};
 pub use error::{Error, Result};
 pub use ops::kernels::{cpu_fast_paths, set_cpu_fast_paths};

@@ -624,3 +624,158 @@ mod pieces {
         Ok(())
     }
 }
+
+mod custom_ops {
+    //! Ops of your own (`CustomOp`, `apply_custom_op`): derivatives at first and second
+    //! order against finite differences, and the checks on what a vjp returns.
+
+    use candle_higher::candle;
+    use candle_higher::{
+        apply_custom_op, backward, grad_one, CustomOp, Error, GradOptions, Result, Tensor,
+    };
+
+    use crate::common::{check_op, randn, rng, t, uniform};
+
+    /// `sqrt(x^2 + y^2)` elementwise: the vjp uses the output, `g x / r` and `g y / r`.
+    struct Hypot;
+
+    impl CustomOp for Hypot {
+        fn name(&self) -> &'static str {
+            "hypot"
+        }
+        fn forward(&self, inputs: &[&candle::Tensor]) -> Result<candle::Tensor> {
+            Ok((inputs[0].sqr()? + inputs[1].sqr()?)?.sqrt()?)
+        }
+        fn vjp(
+            &self,
+            inputs: &[Tensor],
+            output: &Tensor,
+            grad: &Tensor,
+        ) -> Result<Vec<Option<Tensor>>> {
+            let scale = grad.div(output)?;
+            Ok(vec![
+                Some(scale.mul(&inputs[0])?),
+                Some(scale.mul(&inputs[1])?),
+            ])
+        }
+    }
+
+    /// `x * w` where `w` is broadcast along the rows: the vjp sums back over them.
+    struct RowScale;
+
+    impl CustomOp for RowScale {
+        fn name(&self) -> &'static str {
+            "row_scale"
+        }
+        fn forward(&self, inputs: &[&candle::Tensor]) -> Result<candle::Tensor> {
+            Ok(inputs[0].broadcast_mul(inputs[1])?)
+        }
+        fn vjp(
+            &self,
+            inputs: &[Tensor],
+            _output: &Tensor,
+            grad: &Tensor,
+        ) -> Result<Vec<Option<Tensor>>> {
+            Ok(vec![
+                Some(grad.mul(&inputs[1])?),
+                Some(grad.mul(&inputs[0])?.sum(0)?),
+            ])
+        }
+    }
+
+    /// A vjp that returns what it was told to, to exercise the checks.
+    struct Broken {
+        grads: fn(&Tensor) -> Result<Vec<Option<Tensor>>>,
+    }
+
+    impl CustomOp for Broken {
+        fn name(&self) -> &'static str {
+            "broken"
+        }
+        fn forward(&self, inputs: &[&candle::Tensor]) -> Result<candle::Tensor> {
+            Ok(inputs[0].clone())
+        }
+        fn vjp(&self, inputs: &[Tensor], _: &Tensor, _: &Tensor) -> Result<Vec<Option<Tensor>>> {
+            (self.grads)(&inputs[0])
+        }
+    }
+
+    #[test]
+    fn custom_ops_match_finite_differences_at_first_and_second_order() {
+        let mut r = rng(21);
+        let x = uniform(&mut r, &[2, 3], 0.3, 1.2);
+        let y = uniform(&mut r, &[2, 3], -1.2, -0.3);
+        check_op(
+            "hypot",
+            |v| apply_custom_op(Hypot, &[&v[0], &v[1]]),
+            &[x.clone(), y],
+            3,
+        );
+        let w = randn(&mut r, &[3]);
+        check_op(
+            "row_scale",
+            |v| apply_custom_op(RowScale, &[&v[0], &v[1]]),
+            &[x, w],
+            2,
+        );
+    }
+
+    /// The forward's value is the op's output; inputs without grad record nothing;
+    /// `backward` reaches the leaves through the op; only needed inputs get gradients.
+    #[test]
+    fn custom_op_value_recording_and_backward() -> Result<()> {
+        let x = t(&[3.0, 0.6], &[2]);
+        let y = t(&[4.0, 0.8], &[2]);
+        let out = apply_custom_op(Hypot, &[&x, &y])?;
+        assert_eq!(out.to_vec_f64()?, vec![5.0, 1.0]);
+        assert!(!out.requires_grad());
+        let xl = x.to_leaf();
+        let out = apply_custom_op(Hypot, &[&xl, &y])?.sum_all()?;
+        let grads = backward(&out)?;
+        let g = grads.get(&xl).unwrap().to_vec_f64()?;
+        assert!(
+            (g[0] - 0.6).abs() < 1e-15 && (g[1] - 0.6).abs() < 1e-15,
+            "{g:?}"
+        );
+        assert!(grads.get(&y).is_none());
+        Ok(())
+    }
+
+    /// A vjp that returns the wrong number of gradients, or one of the wrong shape or
+    /// dtype, is an error naming the op.
+    #[test]
+    fn a_bad_vjp_is_an_error_naming_the_op() -> Result<()> {
+        let x = t(&[1.0, 2.0], &[2]).to_leaf();
+        let cases: [fn(&Tensor) -> Result<Vec<Option<Tensor>>>; 3] = [
+            |_| Ok(vec![]),
+            |x| Ok(vec![Some(x.sum_all()?)]),
+            |x| Ok(vec![Some(x.to_dtype(candle_higher::DType::F32)?)]),
+        ];
+        for grads in cases {
+            let out = apply_custom_op(Broken { grads }, &[&x])?.sum_all()?;
+            let err = grad_one(&out, &x, GradOptions::default()).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidArgument { op: "broken", .. }
+                        | Error::ShapeMismatch { op: "broken", .. }
+                        | Error::DTypeMismatch { op: "broken", .. }
+                ),
+                "{err}"
+            );
+        }
+        // `None` is a zero gradient: the input is then not reached.
+        let out = apply_custom_op(
+            Broken {
+                grads: |_| Ok(vec![None]),
+            },
+            &[&x],
+        )?
+        .sum_all()?;
+        assert!(matches!(
+            grad_one(&out, &x, GradOptions::default()),
+            Err(Error::UnusedInput { .. })
+        ));
+        Ok(())
+    }
+}

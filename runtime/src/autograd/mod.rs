@@ -1,8 +1,10 @@
 //! Reverse-mode differentiation over the tape: `grad` (like `torch.autograd.grad`) and
 //! `backward` (gradients of every leaf, for outer loops).
 
+mod custom;
 mod store;
 
+pub use custom::{apply_custom_op, CustomOp};
 pub use store::GradStore;
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
