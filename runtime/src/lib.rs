@@ -14,6 +14,7 @@ mod ops;
 pub mod optim;
 mod tensor;
 pub mod testing;
+mod threads;
 
 pub use autograd::{
     apply_custom_op, backward, grad, grad_one, grad_with_stats, CustomOp, GradOptions, GradStats,
@@ -27,6 +28,7 @@ pub use tensor::{
     detect_anomaly, is_anomaly_enabled, is_grad_enabled, no_grad, AnomalyGuard, NoGradGuard,
     Tensor, TensorId,
 };
+pub use threads::{cpu_threads, set_cpu_threads};
 
 pub use optim::{
     DiffOptimizer, InnerGradMode, Optimizer, Overrides, ParamGroup, StateTensor, StateValue,

@@ -779,3 +779,36 @@ mod custom_ops {
         Ok(())
     }
 }
+
+/// The library's thread count is cached and settable in one call; 0 is an error that
+/// changes nothing. (Products give the same result at any count: gemm does not split the
+/// inner dimension.)
+#[test]
+fn cpu_thread_count_is_cached_and_settable() -> Result<()> {
+    let before = candle_higher::cpu_threads();
+    assert!(before >= 1);
+    assert!(matches!(
+        candle_higher::set_cpu_threads(0),
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert_eq!(candle_higher::cpu_threads(), before);
+    let a = t(
+        &(0..96 * 300)
+            .map(|i| (i % 7) as f64 - 3.0)
+            .collect::<Vec<_>>(),
+        &[96, 300],
+    );
+    let b = t(
+        &(0..300 * 64)
+            .map(|i| (i % 5) as f64 * 0.5)
+            .collect::<Vec<_>>(),
+        &[300, 64],
+    );
+    let one = a.matmul(&b)?.to_vec_f64()?;
+    candle_higher::set_cpu_threads(2)?;
+    assert_eq!(candle_higher::cpu_threads(), 2);
+    let two = a.matmul(&b)?.to_vec_f64()?;
+    candle_higher::set_cpu_threads(before)?;
+    assert_eq!(one, two);
+    Ok(())
+}
