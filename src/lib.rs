@@ -1,8 +1,4 @@
-//! candle-higher: differentiate through optimization on candle.
-//!
-//! Unroll an inner training loop and get exact gradients of a loss at its end with respect
-//! to the initial weights, the learning rates, or anything else that fed the loop. See the
-//! README for a tour.
+#![doc = include_str!("../README.md")]
 
 pub use candle_higher_runtime::*;
 
