@@ -181,7 +181,7 @@ fn grad_of_an_input_that_does_not_require_grad_says_so() -> Result<()> {
     assert!(err.to_string().contains("to_leaf"), "{err}");
     let err = grad(
         std::slice::from_ref(&y),
-        &[unreached.clone()],
+        std::slice::from_ref(&unreached),
         GradOptions::default(),
     )
     .unwrap_err();
@@ -207,6 +207,15 @@ mod pieces {
             assert!((x - y).abs() <= 1e-12 * (1.0 + y.abs()), "{a:?} vs {b:?}");
         }
     }
+
+    /// A loss under test: its name, the loss at a reduction, the expected unreduced
+    /// values, and the plain (mean) loss.
+    type LossCase<'a> = (
+        &'static str,
+        Box<dyn Fn(Reduction) -> Result<Tensor> + 'a>,
+        Vec<f64>,
+        Tensor,
+    );
 
     fn rows(v: &[f64], cols: usize) -> Vec<&[f64]> {
         v.chunks(cols).collect()
@@ -288,12 +297,7 @@ mod pieces {
                 -(y * (1.0 / (1.0 + (-x).exp())).ln() + (1.0 - y) * (1.0 / (1.0 + x.exp())).ln())
             })
             .collect();
-        let cases: Vec<(
-            &str,
-            Box<dyn Fn(Reduction) -> Result<Tensor>>,
-            Vec<f64>,
-            Tensor,
-        )> = vec![
+        let cases: Vec<LossCase<'_>> = vec![
             (
                 "cross_entropy",
                 Box::new(|red| nn::cross_entropy_with(&logits, &labels, red)),
@@ -357,7 +361,7 @@ mod pieces {
             check12(
                 "cross_entropy_with",
                 move |x| nn::cross_entropy_with(&x[0], &t(&[1.0, 3.0, 0.0], &[3]), red),
-                &[logits.clone()],
+                std::slice::from_ref(&logits),
             );
             check12(
                 "soft_cross_entropy",
@@ -408,8 +412,12 @@ mod pieces {
         assert_eq!(i0.to_vec::<u32>()?, vec![1, 1, 0, 1]);
         assert_eq!(v0.dims(), &[1, 4]);
         assert_eq!(v0.to_vec_f64()?, vec![1.5, -0.2, 2.0, 4.0]);
-        check12("topk", |x| Ok(x[0].topk(3, 1)?.0), &[x.clone()]);
-        check12("topk dim 0", |x| Ok(x[0].topk(2, 0)?.0), &[x.clone()]);
+        check12("topk", |x| Ok(x[0].topk(3, 1)?.0), std::slice::from_ref(&x));
+        check12(
+            "topk dim 0",
+            |x| Ok(x[0].topk(2, 0)?.0),
+            std::slice::from_ref(&x),
+        );
         assert!(matches!(x.topk(5, 1), Err(Error::InvalidArgument { .. })));
         Ok(())
     }
@@ -430,8 +438,16 @@ mod pieces {
             GradOptions::default(),
         )?;
         assert_eq!(g.to_vec_f64()?, vec![0.0, 0.0, 1.0, 1.0]);
-        check12("clamp_min", |x| x[0].clamp_min(0.0), &[x.clone()]);
-        check12("clamp_max", |x| x[0].clamp_max(0.0), &[x.clone()]);
+        check12(
+            "clamp_min",
+            |x| x[0].clamp_min(0.0),
+            std::slice::from_ref(&x),
+        );
+        check12(
+            "clamp_max",
+            |x| x[0].clamp_max(0.0),
+            std::slice::from_ref(&x),
+        );
         Ok(())
     }
 
@@ -683,9 +699,12 @@ mod custom_ops {
         }
     }
 
+    /// What [`Broken`]'s vjp returns, given its input.
+    type VjpResult = fn(&Tensor) -> Result<Vec<Option<Tensor>>>;
+
     /// A vjp that returns what it was told to, to exercise the checks.
     struct Broken {
-        grads: fn(&Tensor) -> Result<Vec<Option<Tensor>>>,
+        grads: VjpResult,
     }
 
     impl CustomOp for Broken {
@@ -746,7 +765,7 @@ mod custom_ops {
     #[test]
     fn a_bad_vjp_is_an_error_naming_the_op() -> Result<()> {
         let x = t(&[1.0, 2.0], &[2]).to_leaf();
-        let cases: [fn(&Tensor) -> Result<Vec<Option<Tensor>>>; 3] = [
+        let cases: [VjpResult; 3] = [
             |_| Ok(vec![]),
             |x| Ok(vec![Some(x.sum_all()?)]),
             |x| Ok(vec![Some(x.to_dtype(candle_higher::DType::F32)?)]),
