@@ -831,3 +831,26 @@ fn cpu_thread_count_is_cached_and_settable() -> Result<()> {
     assert_eq!(one, two);
     Ok(())
 }
+
+/// NaN is the largest and the smallest value for argmax / argmin and the largest for topk,
+/// as in PyTorch; slices without one are unaffected.
+#[test]
+fn argmax_argmin_topk_with_nan() -> Result<()> {
+    let nan = f64::NAN;
+    let x = t(
+        &[1.0, nan, 3.0, nan, 0.5, 2.0, -1.0, 4.0, f64::INFINITY],
+        &[3, 3],
+    );
+    assert_eq!(x.argmax(1)?.to_vec::<u32>()?, vec![1, 0, 2]);
+    assert_eq!(x.argmin(1)?.to_vec::<u32>()?, vec![1, 0, 0]);
+    assert_eq!(x.argmax(0)?.to_vec::<u32>()?, vec![1, 0, 2]);
+    let (v, i) = x.topk(2, 1)?;
+    assert_eq!(i.to_vec::<u32>()?[..2], [1, 2]);
+    assert_eq!(i.to_vec::<u32>()?[2..4], [0, 2]);
+    let v = v.to_vec_f64()?;
+    assert!(
+        v[0].is_nan() && v[1] == 3.0 && v[2].is_nan() && v[3] == 2.0,
+        "{v:?}"
+    );
+    Ok(())
+}

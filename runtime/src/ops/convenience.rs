@@ -25,23 +25,26 @@ fn check_dim(op: &'static str, t: &Tensor, dim: usize) -> Result<()> {
 
 impl Tensor {
     /// Index of the largest value along `dim`, removing it (`torch.argmax(dim)`): a `u32`
-    /// constant (not differentiable). Among equal values, the first.
+    /// constant (not differentiable). Among equal values, the first; a slice holding a NaN
+    /// gives its first NaN, as in PyTorch.
     pub fn argmax(&self, dim: usize) -> Result<Tensor> {
         check_dim("argmax", self, dim)?;
-        Ok(Tensor::new(self.value().argmax(dim)?))
+        nan_first(self.value(), dim, self.value().argmax(dim)?)
     }
 
     /// Index of the smallest value along `dim`, removing it (`torch.argmin(dim)`): a `u32`
-    /// constant (not differentiable). Among equal values, the first.
+    /// constant (not differentiable). Among equal values, the first; a slice holding a NaN
+    /// gives its first NaN, as in PyTorch.
     pub fn argmin(&self, dim: usize) -> Result<Tensor> {
         check_dim("argmin", self, dim)?;
-        Ok(Tensor::new(self.value().argmin(dim)?))
+        nan_first(self.value(), dim, self.value().argmin(dim)?)
     }
 
     /// The `k` largest values along `dim`, largest first, and their indices
     /// (`torch.topk(k, dim)`): the values are differentiable (the gradient goes to the
     /// selected positions, as a `gather`), the indices are a `u32` constant. `k` must not
-    /// exceed the dimension's size.
+    /// exceed the dimension's size. NaN counts as the largest value, as in PyTorch (its
+    /// order among infinities is unspecified).
     pub fn topk(&self, k: usize, dim: usize) -> Result<(Tensor, Tensor)> {
         check_dim("topk", self, dim)?;
         let size = self.dims()[dim];
@@ -52,8 +55,15 @@ impl Tensor {
             });
         }
         let last = self.rank() - 1;
-        let sorted = self
-            .value()
+        // NaN sorts as the largest value (PyTorch's topk); candle's sort does not order it.
+        let key = if self.dtype().is_float() {
+            let x = self.value();
+            x.ne(x)?
+                .where_cond(&x.ones_like()?.affine(0.0, f64::INFINITY)?, x)?
+        } else {
+            self.value().clone()
+        };
+        let sorted = key
             .transpose(dim, last)?
             .contiguous()?
             .arg_sort_last_dim(false)?
@@ -110,4 +120,19 @@ impl Tensor {
         };
         Ok(flat.to_vec1::<T>()?)
     }
+}
+
+/// `indices` (an argmax or argmin along `dim`), replaced by the first NaN's index in every
+/// slice that holds one. Integer tensors hold no NaN.
+fn nan_first(x: &candle_core::Tensor, dim: usize, indices: candle_core::Tensor) -> Result<Tensor> {
+    if !x.dtype().is_float() {
+        return Ok(Tensor::new(indices));
+    }
+    let is_nan = x.ne(x)?;
+    let has_nan = is_nan.max(dim)?;
+    if has_nan.max_all()?.to_scalar::<u8>()? == 0 {
+        return Ok(Tensor::new(indices));
+    }
+    let first_nan = is_nan.argmax(dim)?;
+    Ok(Tensor::new(has_nan.where_cond(&first_nan, &indices)?))
 }
