@@ -854,3 +854,48 @@ fn argmax_argmin_topk_with_nan() -> Result<()> {
     );
     Ok(())
 }
+
+/// The inner gradients of each step are readable after it (`last_grads`), without a
+/// callback: they equal `grad` of the step's loss at the weights before the step, are
+/// differentiable in full mode, and a failing step leaves them as they were.
+#[test]
+fn inner_gradients_of_each_step_are_readable() -> Result<()> {
+    let (x, y) = data();
+    let model = model()?;
+    let n = model.parameters()?.len();
+    let inner = Optimizer::new(Sgd::new(0.1), n)?;
+    let (mut fmodel, mut diffopt) = innerloop(&model, &inner, InnerloopOptions::new())?;
+    assert!(diffopt.last_grads().is_empty());
+    for _ in 0..2 {
+        let before = fmodel.fast_params().to_vec();
+        let loss = nn::mse(&fmodel.forward(&x)?, &y)?;
+        let want = grad(std::slice::from_ref(&loss), &before, GradOptions::default())?;
+        diffopt.step(&mut fmodel, &loss)?;
+        let got = diffopt.last_grads();
+        assert_eq!(got.len(), n);
+        for (g, w) in got.iter().zip(&want) {
+            let g = g.as_ref().expect("every parameter has a gradient");
+            assert!(
+                g.requires_grad(),
+                "full mode keeps the inner gradient's graph"
+            );
+            assert_eq!(g.to_vec_f64()?, w.as_ref().unwrap().to_vec_f64()?);
+        }
+    }
+    let kept = values(
+        &diffopt
+            .last_grads()
+            .iter()
+            .map(|g| g.clone().unwrap())
+            .collect::<Vec<_>>(),
+    );
+    let wrong = nn::mse(&model.forward(&x)?, &y)?;
+    assert!(diffopt.step(&mut fmodel, &wrong).is_err());
+    let after = diffopt
+        .last_grads()
+        .iter()
+        .map(|g| g.clone().unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(values(&after), kept);
+    Ok(())
+}

@@ -202,6 +202,8 @@ pub struct DiffOptimizer<O: DifferentiableOptimizer> {
     callback: Option<GradCallback>,
     dtype: DType,
     device: Device,
+    /// The gradients the last committed step used (after the callback).
+    last_grads: Vec<Option<Tensor>>,
 }
 
 impl<O: DifferentiableOptimizer> Clone for DiffOptimizer<O> {
@@ -214,6 +216,7 @@ impl<O: DifferentiableOptimizer> Clone for DiffOptimizer<O> {
             callback: self.callback.clone(),
             dtype: self.dtype,
             device: self.device.clone(),
+            last_grads: self.last_grads.clone(),
         }
     }
 }
@@ -248,6 +251,7 @@ pub(crate) struct PendingStep<O: DifferentiableOptimizer> {
     states: Vec<(usize, State)>,
     twins: Option<Vec<O::Twin>>,
     frozen: Option<Vec<bool>>,
+    grads: Vec<Option<Tensor>>,
 }
 
 impl<O: DifferentiableOptimizer> PendingStep<O> {
@@ -297,6 +301,7 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
             frozen: vec![false; params.len()],
             mode: InnerGradMode::Full,
             callback: None,
+            last_grads: Vec::new(),
             dtype,
             device,
         })
@@ -572,7 +577,15 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
         if let Some(frozen) = pending.frozen {
             self.frozen = frozen;
         }
+        self.last_grads = pending.grads;
         pending.params
+    }
+
+    /// The gradients the last successful step used, one per parameter (after the gradient
+    /// callback, as the step saw them; `None` where there was none): differentiable in full mode, as
+    /// the step's update is. Empty before the first step.
+    pub fn last_grads(&self) -> &[Option<Tensor>] {
+        &self.last_grads
     }
 
     /// Whether parameter `i` is stepped: in a group and not frozen.
@@ -688,6 +701,7 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
             states: new_states,
             twins,
             frozen,
+            grads,
         })
     }
 
