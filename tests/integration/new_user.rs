@@ -899,3 +899,97 @@ fn inner_gradients_of_each_step_are_readable() -> Result<()> {
     assert_eq!(values(&after), kept);
     Ok(())
 }
+
+/// Weights from another naming (a candle-nn `VarMap`'s `model.0.weight`, ...): prefix
+/// renaming, strict by default, and non-strict loading that reports what it left out.
+#[test]
+fn load_state_dict_with_renaming_and_non_strict_report() -> Result<()> {
+    use candle_higher::nn::{load_state_dict_with, state_dict, LoadOptions, LoadReport};
+    use std::collections::HashMap;
+
+    let (x, _) = data();
+    let source_model = model()?;
+    let foreign: HashMap<String, candle_higher::candle::Tensor> = state_dict(&source_model)?
+        .into_iter()
+        .map(|(k, v)| (format!("model.{k}"), v))
+        .collect();
+    let fresh = || -> Result<nn::Sequential> {
+        let vb = nn::VarBuilder::new(77, DType::F64, &Device::Cpu);
+        Ok(nn::seq()
+            .add(nn::linear(2, 4, vb.pp("0"))?)
+            .add(nn::Activation::Tanh)
+            .add(nn::linear(4, 1, vb.pp("2"))?))
+    };
+
+    // Strict without renaming: every name is missing and unexpected; nothing changes.
+    let mut target = fresh()?;
+    let before = values(&target.parameters()?);
+    let err =
+        load_state_dict_with(&mut target, &foreign, "varmap", &LoadOptions::new()).unwrap_err();
+    assert!(matches!(err, Error::LoadMismatch { .. }), "{err}");
+    assert_eq!(values(&target.parameters()?), before);
+
+    // Renamed: a round trip, outputs equal bit for bit.
+    let options = LoadOptions::new().rename_prefix("model.", "");
+    let report = load_state_dict_with(&mut target, &foreign, "varmap", &options)?;
+    assert_eq!(
+        report.loaded,
+        vec!["0.bias", "0.weight", "2.bias", "2.weight"]
+    );
+    assert!(report.missing.is_empty() && report.unexpected.is_empty());
+    assert_eq!(
+        target.forward(&x)?.to_vec_f64()?,
+        source_model.forward(&x)?.to_vec_f64()?
+    );
+    assert!(target.parameters()?.iter().all(Tensor::requires_grad));
+
+    // Non-strict: one missing, one extra, both reported; the missing one keeps its value.
+    let mut partial = foreign.clone();
+    partial.remove("model.2.bias");
+    partial.insert("model.head.scale".into(), foreign["model.2.bias"].clone());
+    let mut target = fresh()?;
+    let kept = target.parameters()?[3].to_vec_f64()?;
+    let strict = load_state_dict_with(&mut target, &partial, "varmap", &options);
+    assert!(matches!(strict, Err(Error::LoadMismatch { .. })));
+    let report = load_state_dict_with(
+        &mut target,
+        &partial,
+        "varmap",
+        &options.clone().non_strict(true),
+    )?;
+    assert_eq!(
+        report,
+        LoadReport {
+            loaded: vec!["0.bias".into(), "0.weight".into(), "2.weight".into()],
+            missing: vec!["2.bias".into()],
+            unexpected: vec!["head.scale".into()],
+        }
+    );
+    assert_eq!(target.parameters()?[3].to_vec_f64()?, kept);
+    assert_eq!(
+        target.parameters()?[0].to_vec_f64()?,
+        source_model.parameters()?[0].to_vec_f64()?
+    );
+
+    // Non-strict still rejects a mis-shaped tensor, and two names renamed to one.
+    let mut bad = foreign.clone();
+    bad.insert(
+        "model.0.bias".into(),
+        candle_higher::candle::Tensor::zeros(3, DType::F64, &Device::Cpu)?,
+    );
+    let mut target = fresh()?;
+    let before = values(&target.parameters()?);
+    let lenient = options.clone().non_strict(true);
+    assert!(matches!(
+        load_state_dict_with(&mut target, &bad, "varmap", &lenient),
+        Err(Error::LoadMismatch { .. })
+    ));
+    let mut twice = foreign.clone();
+    twice.insert("0.bias".into(), foreign["model.0.bias"].clone());
+    assert!(matches!(
+        load_state_dict_with(&mut target, &twice, "varmap", &lenient),
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert_eq!(values(&target.parameters()?), before);
+    Ok(())
+}

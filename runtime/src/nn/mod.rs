@@ -15,6 +15,7 @@ mod activation;
 mod conv;
 mod dropout;
 mod linear;
+mod load;
 mod loss;
 mod loss_with;
 mod module;
@@ -31,6 +32,7 @@ pub use conv::{
 };
 pub use dropout::{dropout, embedding, Dropout, Embedding};
 pub use linear::{linear, linear_b, linear_no_bias, Linear};
+pub use load::{load_state_dict_with, LoadOptions, LoadReport};
 pub use loss::{binary_cross_entropy_with_logits, cross_entropy, mse, nll};
 pub use loss_with::{
     binary_cross_entropy_with_logits_with, cross_entropy_with, mse_with, nll_with, one_hot,
