@@ -149,6 +149,23 @@ fn cpu_batched_matmul(
     if batches * m * n * k == 0 {
         return Ok(None);
     }
+    let rhs_invariant = b.dims()[..rank - 2]
+        .iter()
+        .zip(b.stride())
+        .all(|(&d, &s)| d == 1 || s == 0);
+    if rhs_invariant && a.is_contiguous() {
+        // One product: the batches of `a` stack into the rows of a `[batches * m, k]`
+        // matrix (as candle folds them), times the one matrix of `b`.
+        let mut single = b.clone();
+        for d in 0..rank - 2 {
+            single = single.narrow(d, 0, 1)?;
+        }
+        let product =
+            cpu_or_candle_matmul(&a.reshape((batches * m, k))?, &single.reshape((k, n))?)?;
+        let mut shape = a.dims()[..rank - 2].to_vec();
+        shape.extend_from_slice(&[m, n]);
+        return Ok(Some(product.reshape(shape)?));
+    }
     match a.dtype() {
         DType::F32 => gemm_batches::<f32>(a, b, (batches, m, n, k)).map(Some),
         DType::F64 => gemm_batches::<f64>(a, b, (batches, m, n, k)).map(Some),
@@ -294,7 +311,9 @@ mod tests {
             let shared = randn(&[1, 2, 4, 6], dtype)
                 .broadcast_as((3, 2, 4, 6))
                 .unwrap();
+            let invariant = randn(&[4, 6], dtype).broadcast_as((3, 2, 4, 6)).unwrap();
             let cases = [
+                (a.clone(), invariant),
                 (a.clone(), b.clone()),
                 (transposed_view(&a), b.clone()),
                 (a.clone(), transposed_view(&b)),
