@@ -993,3 +993,25 @@ fn load_state_dict_with_renaming_and_non_strict_report() -> Result<()> {
     assert_eq!(values(&target.parameters()?), before);
     Ok(())
 }
+
+/// `step_vars` with candle's gradients of a loss that reaches none of the vars is the same
+/// typed error, and sets nothing.
+#[test]
+fn step_vars_without_any_gradient_is_an_error() -> Result<()> {
+    use candle_higher::candle::{Tensor as CandleTensor, Var};
+    let w = Var::from_tensor(&CandleTensor::new(&[1.0f64, 2.0], &Device::Cpu)?)?;
+    let other = Var::from_tensor(&CandleTensor::new(&[3.0f64], &Device::Cpu)?)?;
+    let grads = other.as_tensor().sqr()?.sum_all()?.backward()?;
+    let mut opt = Optimizer::new(Sgd::new(0.1), 1)?;
+    let err = opt.step_vars(std::slice::from_ref(&w), &grads).unwrap_err();
+    assert!(
+        matches!(err, Error::NoGradient { trainable: 1, .. }),
+        "{err}"
+    );
+    assert_eq!(w.as_tensor().to_vec1::<f64>()?, vec![1.0, 2.0]);
+    // The loss of w steps it: w - 0.1 * 2w.
+    let grads = w.as_tensor().sqr()?.sum_all()?.backward()?;
+    opt.step_vars(std::slice::from_ref(&w), &grads)?;
+    assert_eq!(w.as_tensor().to_vec1::<f64>()?, vec![0.8, 1.6]);
+    Ok(())
+}

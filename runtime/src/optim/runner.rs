@@ -272,7 +272,8 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
     /// `loss.backward()` (candle-nn's `Optimizer::step` style). Vars are matched to the
     /// optimizer's parameters by position; a var without a gradient is left as it is. The
     /// update is computed and checked against every var (shape, dtype, device) before any
-    /// is set, so a failing step changes no var and no state.
+    /// is set, so a failing step changes no var and no state. A store holding a gradient
+    /// for none of the vars is [`Error::NoGradient`].
     pub fn step_vars(
         &mut self,
         vars: &[candle_core::Var],
@@ -289,6 +290,15 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
             .iter()
             .map(|v| grads.get(v.as_tensor()).map(|g| Tensor::new(g.clone())))
             .collect();
+        if !vars.is_empty() && grads.iter().all(Option::is_none) {
+            return Err(Error::NoGradient {
+                op: OP,
+                trainable: vars.len(),
+                hint: "candle's gradient store holds none of these vars: compute the loss \
+                       from them (a `Var` copied with `as_tensor().copy()` or `detach()` is \
+                       another tensor)",
+            });
+        }
         let pending = self.compute_step(&params, &grads)?;
         for (i, new, _) in &pending.updates {
             let var = vars[*i].as_tensor();
