@@ -234,6 +234,26 @@ pub enum Error {
         /// The entry's shape.
         state_shape: Vec<usize>,
     },
+    /// An optimizer step found a gradient for none of its trainable parameters, so it
+    /// would change nothing: the loss does not reach the parameters being stepped.
+    #[error("{op}: none of the {trainable} trainable parameters got a gradient, so the step would change nothing; {hint}")]
+    NoGradient {
+        /// The step that found it.
+        op: &'static str,
+        /// How many trainable parameters it has.
+        trainable: usize,
+        /// The likely cause and what to do.
+        hint: &'static str,
+    },
+    /// `grad` was asked for the gradient with respect to a tensor that does not require
+    /// grad (neither a leaf made with `to_leaf` nor computed from one).
+    #[error("grad: input {index} (shape {shape:?}) does not require grad; make it a leaf with `to_leaf()` (or compute it from one) before computing the outputs, or set allow_unused to get None")]
+    InputDoesNotRequireGrad {
+        /// Position of the input.
+        index: usize,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
     /// An error from candle itself.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

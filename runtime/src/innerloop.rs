@@ -218,6 +218,9 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
     /// `loss` with respect to the fmodel's latest fast weights (with `create_graph` unless
     /// in test or first-order mode), the callback, the update; the new fast weights are
     /// recorded in `fmodel` and returned. Frozen parameters follow the fmodel's flags.
+    /// A loss that reaches some fast weights and not others steps the ones it reaches; one
+    /// that reaches none (computed from the base model, say) is [`crate::Error::NoGradient`]
+    /// and changes nothing. A model whose parameters are all frozen steps as a no-op.
     pub fn step<M: Module + Parameters + Clone>(
         &mut self,
         fmodel: &mut FunctionalModel<M>,
@@ -250,7 +253,10 @@ impl<O: DifferentiableOptimizer> Optimizer<O> {
     /// outer loop of MAML: `opt.step_module(&mut model, &backward(&meta_loss)?)`). The
     /// model's parameters are replaced by fresh leaves; frozen ones are left alone. The
     /// states are committed only once the model has accepted the new parameters: a failing
-    /// call changes neither.
+    /// call changes neither. A store with a gradient for none of the model's trainable
+    /// parameters is [`crate::Error::NoGradient`] (typically a meta-loss from an inner loop
+    /// with [`InitialWeights::DetachedCopy`], the default); a model whose parameters are all
+    /// frozen steps as a no-op.
     pub fn step_module<M: Parameters + Clone>(
         &mut self,
         model: &mut M,
@@ -258,6 +264,7 @@ impl<O: DifferentiableOptimizer> Optimizer<O> {
     ) -> Result<()> {
         let mut params = model.parameters()?;
         let grads: Vec<Option<Tensor>> = params.iter().map(|p| grads.get(p).cloned()).collect();
+        crate::optim::check_some_gradient("Optimizer::step_module", &params, &grads)?;
         let pending = self.compute_step(&params, &grads)?;
         pending.apply_to(&mut params);
         model.set_parameters(&params)?;

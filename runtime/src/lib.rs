@@ -14,9 +14,13 @@ mod ops;
 pub mod optim;
 mod tensor;
 pub mod testing;
+mod threads;
 pub mod unroll;
 
-pub use autograd::{backward, grad, grad_with_stats, GradOptions, GradStats, GradStore};
+pub use autograd::{
+    apply_custom_op, backward, grad, grad_one, grad_with_stats, CustomOp, GradOptions, GradStats,
+    GradStore,
+};
 pub use device::{device_from_env, parse_device};
 pub use error::{Error, Result};
 pub use ops::kernels::{cpu_fast_paths, set_cpu_fast_paths};
@@ -25,6 +29,7 @@ pub use tensor::{
     detect_anomaly, is_anomaly_enabled, is_grad_enabled, no_grad, AnomalyGuard, NoGradGuard,
     Tensor, TensorId,
 };
+pub use threads::{cpu_threads, set_cpu_threads};
 
 pub use optim::{
     DiffOptimizer, InnerGradMode, Optimizer, Overrides, ParamGroup, StateTensor, StateValue,

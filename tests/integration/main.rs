@@ -19,6 +19,7 @@ mod grad_api;
 mod half_precision;
 mod innerloop_golden;
 mod linear_op;
+mod new_user;
 mod nn_layers;
 mod ops_elementwise;
 mod ops_nn;

@@ -1,8 +1,10 @@
 //! Reverse-mode differentiation over the tape: `grad` (like `torch.autograd.grad`) and
 //! `backward` (gradients of every leaf, for outer loops).
 
+mod custom;
 mod store;
 
+pub use custom::{apply_custom_op, CustomOp};
 pub use store::GradStore;
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
@@ -136,6 +138,10 @@ pub fn grad_with_stats(
         .map(|(i, t)| match grads.get(&t.0.id).cloned() {
             Some(g) => Ok(Some(g)),
             None if options.allow_unused => Ok(None),
+            None if !t.requires_grad() => Err(Error::InputDoesNotRequireGrad {
+                index: i,
+                shape: t.dims().to_vec(),
+            }),
             None => Err(Error::UnusedInput {
                 index: i,
                 shape: t.dims().to_vec(),
@@ -349,4 +355,34 @@ fn accumulate(grads: &mut HashMap<u64, Tensor>, id: u64, g: Tensor) -> Result<()
         }
     }
     Ok(())
+}
+
+/// The gradient of a scalar `output` with respect to one `input`, as one tensor (no
+/// `Vec<Option<_>>` to unpack): `grad(&[output], &[input], options)`. An input the output
+/// does not reach is an error even with `allow_unused` (there is no tensor to return);
+/// `options.grad_outputs` weights a non-scalar output as in [`grad`].
+///
+/// ```
+/// # use candle_higher_runtime::{grad_one, GradOptions, Tensor};
+/// # fn main() -> candle_higher_runtime::Result<()> {
+/// let x = Tensor::scalar(2.0f64).to_leaf();
+/// let dy = grad_one(&x.mul(&x)?.mul(&x)?, &x, GradOptions::default())?;
+/// assert_eq!(dy.to_scalar_f64()?, 12.0); // 3x^2
+/// # Ok(()) }
+/// ```
+pub fn grad_one(output: &Tensor, input: &Tensor, options: GradOptions) -> Result<Tensor> {
+    let options = options.allow_unused(false);
+    let mut grads = grad(
+        std::slice::from_ref(output),
+        std::slice::from_ref(input),
+        options,
+    )?;
+    match grads.pop().flatten() {
+        Some(g) => Ok(g),
+        // grad without allow_unused returns a gradient for every input or fails.
+        None => Err(Error::UnusedInput {
+            index: 0,
+            shape: input.dims().to_vec(),
+        }),
+    }
 }

@@ -67,6 +67,7 @@ pub(crate) fn one_hot(
 /// Negative log-likelihood of log-probabilities `log_probs` `[n, classes]` at integer
 /// `labels` `[n]`: `-mean_i log_probs[i, labels[i]]` (PyTorch's `nll_loss`).
 pub fn nll(log_probs: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    super::loss_with::check_class_labels("nll", log_probs, labels)?;
     if log_probs.rank() != 2 || labels.dims() != [log_probs.dims()[0]] {
         return Err(Error::ShapeMismatch {
             op: "nll",
@@ -87,6 +88,7 @@ pub fn nll(log_probs: &Tensor, labels: &Tensor) -> Result<Tensor> {
 /// Cross-entropy of `logits` `[n, classes]` with integer `labels` `[n]`:
 /// `nll(log_softmax(logits), labels)` (PyTorch's `cross_entropy`).
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    super::loss_with::check_class_labels("cross_entropy", logits, labels)?;
     if logits.rank() != 2 {
         return Err(Error::ShapeMismatch {
             op: "cross_entropy",

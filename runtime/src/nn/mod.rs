@@ -15,7 +15,9 @@ mod activation;
 mod conv;
 mod dropout;
 mod linear;
+mod load;
 mod loss;
+mod loss_with;
 mod module;
 mod norm;
 mod reparam;
@@ -31,9 +33,14 @@ pub use conv::{
 };
 pub use dropout::{dropout, embedding, Dropout, Embedding};
 pub use linear::{linear, linear_b, linear_no_bias, Linear};
+pub use load::{load_state_dict_with, LoadOptions, LoadReport};
 pub use loss::{
     binary_cross_entropy_with_logits, binary_cross_entropy_with_logits_per_task, cross_entropy,
     cross_entropy_per_task, mse, mse_per_task, nll, nll_per_task,
+};
+pub use loss_with::{
+    binary_cross_entropy_with_logits_with, cross_entropy_with, mse_with, nll_with, one_hot,
+    soft_cross_entropy, Reduction,
 };
 pub use module::{walk, Buffer, Entry, Module, ParamInfo, Parameters, VisitFn, Visitor};
 pub use norm::{batch_norm1d, batch_norm2d, layer_norm, BatchNorm, BatchNormConfig, LayerNorm};

@@ -9,6 +9,11 @@ use crate::tensor::{Tensor, TensorId};
 /// Something that maps a tensor to a tensor (candle's minimal `Module`).
 ///
 /// Closures `Fn(&Tensor) -> Result<Tensor>` are modules too.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a module: it does not implement `candle_higher::nn::Module`",
+    label = "a model (a `Module` with `Parameters`, and `Clone`) is needed here",
+    note = "implement `Module` (`fn forward(&self, x: &Tensor) -> Result<Tensor>`) and `Parameters` (a `visit` that shows every `Tensor` field) on a `#[derive(Clone)]` struct: see \"Your own model\" in the README"
+)]
 pub trait Module {
     /// Applies the module.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
@@ -247,6 +252,11 @@ pub struct ParamInfo {
 /// assert_eq!(names, ["hidden.weight", "hidden.bias", "out.weight", "out.bias"]);
 /// # Ok(()) }
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a model: it does not implement `candle_higher::nn::Parameters`",
+    label = "a model (a `Module` with `Parameters`, and `Clone`) is needed here",
+    note = "implement `Parameters` (`fn visit(&mut self, v: &mut Visitor<'_>) -> Result<()>`, with `v.param`, `v.buffer` and `v.module` for each field) and `Module` on a `#[derive(Clone)]` struct: see \"Your own model\" in the README"
+)]
 pub trait Parameters {
     /// Shows every parameter, buffer, child module and train/eval flag to `v`, always in
     /// the same order.

@@ -257,3 +257,81 @@ impl Parameters for LayerNorm {
         v.opt_param("bias", &mut self.bias)
     }
 }
+
+impl BatchNorm {
+    /// A `BatchNorm1d` (inputs `[N, C]` or `[N, C, L]`) built from given tensors: `weight`
+    /// and `bias` `[C]` (both, or neither for `affine = false`; `config.affine` follows
+    /// them), and the running statistics `[C]`, e.g. loaded from a checkpoint.
+    pub fn from_tensors_1d(
+        weight: Option<Tensor>,
+        bias: Option<Tensor>,
+        running_mean: Tensor,
+        running_var: Tensor,
+        config: BatchNormConfig,
+    ) -> Result<BatchNorm> {
+        Self::from_tensors(weight, bias, running_mean, running_var, config, &[2, 3])
+    }
+
+    /// A `BatchNorm2d` (inputs `[N, C, H, W]`) built from given tensors, as
+    /// [`BatchNorm::from_tensors_1d`].
+    pub fn from_tensors_2d(
+        weight: Option<Tensor>,
+        bias: Option<Tensor>,
+        running_mean: Tensor,
+        running_var: Tensor,
+        config: BatchNormConfig,
+    ) -> Result<BatchNorm> {
+        Self::from_tensors(weight, bias, running_mean, running_var, config, &[4])
+    }
+
+    fn from_tensors(
+        weight: Option<Tensor>,
+        bias: Option<Tensor>,
+        running_mean: Tensor,
+        running_var: Tensor,
+        config: BatchNormConfig,
+        ranks: &'static [usize],
+    ) -> Result<BatchNorm> {
+        const OP: &str = "BatchNorm::from_tensors";
+        if running_mean.rank() != 1 {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                expected: "running_mean [C]".into(),
+                got: running_mean.dims().to_vec(),
+            });
+        }
+        let channels = running_mean.dims()[0];
+        let affine = match (&weight, &bias) {
+            (Some(_), Some(_)) => true,
+            (None, None) => false,
+            _ => {
+                return Err(Error::InvalidArgument {
+                    op: OP,
+                    message: "give both weight and bias (affine) or neither".into(),
+                })
+            }
+        };
+        let given = [Some(&running_var), weight.as_ref(), bias.as_ref()];
+        for t in given.into_iter().flatten() {
+            if t.dims() != [channels] {
+                return Err(Error::ShapeMismatch {
+                    op: OP,
+                    expected: format!("[{channels}], the shape of running_mean"),
+                    got: t.dims().to_vec(),
+                });
+            }
+            running_mean.check_same(t, OP)?;
+        }
+        running_mean.require_float(OP)?;
+        Ok(BatchNorm {
+            weight,
+            bias,
+            running_mean: Buffer::new(running_mean.detach()),
+            running_var: Buffer::new(running_var.detach()),
+            config: BatchNormConfig { affine, ..config },
+            training: true,
+            num_features: channels,
+            ranks,
+        })
+    }
+}

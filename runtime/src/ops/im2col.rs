@@ -305,14 +305,10 @@ impl Conv {
     }
 }
 
-/// Single-threaded, or candle's thread count for products of a million multiply-adds.
+/// Single-threaded, or the library's cached thread count for products of a million
+/// multiply-adds.
 fn parallelism(multiply_adds: usize) -> gemm::Parallelism {
-    let threads = candle_core::utils::get_num_threads();
-    if threads > 1 && multiply_adds >= 1 << 20 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    }
+    crate::threads::gemm_parallelism(multiply_adds, 1 << 20)
 }
 
 #[cfg(test)]

@@ -88,7 +88,7 @@ impl Tensor {
             };
         }
         let x2 = self.value().reshape((self.elem_count() / wd[1], wd[1]))?;
-        let mut y = x2.matmul(&weight.value().t()?)?;
+        let mut y = super::matmul::cpu_or_candle_matmul(&x2, &weight.value().t()?)?;
         if let Some(b) = bias {
             y = y.broadcast_add(b.value())?;
         }

@@ -6,6 +6,7 @@ pub(crate) mod binary;
 pub(crate) mod cast;
 pub(crate) mod compare;
 pub(crate) mod conv;
+mod convenience;
 mod cpu_gemm;
 pub(crate) mod im2col;
 pub(crate) mod index;

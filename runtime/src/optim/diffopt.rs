@@ -42,6 +42,15 @@ pub fn grad_callback(
 /// unroll ([`DiffOptimizer::set_tasks`]) a tensor may instead have shape `[T]`: one value
 /// per task, broadcast as `[T, 1, .., 1]` against each `[T, ...]` parameter.
 ///
+/// An override replaces the float wherever the step reads it, whatever the float was, and
+/// a branch on a hyperparameter (`if self.momentum != 0.0`) is decided by the override's
+/// value: `Sgd::new(0.1)` (`weight_decay` and `momentum` 0) with tensor overrides of
+/// `weight_decay` and `momentum` decays and uses momentum, and reports both derivatives.
+/// A `weight_decay` tensor is applied even at value 0, so its derivative is reported
+/// there too; a `momentum` (or `dampening`, `nesterov`-style branch) whose value is
+/// exactly 0 takes torch's branch without a buffer, and no derivative with respect to it
+/// is reported. The same holds for every optimizer's branches on a float.
+///
 /// ```
 /// # use candle_higher_runtime::{Tensor, optim::Overrides};
 /// let lr = Tensor::scalar(0.1f64).to_leaf();
@@ -197,6 +206,8 @@ pub struct DiffOptimizer<O: DifferentiableOptimizer> {
     device: Device,
     /// The task count of a task-batched unroll, which per-task overrides must match.
     tasks: Option<usize>,
+    /// The gradients the last committed step used (after the callback).
+    last_grads: Vec<Option<Tensor>>,
 }
 
 impl<O: DifferentiableOptimizer> Clone for DiffOptimizer<O> {
@@ -210,6 +221,7 @@ impl<O: DifferentiableOptimizer> Clone for DiffOptimizer<O> {
             dtype: self.dtype,
             device: self.device.clone(),
             tasks: self.tasks,
+            last_grads: self.last_grads.clone(),
         }
     }
 }
@@ -244,6 +256,7 @@ pub(crate) struct PendingStep<O: DifferentiableOptimizer> {
     states: Vec<(usize, State)>,
     twins: Option<Vec<O::Twin>>,
     frozen: Option<Vec<bool>>,
+    grads: Vec<Option<Tensor>>,
 }
 
 impl<O: DifferentiableOptimizer> PendingStep<O> {
@@ -293,6 +306,7 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
             frozen: vec![false; params.len()],
             mode: InnerGradMode::Full,
             callback: None,
+            last_grads: Vec::new(),
             dtype,
             device,
             tasks: None,
@@ -542,7 +556,8 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
     /// the callback, the update. Returns the new parameters, in order; frozen parameters,
     /// parameters without a gradient (the loss does not depend on them, or they do not
     /// require grad) and parameters in no group come back unchanged, their state not
-    /// advanced.
+    /// advanced. A loss that reaches none of the trainable parameters that require grad is
+    /// [`Error::NoGradient`]; with none of them trainable (all frozen) the step is a no-op.
     pub fn step_params(&mut self, loss: &Tensor, params: &[Tensor]) -> Result<Vec<Tensor>> {
         self.step_params_with(loss, params, StepOptions::default())
     }
@@ -627,7 +642,15 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
         if let Some(frozen) = pending.frozen {
             self.frozen = frozen;
         }
+        self.last_grads = pending.grads;
         pending.params
+    }
+
+    /// The gradients the last successful step used, one per parameter (after the gradient
+    /// callback, as the step saw them; `None` where there was none): differentiable in full mode, as
+    /// the step's update is. Empty before the first step.
+    pub fn last_grads(&self) -> &[Option<Tensor>] {
+        &self.last_grads
     }
 
     /// Whether parameter `i` is stepped: in a group and not frozen.
@@ -653,18 +676,29 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
             .filter(|&i| trainable[i] && params[i].requires_grad())
             .collect();
         let mut out = vec![None; params.len()];
-        if idx.is_empty() || !loss.requires_grad() {
+        if idx.is_empty() {
             return Ok(out);
         }
         let inputs: Vec<Tensor> = idx.iter().map(|&i| params[i].clone()).collect();
-        let options = GradOptions {
-            create_graph: self.mode == InnerGradMode::Full,
-            allow_unused: true,
-            grad_outputs: None,
-        };
-        let grads = grad(std::slice::from_ref(loss), &inputs, options)?;
-        for (i, g) in idx.into_iter().zip(grads) {
-            out[i] = g;
+        if loss.requires_grad() {
+            let options = GradOptions {
+                create_graph: self.mode == InnerGradMode::Full,
+                allow_unused: true,
+                grad_outputs: None,
+            };
+            let grads = grad(std::slice::from_ref(loss), &inputs, options)?;
+            for (&i, g) in idx.iter().zip(grads) {
+                out[i] = g;
+            }
+        }
+        if out.iter().all(Option::is_none) {
+            // A loss that reaches some parameters but not others is fine; one that
+            // reaches none would make the step silently change nothing.
+            return Err(Error::NoGradient {
+                op: "DiffOptimizer::step",
+                trainable: idx.len(),
+                hint: LOSS_MISSES_FAST_WEIGHTS,
+            });
         }
         Ok(out)
     }
@@ -758,6 +792,7 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
             states: new_states,
             twins,
             frozen,
+            grads,
         })
     }
 
@@ -843,3 +878,9 @@ fn expand_name<O: Hyperparameters>(name: &str) -> Result<Vec<&'static str>> {
         )),
     }
 }
+
+/// What [`Error::NoGradient`] says when an inner loss reaches none of the fast weights.
+const LOSS_MISSES_FAST_WEIGHTS: &str = "the loss does not depend on the fast weights being \
+stepped: compute it from `fmodel.forward(..)` (or `forward_with` the latest \
+`fmodel.fast_params()`), not from the base model, and not under `no_grad` or from detached \
+tensors";

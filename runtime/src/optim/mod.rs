@@ -47,6 +47,7 @@ pub use diffopt::{
 };
 pub use rmsprop::RmsProp;
 pub use rprop::Rprop;
+pub(crate) use runner::check_some_gradient;
 pub use runner::{Optimizer, ParamGroup};
 pub use scalar::Scalar;
 pub use sgd::Sgd;

@@ -258,8 +258,13 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
 
     /// One step with the gradients of `backward(loss)`, keyed by the parameters' identity.
     /// Parameters without a gradient are left as they are and their state is not advanced.
+    ///
+    /// A store that holds a gradient for none of the parameters that require grad is
+    /// [`Error::NoGradient`] (the loss does not reach them, and the step would change
+    /// nothing); when no parameter requires grad (all frozen), the step is a no-op.
     pub fn step(&mut self, params: &mut [Tensor], grads: &GradStore) -> Result<()> {
         let grads: Vec<Option<Tensor>> = params.iter().map(|p| grads.get(p).cloned()).collect();
+        check_some_gradient("Optimizer::step", params, &grads)?;
         self.step_grads(params, &grads)
     }
 
@@ -267,7 +272,8 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
     /// `loss.backward()` (candle-nn's `Optimizer::step` style). Vars are matched to the
     /// optimizer's parameters by position; a var without a gradient is left as it is. The
     /// update is computed and checked against every var (shape, dtype, device) before any
-    /// is set, so a failing step changes no var and no state.
+    /// is set, so a failing step changes no var and no state. A store holding a gradient
+    /// for none of the vars is [`Error::NoGradient`].
     pub fn step_vars(
         &mut self,
         vars: &[candle_core::Var],
@@ -284,6 +290,15 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
             .iter()
             .map(|v| grads.get(v.as_tensor()).map(|g| Tensor::new(g.clone())))
             .collect();
+        if !vars.is_empty() && grads.iter().all(Option::is_none) {
+            return Err(Error::NoGradient {
+                op: OP,
+                trainable: vars.len(),
+                hint: "candle's gradient store holds none of these vars: compute the loss \
+                       from them (a `Var` copied with `as_tensor().copy()` or `detach()` is \
+                       another tensor)",
+            });
+        }
         let pending = self.compute_step(&params, &grads)?;
         for (i, new, _) in &pending.updates {
             let var = vars[*i].as_tensor();
@@ -353,4 +368,29 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
             self.states[i] = state.clone();
         }
     }
+}
+
+/// What [`Error::NoGradient`] says to a caller whose gradient store missed every parameter.
+const NO_GRADIENT_HINT: &str = "the gradients do not reach these parameters; a meta-loss \
+from `innerloop` with the default `InitialWeights::DetachedCopy` does not reach the base \
+model: use `InnerloopOptions::new().initial_weights(InitialWeights::BaseParameters)` (MAML), \
+or take `grad(&[meta_loss], &fmodel.parameters(0)?, ..)` and step with `step_grads`";
+
+/// Fails with [`Error::NoGradient`] when some parameter requires grad and none has a
+/// gradient: a step that would silently change nothing. Parameters that do not require
+/// grad (frozen) are not counted, so a model with only frozen parameters steps as a no-op.
+pub(crate) fn check_some_gradient(
+    op: &'static str,
+    params: &[Tensor],
+    grads: &[Option<Tensor>],
+) -> Result<()> {
+    let trainable = params.iter().filter(|p| p.requires_grad()).count();
+    if trainable == 0 || grads.iter().any(Option::is_some) {
+        return Ok(());
+    }
+    Err(Error::NoGradient {
+        op,
+        trainable,
+        hint: NO_GRADIENT_HINT,
+    })
 }
