@@ -12,6 +12,7 @@ mod innerloop;
 pub mod nn;
 mod ops;
 pub mod optim;
+pub mod parallel;
 mod tensor;
 pub mod testing;
 mod threads;

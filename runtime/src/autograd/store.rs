@@ -46,6 +46,14 @@ impl GradStore {
         Ok(())
     }
 
+    /// Multiplies every gradient by `factor` (an average over tasks: `1 / n`).
+    pub fn scale(&mut self, factor: f64) -> Result<()> {
+        for g in self.grads.values_mut() {
+            *g = g.affine(factor, 0.0)?;
+        }
+        Ok(())
+    }
+
     /// Number of leaves with a gradient.
     pub fn len(&self) -> usize {
         self.grads.len()

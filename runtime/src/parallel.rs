@@ -1,0 +1,82 @@
+//! Meta-batches on several threads: [`meta_batch`] runs the tasks of a meta-batch (each
+//! looped, or a task-batched chunk) on a few threads and sums their gradient stores in task
+//! order, so the result is bit-identical whatever the thread count.
+
+use crate::autograd::GradStore;
+use crate::error::{Error, Result};
+
+/// How the per-task gradient stores are combined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Combine {
+    /// Their sum.
+    #[default]
+    Sum,
+    /// Their sum divided by the number of tasks.
+    Mean,
+}
+
+/// Runs `task(i)` for every `i` in `0..tasks` on `threads` threads (tasks are dealt out in
+/// contiguous blocks) and combines the returned stores, always adding them in task order:
+/// the result does not depend on `threads`. Each task builds its own graph (tensors are
+/// `Send + Sync`, grad mode is per thread); `task` typically runs one inner loop from the
+/// shared base model and returns `backward(&meta_loss)`. The first error (by task index)
+/// is returned. With `threads = 1` everything runs on the calling thread.
+///
+/// Keep the library's own CPU kernels single-threaded while tasks run in parallel
+/// (`set_cpu_threads(1)`), or the threads compete for the cores.
+///
+/// ```
+/// # use candle_higher_runtime::{backward, Tensor, parallel::{meta_batch, Combine}};
+/// let w = Tensor::scalar(2.0f64).to_leaf();
+/// let grads = meta_batch(4, 2, Combine::Mean, |i| {
+///     backward(&w.mul(&w)?.mul(i as f64)?) // d/dw = 2 i w
+/// })?;
+/// assert_eq!(grads.get(&w).unwrap().to_scalar_f64()?, (0.0 + 4.0 + 8.0 + 12.0) / 4.0);
+/// # Ok::<(), candle_higher_runtime::Error>(())
+/// ```
+pub fn meta_batch(
+    tasks: usize,
+    threads: usize,
+    combine: Combine,
+    task: impl Fn(usize) -> Result<GradStore> + Sync,
+) -> Result<GradStore> {
+    if threads == 0 {
+        return Err(Error::InvalidArgument {
+            op: "meta_batch",
+            message: "0 threads; give at least 1".into(),
+        });
+    }
+    let threads = threads.min(tasks.max(1));
+    let mut stores: Vec<Result<GradStore>> = Vec::with_capacity(tasks);
+    if threads == 1 {
+        stores.extend((0..tasks).map(&task));
+    } else {
+        let per = tasks.div_ceil(threads);
+        let task = &task;
+        let blocks: Vec<Vec<Result<GradStore>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|b| s.spawn(move || (b * per..((b + 1) * per).min(tasks)).map(task).collect()))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        vec![Err(Error::InvalidArgument {
+                            op: "meta_batch",
+                            message: "a task panicked".into(),
+                        })]
+                    })
+                })
+                .collect()
+        });
+        stores.extend(blocks.into_iter().flatten());
+    }
+    let mut total = GradStore::default();
+    for store in stores {
+        total.accumulate(&store?)?;
+    }
+    if combine == Combine::Mean && tasks > 0 {
+        total.scale(1.0 / tasks as f64)?;
+    }
+    Ok(total)
+}

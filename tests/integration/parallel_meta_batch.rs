@@ -1,0 +1,105 @@
+//! `parallel::meta_batch`: MAML tasks on several threads give the same meta-gradient, bit for
+//! bit, whatever the thread count, and it is the sum (or mean) of the tasks' own.
+
+use candle_higher::nn::{self, Parameters};
+use candle_higher::optim::{Optimizer, Sgd};
+use candle_higher::parallel::{meta_batch, Combine};
+use candle_higher::{
+    backward, innerloop, DType, Device, Error, GradStore, InitialWeights, InnerloopOptions, Result,
+    Tensor,
+};
+
+fn model() -> Result<nn::Sequential> {
+    let vb = nn::VarBuilder::new(3, DType::F64, &Device::Cpu);
+    Ok(nn::seq()
+        .add(nn::linear(1, 8, vb.pp("0"))?)
+        .add(nn::Activation::Tanh)
+        .add(nn::linear(8, 1, vb.pp("2"))?))
+}
+
+/// One MAML task: two SGD steps on a sinusoid's support points, the query loss's backward.
+fn task(model: &nn::Sequential, inner: &Optimizer<Sgd>, i: usize) -> Result<GradStore> {
+    let points = |shift: f64| -> Result<(Tensor, Tensor)> {
+        let x: Vec<f64> = (0..6).map(|k| k as f64 * 0.3 - 0.8 + shift).collect();
+        let y: Vec<f64> = x.iter().map(|v| (v + i as f64 * 0.4).sin()).collect();
+        Ok((
+            Tensor::from_vec(x, &[6, 1], &Device::Cpu)?,
+            Tensor::from_vec(y, &[6, 1], &Device::Cpu)?,
+        ))
+    };
+    let ((xs, ys), (xq, yq)) = (points(0.0)?, points(0.1)?);
+    let options = InnerloopOptions::new().initial_weights(InitialWeights::BaseParameters);
+    let (mut fmodel, mut diffopt) = innerloop(model, inner, options)?;
+    for _ in 0..2 {
+        let loss = nn::mse(&fmodel.forward(&xs)?, &ys)?;
+        diffopt.step(&mut fmodel, &loss)?;
+    }
+    backward(&nn::mse(&fmodel.forward(&xq)?, &yq)?)
+}
+
+fn bits(store: &GradStore, params: &[Tensor]) -> Vec<Vec<u64>> {
+    params
+        .iter()
+        .map(|p| {
+            let g = store.get(p).expect("a gradient for every parameter");
+            g.to_vec_f64()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn the_meta_gradient_is_bit_identical_for_every_thread_count() -> Result<()> {
+    let model = model()?;
+    let params = model.clone().parameters()?;
+    let inner = Optimizer::new(Sgd::new(0.1), params.len())?;
+    let tasks = 7;
+    let one = meta_batch(tasks, 1, Combine::Sum, |i| task(&model, &inner, i))?;
+    for threads in [2, 3, 4, 16] {
+        let many = meta_batch(tasks, threads, Combine::Sum, |i| task(&model, &inner, i))?;
+        assert_eq!(
+            bits(&one, &params),
+            bits(&many, &params),
+            "{threads} threads"
+        );
+    }
+    // The sum, in task order, of each task's own meta-gradient.
+    let mut by_hand = GradStore::default();
+    for i in 0..tasks {
+        by_hand.accumulate(&task(&model, &inner, i)?)?;
+    }
+    assert_eq!(bits(&one, &params), bits(&by_hand, &params));
+    // The mean divides by the task count.
+    let mean = meta_batch(tasks, 2, Combine::Mean, |i| task(&model, &inner, i))?;
+    for p in &params {
+        let (s, m) = (one.get(p).unwrap(), mean.get(p).unwrap());
+        let want = s.affine(1.0 / tasks as f64, 0.0)?.to_vec_f64()?;
+        assert_eq!(m.to_vec_f64()?, want);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_failing_task_or_no_threads_is_an_error() -> Result<()> {
+    let model = model()?;
+    let params = model.clone().parameters()?;
+    let inner = Optimizer::new(Sgd::new(0.1), params.len())?;
+    let failing = meta_batch(5, 2, Combine::Sum, |i| {
+        if i == 3 {
+            Err(Error::InvalidArgument {
+                op: "task",
+                message: "task 3 failed".into(),
+            })
+        } else {
+            task(&model, &inner, i)
+        }
+    });
+    assert!(failing.unwrap_err().to_string().contains("task 3 failed"));
+    let none = meta_batch(5, 0, Combine::Sum, |i| task(&model, &inner, i));
+    assert!(none.unwrap_err().to_string().contains("0 threads"));
+    assert!(meta_batch(0, 2, Combine::Mean, |i| task(&model, &inner, i))?.is_empty());
+    Ok(())
+}
