@@ -10,6 +10,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::panic::Location;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The first exit from the graph seen during the current twin step.
 #[derive(Clone, Debug)]
@@ -17,6 +18,9 @@ pub(crate) struct GraphExit {
     pub(crate) op: &'static str,
     pub(crate) location: String,
 }
+
+/// Twin steps running on any thread: the one load every value read pays when none is.
+static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
     static IN_TWIN_STEP: Cell<bool> = const { Cell::new(false) };
@@ -31,8 +35,16 @@ fn crate_src() -> &'static str {
 
 /// Records `op` at `caller` if a twin step is running and the caller is outside this
 /// crate. `requires_grad`: whether the tensor the op reads is part of the graph.
+#[inline]
 pub(crate) fn note(op: &'static str, requires_grad: bool, caller: &'static Location<'static>) {
-    if !requires_grad || !IN_TWIN_STEP.with(Cell::get) || caller.file().starts_with(crate_src()) {
+    if requires_grad && ACTIVE.load(Ordering::Relaxed) > 0 {
+        note_in_step(op, caller);
+    }
+}
+
+#[cold]
+fn note_in_step(op: &'static str, caller: &'static Location<'static>) {
+    if !IN_TWIN_STEP.with(Cell::get) || caller.file().starts_with(crate_src()) {
         return;
     }
     FIRST_EXIT.with(|e| {
@@ -53,6 +65,7 @@ pub(crate) struct TwinStepGuard {
 impl TwinStepGuard {
     pub(crate) fn start() -> Self {
         FIRST_EXIT.with(|e| e.borrow_mut().take());
+        ACTIVE.fetch_add(1, Ordering::Relaxed);
         TwinStepGuard {
             previous: IN_TWIN_STEP.with(|s| s.replace(true)),
         }
@@ -66,6 +79,7 @@ impl TwinStepGuard {
 
 impl Drop for TwinStepGuard {
     fn drop(&mut self) {
+        ACTIVE.fetch_sub(1, Ordering::Relaxed);
         IN_TWIN_STEP.with(|s| s.set(self.previous));
     }
 }
