@@ -72,14 +72,12 @@ impl Tensor {
         Tensor::from_op(value, &[self], Powf { exponent })
     }
 
-    /// `-self`, exactly: `-0.0` for `0.0` (an affine `0 * -1 + 0` would give `+0.0`).
-    /// Integer tensors promote as [`Tensor::affine`] does.
+    /// `-self`, exactly: `-0.0` for `0.0`. Computed as `self * -1 + (-0.0)`: adding `-0.0`
+    /// changes nothing else (an affine `0 * -1 + 0` would give `+0.0`), and candle's affine
+    /// kernel is faster than its generic unary `neg`. Integer tensors promote as
+    /// [`Tensor::affine`] does.
     pub fn neg(&self) -> Result<Tensor> {
-        if !self.dtype().is_float() {
-            return self.affine(-1.0, 0.0);
-        }
-        let value = self.value().neg()?;
-        Tensor::from_op(value, &[self], Affine { mul: -1.0 })
+        self.affine(-1.0, -0.0)
     }
 }
 
