@@ -22,7 +22,7 @@ use candle_higher::optim::{DiffOptimizer, Overrides, Sgd};
 use candle_higher::unroll::{
     checkpointed_unroll, plain_unroll, CheckpointOptions, OptimizerCarry, UnrollGrads,
 };
-use candle_higher::{Device, Result, Tensor};
+use candle_higher::{Result, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -43,8 +43,8 @@ fn points(n: usize, rng: &mut StdRng) -> Result<(Tensor, Tensor)> {
     let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
     let y: Vec<f32> = x.iter().map(|&x| (2.0 * x).sin() + x / 2.0).collect();
     Ok((
-        Tensor::from_vec(x, &[n, 1], &Device::Cpu)?,
-        Tensor::from_vec(y, &[n, 1], &Device::Cpu)?,
+        Tensor::from_vec(x, &[n, 1], &candle_higher::device_from_env()?)?,
+        Tensor::from_vec(y, &[n, 1], &candle_higher::device_from_env()?)?,
     ))
 }
 
@@ -53,8 +53,12 @@ fn linear_init(rng: &mut StdRng, fan_in: usize, fan_out: usize) -> Result<[Tenso
     let bound = 1.0 / (fan_in as f32).sqrt();
     let mut u = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-bound..bound)).collect() };
     Ok([
-        Tensor::from_vec(u(fan_in * fan_out), &[fan_in, fan_out], &Device::Cpu)?,
-        Tensor::from_vec(u(fan_out), &[fan_out], &Device::Cpu)?,
+        Tensor::from_vec(
+            u(fan_in * fan_out),
+            &[fan_in, fan_out],
+            &candle_higher::device_from_env()?,
+        )?,
+        Tensor::from_vec(u(fan_out), &[fan_out], &candle_higher::device_from_env()?)?,
     ])
 }
 

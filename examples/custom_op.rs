@@ -15,7 +15,7 @@ use candle_higher::candle;
 use candle_higher::nn::{self, Parameters};
 use candle_higher::optim::{Optimizer, Sgd};
 use candle_higher::{
-    apply_custom_op, grad_one, innerloop, CustomOp, DType, Device, GradOptions, InnerloopOptions,
+    apply_custom_op, grad_one, innerloop, CustomOp, DType, GradOptions, InnerloopOptions,
     Overrides, Result, Tensor,
 };
 
@@ -50,7 +50,7 @@ fn log_cosh(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
 }
 
 fn main() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = candle_higher::device_from_env()?;
     let h = 1e-5;
 
     // 1. The op alone, at a point: d/dx and d2/dx2 of log_cosh(x - 0.2) against FD.

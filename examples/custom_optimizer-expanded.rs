@@ -7,8 +7,8 @@
 
 use candle_higher::optim::{unknown_hyperparameter, TwinHyperparameters};
 use candle_higher::{
-    grad, no_grad, DType, Device, DifferentiableOptimizer, GradOptions, Hyperparameters,
-    OptimizerStep, Result, Scalar, State, Tensor,
+    grad, no_grad, DType, DifferentiableOptimizer, GradOptions, Hyperparameters, OptimizerStep,
+    Result, Scalar, State, Tensor,
 };
 
 // ---- #[differentiable_optimizer] on the struct -----------------------------------------
@@ -137,7 +137,7 @@ fn loss(w: &Tensor, x: &Tensor, y: &Tensor) -> Result<Tensor> {
 }
 
 fn main() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = candle_higher::device_from_env()?;
     let x = Tensor::from_vec(
         vec![1.0f64, 0.0, 0.0, 1.0, 1.0, 1.0, 2.0, -1.0],
         &[4, 2],

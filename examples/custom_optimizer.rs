@@ -6,8 +6,8 @@
 
 use candle_higher::optim::TwinHyperparameters;
 use candle_higher::{
-    differentiable_optimizer, grad, no_grad, Device, GradOptions, Hyperparameters, OptimizerStep,
-    Result, Scalar, State, Tensor,
+    differentiable_optimizer, grad, no_grad, GradOptions, Hyperparameters, OptimizerStep, Result,
+    Scalar, State, Tensor,
 };
 
 /// Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
@@ -41,7 +41,7 @@ fn loss(w: &Tensor, x: &Tensor, y: &Tensor) -> Result<Tensor> {
 }
 
 fn main() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = candle_higher::device_from_env()?;
     // y = 2 x0 - x1, four points.
     let x = Tensor::from_vec(
         vec![1.0f64, 0.0, 0.0, 1.0, 1.0, 1.0, 2.0, -1.0],

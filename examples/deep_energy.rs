@@ -12,7 +12,7 @@
 
 use candle_higher::nn::{linear, mse, seq, Activation, Module, Parameters, Sequential, VarBuilder};
 use candle_higher::optim::{Adam, Optimizer, Sgd};
-use candle_higher::{backward, DType, Device, DiffOptimizer, Result, Tensor};
+use candle_higher::{backward, DType, DiffOptimizer, Result, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -27,8 +27,8 @@ fn batch(rng: &mut StdRng, n: usize) -> Result<(Tensor, Tensor)> {
     let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
     let y: Vec<f32> = x.iter().map(|&x| target(x)).collect();
     Ok((
-        Tensor::from_vec(x, &[n, 1], &Device::Cpu)?,
-        Tensor::from_vec(y, &[n, 1], &Device::Cpu)?,
+        Tensor::from_vec(x, &[n, 1], &candle_higher::device_from_env()?)?,
+        Tensor::from_vec(y, &[n, 1], &candle_higher::device_from_env()?)?,
     ))
 }
 
@@ -36,7 +36,7 @@ fn batch(rng: &mut StdRng, n: usize) -> Result<(Tensor, Tensor)> {
 /// starting from y = 0. The result keeps its graph back to the energy's parameters.
 fn predict(energy: &Sequential, x: &Tensor, steps: usize) -> Result<Tensor> {
     // The starting point must require grad for the inner gradient to exist.
-    let y0 = Tensor::zeros(x.dims(), DType::F32, &Device::Cpu)?.to_leaf();
+    let y0 = Tensor::zeros(x.dims(), DType::F32, &candle_higher::device_from_env()?)?.to_leaf();
     let sgd = Sgd {
         momentum: 0.5,
         ..Sgd::new(0.5)
@@ -66,7 +66,7 @@ fn main() -> Result<()> {
     let iters = flag("--iters", 1500);
     let steps = flag("--inner-steps", 10);
 
-    let vb = VarBuilder::new(0, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::new(0, DType::F32, &candle_higher::device_from_env()?);
     let mut energy = seq()
         .add(linear(2, 64, vb.pp("0"))?)
         .add(Activation::Softplus)
@@ -108,7 +108,11 @@ fn main() -> Result<()> {
     );
 
     let xs: Vec<f32> = vec![-1.8, -1.2, -0.6, 0.0, 0.5, 1.0, 1.5, 1.9];
-    let x = Tensor::from_vec(xs.clone(), &[xs.len(), 1], &Device::Cpu)?;
+    let x = Tensor::from_vec(
+        xs.clone(),
+        &[xs.len(), 1],
+        &candle_higher::device_from_env()?,
+    )?;
     let pred = predict(&energy, &x, steps)?.to_vec_f64()?;
     println!("    x | prediction | target");
     for (x, p) in xs.iter().zip(pred) {

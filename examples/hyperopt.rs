@@ -15,7 +15,7 @@
 use candle_higher::nn::{self, Parameters};
 use candle_higher::optim::{Adam, Optimizer, Overrides, Sgd};
 use candle_higher::{
-    backward, grad, innerloop, DType, Device, GradOptions, InnerloopOptions, Result, Tensor,
+    backward, grad, innerloop, DType, GradOptions, InnerloopOptions, Result, Tensor,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -34,8 +34,8 @@ fn data(rng: &mut StdRng, n: usize, noise: f64) -> Result<(Tensor, Tensor)> {
         targets.push((3.0 * x).sin() + noise * rng.gen_range(-1.0..1.0));
     }
     Ok((
-        Tensor::from_vec(features, &[n, DEGREE], &Device::Cpu)?,
-        Tensor::from_vec(targets, &[n, 1], &Device::Cpu)?,
+        Tensor::from_vec(features, &[n, DEGREE], &candle_higher::device_from_env()?)?,
+        Tensor::from_vec(targets, &[n, 1], &candle_higher::device_from_env()?)?,
     ))
 }
 
@@ -65,7 +65,11 @@ fn main() -> Result<()> {
     let train = data(&mut rng, 12, 0.3)?;
     let val = data(&mut rng, 200, 0.0)?;
     let (train, val) = ((&train.0, &train.1), (&val.0, &val.1));
-    let model = nn::linear(DEGREE, 1, nn::VarBuilder::new(0, DType::F64, &Device::Cpu))?;
+    let model = nn::linear(
+        DEGREE,
+        1,
+        nn::VarBuilder::new(0, DType::F64, &candle_higher::device_from_env()?),
+    )?;
 
     let leaf = |v: f64| Tensor::scalar(v).to_leaf();
     let (lr0, wd0) = (0.1f64.ln(), 1e-3f64.ln());

@@ -22,7 +22,7 @@
 
 use candle_higher::optim::{Adam, Optimizer};
 use candle_higher::unroll::{implicit_grad, ImplicitOptions};
-use candle_higher::{grad, no_grad, Device, GradOptions, Result, Tensor};
+use candle_higher::{grad, no_grad, GradOptions, Result, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -53,8 +53,8 @@ impl Task {
             .map(|&x| self.amp * (x - self.phase).sin())
             .collect();
         Ok((
-            Tensor::from_vec(x, &[n, 1], &Device::Cpu)?,
-            Tensor::from_vec(y, &[n, 1], &Device::Cpu)?,
+            Tensor::from_vec(x, &[n, 1], &candle_higher::device_from_env()?)?,
+            Tensor::from_vec(y, &[n, 1], &candle_higher::device_from_env()?)?,
         ))
     }
 }
@@ -67,8 +67,10 @@ fn init(seed: u64) -> Result<Vec<Tensor>> {
         let bound = 1.0 / (i as f32).sqrt();
         let mut u =
             |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-bound..bound)).collect() };
-        params.push(Tensor::from_vec(u(i * o), &[i, o], &Device::Cpu)?.to_leaf());
-        params.push(Tensor::from_vec(u(o), &[o], &Device::Cpu)?.to_leaf());
+        params.push(
+            Tensor::from_vec(u(i * o), &[i, o], &candle_higher::device_from_env()?)?.to_leaf(),
+        );
+        params.push(Tensor::from_vec(u(o), &[o], &candle_higher::device_from_env()?)?.to_leaf());
     }
     Ok(params)
 }

@@ -18,8 +18,8 @@
 use candle_higher::nn::{linear, mse, seq, Activation, Parameters, Sequential, VarBuilder};
 use candle_higher::optim::{grad_callback, Adam, Optimizer, Sgd};
 use candle_higher::{
-    backward, innerloop, no_grad, DType, Device, GradStore, InitialWeights, InnerloopOptions,
-    Overrides, ParamGroup, Result, Tensor,
+    backward, innerloop, no_grad, DType, GradStore, InitialWeights, InnerloopOptions, Overrides,
+    ParamGroup, Result, Tensor,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -39,8 +39,8 @@ fn task(rng: &mut StdRng, n_query: usize) -> Result<[Tensor; 4]> {
             .map(|&x| (amp * (f64::from(x) - phase).sin()) as f32)
             .collect();
         Ok((
-            Tensor::from_vec(x, &[n, 1], &Device::Cpu)?,
-            Tensor::from_vec(y, &[n, 1], &Device::Cpu)?,
+            Tensor::from_vec(x, &[n, 1], &candle_higher::device_from_env()?)?,
+            Tensor::from_vec(y, &[n, 1], &candle_higher::device_from_env()?)?,
         ))
     };
     let (xs, ys) = points(K)?;
@@ -60,7 +60,13 @@ impl LearnedLrs {
             .iter()
             .map(|p| {
                 let shape: &[usize] = if per_element { p.dims() } else { &[] };
-                Ok(Tensor::full(INITIAL_LR.ln(), shape, DType::F32, &Device::Cpu)?.to_leaf())
+                Ok(Tensor::full(
+                    INITIAL_LR.ln(),
+                    shape,
+                    DType::F32,
+                    &candle_higher::device_from_env()?,
+                )?
+                .to_leaf())
             })
             .collect::<Result<_>>()?;
         Ok(LearnedLrs {
@@ -128,7 +134,7 @@ impl LearnedLrs {
 }
 
 fn mlp(seed: u64) -> Result<Sequential> {
-    let vb = VarBuilder::new(seed, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::new(seed, DType::F32, &candle_higher::device_from_env()?);
     Ok(seq()
         .add(linear(1, 40, vb.pp("0"))?)
         .add(Activation::Relu)

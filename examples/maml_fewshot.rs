@@ -34,8 +34,8 @@ use candle_higher::nn::{
 };
 use candle_higher::optim::{Adam, Optimizer, Sgd};
 use candle_higher::{
-    backward, innerloop, no_grad, DType, Device, Error, GradStore, InitialWeights,
-    InnerloopOptions, Result, Tensor,
+    backward, innerloop, no_grad, DType, Error, GradStore, InitialWeights, InnerloopOptions,
+    Result, Tensor,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -122,7 +122,7 @@ impl Source {
                 .flat_map(|c| std::iter::repeat_n(c, n))
                 .collect()
         };
-        let dev = &Device::Cpu;
+        let dev = &candle_higher::device_from_env()?;
         Ok(Task {
             xs: Tensor::from_vec(xs, &[ways * shots, 1, 28, 28], dev)?,
             ys: Tensor::from_vec(labels(shots), &[ways * shots], dev)?,
@@ -223,7 +223,7 @@ fn read_npy(path: &str) -> std::result::Result<Vec<Vec<Vec<f32>>>, String> {
 }
 
 fn cnn(ways: usize) -> Result<Sequential> {
-    let vb = VarBuilder::new(0, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::new(0, DType::F32, &candle_higher::device_from_env()?);
     let mut net = seq();
     for (i, c_in) in [1usize, 64, 64].into_iter().enumerate() {
         let bn = BatchNormConfig {

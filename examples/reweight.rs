@@ -18,7 +18,7 @@
 use candle_higher::nn::{self, Module, Parameters, Reduction};
 use candle_higher::optim::{Optimizer, Sgd};
 use candle_higher::{
-    backward, grad_one, innerloop, DType, Device, GradOptions, InnerloopOptions, Result, Tensor,
+    backward, grad_one, innerloop, DType, GradOptions, InnerloopOptions, Result, Tensor,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -49,13 +49,13 @@ fn blobs(rng: &mut StdRng, n: usize, flip: f64) -> Result<(Tensor, Tensor)> {
         }
     }
     Ok((
-        Tensor::from_vec(xs, &[2 * n, 2], &Device::Cpu)?,
-        Tensor::from_vec(ys, &[2 * n], &Device::Cpu)?,
+        Tensor::from_vec(xs, &[2 * n, 2], &candle_higher::device_from_env()?)?,
+        Tensor::from_vec(ys, &[2 * n], &candle_higher::device_from_env()?)?,
     ))
 }
 
 fn model(seed: u64) -> Result<nn::Sequential> {
-    let vb = nn::VarBuilder::new(seed, DType::F64, &Device::Cpu);
+    let vb = nn::VarBuilder::new(seed, DType::F64, &candle_higher::device_from_env()?);
     Ok(nn::seq()
         .add(nn::linear(2, 16, vb.pp("0"))?)
         .add(nn::Activation::Tanh)
@@ -107,13 +107,18 @@ fn main() -> Result<()> {
 
     // The weight gradient against a central finite difference in eps_0 (at eps = 1/n).
     let base = model(1)?;
-    let eps = Tensor::full(1.0 / n as f64, &[n], DType::F64, &Device::Cpu)?;
+    let eps = Tensor::full(
+        1.0 / n as f64,
+        &[n],
+        DType::F64,
+        &candle_higher::device_from_env()?,
+    )?;
     let (_, g) = weight_gradient(&base, &eps.to_leaf(), (&x, &y), (&x_meta, &y_meta), lr)?;
     let h = 1e-6;
     let meta_at = |delta: f64| -> Result<f64> {
         let mut v = eps.to_vec::<f64>()?;
         v[0] += delta;
-        let e = Tensor::from_vec(v, &[n], &Device::Cpu)?.to_leaf();
+        let e = Tensor::from_vec(v, &[n], &candle_higher::device_from_env()?)?.to_leaf();
         weight_gradient(&base, &e, (&x, &y), (&x_meta, &y_meta), lr)?
             .0
             .to_scalar_f64()
@@ -132,7 +137,7 @@ fn main() -> Result<()> {
         let loss = losses(&|t: &Tensor| plain.forward(t), &x, &y)?.mean_all()?;
         plain_opt.step_module(&mut plain, &backward(&loss)?)?;
 
-        let eps = Tensor::zeros(&[n], DType::F64, &Device::Cpu)?.to_leaf();
+        let eps = Tensor::zeros(&[n], DType::F64, &candle_higher::device_from_env()?)?.to_leaf();
         let (_, g) = weight_gradient(&reweighted, &eps, (&x, &y), (&x_meta, &y_meta), lr)?;
         let w = g.neg()?.clamp_min(0.0)?;
         let total = w.sum_all()?.to_scalar_f64()?;

@@ -15,8 +15,8 @@
 use candle_higher::nn::{linear_no_bias, mse, Linear, Parameters, VarBuilder};
 use candle_higher::optim::{Optimizer, Sgd};
 use candle_higher::{
-    grad, innerloop, DType, Device, GradOptions, InitialWeights, InnerloopOptions, Overrides,
-    Result, Tensor,
+    grad, innerloop, DType, GradOptions, InitialWeights, InnerloopOptions, Overrides, Result,
+    Tensor,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -51,8 +51,14 @@ fn golden() -> std::result::Result<(Vec<f64>, serde_json::Value), Box<dyn std::e
 
 /// The model with weight `w0` (a leaf, so the meta-gradient reaches it).
 fn model(w0: f64) -> Result<Linear> {
-    let mut m = linear_no_bias(1, 1, VarBuilder::new(0, DType::F64, &Device::Cpu))?;
-    m.set_parameters(&[Tensor::from_vec(vec![w0], &[1, 1], &Device::Cpu)?.to_leaf()])?;
+    let mut m = linear_no_bias(
+        1,
+        1,
+        VarBuilder::new(0, DType::F64, &candle_higher::device_from_env()?),
+    )?;
+    m.set_parameters(&[
+        Tensor::from_vec(vec![w0], &[1, 1], &candle_higher::device_from_env()?)?.to_leaf(),
+    ])?;
     Ok(m)
 }
 
@@ -100,7 +106,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     } else {
         (normal_samples(100, 0), None)
     };
-    let dev = Device::Cpu;
+    let dev = candle_higher::device_from_env()?;
     let x = Tensor::from_vec(xs.clone(), &[xs.len(), 1], &dev)?;
     let y = x.mul(3.5)?;
     let lr = Tensor::from_vec(vec![0.3f64], &[1], &dev)?.to_leaf();

@@ -13,7 +13,7 @@ use candle_higher::optim::{DiffOptimizer, Overrides, Sgd};
 use candle_higher::unroll::{
     checkpointed_unroll, es_gradient, CheckpointOptions, EsMethod, EsOptions, OptimizerCarry,
 };
-use candle_higher::{Device, Result, Tensor};
+use candle_higher::{Result, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -25,7 +25,7 @@ const STEPS: usize = 100;
 fn uniform(rng: &mut StdRng, shape: &[usize]) -> Result<Tensor> {
     let n = shape.iter().product();
     let v: Vec<f64> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
+    Tensor::from_vec(v, shape, &candle_higher::device_from_env()?)
 }
 
 struct Problem {
@@ -48,7 +48,11 @@ fn problem() -> Result<Problem> {
         .matmul(&w_true)?
         .add(&uniform(&mut rng, &[40, 1])?.affine(0.3, 0.0)?)?;
     Ok(Problem {
-        w0: Tensor::zeros(&[5, 1], candle_higher::DType::F64, &Device::Cpu)?,
+        w0: Tensor::zeros(
+            &[5, 1],
+            candle_higher::DType::F64,
+            &candle_higher::device_from_env()?,
+        )?,
         x,
         y,
         xv,
@@ -86,7 +90,11 @@ fn norm(v: &[f64]) -> f64 {
 
 fn main() -> Result<()> {
     let p = problem()?;
-    let h = Tensor::from_vec(vec![0.05f64.ln(), 0.5], &[2], &Device::Cpu)?;
+    let h = Tensor::from_vec(
+        vec![0.05f64.ln(), 0.5],
+        &[2],
+        &candle_higher::device_from_env()?,
+    )?;
     let (loss, exact) = unroll(&p, &h.to_leaf())?;
     let exact = exact
         .expect("the meta-loss depends on the hyperparameters")

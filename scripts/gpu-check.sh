@@ -2,9 +2,11 @@
 # The CUDA check, in one command, for a machine with the CUDA toolkit (nvcc) and a GPU:
 #   scripts/gpu-check.sh            build with --features cuda, run on cuda:0
 #   scripts/gpu-check.sh --dry-run  the same steps on the CPU without the feature
-# Steps: one release build of the tests, examples and benchmarks (timed); the integration
-# suite (golden vectors and finite differences included) on the device; maml_sine; the maml
-# benchmark (quick, no Python anchors). Everything is written to one file,
+# Steps: one release build of the tests, examples and benchmarks (timed); the golden-vector
+# and finite-difference suites on the device (their helpers create tensors where
+# CANDLE_HIGHER_DEVICE says; other integration tests build CPU tensors directly); the whole
+# integration suite on the CPU through candle's kernels (the ones a GPU takes); maml_sine; the
+# maml benchmark (quick, no Python anchors). Everything is written to one file,
 # target/gpu-check/summary.txt, with each step's log beside it. The build cache stays in
 # target/, so a second run only rebuilds what changed.
 set -uo pipefail
@@ -43,7 +45,9 @@ step() {
 }
 
 step build cargo build --release "${features[@]}" --tests --examples --benches
-step tests cargo test --release "${features[@]}" --test integration
+step golden_and_fd cargo test --release "${features[@]}" --test integration -- golden optim_fd ops_
+step suite_candle_kernels env CANDLE_HIGHER_DEVICE=cpu CANDLE_HIGHER_KERNELS=candle \
+    cargo test --release "${features[@]}" --test integration
 step maml_sine cargo run --release "${features[@]}" --example maml_sine -- --iters 200
 step bench cargo bench "${features[@]}" --bench maml -- --quick --no-anchor
 if [[ -f target/bench-results/maml.json ]]; then
