@@ -246,7 +246,13 @@ impl<M: Module + Parameters + Clone> FunctionalModel<M> {
         } else {
             self.cut(params)
         };
-        self.layout.write(&mut self.model, &params)?;
+        if let Err(e) = self.layout.write(&mut self.model, &params) {
+            // A model whose walk fails part-way has some slots written: put the latest
+            // weights back so that the model and the history agree.
+            let latest = self.fast_params().to_vec();
+            let _ = self.layout.write(&mut self.model, &latest);
+            return Err(e);
+        }
         if self.options.track_higher_grads {
             self.history.push(params);
         } else {
