@@ -320,7 +320,8 @@ impl<M: Module + Parameters + Clone> FunctionalModel<M> {
         self.first = saved.first;
         self.dropped = saved.dropped;
         let latest = self.fast_params().to_vec();
-        // Both lists were read from this model's own slots; writing them back cannot fail.
+        // The same walk just succeeded in `update_params`; should it fail now, the history
+        // is still right, and the caller gets the forward pass's error.
         let _ = self.layout.write(&mut self.model, &latest);
         if let Some(buffers) = saved.buffers {
             let _ = self.layout.write_buffers(&mut self.model, &buffers);
