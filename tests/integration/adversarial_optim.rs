@@ -1447,8 +1447,8 @@ fn a_failing_forward_with_puts_batch_norm_statistics_back() {
     assert_eq!(buffers(&f), before);
 }
 
-/// A model whose parameter walk fails while `poisoned` is set: `update_params` rejects
-/// any new weights then.
+/// A model whose parameter walk fails, after showing its parameters, while `poisoned` is
+/// set: `update_params` rejects any new weights then, having written its slots.
 #[derive(Clone)]
 struct Poisonable {
     inner: nn::Linear,
@@ -1457,13 +1457,14 @@ struct Poisonable {
 
 impl Parameters for Poisonable {
     fn visit(&mut self, v: &mut Visitor<'_>) -> Result<()> {
+        v.module("inner", &mut self.inner)?;
         if self.poisoned.load(Ordering::SeqCst) {
             return Err(Error::InvalidArgument {
                 op: "Poisonable::visit",
                 message: "poisoned".into(),
             });
         }
-        v.module("inner", &mut self.inner)
+        Ok(())
     }
 }
 
@@ -1490,6 +1491,8 @@ fn a_diffopt_step_the_fmodel_rejects_does_not_advance_the_state() {
         states_bits(diffopt.states()),
         twin_bits(&diffopt),
     );
+    let (x, _) = data();
+    let out = bits(&fmodel.forward(&x).unwrap());
     poisoned.store(true, Ordering::SeqCst);
     let lr = Tensor::scalar(0.3f64).to_leaf();
     let options = StepOptions::new().overrides(Overrides::new().set("lr", lr));
@@ -1506,6 +1509,11 @@ fn a_diffopt_step_the_fmodel_rejects_does_not_advance_the_state() {
         "{e}"
     );
     assert_eq!(fmodel.time(), time);
+    assert_eq!(
+        bits(&fmodel.forward(&x).unwrap()),
+        out,
+        "the model's slots changed"
+    );
     assert_eq!(states_bits(diffopt.states()), states);
     assert_eq!(
         twin_bits(&diffopt),

@@ -321,7 +321,13 @@ impl<M: Module + Parameters + Clone> FunctionalModel<M> {
         } else {
             self.cut(params)
         };
-        self.layout.write(&mut self.model, &params)?;
+        if let Err(e) = self.layout.write(&mut self.model, &params) {
+            // A model whose walk fails part-way has some slots written: put the latest
+            // weights back so that the model and the history agree.
+            let latest = self.fast_params().to_vec();
+            let _ = self.layout.write(&mut self.model, &latest);
+            return Err(e);
+        }
         if self.options.track_higher_grads {
             self.history.push(params);
         } else {
@@ -394,7 +400,8 @@ impl<M: Module + Parameters + Clone> FunctionalModel<M> {
         self.first = saved.first;
         self.dropped = saved.dropped;
         let latest = self.fast_params().to_vec();
-        // Both lists were read from this model's own slots; writing them back cannot fail.
+        // The same walk just succeeded in `update_params`; should it fail now, the history
+        // is still right, and the caller gets the forward pass's error.
         let _ = self.layout.write(&mut self.model, &latest);
         if let Some(buffers) = saved.buffers {
             let _ = self.layout.write_buffers(&mut self.model, &buffers);

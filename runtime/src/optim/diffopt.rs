@@ -815,9 +815,9 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
     }
 
     /// Writes the current float hyperparameters into an ordinary optimizer with the same
-    /// number of groups (higher's `apply_trainable_opt_params`). Values the optimizer
-    /// does not accept (a learned learning rate gone negative) are an error, and then
-    /// nothing is written.
+    /// number of groups (higher's `apply_trainable_opt_params`). Values the ordinary
+    /// optimizer does not accept with its own flags (momentum 0 into a Nesterov SGD) are an
+    /// error, and then nothing is written.
     pub fn apply_to(&self, opt: &mut Optimizer<O>) -> Result<()> {
         check_count(
             "DiffOptimizer::apply_to",
