@@ -423,33 +423,16 @@ impl Tensor {
         dilation: usize,
         groups: usize,
     ) -> Result<Tensor> {
-        let (d, k) = (self.dims(), kernel.dims());
-        if d.len() != 5 || k.len() != 5 || d[0] != k[0] || d[0] == 0 {
-            return Err(shape_error(
-                "conv2d_tasks",
-                self,
-                kernel,
-                "input [T, N, C_in, H, W] and kernel [T, C_out, C_in/groups, kH, kW] with the \
-                 same T > 0"
-                    .into(),
-            ));
-        }
-        // One task's operands, as views without a graph, for the checks.
-        let (x0, w0) = (
-            Tensor::new(self.value().get(0)?),
-            Tensor::new(kernel.value().get(0)?),
-        );
-        self.check_same(kernel, "conv2d_tasks")?;
-        validate(
+        check_tasks(
             "conv2d_tasks",
-            &x0,
-            &w0,
+            self,
+            kernel,
             2,
-            padding,
-            stride,
-            dilation,
-            groups,
+            (padding, stride, dilation, groups),
+            "input [T, N, C_in, H, W] and kernel [T, C_out, C_in/groups, kH, kW] with the same \
+             T > 0",
         )?;
+        let (d, k) = (self.dims(), kernel.dims());
         conv_op(
             self,
             kernel,
@@ -475,30 +458,13 @@ impl Tensor {
         dilation: usize,
         groups: usize,
     ) -> Result<Tensor> {
-        let (d, k) = (self.dims(), kernel.dims());
-        if d.len() != 4 || k.len() != 4 || d[0] != k[0] || d[0] == 0 {
-            return Err(shape_error(
-                "conv1d_tasks",
-                self,
-                kernel,
-                "input [T, N, C_in, L] and kernel [T, C_out, C_in/groups, K] with the same T > 0"
-                    .into(),
-            ));
-        }
-        let (x0, w0) = (
-            Tensor::new(self.value().get(0)?),
-            Tensor::new(kernel.value().get(0)?),
-        );
-        self.check_same(kernel, "conv1d_tasks")?;
-        validate(
+        check_tasks(
             "conv1d_tasks",
-            &x0,
-            &w0,
+            self,
+            kernel,
             1,
-            padding,
-            stride,
-            dilation,
-            groups,
+            (padding, stride, dilation, groups),
+            "input [T, N, C_in, L] and kernel [T, C_out, C_in/groups, K] with the same T > 0",
         )?;
         let x = if padding > 0 {
             self.pad_with_zeros(3, padding, padding)?
@@ -530,4 +496,29 @@ impl Tensor {
             .conv2d(&kernel.unsqueeze(2)?, 0, stride, dilation, groups)?
             .squeeze(2)
     }
+}
+
+/// The checks of a task-batched convolution: `x` `[T, N, C_in, ..]` and `kernel`
+/// `[T, C_out, C_in/groups, ..]` with `spatial` trailing dims and the same `T > 0`, one dtype
+/// and device, and one task's operands valid for the plain convolution.
+fn check_tasks(
+    op: &'static str,
+    x: &Tensor,
+    kernel: &Tensor,
+    spatial: usize,
+    (padding, stride, dilation, groups): (usize, usize, usize, usize),
+    expected: &str,
+) -> Result<()> {
+    let (d, k) = (x.dims(), kernel.dims());
+    let rank = spatial + 3;
+    if d.len() != rank || k.len() != rank || d[0] != k[0] || d[0] == 0 {
+        return Err(shape_error(op, x, kernel, expected.into()));
+    }
+    x.check_same(kernel, op)?;
+    // One task's operands, as views without a graph.
+    let (x0, w0) = (
+        Tensor::new(x.value().get(0)?),
+        Tensor::new(kernel.value().get(0)?),
+    );
+    validate(op, &x0, &w0, spatial, padding, stride, dilation, groups)
 }
