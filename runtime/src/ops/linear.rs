@@ -23,7 +23,7 @@ impl Backward for Linear {
             .then(|| g.matmul(w)?.reshape(x.dims()))
             .transpose()?;
         let gw = ctx.needs[1]
-            .then(|| g.t()?.matmul(&flatten_rows(x)?))
+            .then(|| g.matmul_t(&flatten_rows(x)?, true, false))
             .transpose()?;
         let mut grads = vec![gx, gw];
         if self.has_bias {
@@ -122,7 +122,7 @@ impl Backward for LinearTasks {
         let gw = ctx.needs[1]
             .then(|| {
                 let x3 = x.reshape(&[tasks, rows, w.dims()[2]])?;
-                g.t()?.matmul(&x3)
+                g.matmul_t(&x3, true, false)
             })
             .transpose()?;
         let mut grads = vec![gx, gw];

@@ -2,26 +2,46 @@
 
 use candle_core::{DType, Device, Storage, WithDType};
 
-use super::cpu_gemm::{matmul_into, Strided};
+use super::cpu_gemm::{matmul_into, products, Strided};
 use crate::autograd::{Backward, VjpCtx};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-struct Matmul;
+/// `C = op(A) op(B)`, where `op` transposes the last two dims of an operand whose flag is
+/// set; the inputs are kept as stored, so no transposed view becomes a node of the tape
+/// (its gradient would be a strided view, and adding strided views is candle's slow path).
+struct Matmul {
+    transpose_a: bool,
+    transpose_b: bool,
+}
 
 impl Backward for Matmul {
     fn name(&self) -> &'static str {
         "matmul"
     }
 
-    /// For C = A B: dA = G B^T, dB = A^T G, each summed over broadcast batch dims.
+    /// dop(A) = G op(B)^T and dop(B) = op(A)^T G, each written as one product of the stored
+    /// operands and summed over broadcast batch dims.
     fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
         let (a, b, g) = (&ctx.inputs[0], &ctx.inputs[1], ctx.grad);
+        let (ta, tb) = (self.transpose_a, self.transpose_b);
         let ga = ctx.needs[0]
-            .then(|| g.matmul(&b.t()?)?.sum_to(a.dims()))
+            .then(|| {
+                if ta {
+                    b.matmul_t(g, tb, true)?.sum_to(a.dims())
+                } else {
+                    g.matmul_t(b, false, !tb)?.sum_to(a.dims())
+                }
+            })
             .transpose()?;
         let gb = ctx.needs[1]
-            .then(|| a.t()?.matmul(g)?.sum_to(b.dims()))
+            .then(|| {
+                if tb {
+                    g.matmul_t(a, true, ta)?.sum_to(b.dims())
+                } else {
+                    a.matmul_t(g, !ta, false)?.sum_to(b.dims())
+                }
+            })
             .transpose()?;
         Ok(vec![ga, gb])
     }
@@ -30,9 +50,29 @@ impl Backward for Matmul {
 impl Tensor {
     /// Matrix product of the last two dims; leading (batch) dims broadcast as in PyTorch.
     pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.matmul_t(rhs, false, false)
+    }
+
+    /// `op(self) op(rhs)`, `op` transposing the last two dims of an operand whose flag is
+    /// set (`self.t()?.matmul(rhs)` without a transposed view on the tape).
+    pub(crate) fn matmul_t(
+        &self,
+        rhs: &Tensor,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> Result<Tensor> {
         self.check_same(rhs, "matmul")?;
         self.require_float("matmul")?;
-        let (a, b) = (self.dims(), rhs.dims());
+        let op_dims = |t: &Tensor, transpose: bool| {
+            let mut d = t.dims().to_vec();
+            if transpose && d.len() >= 2 {
+                let r = d.len();
+                d.swap(r - 2, r - 1);
+            }
+            d
+        };
+        let (a, b) = (op_dims(self, transpose_a), op_dims(rhs, transpose_b));
+        let (a, b) = (a.as_slice(), b.as_slice());
         if a.len() < 2 || b.len() < 2 || a[a.len() - 1] != b[b.len() - 2] {
             return Err(Error::ShapeMismatch {
                 op: "matmul",
@@ -42,6 +82,10 @@ impl Tensor {
                 got: b.to_vec(),
             });
         }
+        let node = Matmul {
+            transpose_a,
+            transpose_b,
+        };
         if self.elem_count() == 0 || rhs.elem_count() == 0 {
             let batch =
                 super::binary::broadcast_shape("matmul", &a[..a.len() - 2], &b[..b.len() - 2])?;
@@ -49,8 +93,16 @@ impl Tensor {
             shape.extend_from_slice(&[a[a.len() - 2], b[b.len() - 1]]);
             return super::connected_zeros(&shape, self, &[self, rhs]);
         }
+        let view = |t: &Tensor, transpose: bool| -> Result<candle_core::Tensor> {
+            Ok(if transpose {
+                t.value().t()?
+            } else {
+                t.value().clone()
+            })
+        };
+        let (va, vb) = (view(self, transpose_a)?, view(rhs, transpose_b)?);
         let value = if a.len() == 2 && b.len() == 2 {
-            cpu_or_candle_matmul(self.value(), rhs.value())?
+            cpu_or_candle_matmul(&va, &vb)?
         } else {
             let batch =
                 super::binary::broadcast_shape("matmul", &a[..a.len() - 2], &b[..b.len() - 2])?;
@@ -63,7 +115,7 @@ impl Tensor {
                     t.broadcast_as(shape.as_slice())?
                 })
             };
-            let (ea, eb) = (expand(self.value(), a)?, expand(rhs.value(), b)?);
+            let (ea, eb) = (expand(&va, a)?, expand(&vb, b)?);
             match cpu_batched_matmul(&ea, &eb)? {
                 Some(v) => v,
                 None => {
@@ -80,7 +132,7 @@ impl Tensor {
                 }
             }
         };
-        Tensor::from_op(value, &[self, rhs], Matmul)
+        Tensor::from_op(value, &[self, rhs], node)
     }
 }
 
@@ -206,20 +258,24 @@ fn gemm_batches<T: WithDType>(
     let (ta, tb) = (la.stride(), lb.stride());
     let rank = da.len();
     let parallelism = crate::threads::gemm_parallelism(m * n * k, SMALL_MATMUL);
-    let mut dst = vec![T::from_f64(0.0); batches * m * n];
-    for (i, out) in dst.chunks_mut(m * n).enumerate() {
-        let lhs_view = Strided {
-            data: &lhs[la.start_offset() + batch_offset(da, ta, i)..],
-            row_stride: ta[rank - 2],
-            col_stride: ta[rank - 1],
-        };
-        let rhs_view = Strided {
-            data: &rhs[lb.start_offset() + batch_offset(db, tb, i)..],
-            row_stride: tb[rank - 2],
-            col_stride: tb[rank - 1],
-        };
-        matmul_into((m, n, k), lhs_view, rhs_view, out, false, parallelism)?;
-    }
+    let dst = products(
+        batches,
+        (m, n, k),
+        |i| {
+            let lhs = Strided {
+                data: &lhs[la.start_offset() + batch_offset(da, ta, i)..],
+                row_stride: ta[rank - 2],
+                col_stride: ta[rank - 1],
+            };
+            let rhs = Strided {
+                data: &rhs[lb.start_offset() + batch_offset(db, tb, i)..],
+                row_stride: tb[rank - 2],
+                col_stride: tb[rank - 1],
+            };
+            Ok((lhs, rhs))
+        },
+        parallelism,
+    )?;
     drop((sa, sb));
     let mut shape = da[..rank - 2].to_vec();
     shape.extend_from_slice(&[m, n]);
@@ -275,7 +331,22 @@ fn bmm_no_threads<T: WithDType>(
     };
     let (lhs, rhs) = (ca.as_slice::<T>()?, cb.as_slice::<T>()?);
     let (ta, tb) = (la.stride(), lb.stride());
-    let mut dst = match rows {
+    fn view<'a, T>(data: &'a [T], offset: usize, stride: &[usize]) -> Result<Strided<'a, T>> {
+        let data = data.get(offset..).ok_or_else(|| Error::InvalidArgument {
+            op: "matmul",
+            message: "a batch entry lies outside its storage".into(),
+        })?;
+        Ok(Strided {
+            data,
+            row_stride: stride[1],
+            col_stride: stride[2],
+        })
+    }
+    let views = |i: usize| -> Result<(Strided<'_, T>, Strided<'_, T>)> {
+        let (oa, ob) = (la.start_offset() + i * ta[0], lb.start_offset() + i * tb[0]);
+        Ok((view(lhs, oa, ta)?, view(rhs, ob, tb)?))
+    };
+    let dst = match rows {
         Some(r) => {
             let (sr, lr) = r.storage_and_layout();
             let Storage::Cpu(cr) = &*sr else {
@@ -288,33 +359,14 @@ fn bmm_no_threads<T: WithDType>(
                     dst.extend_from_slice(bias);
                 }
             }
+            for (i, out) in dst.chunks_exact_mut(m * n).enumerate() {
+                let (lhs, rhs) = views(i)?;
+                matmul_into((m, n, k), lhs, rhs, out, true, gemm::Parallelism::None)?;
+            }
             dst
         }
-        None => vec![T::from_f64(0.0); batch * m * n],
+        None => products(batch, (m, n, k), views, gemm::Parallelism::None)?,
     };
-    let accumulate = rows.is_some();
-    for (i, out) in dst.chunks_exact_mut(m * n).enumerate() {
-        let (oa, ob) = (la.start_offset() + i * ta[0], lb.start_offset() + i * tb[0]);
-        fn view<'a, T>(data: &'a [T], offset: usize, stride: &[usize]) -> Result<Strided<'a, T>> {
-            let data = data.get(offset..).ok_or_else(|| Error::InvalidArgument {
-                op: "matmul",
-                message: "a batch entry lies outside its storage".into(),
-            })?;
-            Ok(Strided {
-                data,
-                row_stride: stride[1],
-                col_stride: stride[2],
-            })
-        }
-        matmul_into(
-            (m, n, k),
-            view(lhs, oa, ta)?,
-            view(rhs, ob, tb)?,
-            out,
-            accumulate,
-            gemm::Parallelism::None,
-        )?;
-    }
     drop((sa, sb));
     Ok(candle_core::Tensor::from_vec(
         dst,
@@ -366,12 +418,22 @@ mod tests {
     #[test]
     fn cpu_matmul_equals_candle() {
         for dtype in [DType::F32, DType::F64] {
+            // The small AVX-512 kernel's shapes (any row count, widths around its
+            // vector blocks, depths up to its limit) and gemm's (narrow, deep, large).
             for (m, k, n) in [
                 (10, 40, 40),
                 (1, 1, 1),
                 (7, 3, 5),
                 (40, 40, 1),
                 (96, 300, 64),
+                (1, 40, 40),
+                (40, 1, 40),
+                (13, 7, 8),
+                (5, 100, 33),
+                (4, 128, 16),
+                (3, 129, 17),
+                (9, 64, 47),
+                (2, 5, 4),
             ] {
                 let a = randn(&[m, k], dtype);
                 let b = randn(&[k, n], dtype);
@@ -409,7 +471,10 @@ mod tests {
                 .broadcast_as((3, 2, 4, 6))
                 .unwrap();
             let invariant = randn(&[4, 6], dtype).broadcast_as((3, 2, 4, 6)).unwrap();
+            let wide = randn(&[3, 2, 4, 19], dtype);
             let cases = [
+                (a.clone(), wide.clone()),
+                (transposed_view(&a), wide),
                 (a.clone(), invariant),
                 (a.clone(), b.clone()),
                 (transposed_view(&a), b.clone()),

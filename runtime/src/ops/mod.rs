@@ -19,6 +19,7 @@ pub(crate) mod reduce;
 pub(crate) mod scalar;
 pub(crate) mod select;
 pub(crate) mod shape;
+mod small_gemm;
 pub(crate) mod softmax;
 pub(crate) mod unary;
 
