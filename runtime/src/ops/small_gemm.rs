@@ -3,8 +3,8 @@
 //! A task-batched MAML step makes thousands of gemm calls on matrices of a few dozen rows
 //! (one per task per product), and gemm's packing and buffer set-up cost more than the
 //! arithmetic at that size. This kernel reads the right operand's rows in place (it must
-//! have unit column stride) and keeps a 4-row by 2-vector block of the product in
-//! registers. Each element of the product is the same sequence of fused multiply-adds over
+//! have unit column stride) and keeps a block of up to 8 rows by 2 vectors of the
+//! product in registers. Each element of the product is the same sequence of fused multiply-adds over
 //! `k` that gemm's kernels compute, so the results equal gemm's bit for bit (tested against
 //! candle's matmul); products it does not take (right operand transposed, narrow, large,
 //! or no AVX-512) go to gemm.
@@ -131,16 +131,22 @@ mod avx512 {
                         masks,
                         accumulate,
                     };
+                    // Row blocks of equal height, at most 8: 8 to 16 independent
+                    // accumulator chains hide the fused multiply-add latency.
+                    let height = m.div_ceil(m.div_ceil(8));
                     let mut i = 0;
-                    while i + 4 <= m {
-                        $block::<4>(&at, i);
-                        i += 4;
-                    }
-                    match m - i {
-                        1 => $block::<1>(&at, i),
-                        2 => $block::<2>(&at, i),
-                        3 => $block::<3>(&at, i),
-                        _ => {}
+                    while i < m {
+                        match height.min(m - i) {
+                            1 => $block::<1>(&at, i),
+                            2 => $block::<2>(&at, i),
+                            3 => $block::<3>(&at, i),
+                            4 => $block::<4>(&at, i),
+                            5 => $block::<5>(&at, i),
+                            6 => $block::<6>(&at, i),
+                            7 => $block::<7>(&at, i),
+                            _ => $block::<8>(&at, i),
+                        }
+                        i += height;
                     }
                     j += 2 * $lanes;
                 }
