@@ -575,3 +575,41 @@ fn activations_match_their_formulas() {
     check(nn::Activation::Sigmoid, &|v| 1.0 / (1.0 + (-v).exp()));
     check(nn::Activation::Tanh, &f64::tanh);
 }
+
+/// torch accepts a drop probability in [0, 1]: at 1 everything is dropped (zeros, zero
+/// gradient), and the eval mode stays the identity; outside [0, 1] (or NaN) is an error
+/// naming the probability, for `dropout` and `weight_dropout` alike.
+#[test]
+fn dropout_probability_one_drops_everything_and_outside_is_rejected() {
+    let mut d = nn::dropout(1.0, vb(5)).unwrap();
+    let x = input(&[3, 4], 0.5).to_leaf();
+    let y = d.forward(&x).unwrap();
+    assert!(y.to_vec_f64().unwrap().iter().all(|v| *v == 0.0));
+    let g = grad(
+        &[y.sum_all().unwrap()],
+        &[x.clone()],
+        GradOptions::default(),
+    )
+    .unwrap();
+    let g = g[0].as_ref().unwrap().to_vec_f64().unwrap();
+    assert!(g.iter().all(|v| *v == 0.0));
+    d.eval().unwrap();
+    assert_eq!(max_abs_diff(&d.forward(&x).unwrap(), &x), 0.0);
+    for p in [-0.1, 1.0 + 1e-12, 2.0, f64::NAN] {
+        match nn::dropout(p, vb(5)) {
+            Err(Error::InvalidArgument { op, message }) => {
+                assert_eq!(op, "dropout");
+                assert!(message.contains("not in [0, 1]"), "{message}");
+            }
+            other => panic!("p = {p}: {other:?}"),
+        }
+    }
+    let lin = nn::linear(3, 2, vb(1)).unwrap();
+    assert!(matches!(
+        nn::weight_dropout(lin, &["weight"], 1.5, vb(2)),
+        Err(Error::InvalidArgument {
+            op: "weight_dropout",
+            ..
+        })
+    ));
+}

@@ -17,7 +17,8 @@ impl SeededRng {
         SeededRng(Mutex::new(rng))
     }
 
-    /// A constant mask with this tensor's shape: `1/(1-p)` with probability `1 - p`, else 0.
+    /// A constant mask with this tensor's shape: `1/(1-p)` with probability `1 - p`, else 0
+    /// (all zeros at `p = 1`, as torch's dropout gives).
     pub(crate) fn dropout_mask(&self, like: &Tensor, p: f64) -> Result<Tensor> {
         // The mask's 1/(1-p) would be truncated in an integer dtype.
         like.require_float("dropout")?;
@@ -25,7 +26,7 @@ impl SeededRng {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let scale = 1.0 / (1.0 - p);
+        let scale = if p < 1.0 { 1.0 / (1.0 - p) } else { 0.0 };
         let data: Vec<f64> = (0..like.elem_count())
             .map(|_| if rng.gen::<f64>() < p { 0.0 } else { scale })
             .collect();
@@ -49,10 +50,10 @@ impl Clone for SeededRng {
 }
 
 pub(crate) fn check_p(op: &'static str, p: f64) -> Result<()> {
-    if !(0.0..1.0).contains(&p) {
+    if !(0.0..=1.0).contains(&p) {
         return Err(Error::InvalidArgument {
             op,
-            message: format!("dropout probability {p} is not in [0, 1)"),
+            message: format!("dropout probability {p} is not in [0, 1]"),
         });
     }
     Ok(())
