@@ -8,6 +8,8 @@ mod optim_support;
 mod adversarial_ops;
 mod adversarial_optim;
 mod batched;
+#[cfg(feature = "candle-nn")]
+mod candle_nn_interop;
 mod custom_optimizers;
 mod engine_smoke;
 mod faithful_steps;
