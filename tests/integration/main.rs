@@ -19,6 +19,7 @@ mod golden_optim;
 mod golden_seed_toy;
 mod grad_api;
 mod half_precision;
+mod inject_hyperparams;
 mod innerloop_golden;
 mod linear_op;
 mod new_user;

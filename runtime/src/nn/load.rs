@@ -152,8 +152,8 @@ impl LoadOptions {
         report.loaded.sort();
         report.missing.sort();
         report.unexpected.sort();
-        let strict_failure =
-            !self.non_strict && !(report.missing.is_empty() && report.unexpected.is_empty());
+        let one_sided = !(report.missing.is_empty() && report.unexpected.is_empty());
+        let strict_failure = !self.non_strict && one_sided;
         if strict_failure || !mis_shaped.is_empty() {
             let (missing, unexpected) = if self.non_strict {
                 (Vec::new(), Vec::new())
