@@ -37,8 +37,8 @@ pub fn grad_callback(
 ///
 /// Each entry names a float hyperparameter as in [`Hyperparameters::FLOAT_NAMES`] (`lr`,
 /// `betas.0`, `betas.1`, ...) and gives one value for every
-/// parameter group or one value per group. Tensors must be float tensors of one element;
-/// they are converted, differentiably, to the dtype and device of the parameters. (An
+/// parameter group or one value per group. Tensors must have one element; they are
+/// converted, differentiably, to the dtype and device of the parameters. (An
 /// ordinary optimizer built with tensor hyperparameters, optax's `inject_hyperparams`, is
 /// [`Optimizer::inject`]: its inner loops start with those tensors as overrides.) In a task-batched
 /// unroll ([`DiffOptimizer::set_tasks`]) a tensor may instead have shape `[T]`: one value
@@ -517,13 +517,6 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
         match v {
             Scalar::Float(x) => Ok(Scalar::Float(*x)),
             Scalar::Tensor(t) => {
-                if !t.dtype().is_float() {
-                    return Err(Error::UnsupportedDType {
-                        op: "DiffOptimizer override",
-                        dtype: t.dtype(),
-                        expected: "a hyperparameter is a float tensor (f32, f64, f16 or bf16)",
-                    });
-                }
                 let per_task = matches!(self.tasks, Some(n) if t.dims() == [n]);
                 if t.elem_count() != 1 && !per_task {
                     let expected = match self.tasks {

@@ -234,15 +234,16 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
     /// optax's `inject_hyperparams(optax.sgd)(learning_rate=lr)` reads
     /// `Optimizer::new(Sgd::default(), n)?` then `opt.inject("lr", &lr)?`.
     ///
-    /// The tensor must be a float tensor of one element (per-task `[T]` values go through
-    /// [`crate::InnerloopOptions::overrides`]); it is checked as an override is, by its
+    /// The tensor must have one element (per-task `[T]` values go through
+    /// [`crate::InnerloopOptions::overrides`]; an integer tensor converts, as an override
+    /// does, to the parameters' dtype); it is checked as an override is, by its
     /// value now (tensors are immutable), and that value is also what this optimizer's
     /// own ordinary steps use. An inner loop's tensor reaches a hyperparameter whatever its
     /// float was: `Sgd::default()` with injected `momentum` and `weight_decay` uses both
     /// (see [`Overrides`] for a value of exactly 0). Injecting a name again replaces the
     /// earlier tensor; overrides given to the inner loop win over injected tensors. An
-    /// unknown name, a tensor of another shape or an integer dtype, or a value the
-    /// optimizer does not accept is an error, and then nothing changes. Changing the float
+    /// unknown name, a tensor of more than one element, or a value the optimizer does not
+    /// accept is an error, and then nothing changes. Changing the float
     /// later through [`Optimizer::groups_mut`] does not change the injected tensor.
     ///
     /// ```
@@ -259,13 +260,6 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
     pub fn inject(&mut self, name: &str, value: &Tensor) -> Result<&mut Self> {
         const OP: &str = "Optimizer::inject";
         let names = expand_name::<O>(name)?;
-        if !value.dtype().is_float() {
-            return Err(Error::UnsupportedDType {
-                op: OP,
-                dtype: value.dtype(),
-                expected: "a hyperparameter is a float tensor (f32, f64, f16 or bf16)",
-            });
-        }
         if value.elem_count() != 1 {
             return Err(Error::ShapeMismatch {
                 op: OP,
