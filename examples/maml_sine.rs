@@ -12,6 +12,9 @@
 //! inner loss the sum of the per-task losses); `--looped` adapts them one by one instead,
 //! with the same result up to rounding.
 //!
+//! The figure (`--plot`, default `maml_sine.png`; drawn by `common/plot.rs`) shows three
+//! test tasks adapted by both models and the training curve with its moving average.
+//!
 //! `cargo run --release --example maml_sine -- [--iters N] [--inner-steps K] [--plot PATH] [--looped]`
 
 use candle_higher::nn::{
@@ -23,9 +26,11 @@ use candle_higher::{
     InnerloopOptions, Result, Tensor,
 };
 use indicatif::{ProgressBar, ProgressStyle};
-use plotters::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+#[path = "common/plot.rs"]
+mod plot;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -248,77 +253,62 @@ fn main() -> Result<()> {
         println!("| {steps} | {:.3} | {:.3} | {anchor} |", maml[i], base[i]);
     }
 
-    draw(&plot, &model, &baseline, &tasks[..3], &curve)?;
+    draw(&plot, &model, &baseline, &tasks[..3], &curve, inner_steps)?;
     println!("wrote {plot}: top, three test tasks (black: truth, blue: MAML after 10 steps, red: baseline after 10 steps, dots: the K support points); bottom, the training query MSE");
     Ok(())
 }
 
-/// A PNG with three adapted test curves and the training loss curve. No text: the
-/// caption is printed instead, so the example needs no font files.
+/// The figure: three test tasks adapted by both models, and the training curve.
 fn draw(
     path: &str,
     model: &Sequential,
     baseline: &Sequential,
     tasks: &[(Task, Tensor, Tensor, Tensor, Tensor)],
     curve: &[f64],
+    inner_steps: usize,
 ) -> Result<()> {
-    let draw_err = |e: Box<dyn std::error::Error>| candle_higher::Error::InvalidArgument {
-        op: "plot",
-        message: e.to_string(),
-    };
-    let root = BitMapBackend::new(path, (1200, 800)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| draw_err(Box::new(e)))?;
-    let (top, bottom) = root.split_vertically(500);
-    let panels = top.split_evenly((1, tasks.len()));
     let grid: Vec<f32> = (0..200).map(|i| -5.0 + 10.0 * i as f32 / 199.0).collect();
-    for (panel, (task, xs, ys, _, _)) in panels.iter().zip(tasks) {
-        let mut chart = ChartBuilder::on(panel)
-            .margin(10)
-            .build_cartesian_2d(-5.0f32..5.0, -6.0f32..6.0)
-            .map_err(|e| draw_err(Box::new(e)))?;
+    let pairs = |x: &[f32], y: Vec<f64>| -> Vec<(f32, f32)> {
+        x.iter().zip(y).map(|(&x, y)| (x, y as f32)).collect()
+    };
+    let mut panels = Vec::with_capacity(tasks.len());
+    for (i, (task, xs, ys, _, _)) in tasks.iter().enumerate() {
         let (xg, yg) = task.at(&grid)?;
         let curve_of = |m: &Sequential| -> Result<Vec<(f32, f32)>> {
             let fmodel = adapt(m, xs, ys, 10, false)?;
             let _guard = no_grad();
-            let y = fmodel.forward(&xg)?.to_vec_f64()?;
-            Ok(grid.iter().zip(y).map(|(&x, y)| (x, y as f32)).collect())
+            Ok(pairs(&grid, fmodel.forward(&xg)?.to_vec_f64()?))
         };
-        let truth: Vec<(f32, f32)> = grid
-            .iter()
-            .zip(yg.to_vec_f64()?)
-            .map(|(&x, y)| (x, y as f32))
-            .collect();
-        for (points, color) in [
-            (truth, BLACK),
-            (curve_of(model)?, BLUE),
-            (curve_of(baseline)?, RED),
-        ] {
-            chart
-                .draw_series(LineSeries::new(points, color.stroke_width(2)))
-                .map_err(|e| draw_err(Box::new(e)))?;
-        }
-        let support: Vec<(f32, f32)> = xs
-            .to_vec_f64()?
-            .into_iter()
-            .zip(ys.to_vec_f64()?)
-            .map(|(x, y)| (x as f32, y as f32))
-            .collect();
-        chart
-            .draw_series(
-                support
-                    .into_iter()
-                    .map(|p| Circle::new(p, 4, BLACK.filled())),
-            )
-            .map_err(|e| draw_err(Box::new(e)))?;
+        let support_x: Vec<f32> = xs.to_vec_f64()?.iter().map(|&x| x as f32).collect();
+        panels.push(plot::TaskPanel {
+            caption: format!(
+                "test task {}: y = {:.2} sin(x - {:.2})",
+                i + 1,
+                task.amp,
+                task.phase
+            ),
+            truth: pairs(&grid, yg.to_vec_f64()?),
+            maml: curve_of(model)?,
+            baseline: curve_of(baseline)?,
+            support: pairs(&support_x, ys.to_vec_f64()?),
+        });
     }
-    let top_loss = curve.iter().copied().fold(0.0f64, f64::max).max(1e-3);
-    let mut chart = ChartBuilder::on(&bottom)
-        .margin(10)
-        .build_cartesian_2d(0..curve.len().max(1), 0.0..top_loss)
-        .map_err(|e| draw_err(Box::new(e)))?;
-    chart
-        .draw_series(LineSeries::new(curve.iter().copied().enumerate(), BLUE))
-        .map_err(|e| draw_err(Box::new(e)))?;
-    root.present().map_err(|e| draw_err(Box::new(e)))?;
-    Ok(())
+    let curve_title = format!(
+        "meta-training: {inner_steps} inner SGD step(s) per task, {META_BATCH} tasks per meta-batch"
+    );
+    let figure = plot::Figure {
+        title: "MAML on sinusoid regression: new tasks after 10 SGD steps on K = 10 points",
+        curve_title: &curve_title,
+        maml_label: "MAML, after 10 steps",
+        baseline_label: "pretrained baseline, after 10 steps",
+        support_label: "support points (K = 10)",
+        panels: &panels,
+        curve,
+        curve_label: "query MSE after adaptation (meta-batch mean)",
+        window: 50,
+    };
+    plot::draw(path, &figure).map_err(|e| candle_higher::Error::InvalidArgument {
+        op: "plot",
+        message: e.to_string(),
+    })
 }

@@ -8,3 +8,8 @@ pub use candle_higher_macros::differentiable_optimizer;
 /// (`candle_higher::candle::Tensor` is a plain candle tensor, e.g. for a [`CustomOp`]'s
 /// forward).
 pub use candle_core as candle;
+
+/// The candle-nn this crate's `candle-nn` feature works with (`nn::load_varmap`,
+/// `nn::write_varmap`), so your candle-nn models use the same version.
+#[cfg(feature = "candle-nn")]
+pub use candle_nn;

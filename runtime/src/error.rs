@@ -194,6 +194,15 @@ pub enum Error {
         /// Name, the model's shape, the source's shape.
         mis_shaped: Vec<(String, Vec<usize>, Vec<usize>)>,
     },
+    /// Named tensors whose dtypes differ from the model's, loaded (or written back) without
+    /// `LoadOptions::convert_dtype`; nothing was changed.
+    #[error("{source_name}: nothing loaded; dtypes differ: {}; convert them with LoadOptions::convert_dtype(true)", describe_dtypes(.mismatched))]
+    LoadDType {
+        /// Where the tensors came from (or go to).
+        source_name: String,
+        /// Name, the model's dtype, the other side's dtype.
+        mismatched: Vec<(String, candle_core::DType, candle_core::DType)>,
+    },
     /// An optimizer hyperparameter outside the range torch.optim accepts (negative
     /// learning rate, `betas` outside `[0, 1)`, NaN, ...), found at construction, when an
     /// override is set, or at a step after the hyperparameters were changed.
@@ -282,6 +291,14 @@ fn describe_load(
         parts.push(format!("mis-shaped: {}", items.join(", ")));
     }
     parts.join("; ")
+}
+
+fn describe_dtypes(mismatched: &[(String, candle_core::DType, candle_core::DType)]) -> String {
+    let items: Vec<String> = mismatched
+        .iter()
+        .map(|(n, model, other)| format!("{n} (model {model:?}, source {other:?})"))
+        .collect();
+    items.join(", ")
 }
 
 fn in_group(group: &Option<usize>) -> String {

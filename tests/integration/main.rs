@@ -8,6 +8,8 @@ mod optim_support;
 mod adversarial_ops;
 mod adversarial_optim;
 mod batched;
+#[cfg(feature = "candle-nn")]
+mod candle_nn_interop;
 mod custom_optimizers;
 mod engine_smoke;
 mod faithful_steps;
@@ -17,6 +19,7 @@ mod golden_optim;
 mod golden_seed_toy;
 mod grad_api;
 mod half_precision;
+mod inject_hyperparams;
 mod innerloop_golden;
 mod linear_op;
 mod new_user;

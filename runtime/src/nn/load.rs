@@ -2,12 +2,24 @@
 //! checkpoint): prefix renaming, and non-strict loading that reports what it left out.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use candle_core::DType;
 
 use super::{load_state_dict, ParamLayout, Parameters};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
-/// How [`load_state_dict_with`] maps and checks names.
-#[derive(Clone, Debug, Default)]
+/// A renaming of the other side's names to the model's (see [`LoadOptions::rename_with`]).
+type RenameFn = Arc<dyn Fn(&str) -> String + Send + Sync>;
+
+/// How [`load_state_dict_with`] (and, with the `candle-nn` feature, `load_varmap` and
+/// `write_varmap`) map and check names.
+///
+/// Names always go from the other side's (a checkpoint's, a `VarMap`'s) to the model's:
+/// first the prefix replacements, then the [`rename_with`](LoadOptions::rename_with)
+/// function. Writing back uses the same direction: each `VarMap` name is renamed and
+/// receives the model's tensor of that name.
+#[derive(Clone, Default)]
 pub struct LoadOptions {
     /// `(from, to)` prefix replacements applied to the source's names, first match wins:
     /// `("model.encoder.", "0.")` loads `model.encoder.weight` into `0.weight`; `("", "net.")`
@@ -17,10 +29,26 @@ pub struct LoadOptions {
     /// their current values, names the source has and the model lacks are skipped, and
     /// both are reported. Mis-shaped and non-finite tensors are errors either way.
     pub non_strict: bool,
+    /// Converts a tensor of another dtype to the receiving side's (an f32 `VarMap` into an
+    /// f64 model). Off by default: a dtype mismatch is [`Error::LoadDType`], naming every
+    /// mismatched tensor, since converting f64 to f32 loses precision silently.
+    pub convert_dtype: bool,
+    rename_fn: Option<RenameFn>,
+}
+
+impl std::fmt::Debug for LoadOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadOptions")
+            .field("rename", &self.rename)
+            .field("non_strict", &self.non_strict)
+            .field("convert_dtype", &self.convert_dtype)
+            .field("rename_with", &self.rename_fn.as_ref().map(|_| "<fn>"))
+            .finish()
+    }
 }
 
 impl LoadOptions {
-    /// Strict loading with no renaming (what [`load_state_dict`] does).
+    /// Strict loading with no renaming and no dtype conversion.
     pub fn new() -> Self {
         Self::default()
     }
@@ -31,19 +59,121 @@ impl LoadOptions {
         self
     }
 
+    /// Renames each of the other side's names (after the prefix replacements) to the
+    /// model's, e.g. from a table: `rename_with(move |n| table.get(n).cloned()
+    /// .unwrap_or_else(|| n.to_string()))`, or `|n| n.replace(".gamma", ".weight")`.
+    pub fn rename_with(mut self, f: impl Fn(&str) -> String + Send + Sync + 'static) -> Self {
+        self.rename_fn = Some(Arc::new(f));
+        self
+    }
+
     /// Non-strict loading (see [`LoadOptions::non_strict`]).
     pub fn non_strict(mut self, non_strict: bool) -> Self {
         self.non_strict = non_strict;
         self
     }
 
+    /// Dtype conversion (see [`LoadOptions::convert_dtype`]).
+    pub fn convert_dtype(mut self, convert: bool) -> Self {
+        self.convert_dtype = convert;
+        self
+    }
+
     fn map_name(&self, name: &str) -> String {
-        for (from, to) in &self.rename {
-            if let Some(rest) = name.strip_prefix(from.as_str()) {
-                return format!("{to}{rest}");
+        let prefixed = self
+            .rename
+            .iter()
+            .find_map(|(from, to)| {
+                name.strip_prefix(from.as_str())
+                    .map(|rest| format!("{to}{rest}"))
+            })
+            .unwrap_or_else(|| name.to_string());
+        match &self.rename_fn {
+            Some(f) => f(&prefixed),
+            None => prefixed,
+        }
+    }
+
+    /// The other side's names by the model's name they are renamed to; two renamed to
+    /// one name is an error.
+    pub(crate) fn rename_all<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a String>,
+        source: &str,
+    ) -> Result<HashMap<String, &'a String>> {
+        let mut renamed = HashMap::new();
+        for name in names {
+            let new = self.map_name(name);
+            if let Some(other) = renamed.insert(new.clone(), name) {
+                return Err(Error::InvalidArgument {
+                    op: "load_state_dict_with",
+                    message: format!(
+                        "{source}: {other} and {name} are both renamed to {new}; nothing loaded"
+                    ),
+                });
             }
         }
-        name.to_string()
+        Ok(renamed)
+    }
+
+    /// Matches the model's named tensors with the other side's (by the model's names):
+    /// in strict mode any name on one side only is [`Error::LoadMismatch`]; a shape that
+    /// differs is that error in either mode (all listed at once), and then a dtype that
+    /// differs without `convert_dtype` is [`Error::LoadDType`]. Returns what would be
+    /// loaded and what was left out.
+    pub(crate) fn match_tensors(
+        &self,
+        source: &str,
+        model: &[(&String, &crate::Tensor)],
+        other: &HashMap<String, (Vec<usize>, DType)>,
+    ) -> Result<LoadReport> {
+        let known: HashSet<&str> = model.iter().map(|(n, _)| n.as_str()).collect();
+        let mut report = LoadReport::default();
+        let mut mis_shaped = Vec::new();
+        let mut mismatched = Vec::new();
+        for (name, t) in model {
+            match other.get(name.as_str()) {
+                None => report.missing.push(name.to_string()),
+                Some((shape, dtype)) => {
+                    if shape.as_slice() != t.dims() {
+                        mis_shaped.push((name.to_string(), t.dims().to_vec(), shape.clone()));
+                    } else if *dtype != t.dtype() && !self.convert_dtype {
+                        mismatched.push((name.to_string(), t.dtype(), *dtype));
+                    }
+                    report.loaded.push(name.to_string());
+                }
+            }
+        }
+        report.unexpected = other
+            .keys()
+            .filter(|k| !known.contains(k.as_str()))
+            .cloned()
+            .collect();
+        report.loaded.sort();
+        report.missing.sort();
+        report.unexpected.sort();
+        let one_sided = !(report.missing.is_empty() && report.unexpected.is_empty());
+        let strict_failure = !self.non_strict && one_sided;
+        if strict_failure || !mis_shaped.is_empty() {
+            let (missing, unexpected) = if self.non_strict {
+                (Vec::new(), Vec::new())
+            } else {
+                (report.missing, report.unexpected)
+            };
+            return Err(Error::LoadMismatch {
+                source_name: source.to_string(),
+                missing,
+                unexpected,
+                mis_shaped,
+            });
+        }
+        if !mismatched.is_empty() {
+            return Err(Error::LoadDType {
+                source_name: source.to_string(),
+                mismatched,
+            });
+        }
+        Ok(report)
     }
 }
 
@@ -58,60 +188,50 @@ pub struct LoadReport {
     pub unexpected: Vec<String>,
 }
 
-/// [`load_state_dict`] with renamed source names and, optionally, non-strict matching.
-/// All-or-nothing as `load_state_dict`: on any error (a mis-shaped or non-finite tensor, or
-/// in strict mode a missing or extra name, or two source names renamed to one) the model
-/// is unchanged. Every trainable parameter becomes a fresh leaf, loaded or kept.
+/// The model's parameters and then its buffers, by name, from a layout.
+pub(crate) fn named_entries(layout: &ParamLayout) -> Vec<(&String, &crate::Tensor)> {
+    layout
+        .names
+        .iter()
+        .zip(&layout.tensors)
+        .chain(layout.buffer_names.iter().zip(&layout.buffer_tensors))
+        .collect()
+}
+
+/// [`load_state_dict`] with renamed source names and, optionally, non-strict matching and
+/// dtype conversion. All-or-nothing as `load_state_dict`: on any error (a mis-shaped or
+/// non-finite tensor, a dtype mismatch without `convert_dtype`, in strict mode a missing
+/// or extra name, or two source names renamed to one) the model is unchanged. Every
+/// trainable parameter becomes a fresh leaf, loaded or kept.
 pub fn load_state_dict_with<M: Parameters>(
     model: &mut M,
     tensors: &HashMap<String, candle_core::Tensor>,
     source: &str,
     options: &LoadOptions,
 ) -> Result<LoadReport> {
-    let mut renamed: HashMap<String, candle_core::Tensor> = HashMap::new();
-    for (name, t) in tensors {
-        let new = options.map_name(name);
-        if renamed.insert(new.clone(), t.clone()).is_some() {
-            return Err(crate::Error::InvalidArgument {
-                op: "load_state_dict_with",
-                message: format!("{source}: two tensors are renamed to {new}; nothing loaded"),
-            });
-        }
-    }
+    let renamed = options.rename_all(tensors.keys(), source)?;
     let layout = ParamLayout::of(model)?;
-    let model_names: Vec<(&String, &crate::Tensor)> = layout
-        .names
+    let entries = named_entries(&layout);
+    let other = renamed
         .iter()
-        .zip(&layout.tensors)
-        .chain(layout.buffer_names.iter().zip(&layout.buffer_tensors))
+        .map(|(new, old)| {
+            let t = &tensors[*old];
+            (new.clone(), (t.dims().to_vec(), t.dtype()))
+        })
         .collect();
-    let known: HashSet<&str> = model_names.iter().map(|(n, _)| n.as_str()).collect();
-    let mut report = LoadReport::default();
-    if options.non_strict {
-        report.unexpected = renamed
-            .keys()
-            .filter(|k| !known.contains(k.as_str()))
-            .cloned()
-            .collect();
-        for k in &report.unexpected {
-            renamed.remove(k);
-        }
-        for (name, current) in &model_names {
-            if !renamed.contains_key(name.as_str()) {
-                report.missing.push(name.to_string());
-                renamed.insert(name.to_string(), current.to_candle());
-            }
+    let report = options.match_tensors(source, &entries, &other)?;
+    let mut complete: HashMap<String, candle_core::Tensor> = report
+        .loaded
+        .iter()
+        .map(|name| (name.clone(), tensors[renamed[name]].clone()))
+        .collect();
+    for (name, current) in &entries {
+        if report.missing.contains(name) {
+            complete.insert(name.to_string(), current.to_candle());
         }
     }
-    report.loaded = model_names
-        .iter()
-        .map(|(n, _)| n.to_string())
-        .filter(|n| !report.missing.contains(n))
-        .collect();
+    drop(entries);
     drop(layout);
-    load_state_dict(model, &renamed, source)?;
-    report.loaded.sort();
-    report.missing.sort();
-    report.unexpected.sort();
+    load_state_dict(model, &complete, source)?;
     Ok(report)
 }

@@ -26,6 +26,8 @@ mod safetensors;
 mod sequential;
 mod tasks;
 mod var_builder;
+#[cfg(feature = "candle-nn")]
+mod varmap;
 
 pub use activation::{flatten, Activation, Flatten};
 pub use conv::{
@@ -52,5 +54,7 @@ pub use safetensors::{load_safetensors, load_state_dict, save_safetensors, state
 pub use sequential::{seq, Func, Layer, Sequential};
 pub use tasks::{task_batch, task_scope, TaskScope};
 pub use var_builder::VarBuilder;
+#[cfg(feature = "candle-nn")]
+pub use varmap::{load_varmap, write_varmap};
 
 pub(crate) use module::ParamLayout;

@@ -38,7 +38,9 @@ pub fn grad_callback(
 /// Each entry names a float hyperparameter as in [`Hyperparameters::FLOAT_NAMES`] (`lr`,
 /// `betas.0`, `betas.1`, ...) and gives one value for every
 /// parameter group or one value per group. Tensors must have one element; they are
-/// converted, differentiably, to the dtype and device of the parameters. In a task-batched
+/// converted, differentiably, to the dtype and device of the parameters. (An
+/// ordinary optimizer built with tensor hyperparameters, optax's `inject_hyperparams`, is
+/// [`Optimizer::inject`]: its inner loops start with those tensors as overrides.) In a task-batched
 /// unroll ([`DiffOptimizer::set_tasks`]) a tensor may instead have shape `[T]`: one value
 /// per task, broadcast as `[T, 1, .., 1]` against each `[T, ...]` parameter.
 ///
@@ -95,6 +97,12 @@ impl Overrides {
     /// Whether nothing is overridden.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// These overrides with `name`'s entries replaced by one value for every group.
+    pub(crate) fn replace(mut self, name: &str, value: impl Into<Scalar>) -> Self {
+        self.entries.retain(|(n, _)| n != name);
+        self.set(name, value)
     }
 
     /// The entries: a name and its values.
@@ -319,7 +327,8 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
     /// current parameters, for the count, dtype and device; states are moved to their
     /// device and detached. A state whose tensors do not have its parameter's shape is
     /// [`Error::StateShape`], and the hyperparameters are checked again (they may have
-    /// been changed through [`Optimizer::groups_mut`]).
+    /// been changed through [`Optimizer::groups_mut`]). Hyperparameters injected as
+    /// tensors ([`Optimizer::inject`]) become this optimizer's overrides.
     pub fn from_optimizer(opt: &Optimizer<O>, params: &[Tensor]) -> Result<Self> {
         const OP: &str = "DiffOptimizer::from_optimizer";
         check_count(OP, "parameters", opt.n_params(), params.len())?;
@@ -333,6 +342,7 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
             .iter()
             .map(|s| s.map_tensors(|t| t.detach().to_device(&device)))
             .collect::<Result<_>>()?;
+        d.set_overrides(opt.injected())?;
         Ok(d)
     }
 
@@ -868,7 +878,7 @@ fn read_value(name: &str, v: &Scalar) -> Result<f64> {
 
 /// The float name `name` as `O` spells it; an unknown name is an error listing the known
 /// ones (a tuple field is overridden component by component: `betas.0`, `betas.1`).
-fn expand_name<O: Hyperparameters>(name: &str) -> Result<Vec<&'static str>> {
+pub(crate) fn expand_name<O: Hyperparameters>(name: &str) -> Result<Vec<&'static str>> {
     match O::FLOAT_NAMES.iter().find(|&&n| n == name) {
         Some(&n) => Ok(vec![n]),
         None => Err(unknown_hyperparameter(

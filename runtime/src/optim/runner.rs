@@ -1,8 +1,9 @@
 //! The ordinary optimizer: steps parameters in place under `no_grad`, for normal training
 //! (the outer loop of MAML).
 
-use super::validation::check_hyperparameters;
-use super::{Hyperparameters, OptimizerStep, State, StateValue};
+use super::diffopt::{expand_name, Overrides};
+use super::validation::{check_hyperparameters, check_twin};
+use super::{Hyperparameters, OptimizerStep, Scalar, State, StateValue, TwinHyperparameters};
 use crate::autograd::GradStore;
 use crate::error::{Error, Result};
 use crate::tensor::{no_grad, Tensor};
@@ -167,6 +168,9 @@ pub(crate) fn check_grad_shape(op: &'static str, i: usize, p: &Tensor, g: &Tenso
 pub struct Optimizer<O> {
     groups: Vec<ParamGroup<O>>,
     states: Vec<State>,
+    /// Hyperparameters given as tensors ([`Optimizer::inject`]), for every inner loop
+    /// branched from this optimizer.
+    injected: Overrides,
 }
 
 /// A step computed for every parameter that has a gradient, not yet committed: the new
@@ -199,6 +203,7 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
         Ok(Optimizer {
             groups: vec![ParamGroup::new((0..n_params).collect(), hyperparameters)],
             states: vec![State::new(); n_params],
+            injected: Overrides::new(),
         })
     }
 
@@ -217,7 +222,76 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
         Ok(Optimizer {
             groups,
             states: vec![State::new(); n_params],
+            injected: Overrides::new(),
         })
+    }
+
+    /// optax's `inject_hyperparams`: the hyperparameter `name` (as in
+    /// [`Hyperparameters::FLOAT_NAMES`]: `lr`, `momentum`, `betas.1`) of every group
+    /// becomes the tensor `value`, so every inner loop branched from this optimizer
+    /// ([`crate::innerloop`], [`super::DiffOptimizer::from_optimizer`]) steps with it and
+    /// the meta-gradient reaches it; what was given as a float for `name` is replaced.
+    /// optax's `inject_hyperparams(optax.sgd)(learning_rate=lr)` reads
+    /// `Optimizer::new(Sgd::default(), n)?` then `opt.inject("lr", &lr)?`.
+    ///
+    /// The tensor must have one element (per-task `[T]` values go through
+    /// [`crate::InnerloopOptions::overrides`]; an integer tensor converts, as an override
+    /// does, to the parameters' dtype); it is checked as an override is, by its
+    /// value now (tensors are immutable), and that value is also what this optimizer's
+    /// own ordinary steps use. An inner loop's tensor reaches a hyperparameter whatever its
+    /// float was: `Sgd::default()` with injected `momentum` and `weight_decay` uses both
+    /// (see [`Overrides`] for a value of exactly 0). Injecting a name again replaces the
+    /// earlier tensor; overrides given to the inner loop win over injected tensors. An
+    /// unknown name, a tensor of more than one element, or a value the optimizer does not
+    /// accept is an error, and then nothing changes. Changing the float
+    /// later through [`Optimizer::groups_mut`] does not change the injected tensor.
+    ///
+    /// ```
+    /// # use candle_higher_runtime::{DType, Device, Tensor};
+    /// # use candle_higher_runtime::optim::{Optimizer, Sgd};
+    /// # fn main() -> candle_higher_runtime::Result<()> {
+    /// let lr = Tensor::full_scalar(0.1, DType::F64, &Device::Cpu)?.to_leaf();
+    /// let mut inner_opt = Optimizer::new(Sgd::default(), 4)?;
+    /// inner_opt.inject("lr", &lr)?;
+    /// assert_eq!(inner_opt.groups()[0].hyperparameters.lr, 0.1);
+    /// assert!(inner_opt.inject("learning_rate", &lr).is_err()); // torch's names: "lr"
+    /// # Ok(()) }
+    /// ```
+    pub fn inject(&mut self, name: &str, value: &Tensor) -> Result<&mut Self> {
+        const OP: &str = "Optimizer::inject";
+        let names = expand_name::<O>(name)?;
+        if value.elem_count() != 1 {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                expected: format!(
+                    "one element for \"{name}\" (one value per task: InnerloopOptions::overrides)"
+                ),
+                got: value.dims().to_vec(),
+            });
+        }
+        let tensor = value.reshape(&[])?;
+        let mut groups = self.groups.clone();
+        for (g, group) in groups.iter_mut().enumerate() {
+            let mut twin = group.hyperparameters.twin();
+            for &n in &names {
+                twin.set(n, Scalar::Tensor(tensor.clone()))?;
+            }
+            check_twin::<O>(&twin, g)?;
+            let v = tensor.to_scalar_f64()?;
+            for &n in &names {
+                group.hyperparameters.set_float(n, v)?;
+            }
+            check_hyperparameters(&group.hyperparameters, g)?;
+        }
+        self.groups = groups;
+        self.injected = std::mem::take(&mut self.injected).replace(name, tensor);
+        Ok(self)
+    }
+
+    /// The hyperparameters given as tensors by [`Optimizer::inject`], as the overrides
+    /// every inner loop branched from this optimizer starts with.
+    pub fn injected(&self) -> &Overrides {
+        &self.injected
     }
 
     /// Number of parameters this optimizer was made for.
