@@ -181,9 +181,9 @@ pub enum Error {
         /// Why it is not held (test mode, truncation).
         reason: String,
     },
-    /// Loading named tensors found names or shapes that do not match the model; nothing
-    /// was loaded.
-    #[error("{source_name}: nothing loaded; {}", describe_load(.missing, .unexpected, .mis_shaped))]
+    /// Loading named tensors (or writing them back) found names or shapes that do not
+    /// match the model; nothing was changed.
+    #[error("{source_name}: nothing changed; {}", describe_load(.missing, .unexpected, .mis_shaped))]
     LoadMismatch {
         /// Where the tensors came from (a path or "tensors").
         source_name: String,
@@ -196,7 +196,7 @@ pub enum Error {
     },
     /// Named tensors whose dtypes differ from the model's, loaded (or written back) without
     /// `LoadOptions::convert_dtype`; nothing was changed.
-    #[error("{source_name}: nothing loaded; dtypes differ: {}; convert them with LoadOptions::convert_dtype(true)", describe_dtypes(.mismatched))]
+    #[error("{source_name}: nothing changed; dtypes differ: {}; convert them with LoadOptions::convert_dtype(true)", describe_dtypes(.mismatched))]
     LoadDType {
         /// Where the tensors came from (or go to).
         source_name: String,
@@ -286,7 +286,7 @@ fn describe_load(
     if !mis_shaped.is_empty() {
         let items: Vec<String> = mis_shaped
             .iter()
-            .map(|(n, want, got)| format!("{n} (model {want:?}, file {got:?})"))
+            .map(|(n, want, got)| format!("{n} (model {want:?}, source {got:?})"))
             .collect();
         parts.push(format!("mis-shaped: {}", items.join(", ")));
     }

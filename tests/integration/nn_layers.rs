@@ -473,7 +473,7 @@ fn load_errors_name_every_problem_and_load_nothing() {
     t.remove("3.bias");
     let msg = check(t, &mut model);
     assert!(
-        msg.contains("missing: 3.bias") && msg.contains("nothing loaded"),
+        msg.contains("missing: 3.bias") && msg.contains("nothing changed"),
         "{msg}"
     );
     // Extra.
@@ -493,7 +493,7 @@ fn load_errors_name_every_problem_and_load_nothing() {
     t.remove("1.running_var");
     let msg = check(t, &mut model);
     assert!(
-        msg.contains("0.weight (model [4, 3], file [3, 4])")
+        msg.contains("0.weight (model [4, 3], source [3, 4])")
             && msg.contains("missing: 1.running_var"),
         "{msg}"
     );
