@@ -46,12 +46,92 @@ impl Backward for UnaryBackward {
             Kind::SafeRecip => g.mul(&y.mul(y)?)?.neg()?,
             Kind::Abs => g.mul(Tensor::new(x.value().sign()?))?,
             Kind::Sign => return Ok(vec![None]),
-            Kind::Relu => g.mul(Tensor::new(y.value().sign()?))?,
+            Kind::Relu => relu_mask(g, y.value())?,
             Kind::Tanh => g.mul(&y.mul(y)?.affine(-1.0, 1.0)?)?,
             Kind::Sigmoid => g.mul(&y.mul(&y.affine(-1.0, 1.0)?)?)?,
         };
         Ok(vec![Some(gx)])
     }
+}
+
+/// `g [y > 0]` with `y` a relu's output: its derivative applied to `g` as one node (and,
+/// on the CPU, one pass) instead of a sign and a product. The mask is constant, so the
+/// node's own derivative is the same mask.
+struct ReluMask {
+    y: candle_core::Tensor,
+}
+
+impl Backward for ReluMask {
+    fn name(&self) -> &'static str {
+        "relu_backward"
+    }
+
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(relu_mask(ctx.grad, &self.y)?)])
+    }
+}
+
+fn relu_mask(g: &Tensor, y: &candle_core::Tensor) -> Result<Tensor> {
+    let value = match relu_mask_cpu(g.value(), y)? {
+        Some(v) => v,
+        // `sign` of a relu output is 1 where it is positive, else 0 (NaN included).
+        None => g.value().mul(&y.sign()?)?,
+    };
+    Tensor::from_op(value, &[g], ReluMask { y: y.clone() })
+}
+
+/// `g * (y > 0 ? 1 : 0)` in one pass over contiguous CPU f32/f64 tensors of one shape
+/// (the same products as `g * sign(y)`, bit for bit); `None` elsewhere.
+fn relu_mask_cpu(
+    g: &candle_core::Tensor,
+    y: &candle_core::Tensor,
+) -> Result<Option<candle_core::Tensor>> {
+    use candle_core::{DType, Storage};
+    let applies = g.device().is_cpu()
+        && y.device().is_cpu()
+        && g.is_contiguous()
+        && y.is_contiguous()
+        && g.dtype() == y.dtype()
+        && g.dims() == y.dims()
+        && matches!(g.dtype(), DType::F32 | DType::F64)
+        && super::kernels::cpu_fast_paths();
+    if !applies {
+        return Ok(None);
+    }
+    let (sg, lg) = g.storage_and_layout();
+    let (sy, ly) = y.storage_and_layout();
+    let (Storage::Cpu(cg), Storage::Cpu(cy)) = (&*sg, &*sy) else {
+        return Ok(None);
+    };
+    let n = g.elem_count();
+    let (og, oy) = (lg.start_offset(), ly.start_offset());
+    let value = match g.dtype() {
+        DType::F32 => {
+            let (gs, ys) = (
+                &cg.as_slice::<f32>()?[og..og + n],
+                &cy.as_slice::<f32>()?[oy..oy + n],
+            );
+            let data: Vec<f32> = gs
+                .iter()
+                .zip(ys)
+                .map(|(&g, &y)| g * f32::from(y > 0.0))
+                .collect();
+            candle_core::Tensor::from_vec(data, g.shape(), g.device())?
+        }
+        _ => {
+            let (gs, ys) = (
+                &cg.as_slice::<f64>()?[og..og + n],
+                &cy.as_slice::<f64>()?[oy..oy + n],
+            );
+            let data: Vec<f64> = gs
+                .iter()
+                .zip(ys)
+                .map(|(&g, &y)| g * f64::from(y > 0.0))
+                .collect();
+            candle_core::Tensor::from_vec(data, g.shape(), g.device())?
+        }
+    };
+    Ok(Some(value))
 }
 
 impl Tensor {
