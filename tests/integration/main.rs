@@ -8,6 +8,7 @@ mod optim_support;
 mod adversarial_ops;
 mod adversarial_optim;
 mod batched;
+mod batched_reparam;
 mod custom_optimizers;
 mod engine_smoke;
 mod faithful_steps;
