@@ -192,7 +192,7 @@ fn check<O: DifferentiableOptimizer>(
     }
     let base = batched_model.parameters().unwrap();
     let moved = (0..base.len())
-        .map(|i| max_abs(&want.fast[i].sub(&base[i].unsqueeze(0).unwrap()).unwrap()))
+        .map(|i| max_abs(&want.fast[i].sub(base[i].unsqueeze(0).unwrap()).unwrap()))
         .fold(0.0, f64::max);
     assert!(
         moved > 1e-6,
