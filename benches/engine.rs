@@ -2,20 +2,34 @@
 //! raw candle op, and a 1-40-40-1 MLP forward + second-order backward.
 //!
 //! Run with `cargo bench --bench engine`. Medians of repeated timings with
-//! `std::time::Instant`; compare ratios, not absolute times, across machines.
+//! `std::time::Instant`; compare ratios, not absolute times, across machines. The device
+//! is `CANDLE_HIGHER_DEVICE`'s (the CPU by default; the f64 rows are left out on Metal,
+//! which has no f64), except for the CPU fast paths, which exist on the CPU only.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use candle_higher::{grad, grad_with_stats, DType, Device, GradOptions, Tensor};
 
+/// The device `CANDLE_HIGHER_DEVICE` names (the CPU when unset).
+fn device() -> Device {
+    candle_higher::device_from_env().unwrap_or_else(|e| panic!("CANDLE_HIGHER_DEVICE: {e}"))
+}
+
+/// Waits for the device's queued work (a GPU runs asynchronously; a no-op on the CPU).
+fn sync() {
+    device().synchronize().expect("the device synchronizes");
+}
+
 /// Median time of one call of `f`, over `reps` batches sized to about 2 ms each.
 fn median(mut f: impl FnMut()) -> Duration {
     for _ in 0..10 {
         f();
     }
+    sync();
     let probe = Instant::now();
     f();
+    sync();
     let one = probe.elapsed().max(Duration::from_nanos(50));
     let inner = ((2_000_000 / one.as_nanos().max(1)) as usize).clamp(1, 10_000);
     let mut samples: Vec<Duration> = (0..21)
@@ -24,6 +38,7 @@ fn median(mut f: impl FnMut()) -> Duration {
             for _ in 0..inner {
                 f();
             }
+            sync();
             start.elapsed() / inner as u32
         })
         .collect();
@@ -36,7 +51,7 @@ fn ns(d: Duration) -> f64 {
 }
 
 fn per_op(dims: &[usize], dtype: DType) {
-    let dev = Device::Cpu;
+    let dev = device();
     let a = Tensor::new(
         candle_core::Tensor::randn(0f32, 1.0, dims, &dev)
             .unwrap()
@@ -119,7 +134,7 @@ struct Mlp {
 
 impl Mlp {
     fn new(dtype: DType) -> Self {
-        let dev = Device::Cpu;
+        let dev = device();
         let r = |shape: &[usize], scale: f32| {
             Tensor::new(
                 (candle_core::Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * scale as f64)
@@ -149,7 +164,7 @@ impl Mlp {
 }
 
 fn mlp(dtype: DType) {
-    let dev = Device::Cpu;
+    let dev = device();
     let model = Mlp::new(dtype);
     let x = Tensor::new(
         candle_core::Tensor::randn(0f32, 1.0, (10, 1), &dev)
@@ -214,7 +229,7 @@ fn mlp(dtype: DType) {
 
 /// An inner-step `grad` at step 1 and at step 1000 of a hand unroll of the MLP.
 fn pruning() {
-    let dev = Device::Cpu;
+    let dev = device();
     let model = Mlp::new(DType::F32);
     let x = Tensor::new(candle_core::Tensor::randn(0f32, 1.0, (10, 1), &dev).unwrap());
     let y = x.sin_for_bench();
@@ -259,6 +274,7 @@ impl SinForBench for Tensor {
 /// The fast paths against what they replace: a small matmul with `RAYON_NUM_THREADS`
 /// unset (candle looks the thread count up on each call), and a bias-gradient `sum_to`.
 fn fast_paths() {
+    // CPU only: the fast paths are the CPU's (other devices take candle's kernels).
     let dev = Device::Cpu;
     let a = Tensor::new(candle_core::Tensor::randn(0f32, 1.0, (10, 40), &dev).unwrap());
     let m = Tensor::new(candle_core::Tensor::randn(0f32, 1.0, (40, 40), &dev).unwrap());
@@ -288,7 +304,7 @@ fn fast_paths() {
 /// The input gradient of a stride-1 conv2d (computed as a conv2d with the flipped,
 /// transposed kernel) against candle's conv_transpose2d of the same gradient.
 fn conv_input_grad(dtype: DType) {
-    let dev = Device::Cpu;
+    let dev = device();
     let r = |shape: &[usize]| {
         candle_core::Tensor::randn(0f32, 1.0, shape, &dev)
             .unwrap()
@@ -320,13 +336,23 @@ fn main() {
         "RAYON_NUM_THREADS={}",
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
     );
+    let f64_too = !device().is_metal();
+    println!("device {:?}", device());
     per_op(&[10, 40], DType::F32);
-    per_op(&[10, 40], DType::F64);
+    if f64_too {
+        per_op(&[10, 40], DType::F64);
+    }
     per_op(&[256, 256], DType::F32);
     mlp(DType::F32);
-    mlp(DType::F64);
+    if f64_too {
+        mlp(DType::F64);
+    }
     pruning();
-    fast_paths();
+    if device().is_cpu() {
+        fast_paths();
+    }
     conv_input_grad(DType::F32);
-    conv_input_grad(DType::F64);
+    if f64_too {
+        conv_input_grad(DType::F64);
+    }
 }

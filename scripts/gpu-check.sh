@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The CUDA check, in one command, for a machine with the CUDA toolkit (nvcc) and a GPU:
 #   scripts/gpu-check.sh            build with --features cuda, run on cuda:0
+#   scripts/gpu-check.sh --metal    build with --features metal, run on metal:0 (macOS)
 #   scripts/gpu-check.sh --dry-run  the same steps on the CPU without the feature
 # Steps: one release build of the tests, examples and benchmarks (timed); the golden-vector
 # and finite-difference suites on the device (their helpers create tensors where
-# CANDLE_HIGHER_DEVICE says; other integration tests build CPU tensors directly); the whole
+# CANDLE_HIGHER_DEVICE says, in f64, or in f32 on Metal, which has no f64), and again in
+# f32 (CANDLE_HIGHER_TEST_DTYPE=f32, with the f32 tolerances of tests/integration/common.rs);
+# the whole integration suite on the device (every test module creates its tensors on
+# common::device(); in f64, so not on Metal); the whole
 # integration suite on the CPU through candle's kernels (the ones a GPU takes); maml_sine; the
 # maml benchmark (quick, no Python anchors). Everything is written to one file,
 # target/gpu-check/summary.txt, with each step's log beside it. The build cache stays in
@@ -15,6 +19,9 @@ cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--dry-run" ]]; then
     features=()
     export CANDLE_HIGHER_DEVICE=cpu
+elif [[ "${1:-}" == "--metal" ]]; then
+    features=(--features metal)
+    export CANDLE_HIGHER_DEVICE=${CANDLE_HIGHER_DEVICE:-metal:0}
 else
     features=(--features cuda)
     export CANDLE_HIGHER_DEVICE=${CANDLE_HIGHER_DEVICE:-cuda:0}
@@ -46,6 +53,11 @@ step() {
 
 step build cargo build --release "${features[@]}" --tests --examples --benches
 step golden_and_fd cargo test --release "${features[@]}" --test integration -- golden optim_fd ops_
+step golden_and_fd_f32 env CANDLE_HIGHER_TEST_DTYPE=f32 \
+    cargo test --release "${features[@]}" --test integration -- golden optim_fd ops_
+if [[ "$CANDLE_HIGHER_DEVICE" != metal* ]]; then
+    step suite_on_device cargo test --release "${features[@]}" --test integration
+fi
 step suite_candle_kernels env CANDLE_HIGHER_DEVICE=cpu CANDLE_HIGHER_KERNELS=candle \
     cargo test --release "${features[@]}" --test integration
 step maml_sine cargo run --release "${features[@]}" --example maml_sine -- --iters 200

@@ -12,10 +12,13 @@ use candle_higher::{
 
 use crate::common::t;
 
-const CPU: Device = Device::Cpu;
+/// The device of the suites (`CANDLE_HIGHER_DEVICE`, `common::device()`).
+fn dev() -> Device {
+    crate::common::device()
+}
 
 fn vb(seed: u64) -> nn::VarBuilder {
-    nn::VarBuilder::new(seed, DType::F64, &CPU)
+    nn::VarBuilder::new(seed, DType::F64, &dev())
 }
 
 /// The same small integer values in each integer dtype candle has.
@@ -25,9 +28,9 @@ fn integer_tensors(shape: &[usize]) -> Vec<Tensor> {
     let u32s: Vec<u32> = u8s.iter().map(|&v| u32::from(v)).collect();
     let i64s: Vec<i64> = u8s.iter().map(|&v| i64::from(v)).collect();
     vec![
-        Tensor::from_vec(u8s, shape, &CPU).unwrap(),
-        Tensor::from_vec(u32s, shape, &CPU).unwrap(),
-        Tensor::from_vec(i64s, shape, &CPU).unwrap(),
+        Tensor::from_vec(u8s, shape, &dev()).unwrap(),
+        Tensor::from_vec(u32s, shape, &dev()).unwrap(),
+        Tensor::from_vec(i64s, shape, &dev()).unwrap(),
     ]
 }
 
@@ -108,7 +111,7 @@ fn layers_and_losses_reject_integer_inputs() {
         typed(ln.forward(&x), "LayerNorm");
         typed(lstm.forward(&x.reshape(&[2, 1, 3]).unwrap()), "LSTM");
         typed(drop.forward(&x), "Dropout");
-        let labels = Tensor::from_slice(&[0u32, 2], &[2], &CPU).unwrap();
+        let labels = Tensor::from_slice(&[0u32, 2], &[2], &dev()).unwrap();
         typed(nn::cross_entropy(&x, &labels), "cross_entropy");
         typed(
             nn::binary_cross_entropy_with_logits(&x, &x),
@@ -122,8 +125,8 @@ fn layers_and_losses_reject_integer_inputs() {
 /// truncated, and panicked dividing by 0).
 #[test]
 fn integer_arithmetic_wraps_and_divides_as_pytorch() {
-    let u8s = |v: &[u8]| Tensor::from_slice(v, &[v.len()], &CPU).unwrap();
-    let u32s = |v: &[u32]| Tensor::from_slice(v, &[v.len()], &CPU).unwrap();
+    let u8s = |v: &[u8]| Tensor::from_slice(v, &[v.len()], &dev()).unwrap();
+    let u32s = |v: &[u32]| Tensor::from_slice(v, &[v.len()], &dev()).unwrap();
     let (a, b) = (u8s(&[200, 3, 16]), u8s(&[100, 5, 16]));
     assert_eq!(vals(&a.add(&b).unwrap()), vec![44.0, 8.0, 32.0]);
     assert_eq!(vals(&a.sub(&b).unwrap()), vec![100.0, 254.0, 0.0]);
@@ -140,7 +143,7 @@ fn integer_arithmetic_wraps_and_divides_as_pytorch() {
         vals(&c.mul(&d).unwrap()),
         vec![f64::from(u32::MAX), 0.0, want_mul]
     );
-    let i64s = |v: &[i64]| Tensor::from_slice(v, &[v.len()], &CPU).unwrap();
+    let i64s = |v: &[i64]| Tensor::from_slice(v, &[v.len()], &dev()).unwrap();
     let big = i64s(&[i64::MAX, i64::MIN, 3])
         .add(i64s(&[1, -1, -5]))
         .unwrap();
@@ -331,7 +334,7 @@ fn expect_out_of_range(r: candle_higher::Result<Tensor>, op: &str, index: i64, s
 }
 
 fn index(dtype: DType, values: &[i64]) -> Tensor {
-    let v = Tensor::from_slice(values, &[values.len()], &CPU).unwrap();
+    let v = Tensor::from_slice(values, &[values.len()], &dev()).unwrap();
     Tensor::new(v.value().to_dtype(dtype).unwrap())
 }
 
@@ -365,7 +368,7 @@ fn out_of_range_indices_are_errors_in_every_indexing_op() {
 fn the_largest_index_of_a_dtype_selects_its_row_when_in_range() {
     // 300 rows: u8 255 is a valid index, and candle's u8 "skip" value.
     let data: Vec<f64> = (0..300).map(f64::from).collect();
-    let x = Tensor::from_vec(data, &[300, 1], &CPU).unwrap().to_leaf();
+    let x = Tensor::from_vec(data, &[300, 1], &dev()).unwrap().to_leaf();
     let idx = index(DType::U8, &[255, 0, 255]);
     let y = x.index_select(&idx, 0).unwrap();
     assert_eq!(vals(&y), vec![255.0, 0.0, 255.0]);
@@ -375,7 +378,7 @@ fn the_largest_index_of_a_dtype_selects_its_row_when_in_range() {
     let g = vals(&g);
     assert_eq!((g[255], g[0], g.iter().sum::<f64>()), (2.0, 1.0, 3.0));
     let src = t(&[1.0, 2.0, 4.0], &[3, 1]);
-    let z = Tensor::zeros(&[300, 1], DType::F64, &CPU).unwrap();
+    let z = Tensor::zeros(&[300, 1], DType::F64, &dev()).unwrap();
     let added = vals(&z.index_add(&idx, &src, 0).unwrap());
     assert_eq!((added[255], added[0]), (5.0, 2.0));
 }
@@ -590,7 +593,7 @@ fn reciprocal_power_at_zero_is_infinite_not_nan() {
 #[test]
 fn linear_with_no_input_features_gives_the_bias() {
     let lin = nn::linear(0, 3, vb(1)).unwrap();
-    let x = Tensor::zeros(&[2, 0], DType::F64, &CPU).unwrap();
+    let x = Tensor::zeros(&[2, 0], DType::F64, &dev()).unwrap();
     let y = lin.forward(&x).unwrap();
     assert_eq!(y.dims(), &[2, 3]);
     let b = vals(lin.bias.as_ref().unwrap());
@@ -614,12 +617,12 @@ fn linear_with_no_output_features_or_rows_is_empty() {
     assert_eq!(vals(&g), vec![0.0; 8]);
     let lin = nn::linear(4, 3, vb(1)).unwrap();
     let y = lin
-        .forward(&Tensor::zeros(&[0, 4], DType::F64, &CPU).unwrap())
+        .forward(&Tensor::zeros(&[0, 4], DType::F64, &dev()).unwrap())
         .unwrap();
     assert_eq!(y.dims(), &[0, 3]);
-    let e = Tensor::zeros(&[2, 0], DType::F64, &CPU).unwrap();
+    let e = Tensor::zeros(&[2, 0], DType::F64, &dev()).unwrap();
     let p = e
-        .matmul(&Tensor::zeros(&[0, 5], DType::F64, &CPU).unwrap())
+        .matmul(&Tensor::zeros(&[0, 5], DType::F64, &dev()).unwrap())
         .unwrap();
     assert_eq!((p.dims(), vals(&p)), (&[2usize, 5][..], vec![0.0; 10]));
 }
@@ -646,7 +649,7 @@ fn conv_with_no_output_channels_or_batch_is_empty() {
     )
     .unwrap();
     let y = conv
-        .forward(&Tensor::zeros(&[0, 2, 5, 5], DType::F64, &CPU).unwrap())
+        .forward(&Tensor::zeros(&[0, 2, 5, 5], DType::F64, &dev()).unwrap())
         .unwrap();
     assert_eq!(y.dims(), &[0, 4, 5, 5]);
     let conv = nn::conv1d(2, 0, 3, ConvConfig::default(), vb(2)).unwrap();
@@ -657,7 +660,7 @@ fn conv_with_no_output_channels_or_batch_is_empty() {
 #[test]
 fn conv_with_an_empty_kernel_or_overflowing_sizes_is_an_error() {
     let x = t(&[1.0; 16], &[1, 1, 4, 4]);
-    let empty = Tensor::zeros(&[1, 1, 0, 2], DType::F64, &CPU).unwrap();
+    let empty = Tensor::zeros(&[1, 1, 0, 2], DType::F64, &dev()).unwrap();
     assert!(matches!(
         x.conv2d(&empty, 0, 1, 1, 1),
         Err(Error::ShapeMismatch { op: "conv2d", .. })
@@ -706,7 +709,7 @@ fn sizes_that_overflow_are_errors() {
         }
     }
     // [2^63, 2] has 2^64 elements, which wraps to 0 = the element count of an empty tensor.
-    let empty = Tensor::zeros(&[0], DType::F64, &CPU).unwrap();
+    let empty = Tensor::zeros(&[0], DType::F64, &dev()).unwrap();
     let big = 1usize << (usize::BITS - 1);
     // Nonzero dims whose product overflows cannot be laid out either, even beside a 0.
     for shape in [
@@ -736,11 +739,11 @@ fn sizes_that_overflow_are_errors() {
             other => panic!("{op} {shape:?}: {other:?}"),
         };
         layout_error(one.broadcast_as(&shape), "broadcast_as");
-        layout_error(Tensor::zeros(&shape, DType::F64, &CPU), "zeros");
-        layout_error(Tensor::ones(&shape, DType::F32, &CPU), "ones");
-        layout_error(Tensor::full(2.0, &shape, DType::F64, &CPU), "full");
-        layout_error(Tensor::from_slice(&[1.0f64], &shape, &CPU), "from_slice");
-        layout_error(Tensor::from_vec(vec![1u32], &shape, &CPU), "from_vec");
+        layout_error(Tensor::zeros(&shape, DType::F64, &dev()), "zeros");
+        layout_error(Tensor::ones(&shape, DType::F32, &dev()), "ones");
+        layout_error(Tensor::full(2.0, &shape, DType::F64, &dev()), "full");
+        layout_error(Tensor::from_slice(&[1.0f64], &shape, &dev()), "from_slice");
+        layout_error(Tensor::from_vec(vec![1u32], &shape, &dev()), "from_vec");
     }
     // Padding the empty dim of [0, 2^62] would need 2^62 f64s; padding the other one past
     // usize::MAX cannot be laid out; padding it a little is an empty result.
@@ -759,8 +762,8 @@ fn sizes_that_overflow_are_errors() {
         &[0, big / 2 + 3]
     );
     // Constructors refuse what cannot be allocated instead of panicking in the allocator.
-    assert!(Tensor::zeros(&[big / 4], DType::F64, &CPU).is_err());
-    assert!(Tensor::ones(&[2, big / 8], DType::F32, &CPU).is_err());
+    assert!(Tensor::zeros(&[big / 4], DType::F64, &dev()).is_err());
+    assert!(Tensor::ones(&[2, big / 8], DType::F32, &dev()).is_err());
     assert!(matches!(
         x.reshape(&[usize::MAX, 4]),
         Err(Error::ShapeMismatch { .. })
@@ -805,8 +808,8 @@ fn recurrent_states_of_another_batch_or_size_are_errors() {
     let x = t(&[0.1; 5 * 2 * 3], &[5, 2, 3]); // [seq, batch 2, input 3]
     let lstm = nn::lstm(3, 4, 2, vb(0)).unwrap();
     let state = |batch: usize, hidden: usize, with_c: bool| nn::CellState {
-        h: Tensor::zeros(&[batch, hidden], DType::F64, &CPU).unwrap(),
-        c: with_c.then(|| Tensor::zeros(&[batch, hidden], DType::F64, &CPU).unwrap()),
+        h: Tensor::zeros(&[batch, hidden], DType::F64, &dev()).unwrap(),
+        c: with_c.then(|| Tensor::zeros(&[batch, hidden], DType::F64, &dev()).unwrap()),
     };
     let ok = lstm.forward_with_state(&x, Some(vec![state(2, 4, true), state(2, 4, true)]));
     assert!(ok.is_ok());
@@ -816,8 +819,8 @@ fn recurrent_states_of_another_batch_or_size_are_errors() {
         vec![state(2, 5, true), state(2, 4, true)],
         vec![
             nn::CellState {
-                h: Tensor::zeros(&[2, 4], DType::F64, &CPU).unwrap(),
-                c: Some(Tensor::zeros(&[1, 4], DType::F64, &CPU).unwrap()),
+                h: Tensor::zeros(&[2, 4], DType::F64, &dev()).unwrap(),
+                c: Some(Tensor::zeros(&[1, 4], DType::F64, &dev()).unwrap()),
             },
             state(2, 4, true),
         ],
@@ -864,7 +867,7 @@ fn batch_norm_in_training_needs_more_than_one_value_per_channel() {
         (&bn2, vec![1, 3, 1, 1]),
         (&bn2, vec![0, 3, 2, 2]),
     ] {
-        let x = Tensor::ones(&shape, DType::F64, &CPU).unwrap();
+        let x = Tensor::ones(&shape, DType::F64, &dev()).unwrap();
         match bn.forward(&x) {
             Err(Error::ShapeMismatch {
                 op: "BatchNorm",
@@ -949,7 +952,7 @@ fn anomaly_mode_names_the_first_forward_op_with_its_shapes() {
     // Finite results pass, in every dtype; integer results are never flagged.
     assert!(x.exp().is_ok());
     assert!(t(&[1.0], &[1]).to_dtype(DType::F32).unwrap().sqrt().is_ok());
-    assert!(Tensor::from_slice(&[1u32, 2], &[2], &CPU)
+    assert!(Tensor::from_slice(&[1u32, 2], &[2], &dev())
         .unwrap()
         .add(1.5)
         .is_ok());
@@ -1006,7 +1009,7 @@ fn loading_non_finite_weights_is_an_error_naming_them_and_loads_nothing() {
         let n: usize = shape.iter().product();
         let mut data = vec![0.5; n];
         data[n - 1] = v;
-        candle_core::Tensor::from_vec(data, shape, &CPU).unwrap()
+        candle_core::Tensor::from_vec(data, shape, &dev()).unwrap()
     };
     bad.insert("0.weight".into(), poison(f64::NAN, &[3, 2]));
     bad.insert("1.running_var".into(), poison(f64::INFINITY, &[3]));

@@ -22,7 +22,7 @@ use candle_higher::optim::{
     Overrides, ParamGroup, RmsProp, Rprop, Sgd, StepOptions,
 };
 use candle_higher::{
-    backward, differentiable_optimizer, innerloop, DType, Device, DifferentiableOptimizer, Error,
+    backward, differentiable_optimizer, innerloop, DType, DifferentiableOptimizer, Error,
     FunctionalModel, FunctionalOptions, Hyperparameters, InnerloopOptions, Result, State,
     StateValue, Tensor,
 };
@@ -116,7 +116,7 @@ fn assert_invalid(error: Error, name: &str, value: f64, group: Option<usize>) {
 
 /// Two parameters with the shapes of `nn::linear(2, 3)`: weight `[3, 2]`, bias `[3]`.
 fn params() -> Vec<Tensor> {
-    let dev = Device::Cpu;
+    let dev = crate::common::device();
     vec![
         Tensor::from_vec(vec![0.3f64, -0.2, 0.5, 0.1, -0.4, 0.25], &[3, 2], &dev)
             .unwrap()
@@ -128,7 +128,7 @@ fn params() -> Vec<Tensor> {
 }
 
 fn data() -> (Tensor, Tensor) {
-    let dev = Device::Cpu;
+    let dev = crate::common::device();
     let x = Tensor::from_vec(
         vec![1.0f64, -2.0, 0.5, 3.0, -1.5, 0.25, 2.0, 1.0],
         &[4, 2],
@@ -158,7 +158,7 @@ fn loss(params: &[Tensor]) -> Tensor {
 }
 
 fn model() -> nn::Linear {
-    let vb = nn::VarBuilder::new(7, DType::F64, &Device::Cpu);
+    let vb = nn::VarBuilder::new(7, DType::F64, &crate::common::device());
     let mut m = nn::linear(2, 3, vb).unwrap();
     m.set_parameters(&params()).unwrap();
     m
@@ -1053,7 +1053,9 @@ fn assert_state_shape(e: Error, state: &State, param: usize, param_shape: &[usiz
 fn leaf(shape: &[usize], seed: f64) -> Tensor {
     let n: usize = shape.iter().product();
     let v: Vec<f64> = (0..n).map(|i| seed + 0.1 * i as f64).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_leaf()
+    Tensor::from_vec(v, shape, &crate::common::device())
+        .unwrap()
+        .to_leaf()
 }
 
 /// A state made on `made` stepped with parameters of shape `used`: the ordinary and the
@@ -1149,7 +1151,7 @@ fn states_set_or_branched_from_other_shapes_are_rejected() {
     assert_eq!(params_bits(&ps), before);
 
     // innerloop from an optimizer stepped on a model of other shapes (same count).
-    let vb = nn::VarBuilder::new(1, DType::F64, &Device::Cpu);
+    let vb = nn::VarBuilder::new(1, DType::F64, &crate::common::device());
     let transposed = nn::linear(3, 2, vb).unwrap();
     let mut opt = Optimizer::new(
         Sgd {
@@ -1160,7 +1162,7 @@ fn states_set_or_branched_from_other_shapes_are_rejected() {
     )
     .unwrap();
     let mut tp = transposed.parameters().unwrap();
-    let x = Tensor::from_vec(vec![1.0f64, 2.0, 3.0], &[1, 3], &Device::Cpu).unwrap();
+    let x = Tensor::from_vec(vec![1.0f64, 2.0, 3.0], &[1, 3], &crate::common::device()).unwrap();
     let g = backward(&transposed.forward(&x).unwrap().sum_all().unwrap()).unwrap();
     opt.step(&mut tp, &g).unwrap();
     let e = err_of(innerloop(&model(), &opt, InnerloopOptions::new()));
@@ -1355,7 +1357,7 @@ impl CastsToF32 {
 fn a_failing_step_vars_sets_no_var() {
     // The first var's update is fine, the second's cannot be set into an f64 var: no var is
     // set and no state advances.
-    let dev = candle_core::Device::Cpu;
+    let dev = crate::common::device();
     let a = candle_core::Var::new(&[1.0f64, -2.0], &dev).unwrap();
     let b = candle_core::Var::new(&[0.5f64, 0.25, -1.0], &dev).unwrap();
     let candle_loss = || {
@@ -1382,7 +1384,7 @@ fn a_failing_step_vars_sets_no_var() {
 #[test]
 fn a_failing_forward_with_does_not_advance_time() {
     let (x, _) = data();
-    let wrong = Tensor::zeros(&[4, 5], DType::F64, &Device::Cpu).unwrap();
+    let wrong = Tensor::zeros(&[4, 5], DType::F64, &crate::common::device()).unwrap();
     for track in [true, false] {
         let options = FunctionalOptions::default().track_higher_grads(track);
         let mut f = FunctionalModel::new(&model(), options).unwrap();
@@ -1426,7 +1428,7 @@ fn a_failing_forward_with_does_not_advance_time() {
 #[test]
 fn a_failing_forward_with_puts_batch_norm_statistics_back() {
     // Batch norm updates its running statistics, then the last layer fails on the shape.
-    let vb = nn::VarBuilder::new(3, DType::F64, &Device::Cpu);
+    let vb = nn::VarBuilder::new(3, DType::F64, &crate::common::device());
     let net = nn::seq()
         .add(nn::linear(2, 3, vb.pp("0")).unwrap())
         .add(nn::batch_norm1d(3, nn::BatchNormConfig::default(), vb.pp("1")).unwrap())
@@ -1536,7 +1538,7 @@ fn a_diffopt_step_the_fmodel_rejects_does_not_advance_the_state() {
 #[test]
 fn integer_tensor_hyperparameters_convert_or_are_rejected() {
     use candle_higher::optim::DiffOptimizer;
-    let p = candle_higher::Tensor::from_vec(vec![1.0f64, 2.0], &[2], &candle_higher::Device::Cpu)
+    let p = candle_higher::Tensor::from_vec(vec![1.0f64, 2.0], &[2], &crate::common::device())
         .unwrap()
         .to_leaf();
     let mut opt = DiffOptimizer::new(Sgd::new(0.1), std::slice::from_ref(&p)).unwrap();

@@ -18,7 +18,6 @@ use candle_higher::{
 };
 
 use crate::common::{randn, rng, uniform, F64};
-use candle_higher::Device;
 
 /// Agreement required between the batched and the looped unroll (relative to max(1, |x|)).
 const EXACT: f64 = 1e-12;
@@ -195,7 +194,7 @@ where
     O: DifferentiableOptimizer,
 {
     let tasks = data.tasks();
-    let lr_leaf = Tensor::from_vec(lrs(tasks), &[tasks], &Device::Cpu)
+    let lr_leaf = Tensor::from_vec(lrs(tasks), &[tasks], &crate::common::device())
         .unwrap()
         .to_leaf();
     let mut options = setup.options().tasks(tasks);
@@ -307,7 +306,7 @@ impl MaxAll for Tensor {
 // ------------------------------------------------------------------------ models, data
 
 fn mlp(seed: u64) -> Sequential {
-    let vb = VarBuilder::new(seed, F64, &Device::Cpu);
+    let vb = VarBuilder::new(seed, F64, &crate::common::device());
     seq()
         .add(linear(1, 12, vb.pp("0")).unwrap())
         .add(Activation::Tanh)
@@ -328,7 +327,7 @@ fn sine_data(tasks: usize, seed: u64) -> Data {
                 .map(|v| amp * v.sin())
                 .collect(),
             &[6, 1],
-            &Device::Cpu,
+            &crate::common::device(),
         )
         .unwrap();
         (x, y)
@@ -348,7 +347,7 @@ fn sine_data(tasks: usize, seed: u64) -> Data {
 }
 
 fn cnn(momentum: f64) -> Sequential {
-    let vb = VarBuilder::new(3, F64, &Device::Cpu);
+    let vb = VarBuilder::new(3, F64, &crate::common::device());
     let pad = ConvConfig {
         padding: 1,
         ..ConvConfig::default()
@@ -375,7 +374,10 @@ fn image_data(tasks: usize, seed: u64) -> Data {
     let mut set = |n: usize| {
         let x = randn(&mut r, &[n, 1, 8, 8]);
         let labels: Vec<f64> = (0..n).map(|i| (i % 3) as f64).collect();
-        (x, Tensor::from_vec(labels, &[n], &Device::Cpu).unwrap())
+        (
+            x,
+            Tensor::from_vec(labels, &[n], &crate::common::device()).unwrap(),
+        )
     };
     Data {
         support: (0..tasks).map(|_| set(3)).collect(),
@@ -387,7 +389,7 @@ fn image_data(tasks: usize, seed: u64) -> Data {
 
 /// Embedding -> LayerNorm -> Linear on token ids, mean over tokens for the output.
 fn token_model() -> Sequential {
-    let vb = VarBuilder::new(9, F64, &Device::Cpu);
+    let vb = VarBuilder::new(9, F64, &crate::common::device());
     seq()
         .add(embedding(7, 5, vb.pp("0")).unwrap())
         .add(layer_norm(&[5], vb.pp("1")).unwrap())
@@ -402,8 +404,8 @@ fn token_data(tasks: usize, seed: u64) -> Data {
         let ids: Vec<f64> = ids.into_iter().map(f64::floor).collect();
         let labels: Vec<f64> = ids.iter().map(|v| (*v as usize % 3) as f64).collect();
         (
-            Tensor::from_vec(ids, &[4], &Device::Cpu).unwrap(),
-            Tensor::from_vec(labels, &[4], &Device::Cpu).unwrap(),
+            Tensor::from_vec(ids, &[4], &crate::common::device()).unwrap(),
+            Tensor::from_vec(labels, &[4], &crate::common::device()).unwrap(),
         )
     };
     Data {
@@ -416,7 +418,7 @@ fn token_data(tasks: usize, seed: u64) -> Data {
 
 /// A two-layer recurrent net on `[seq, batch, 2]` sequences with a linear read-out.
 fn recurrent_model(kind: &str) -> Sequential {
-    let vb = VarBuilder::new(17, F64, &Device::Cpu);
+    let vb = VarBuilder::new(17, F64, &crate::common::device());
     let body = match kind {
         "lstm" => nn::lstm(2, 5, 2, vb.pp("0")).unwrap(),
         _ => nn::gru(2, 5, 2, vb.pp("0")).unwrap(),
@@ -546,7 +548,7 @@ fn embedding_and_layer_norm_batched_equal_looped() {
 
 #[test]
 fn conv1d_with_stride_and_padding_batched_equals_looped() {
-    let vb = VarBuilder::new(21, F64, &Device::Cpu);
+    let vb = VarBuilder::new(21, F64, &crate::common::device());
     let config = ConvConfig {
         padding: 1,
         stride: 2,
@@ -562,7 +564,7 @@ fn conv1d_with_stride_and_padding_batched_equals_looped() {
         let labels: Vec<f64> = (0..n).map(|i| (i % 3) as f64).collect();
         (
             randn(&mut r, &[n, 2, 8]),
-            Tensor::from_vec(labels, &[n], &Device::Cpu).unwrap(),
+            Tensor::from_vec(labels, &[n], &crate::common::device()).unwrap(),
         )
     };
     let data = Data {
@@ -592,13 +594,13 @@ fn lstm_and_gru_batched_equal_looped() {
 
 #[test]
 fn dropout_masks_are_independent_across_tasks() {
-    let vb = VarBuilder::new(29, F64, &Device::Cpu);
+    let vb = VarBuilder::new(29, F64, &crate::common::device());
     let model = seq()
         .add(linear(4, 64, vb.pp("0")).unwrap())
         .add(nn::dropout(0.5, vb.pp("1")).unwrap());
     let opt = adam(model.parameters().unwrap().len());
     let (fmodel, _) = innerloop(&model, &opt, InnerloopOptions::new().tasks(3)).unwrap();
-    let x = Tensor::ones(&[3, 2, 4], F64, &Device::Cpu).unwrap();
+    let x = Tensor::ones(&[3, 2, 4], F64, &crate::common::device()).unwrap();
     let y = fmodel.forward(&x).unwrap().to_vec_f64().unwrap();
     // Every task has the same weights and input, so only the masks tell them apart.
     let dropped: Vec<Vec<bool>> = y
@@ -647,7 +649,7 @@ fn per_task_and_shared_tensor_overrides_together() {
     }
     // Batched: one [3] lr tensor and one shared beta1 leaf.
     let (lr, b1) = (
-        Tensor::from_vec(lr_values, &[3], &Device::Cpu)
+        Tensor::from_vec(lr_values, &[3], &crate::common::device())
             .unwrap()
             .to_leaf(),
         beta(),
@@ -690,7 +692,7 @@ fn per_task_and_shared_tensor_overrides_together() {
 fn per_task_override_of_the_wrong_length_is_an_error() {
     let model = mlp(1);
     let opt = adam(model.parameters().unwrap().len());
-    let lr = Tensor::from_vec(vec![0.1f64, 0.2], &[2], &Device::Cpu).unwrap();
+    let lr = Tensor::from_vec(vec![0.1f64, 0.2], &[2], &crate::common::device()).unwrap();
     let options = InnerloopOptions::new()
         .tasks(3)
         .overrides(Overrides::new().set("lr", lr.clone()));
@@ -709,17 +711,17 @@ fn batched_fmodel_rejects_misfit_inputs_and_write_back() {
     let (fmodel, _) = innerloop(&model, &opt, InnerloopOptions::new().tasks(3)).unwrap();
     assert_eq!(fmodel.fast_params()[0].dims(), [3, 12, 1]);
     // An input without the task axis, or with another task count, is a shape error.
-    let x = Tensor::zeros(&[5, 1], F64, &Device::Cpu).unwrap();
+    let x = Tensor::zeros(&[5, 1], F64, &crate::common::device()).unwrap();
     assert!(matches!(
         fmodel.forward(&x),
         Err(Error::ShapeMismatch { .. })
     ));
-    let x = Tensor::zeros(&[2, 5, 1], F64, &Device::Cpu).unwrap();
+    let x = Tensor::zeros(&[2, 5, 1], F64, &crate::common::device()).unwrap();
     assert!(matches!(
         fmodel.forward(&x),
         Err(Error::ShapeMismatch { .. })
     ));
-    let x = Tensor::zeros(&[3, 5, 1], F64, &Device::Cpu).unwrap();
+    let x = Tensor::zeros(&[3, 5, 1], F64, &crate::common::device()).unwrap();
     assert_eq!(fmodel.forward(&x).unwrap().dims(), [3, 5, 1]);
     let before = model.parameters().unwrap();
     assert!(fmodel.write_back_params(&mut model).is_err());
@@ -734,12 +736,12 @@ fn batched_fmodel_rejects_misfit_inputs_and_write_back() {
 #[test]
 fn per_task_overrides_are_validated_task_by_task() {
     use candle_higher::optim::DiffOptimizer;
-    let p = Tensor::zeros(&[3, 2], candle_higher::DType::F64, &Device::Cpu)
+    let p = Tensor::zeros(&[3, 2], candle_higher::DType::F64, &crate::common::device())
         .unwrap()
         .to_leaf();
     let mut opt = DiffOptimizer::new(Sgd::new(0.1), std::slice::from_ref(&p)).unwrap();
     opt.set_tasks(Some(3));
-    let per_task = |v: Vec<f64>| Tensor::from_vec(v, &[3], &Device::Cpu).unwrap();
+    let per_task = |v: Vec<f64>| Tensor::from_vec(v, &[3], &crate::common::device()).unwrap();
     opt.set_overrides(&Overrides::new().set("lr", per_task(vec![0.1, 0.2, 0.3])))
         .unwrap();
     for (bad, value) in [

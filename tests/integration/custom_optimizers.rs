@@ -5,8 +5,8 @@
 
 use candle_higher::optim::TwinHyperparameters;
 use candle_higher::{
-    differentiable_optimizer, grad, Device, GradOptions, Hyperparameters, OptimizerStep, Result,
-    Scalar, State, Tensor,
+    differentiable_optimizer, grad, GradOptions, Hyperparameters, OptimizerStep, Result, Scalar,
+    State, Tensor,
 };
 
 #[differentiable_optimizer]
@@ -85,7 +85,7 @@ fn lcg(seed: &mut u64) -> f64 {
 }
 
 fn problem() -> Problem {
-    let dev = Device::Cpu;
+    let dev = crate::common::device();
     let mut seed = 7;
     let w_true = [0.8, -1.3, 0.5];
     let mut data = |n: usize| {
@@ -143,7 +143,7 @@ fn run<O: OptimizerStep>(
 }
 
 fn leaf(values: &[f64], shape: &[usize]) -> Tensor {
-    Tensor::from_vec(values.to_vec(), shape, &Device::Cpu)
+    Tensor::from_vec(values.to_vec(), shape, &crate::common::device())
         .unwrap()
         .to_leaf()
 }

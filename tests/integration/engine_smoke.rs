@@ -1,4 +1,4 @@
-use candle_higher::{grad, Device, GradOptions, Tensor};
+use candle_higher::{grad, GradOptions, Tensor};
 
 #[test]
 fn third_derivative_of_cube() {
@@ -30,7 +30,7 @@ fn third_derivative_of_cube() {
 
 #[test]
 fn mlp_maml_step_matches_fd() {
-    let dev = Device::Cpu;
+    let dev = crate::common::device();
     let w = Tensor::from_vec(vec![0.3f64, -0.2, 0.5, 0.1, 0.7, -0.4], &[2, 3], &dev)
         .unwrap()
         .to_leaf();

@@ -16,8 +16,8 @@ use candle_higher::optim::{
 };
 use candle_higher::testing::{check_optimizer, CheckFailure};
 use candle_higher::{
-    differentiable_optimizer, Device, DifferentiableOptimizer, Error, Result, Scalar, State,
-    StateTensor, StepOptions, Tensor,
+    differentiable_optimizer, DifferentiableOptimizer, Error, Result, Scalar, State, StateTensor,
+    StepOptions, Tensor,
 };
 
 /// Torch semantics by hand: parameters and state entries as f64 vectors.
@@ -32,7 +32,7 @@ const GRADS: [[f64; 3]; 4] = [
 ];
 
 fn t(v: &[f64]) -> Tensor {
-    Tensor::from_vec(v.to_vec(), &[v.len()], &Device::Cpu).unwrap()
+    Tensor::from_vec(v.to_vec(), &[v.len()], &crate::common::device()).unwrap()
 }
 
 fn close(a: &[f64], b: &[f64], what: &str) {

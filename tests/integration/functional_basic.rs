@@ -2,12 +2,12 @@
 
 use candle_higher::nn::{self, Module, Parameters, VarBuilder, Visitor};
 use candle_higher::{
-    backward, grad, DType, Device, Error, FunctionalModel, FunctionalOptions, GradOptions,
-    InitialWeights, Result, Tensor,
+    backward, grad, DType, Error, FunctionalModel, FunctionalOptions, GradOptions, InitialWeights,
+    Result, Tensor,
 };
 
 fn vb() -> VarBuilder {
-    VarBuilder::new(7, DType::F64, &Device::Cpu)
+    VarBuilder::new(7, DType::F64, &crate::common::device())
 }
 
 fn mlp() -> nn::Sequential {
@@ -22,7 +22,7 @@ fn input(n: usize, d: usize, seed: f64) -> Tensor {
     let data: Vec<f64> = (0..n * d)
         .map(|i| ((i as f64 + seed) * 0.37).sin())
         .collect();
-    Tensor::from_vec(data, &[n, d], &Device::Cpu).unwrap()
+    Tensor::from_vec(data, &[n, d], &crate::common::device()).unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -167,7 +167,7 @@ fn history_and_errors() {
     ));
     // Wrong shape names the parameter and both shapes.
     let mut bad = fmodel.fast_params().to_vec();
-    bad[2] = Tensor::zeros(&[3, 5], DType::F64, &Device::Cpu).unwrap();
+    bad[2] = Tensor::zeros(&[3, 5], DType::F64, &crate::common::device()).unwrap();
     let err = fmodel.update_params(bad).unwrap_err().to_string();
     assert!(
         err.contains("2.weight") && err.contains("[2, 5]") && err.contains("[3, 5]"),

@@ -5,22 +5,20 @@
 //! after 3 unrolled steps, and batch-norm buffers kept apart from the base model.
 
 use candle_higher::nn::{self, ConvConfig, Module, Parameters, Visitor};
-use candle_higher::{
-    grad, DType, Device, FunctionalModel, FunctionalOptions, GradOptions, Result, Tensor,
-};
+use candle_higher::{grad, DType, FunctionalModel, FunctionalOptions, GradOptions, Result, Tensor};
 
 fn vb(seed: u64) -> nn::VarBuilder {
-    nn::VarBuilder::new(seed, DType::F64, &Device::Cpu)
+    nn::VarBuilder::new(seed, DType::F64, &crate::common::device())
 }
 
 fn input(shape: &[usize], seed: f64) -> Tensor {
     let n: usize = shape.iter().product();
     let data: Vec<f64> = (0..n).map(|i| ((i as f64 + seed) * 0.713).sin()).collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    Tensor::from_vec(data, shape, &crate::common::device()).unwrap()
 }
 
 fn labels(values: &[u32]) -> Tensor {
-    Tensor::from_vec(values.to_vec(), &[values.len()], &Device::Cpu).unwrap()
+    Tensor::from_vec(values.to_vec(), &[values.len()], &crate::common::device()).unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -236,7 +234,7 @@ fn check_fd<M: Module + Parameters + Clone>(
             let mut ps = params.clone();
             let mut v = ps[k].to_vec_f64().unwrap();
             v[j] += delta;
-            ps[k] = Tensor::from_vec(v, ps[k].dims(), &Device::Cpu)
+            ps[k] = Tensor::from_vec(v, ps[k].dims(), &crate::common::device())
                 .unwrap()
                 .to_leaf();
             m.set_parameters(&ps).unwrap();

@@ -1,5 +1,6 @@
 //! The toy example of higher's docs, unrolled by hand with the engine and compared with
-//! `tests/golden/seed_toy.json` (PyTorch + higher 0.2.1, float64) to 1e-9 relative:
+//! `tests/golden/seed_toy.json` (PyTorch + higher 0.2.1, float64) to 1e-9 relative (the
+//! golden tolerance of `common::precision()`, looser in f32):
 //! a 1x1 linear model without bias, 5 steps of SGD with momentum, lr and momentum as
 //! leaf tensors of shape [1].
 
@@ -18,7 +19,7 @@ fn num(v: &Value) -> f64 {
 
 fn assert_rel(what: &str, got: f64, want: f64) {
     assert!(
-        (got - want).abs() <= 1e-9 * want.abs().max(1e-300),
+        (got - want).abs() <= crate::common::precision().golden_tol * want.abs().max(1e-300),
         "{what}: got {got:e}, golden {want:e}"
     );
 }
@@ -28,7 +29,7 @@ fn seed_toy_matches_higher() {
     let text = std::fs::read_to_string(GOLDEN).expect("the golden file is readable");
     let golden: Value = serde_json::from_str(&text).unwrap();
     let out = &golden["outputs"];
-    let dev = crate::common::device();
+    let on_device = |v: Vec<f64>, shape: &[usize]| crate::common::from_f64(v, shape);
 
     let xs: Vec<f64> = golden["data"]["x"]
         .as_array()
@@ -43,23 +44,13 @@ fn seed_toy_matches_higher() {
         .map(num)
         .collect();
     let n = xs.len();
-    let x = Tensor::from_vec(xs, &[n, 1], &dev).unwrap();
-    let y = Tensor::from_vec(ys, &[n, 1], &dev).unwrap();
+    let x = on_device(xs, &[n, 1]);
+    let y = on_device(ys, &[n, 1]);
 
     let w0_value = num(&golden["initial_params"]["weight"][0]);
-    let w0 = Tensor::from_vec(vec![w0_value], &[1, 1], &dev)
-        .unwrap()
-        .to_leaf();
-    let lr = Tensor::from_vec(vec![num(&golden["override"]["lr"]["value"])], &[1], &dev)
-        .unwrap()
-        .to_leaf();
-    let momentum = Tensor::from_vec(
-        vec![num(&golden["override"]["momentum"]["value"])],
-        &[1],
-        &dev,
-    )
-    .unwrap()
-    .to_leaf();
+    let w0 = on_device(vec![w0_value], &[1, 1]).to_leaf();
+    let lr = on_device(vec![num(&golden["override"]["lr"]["value"])], &[1]).to_leaf();
+    let momentum = on_device(vec![num(&golden["override"]["momentum"]["value"])], &[1]).to_leaf();
     let steps = golden["inner_steps"].as_u64().unwrap() as usize;
 
     // Inner loop: loss_t = mean((x w^T - y)^2); g_t = d loss_t / d w_t (with create_graph,

@@ -2,9 +2,7 @@
 //! path, the gradient store and its accumulation, and pruning along a long unroll.
 
 use crate::common::*;
-use candle_higher::{
-    backward, grad, grad_with_stats, Device, Error, GradOptions, GradStore, Tensor,
-};
+use candle_higher::{backward, grad, grad_with_stats, Error, GradOptions, GradStore, Tensor};
 
 #[test]
 fn grad_with_respect_to_a_non_leaf() {
@@ -93,7 +91,7 @@ fn error_paths() {
         err.to_string().contains("[2]") && err.to_string().contains("[3]"),
         "{err}"
     );
-    let ones32 = Tensor::ones(&[2], candle_higher::DType::F32, &Device::Cpu).unwrap();
+    let ones32 = Tensor::ones(&[2], candle_higher::DType::F32, &crate::common::device()).unwrap();
     let err = grad(
         std::slice::from_ref(&y),
         std::slice::from_ref(&x),
@@ -110,7 +108,7 @@ fn error_paths() {
     );
     let err = x.matmul(&t(&[1.0; 6], &[3, 2])).unwrap_err();
     assert!(err.to_string().contains("[3, 2]"), "{err}");
-    let f32s = Tensor::ones(&[2], candle_higher::DType::F32, &Device::Cpu).unwrap();
+    let f32s = Tensor::ones(&[2], candle_higher::DType::F32, &crate::common::device()).unwrap();
     assert!(matches!(x.mul(&f32s), Err(Error::DTypeMismatch { .. })));
     // Device mismatch: only one device (the CPU) exists in the default test setup, so the
     // DeviceMismatch path is exercised by the CUDA/Metal builds only.

@@ -3,13 +3,13 @@
 //! the dtype. Covers the ops a MAML step uses (matmul, bias add, relu, tanh, sigmoid,
 //! the safe sqrt at zero, mean) and a differentiable SGD step.
 
-use candle_higher::{grad, DType, Device, GradOptions, Tensor};
+use candle_higher::{grad, DType, GradOptions, Tensor};
 
 /// `loss(w) = mean(tanh(x w^T + b) * sigmoid(x w^T)) + mean(sqrt(relu(x w^T)))`, then one
 /// SGD step `w1 = w - 0.5 dloss/dw` with the graph kept, and the loss again at `w1`.
 /// Returns the meta-loss and its gradient with respect to `w` (second order).
 fn meta_loss_and_grad(dtype: DType) -> (f64, Vec<f64>) {
-    let dev = Device::Cpu;
+    let dev = crate::common::device();
     let x = Tensor::from_slice(
         &[0.5f64, -1.0, 0.25, 1.5, 0.0, -0.75, 2.0, 0.125, -0.5],
         &[3, 3],

@@ -1,7 +1,7 @@
 //! The fused `linear` op: values against matmul + add, gradients against central finite
 //! differences at first and second order (f64).
 
-use candle_higher::{grad, Device, GradOptions, Result, Tensor};
+use candle_higher::{grad, GradOptions, Result, Tensor};
 
 fn seeded(shape: &[usize], seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
@@ -14,7 +14,7 @@ fn seeded(shape: &[usize], seed: u64) -> Tensor {
             (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
         })
         .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    Tensor::from_vec(v, shape, &crate::common::device()).unwrap()
 }
 
 /// A scalar function of (x, w, b) whose second derivative is non-trivial: sum(tanh(linear)^2).
@@ -30,7 +30,7 @@ fn fd(inputs: &[Tensor], which: usize, h: f64, g: impl Fn(&[Tensor]) -> f64) -> 
                 let mut v = base.clone();
                 v[i] += d;
                 let mut ins = inputs.to_vec();
-                ins[which] = Tensor::from_vec(v, inputs[which].dims(), &Device::Cpu)
+                ins[which] = Tensor::from_vec(v, inputs[which].dims(), &crate::common::device())
                     .unwrap()
                     .to_leaf();
                 g(&ins)

@@ -4,14 +4,14 @@
 use candle_higher::nn::{self, Module, Parameters};
 use candle_higher::optim::{Optimizer, Sgd};
 use candle_higher::{
-    backward, grad, innerloop, DType, Device, Error, GradOptions, GradStore, InitialWeights,
+    backward, grad, innerloop, DType, Error, GradOptions, GradStore, InitialWeights,
     InnerloopOptions, Result, Tensor,
 };
 
 use crate::common::t;
 
 fn model() -> Result<nn::Sequential> {
-    let vb = nn::VarBuilder::new(3, DType::F64, &Device::Cpu);
+    let vb = nn::VarBuilder::new(3, DType::F64, &crate::common::device());
     Ok(nn::seq()
         .add(nn::linear(2, 4, vb.pp("0"))?)
         .add(nn::Activation::Tanh)
@@ -252,7 +252,7 @@ mod pieces {
     /// `one_hot` of any shape of whole-number labels; out-of-range labels are an error.
     #[test]
     fn one_hot_encodes_and_checks_labels() -> Result<()> {
-        let labels = Tensor::from_slice(&[1u32, 0, 2, 1], &[2, 2], &candle_higher::Device::Cpu)?;
+        let labels = Tensor::from_slice(&[1u32, 0, 2, 1], &[2, 2], &crate::common::device())?;
         let oh = nn::one_hot(&labels, 3, DType::F32)?;
         assert_eq!(oh.dims(), &[2, 2, 3]);
         assert_eq!(oh.dtype(), DType::F32);
@@ -914,7 +914,7 @@ fn load_state_dict_with_renaming_and_non_strict_report() -> Result<()> {
         .map(|(k, v)| (format!("model.{k}"), v))
         .collect();
     let fresh = || -> Result<nn::Sequential> {
-        let vb = nn::VarBuilder::new(77, DType::F64, &Device::Cpu);
+        let vb = nn::VarBuilder::new(77, DType::F64, &crate::common::device());
         Ok(nn::seq()
             .add(nn::linear(2, 4, vb.pp("0"))?)
             .add(nn::Activation::Tanh)
@@ -975,7 +975,7 @@ fn load_state_dict_with_renaming_and_non_strict_report() -> Result<()> {
     let mut bad = foreign.clone();
     bad.insert(
         "model.0.bias".into(),
-        candle_higher::candle::Tensor::zeros(3, DType::F64, &Device::Cpu)?,
+        candle_higher::candle::Tensor::zeros(3, DType::F64, &crate::common::device())?,
     );
     let mut target = fresh()?;
     let before = values(&target.parameters()?);
@@ -999,8 +999,11 @@ fn load_state_dict_with_renaming_and_non_strict_report() -> Result<()> {
 #[test]
 fn step_vars_without_any_gradient_is_an_error() -> Result<()> {
     use candle_higher::candle::{Tensor as CandleTensor, Var};
-    let w = Var::from_tensor(&CandleTensor::new(&[1.0f64, 2.0], &Device::Cpu)?)?;
-    let other = Var::from_tensor(&CandleTensor::new(&[3.0f64], &Device::Cpu)?)?;
+    let w = Var::from_tensor(&CandleTensor::new(
+        &[1.0f64, 2.0],
+        &crate::common::device(),
+    )?)?;
+    let other = Var::from_tensor(&CandleTensor::new(&[3.0f64], &crate::common::device())?)?;
     let grads = other.as_tensor().sqr()?.sum_all()?.backward()?;
     let mut opt = Optimizer::new(Sgd::new(0.1), 1)?;
     let err = opt.step_vars(std::slice::from_ref(&w), &grads).unwrap_err();

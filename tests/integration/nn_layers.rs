@@ -4,16 +4,16 @@
 use std::collections::HashMap;
 
 use candle_higher::nn::{self, ConvConfig, Module, Parameters};
-use candle_higher::{grad, DType, Device, Error, GradOptions, Tensor};
+use candle_higher::{grad, DType, Error, GradOptions, Tensor};
 
 fn vb(seed: u64) -> nn::VarBuilder {
-    nn::VarBuilder::new(seed, DType::F64, &Device::Cpu)
+    nn::VarBuilder::new(seed, DType::F64, &crate::common::device())
 }
 
 fn input(shape: &[usize], seed: f64) -> Tensor {
     let n: usize = shape.iter().product();
     let data: Vec<f64> = (0..n).map(|i| ((i as f64 + seed) * 0.713).sin()).collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    Tensor::from_vec(data, shape, &crate::common::device()).unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -159,9 +159,13 @@ fn pools_match_candle() {
     let e = x.value().avg_pool2d(3).unwrap();
     assert!(max_abs_diff(&y, &Tensor::new(e)) < 1e-12);
     // Max pool gradient is 1 at each window's max ([[1, 2], [3, 4]] -> 1 at the 4).
-    let x = Tensor::from_vec(vec![1.0f64, 2.0, 3.0, 4.0], &[1, 1, 2, 2], &Device::Cpu)
-        .unwrap()
-        .to_leaf();
+    let x = Tensor::from_vec(
+        vec![1.0f64, 2.0, 3.0, 4.0],
+        &[1, 1, 2, 2],
+        &crate::common::device(),
+    )
+    .unwrap()
+    .to_leaf();
     let y = nn::max_pool2d(2).forward(&x).unwrap().sum_all().unwrap();
     let g = grad(&[y], &[x], GradOptions::default()).unwrap()[0]
         .clone()
@@ -238,8 +242,8 @@ fn batch_norm_momentum_one_keeps_last_batch() {
 #[test]
 fn batch_norm_affine_output_matches_the_formula() {
     let mut bn = nn::batch_norm2d(2, nn::BatchNormConfig::default(), vb(0)).unwrap();
-    bn.weight = Some(Tensor::from_slice(&[1.5f64, -0.5], &[2], &Device::Cpu).unwrap());
-    bn.bias = Some(Tensor::from_slice(&[0.25f64, 2.0], &[2], &Device::Cpu).unwrap());
+    bn.weight = Some(Tensor::from_slice(&[1.5f64, -0.5], &[2], &crate::common::device()).unwrap());
+    bn.bias = Some(Tensor::from_slice(&[0.25f64, 2.0], &[2], &crate::common::device()).unwrap());
     let x = input(&[3, 2, 2, 2], 1.0);
     let y = bn.forward(&x).unwrap().to_vec_f64().unwrap();
     let xs = x.to_vec_f64().unwrap();
@@ -297,14 +301,14 @@ fn dropout_is_seeded_and_off_in_eval() {
 #[test]
 fn embedding_looks_up_rows() {
     let e = nn::embedding(5, 3, vb(0)).unwrap();
-    let ids = Tensor::from_vec(vec![4u32, 0, 4], &[3], &Device::Cpu).unwrap();
+    let ids = Tensor::from_vec(vec![4u32, 0, 4], &[3], &crate::common::device()).unwrap();
     let y = e.forward(&ids).unwrap();
     assert_eq!(y.dims(), [3, 3]);
     let w = e.weight.to_vec_f64().unwrap();
     let v = y.to_vec_f64().unwrap();
     assert_eq!(&v[0..3], &w[12..15]);
     assert_eq!(&v[3..6], &w[0..3]);
-    let bad = Tensor::from_vec(vec![5u32], &[1], &Device::Cpu).unwrap();
+    let bad = Tensor::from_vec(vec![5u32], &[1], &crate::common::device()).unwrap();
     assert!(e.forward(&bad).unwrap_err().to_string().contains("0..5"));
 }
 
@@ -362,10 +366,10 @@ fn losses_match_hand_computation() {
     let logits = Tensor::from_vec(
         vec![1.0f64, 2.0, 0.5, -1.0, 0.0, 3.0],
         &[2, 3],
-        &Device::Cpu,
+        &crate::common::device(),
     )
     .unwrap();
-    let labels = Tensor::from_vec(vec![1u32, 2], &[2], &Device::Cpu).unwrap();
+    let labels = Tensor::from_vec(vec![1u32, 2], &[2], &crate::common::device()).unwrap();
     let ce = nn::cross_entropy(&logits, &labels)
         .unwrap()
         .to_scalar_f64()
@@ -373,9 +377,14 @@ fn losses_match_hand_computation() {
     let lse = |v: &[f64]| v.iter().map(|x| x.exp()).sum::<f64>().ln();
     let expect = ((lse(&[1.0, 2.0, 0.5]) - 2.0) + (lse(&[-1.0, 0.0, 3.0]) - 3.0)) / 2.0;
     assert!((ce - expect).abs() < 1e-14);
-    let bad = Tensor::from_vec(vec![3u32, 0], &[2], &Device::Cpu).unwrap();
+    let bad = Tensor::from_vec(vec![3u32, 0], &[2], &crate::common::device()).unwrap();
     assert!(nn::cross_entropy(&logits, &bad).is_err());
-    let t = Tensor::from_vec(vec![1.0f64, 0.0, 0.0, 1.0, 1.0, 0.0], &[2, 3], &Device::Cpu).unwrap();
+    let t = Tensor::from_vec(
+        vec![1.0f64, 0.0, 0.0, 1.0, 1.0, 0.0],
+        &[2, 3],
+        &crate::common::device(),
+    )
+    .unwrap();
     let bce = nn::binary_cross_entropy_with_logits(&logits, &t)
         .unwrap()
         .to_scalar_f64()
@@ -480,7 +489,7 @@ fn load_errors_name_every_problem_and_load_nothing() {
     let mut t = good.clone();
     t.insert(
         "4.weight".into(),
-        candle_core::Tensor::zeros(2, DType::F64, &Device::Cpu).unwrap(),
+        candle_core::Tensor::zeros(2, DType::F64, &crate::common::device()).unwrap(),
     );
     let msg = check(t, &mut model);
     assert!(msg.contains("unexpected: 4.weight"), "{msg}");
@@ -488,7 +497,7 @@ fn load_errors_name_every_problem_and_load_nothing() {
     let mut t = good.clone();
     t.insert(
         "0.weight".into(),
-        candle_core::Tensor::zeros((3, 4), DType::F64, &Device::Cpu).unwrap(),
+        candle_core::Tensor::zeros((3, 4), DType::F64, &crate::common::device()).unwrap(),
     );
     t.remove("1.running_var");
     let msg = check(t, &mut model);

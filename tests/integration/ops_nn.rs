@@ -1,11 +1,12 @@
-//! Finite-difference checks (first and second order, f64) of convolutions, pooling,
-//! softmax and indexing, plus the values and errors that pin their semantics.
+//! Finite-difference checks (first and second order, in the suites' dtype: f64 unless
+//! `common::dtype()` says f32) of convolutions, pooling, softmax and indexing, plus the
+//! values and errors that pin their semantics.
 
 use crate::common::*;
-use candle_higher::{grad, Device, Error, GradOptions, Tensor};
+use candle_higher::{grad, DType, Error, GradOptions, Tensor};
 
 fn idx(v: &[u32]) -> Tensor {
-    Tensor::from_slice(v, &[v.len()], &Device::Cpu).unwrap()
+    Tensor::from_slice(v, &[v.len()], &device()).unwrap()
 }
 
 #[test]
@@ -92,8 +93,9 @@ fn conv_values() {
 
 #[test]
 fn conv_errors_name_both_shapes() {
-    let x = Tensor::zeros(&[1, 5, 4, 4], F64, &Device::Cpu).unwrap();
-    let w = Tensor::zeros(&[4, 2, 3, 3], F64, &Device::Cpu).unwrap();
+    let zeros = |shape: &[usize], dtype: DType| Tensor::zeros(shape, dtype, &device()).unwrap();
+    let x = zeros(&[1, 5, 4, 4], dtype());
+    let w = zeros(&[4, 2, 3, 3], dtype());
     let err = x.conv2d(&w, 0, 1, 1, 2).unwrap_err();
     assert!(matches!(err, Error::ShapeMismatch { .. }));
     let msg = err.to_string();
@@ -101,7 +103,7 @@ fn conv_errors_name_both_shapes() {
         msg.contains("[1, 5, 4, 4]") && msg.contains("[4, 2, 3, 3]"),
         "{msg}"
     );
-    let small = Tensor::zeros(&[1, 4, 2, 2], F64, &Device::Cpu).unwrap();
+    let small = zeros(&[1, 4, 2, 2], dtype());
     assert!(matches!(
         small.conv2d(&w, 0, 1, 1, 2),
         Err(Error::ShapeMismatch { .. })
@@ -110,12 +112,18 @@ fn conv_errors_name_both_shapes() {
         x.conv2d(&w, 0, 0, 1, 1),
         Err(Error::InvalidArgument { .. })
     ));
-    let w32 = Tensor::zeros(&[4, 5, 3, 3], candle_higher::DType::F32, &Device::Cpu).unwrap();
+    // A weight of another dtype (f16 where the suites run in f32: every device has it).
+    let other = if dtype() == DType::F32 {
+        DType::F16
+    } else {
+        DType::F32
+    };
+    let w_other = zeros(&[4, 5, 3, 3], other);
     assert!(matches!(
-        x.conv2d(&w32, 0, 1, 1, 1),
+        x.conv2d(&w_other, 0, 1, 1, 1),
         Err(Error::DTypeMismatch { .. })
     ));
-    let x1 = Tensor::zeros(&[1, 5, 4], F64, &Device::Cpu).unwrap();
+    let x1 = zeros(&[1, 5, 4], dtype());
     assert!(matches!(
         x1.conv1d(&w, 0, 1, 1, 1),
         Err(Error::ShapeMismatch { .. })
@@ -143,10 +151,15 @@ fn max_pool_gradient_goes_to_the_maximum() {
     assert_eq!(g.to_vec_f64().unwrap(), vec![0., 2., 0., 0., 0., 0.]);
 }
 
+/// Pooling's gradient through finite differences: the 80 inputs are distinct values 1/40
+/// apart in a fixed random order, so no difference step (5e-3 in f32) moves an input past
+/// another and switches a window's maximum.
 #[test]
 fn pooling_fd() {
-    let mut r = rng(36);
-    let xs = [randn(&mut r, &[2, 2, 4, 5])];
+    use rand::seq::SliceRandom;
+    let mut values: Vec<f64> = (0..80).map(|k| (f64::from(k) - 39.5) / 40.0).collect();
+    values.shuffle(&mut rng(36));
+    let xs = [from_f64(values, &[2, 2, 4, 5])];
     check12("max_pool2d 2", |x| x[0].max_pool2d(2)?.sqr(), &xs);
     check12(
         "max_pool2d (2,3) s1",
@@ -186,11 +199,16 @@ fn softmax_is_stable() {
     let x = t(&[1000.0, 1001.0], &[1, 2]);
     let s = x.softmax(1).unwrap().to_vec_f64().unwrap();
     let e = std::f64::consts::E;
-    assert!(close(s[0], 1.0 / (1.0 + e), 1e-15) && close(s[1], e / (1.0 + e), 1e-15));
+    let tight = value_tol(1e-15);
+    assert!(close(s[0], 1.0 / (1.0 + e), tight) && close(s[1], e / (1.0 + e), tight));
     let l = x.logsumexp(1, false).unwrap().to_vec_f64().unwrap();
-    assert!(close(l[0], 1001.0 + (1.0 + (-1.0f64).exp()).ln(), 1e-15));
+    assert!(close(l[0], 1001.0 + (1.0 + (-1.0f64).exp()).ln(), tight));
     let ls = x.log_softmax(1).unwrap().to_vec_f64().unwrap();
-    assert!(close(ls[1], -(1.0 + (-1.0f64).exp()).ln(), 1e-12));
+    assert!(close(
+        ls[1],
+        -(1.0 + (-1.0f64).exp()).ln(),
+        value_tol(1e-12)
+    ));
 }
 
 #[test]
@@ -217,8 +235,8 @@ fn index_select_and_index_add() {
         &add,
     );
     // Repeated indices accumulate: rows 2, 0, 2 of ones added into zeros -> [1, 0, 2, 0].
-    let z = Tensor::zeros(&[4, 1], F64, &Device::Cpu).unwrap();
-    let s = Tensor::ones(&[3, 1], F64, &Device::Cpu).unwrap();
+    let z = Tensor::zeros(&[4, 1], dtype(), &device()).unwrap();
+    let s = Tensor::ones(&[3, 1], dtype(), &device()).unwrap();
     let y = z.index_add(&idx(&[2, 0, 2]), &s, 0).unwrap();
     assert_eq!(y.to_vec_f64().unwrap(), vec![1., 0., 2., 0.]);
 }
@@ -227,10 +245,10 @@ fn index_select_and_index_add() {
 fn gather_and_scatter_add() {
     let mut r = rng(39);
     let x = [randn(&mut r, &[3, 4])];
-    let ind = Tensor::from_slice(&[3u32, 0, 0, 1, 2, 2], &[3, 2], &Device::Cpu).unwrap();
+    let ind = Tensor::from_slice(&[3u32, 0, 0, 1, 2, 2], &[3, 2], &device()).unwrap();
     let i1 = ind.clone();
     check12("gather 1", move |x| x[0].gather(&i1, 1)?.sqr(), &x);
-    let i64s = Tensor::from_slice(&[2i64, 0, 1, 1, 0, 2, 2, 1], &[2, 4], &Device::Cpu).unwrap();
+    let i64s = Tensor::from_slice(&[2i64, 0, 1, 1, 0, 2, 2, 1], &[2, 4], &device()).unwrap();
     check12("gather 0 (i64)", move |x| x[0].gather(&i64s, 0)?.sqr(), &x);
     let sc = [randn(&mut r, &[3, 4]), randn(&mut r, &[3, 2])];
     check12(
@@ -239,8 +257,8 @@ fn gather_and_scatter_add() {
         &sc,
     );
     // gather picks x[i][ind[i][j]]: rows of [[0,1,2,3],[4,5,6,7],[8,9,10,11]].
-    let v = Tensor::from_vec((0..12).map(f64::from).collect(), &[3, 4], &Device::Cpu).unwrap();
-    let ind = Tensor::from_slice(&[3u32, 0, 0, 1, 2, 2], &[3, 2], &Device::Cpu).unwrap();
+    let v = from_f64((0..12).map(f64::from).collect(), &[3, 4]);
+    let ind = Tensor::from_slice(&[3u32, 0, 0, 1, 2, 2], &[3, 2], &device()).unwrap();
     assert_eq!(
         v.gather(&ind, 1).unwrap().to_vec_f64().unwrap(),
         vec![3., 0., 4., 5., 10., 10.]
@@ -252,7 +270,7 @@ fn gather_and_scatter_add() {
         Err(Error::InvalidArgument { .. })
     ));
     assert!(v.index_select(&idx(&[7]), 0).is_err());
-    let wrong = Tensor::from_slice(&[0u32; 4], &[2, 2], &Device::Cpu).unwrap();
+    let wrong = Tensor::from_slice(&[0u32; 4], &[2, 2], &device()).unwrap();
     let err = v.gather(&wrong, 1).unwrap_err().to_string();
     assert!(err.contains("[3, 4]") && err.contains("[2, 2]"), "{err}");
 }

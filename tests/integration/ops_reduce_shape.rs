@@ -1,5 +1,6 @@
-//! Finite-difference checks (first and second order, f64) of reductions, matrix products
-//! and shape ops; third order for a matmul chain.
+//! Finite-difference checks (first and second order, in the suites' dtype: f64 unless
+//! `common::dtype()` says f32) of reductions, matrix products and shape ops; third order
+//! for a matmul chain.
 
 use crate::common::*;
 use candle_higher::Tensor;
@@ -124,10 +125,15 @@ fn cat_and_stack() {
 
 #[test]
 fn to_dtype_gradient_converts_back() {
-    // d/dx sum(2 f32(x)) = 2, delivered in x's dtype (f64).
+    // d/dx sum(2 f32(x)) = 2, delivered in x's dtype (f64); in the f32 run, through f16.
+    let other = if dtype() == candle_higher::DType::F32 {
+        candle_higher::DType::F16
+    } else {
+        candle_higher::DType::F32
+    };
     let x = t(&[0.5, -1.25], &[2]).to_leaf();
     let y = x
-        .to_dtype(candle_higher::DType::F32)
+        .to_dtype(other)
         .unwrap()
         .affine(2.0, 0.0)
         .unwrap()
@@ -136,6 +142,6 @@ fn to_dtype_gradient_converts_back() {
     let g = candle_higher::grad(&[y], &[x], Default::default()).unwrap()[0]
         .clone()
         .unwrap();
-    assert_eq!(g.dtype(), F64);
+    assert_eq!(g.dtype(), dtype());
     assert_eq!(g.to_vec_f64().unwrap(), vec![2.0, 2.0]);
 }

@@ -10,6 +10,11 @@
 //! relative to the largest gradient of the same kind (weights, or that hyperparameter)
 //! plus 1e-9 absolute. Measured: at most 2e-7 relative, except ASGD's `alpha`, whose
 //! gradient is 2e-6 (within the absolute term).
+//!
+//! The twin runs in the suites' dtype on their device (`common::dtype()`, `device()`); the
+//! finite differences always run on the CPU in f64 (`Case::reference`), so in f32 they are
+//! an exact reference for the f32 meta-gradient, judged with `Precision::reference_fd_tol`
+//! and `reference_fd_abs` (1e-6 and 1e-9 in f64).
 
 use crate::optim_support::*;
 use candle_higher::optim::{
@@ -21,10 +26,15 @@ use candle_higher::{
 };
 
 const STEPS: usize = 3;
-const TOL: f64 = 1e-6;
 
+/// The case the twin runs on (the suites' dtype and device).
 fn case() -> Case {
     Case::new("mlp_sgd_plain.json")
+}
+
+/// The same case in f64 on the CPU, for the finite differences.
+fn reference() -> Case {
+    Case::reference("mlp_sgd_plain.json")
 }
 
 fn leaves(values: &[Tensor]) -> Vec<Tensor> {
@@ -80,8 +90,9 @@ fn check(label: &str, what: &str, ours: &[f64], fd: &[f64]) {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f64, f64::max);
     println!("{label} {what}: max |ours - fd| = {err:.2e} (scale {scale:.2e})");
+    let p = crate::common::precision();
     assert!(
-        err <= TOL * scale + 1e-9,
+        err <= p.reference_fd_tol * scale + p.reference_fd_abs,
         "{label} {what}: ours {ours:?} vs fd {fd:?}"
     );
 }
@@ -90,8 +101,9 @@ fn check(label: &str, what: &str, ours: &[f64], fd: &[f64]) {
 /// (those whose value 0 selects a branch, like `momentum`, have no derivative there).
 fn check_variant<O: DifferentiableOptimizer>(label: &str, opt: O, skip: &[&str]) {
     let case = case();
-    let init = case.initial();
-    let p0 = leaves(&init);
+    let p0 = leaves(&case.initial());
+    let reference = reference();
+    let init = reference.initial();
     let names: Vec<&str> = O::FLOAT_NAMES
         .iter()
         .copied()
@@ -136,7 +148,7 @@ fn check_variant<O: DifferentiableOptimizer>(label: &str, opt: O, skip: &[&str])
                 v[k] += s;
                 let mut ws = init.clone();
                 ws[i] = Tensor::from_vec(v, w.dims(), w.device()).unwrap();
-                objective(&case, &ws, one_group(opt.clone()), &none)
+                objective(&reference, &ws, one_group(opt.clone()), &none)
             };
             fd.push((shifted(h) - shifted(-h)) / (2.0 * h));
         }
@@ -148,7 +160,7 @@ fn check_variant<O: DifferentiableOptimizer>(label: &str, opt: O, skip: &[&str])
         let shifted = |s: f64| {
             let mut o = opt.clone();
             o.set_float(n, v + s).unwrap();
-            objective(&case, &init, one_group(o), &none)
+            objective(&reference, &init, one_group(o), &none)
         };
         let fd = fd_hyper(&shifted, v);
         check(label, n, &value(4 + j), &[fd]);
@@ -298,8 +310,9 @@ fd_test!(
 #[test]
 fn two_groups_with_per_group_overrides() {
     let case = case();
-    let init = case.initial();
-    let p0 = leaves(&init);
+    let p0 = leaves(&case.initial());
+    let reference = reference();
+    let init = reference.initial();
     let (a, b) = (
         Adam::new(0.05),
         Adam {
@@ -349,7 +362,7 @@ fn two_groups_with_per_group_overrides() {
         let f = |s: f64| {
             let (mut a, mut b) = (a.clone(), b.clone());
             set(&mut a, &mut b, s);
-            objective(&case, &init, groups(a, b), &none)
+            objective(&reference, &init, groups(a, b), &none)
         };
         fd_hyper(&f, v)
     };
@@ -389,8 +402,9 @@ fn two_groups_with_per_group_overrides() {
 #[test]
 fn override_given_at_a_step() {
     let case = case();
-    let init = case.initial();
-    let p0 = leaves(&init);
+    let p0 = leaves(&case.initial());
+    let reference = reference();
+    let init = reference.initial();
     let base = Sgd {
         momentum: 0.5,
         ..Sgd::new(0.1)
@@ -432,7 +446,7 @@ fn override_given_at_a_step() {
                 }
             };
             objective(
-                &case,
+                &reference,
                 &init,
                 vec![ParamGroup::new(vec![0, 1, 2, 3], base.clone())],
                 &at_step,

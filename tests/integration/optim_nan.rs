@@ -16,7 +16,7 @@ use crate::optim_support::*;
 use candle_higher::optim::{
     Adadelta, Adagrad, Adam, AdamW, Adamax, DiffOptimizer, Overrides, RmsProp,
 };
-use candle_higher::{grad, Device, DifferentiableOptimizer, GradOptions, Tensor};
+use candle_higher::{grad, DifferentiableOptimizer, GradOptions, Tensor};
 
 const STEPS: usize = 3;
 
@@ -57,7 +57,7 @@ struct ZeroFirstGradient {
 
 impl ZeroFirstGradient {
     fn new() -> Self {
-        let dev = Device::Cpu;
+        let dev = crate::common::device();
         ZeroFirstGradient {
             x: Tensor::from_vec(vec![1.0f64, 2.0, -1.0, 0.5, 0.3, -0.7], &[3, 2], &dev).unwrap(),
             y: Tensor::from_vec(vec![0.5f64, -1.0, 2.0], &[3, 1], &dev).unwrap(),
@@ -71,7 +71,7 @@ impl ZeroFirstGradient {
 
 impl Problem for ZeroFirstGradient {
     fn initial(&self) -> Vec<Tensor> {
-        let dev = Device::Cpu;
+        let dev = crate::common::device();
         vec![
             Tensor::from_vec(vec![0.3f64, -0.2], &[2, 1], &dev).unwrap(),
             Tensor::from_vec(vec![0.0f64], &[1], &dev).unwrap(),
@@ -116,8 +116,12 @@ fn unroll<O: DifferentiableOptimizer>(
                 finite(
                     label,
                     k,
-                    &Tensor::from_vec(state_values(&v), &[state_values(&v).len()], &Device::Cpu)
-                        .unwrap(),
+                    &Tensor::from_vec(
+                        state_values(&v),
+                        &[state_values(&v).len()],
+                        &crate::common::device(),
+                    )
+                    .unwrap(),
                 );
             }
         }

@@ -7,9 +7,7 @@ use candle_higher::optim::{
     grad_callback, Adam, DiffOptimizer, InnerGradMode, Optimizer, Overrides, ParamGroup, Sgd,
     StepOptions,
 };
-use candle_higher::{
-    backward, grad, DType, Device, Error, GradOptions, Hyperparameters, Scalar, Tensor,
-};
+use candle_higher::{backward, grad, DType, Error, GradOptions, Hyperparameters, Scalar, Tensor};
 use std::sync::{Arc, Mutex};
 
 fn leaves(case: &Case) -> Vec<Tensor> {
@@ -94,7 +92,7 @@ fn frozen_parameters_are_untouched_and_stateless() {
 fn a_parameter_without_gradient_is_untouched_and_its_state_not_advanced() {
     let case = Case::new("mlp_adam_default_head.json");
     let mut p0 = leaves(&case);
-    let unused = Tensor::from_vec(vec![1.0f64, 2.0], &[2], &Device::Cpu)
+    let unused = Tensor::from_vec(vec![1.0f64, 2.0], &[2], &crate::common::device())
         .unwrap()
         .to_leaf();
     p0.push(unused.clone());
@@ -174,7 +172,7 @@ fn override_errors_are_typed() {
         "{err}"
     );
     // A tensor with more than one element.
-    let two = Tensor::from_vec(vec![0.1f64, 0.2], &[2], &Device::Cpu).unwrap();
+    let two = Tensor::from_vec(vec![0.1f64, 0.2], &[2], &crate::common::device()).unwrap();
     assert!(matches!(
         d.set_overrides(&Overrides::new().set("lr", two)),
         Err(Error::ShapeMismatch { .. })
@@ -215,7 +213,7 @@ fn adam_betas_override_by_component() {
 fn override_tensors_are_converted_to_the_parameters_dtype_differentiably() {
     let p0 = vec![Tensor::scalar(1.0f64).to_leaf()];
     let mut d = DiffOptimizer::new(Sgd::new(0.1), &p0).unwrap();
-    let lr32 = Tensor::from_vec(vec![0.25f32], &[1], &Device::Cpu)
+    let lr32 = Tensor::from_vec(vec![0.25f32], &[1], &crate::common::device())
         .unwrap()
         .to_leaf();
     d.set_overrides(&Overrides::new().set("lr", lr32.clone()))
@@ -436,10 +434,10 @@ fn learned_hyperparameters_read_back_into_an_ordinary_optimizer() {
 fn bare_tensors_energy_model_descends_its_input() {
     // Optimize an input x of a fixed energy E(x) = sum((x - c)^2): 20 SGD steps on x
     // through step_params, then a meta-gradient of the final energy w.r.t. c.
-    let c = Tensor::from_vec(vec![1.0f64, -1.0], &[2], &Device::Cpu)
+    let c = Tensor::from_vec(vec![1.0f64, -1.0], &[2], &crate::common::device())
         .unwrap()
         .to_leaf();
-    let x0 = Tensor::zeros(&[2], DType::F64, &Device::Cpu)
+    let x0 = Tensor::zeros(&[2], DType::F64, &crate::common::device())
         .unwrap()
         .to_leaf();
     let energy = |x: &Tensor| x.sub(&c).unwrap().sqr().unwrap().sum_all().unwrap();
@@ -489,7 +487,7 @@ fn runtime_error_paths() {
     assert!(err.contains("expected 2 parameters, got 1"), "{err}");
     // Wrong number and shape of explicit gradients.
     assert!(d.step_grads(&p0, vec![None], StepOptions::new()).is_err());
-    let bad = Tensor::zeros(&[3], DType::F64, &Device::Cpu).unwrap();
+    let bad = Tensor::zeros(&[3], DType::F64, &crate::common::device()).unwrap();
     assert!(matches!(
         d.step_grads(&p0, vec![Some(bad.clone()), None], StepOptions::new()),
         Err(Error::ShapeMismatch { .. })
@@ -517,7 +515,7 @@ fn hyperparameter_values_read_from_a_scalar() {
 /// exactly as it steps our tensors, and leaves a var without a gradient alone.
 #[test]
 fn steps_candle_vars_like_our_tensors() {
-    let dev = candle_core::Device::Cpu;
+    let dev = crate::common::device();
     let x = candle_core::Tensor::new(&[[1.0f64, -2.0], [0.5, 3.0], [-1.5, 0.25]], &dev).unwrap();
     let y = candle_core::Tensor::new(&[[1.0f64], [-1.0], [2.0]], &dev).unwrap();
     let w = candle_core::Var::new(&[[0.3f64], [-0.2]], &dev).unwrap();

@@ -183,7 +183,7 @@ fn ordinary_optimizers_match_the_golden_fast_weights() {
             .collect();
         let e = max_err(&run, &golden);
         println!("{name}: {e:.1e}");
-        assert!(e <= 1e-9, "{name}: {e:e}");
+        assert!(e <= crate::common::precision().golden_tol, "{name}: {e:e}");
         worst = worst.max(e);
     }
     println!("worst: {worst:.1e}");

@@ -5,12 +5,11 @@ use candle_higher::nn::{self, Parameters};
 use candle_higher::optim::{Optimizer, Sgd};
 use candle_higher::parallel::{meta_batch, Combine};
 use candle_higher::{
-    backward, innerloop, DType, Device, Error, GradStore, InitialWeights, InnerloopOptions, Result,
-    Tensor,
+    backward, innerloop, DType, Error, GradStore, InitialWeights, InnerloopOptions, Result, Tensor,
 };
 
 fn model() -> Result<nn::Sequential> {
-    let vb = nn::VarBuilder::new(3, DType::F64, &Device::Cpu);
+    let vb = nn::VarBuilder::new(3, DType::F64, &crate::common::device());
     Ok(nn::seq()
         .add(nn::linear(1, 8, vb.pp("0"))?)
         .add(nn::Activation::Tanh)
@@ -23,8 +22,8 @@ fn task(model: &nn::Sequential, inner: &Optimizer<Sgd>, i: usize) -> Result<Grad
         let x: Vec<f64> = (0..6).map(|k| k as f64 * 0.3 - 0.8 + shift).collect();
         let y: Vec<f64> = x.iter().map(|v| (v + i as f64 * 0.4).sin()).collect();
         Ok((
-            Tensor::from_vec(x, &[6, 1], &Device::Cpu)?,
-            Tensor::from_vec(y, &[6, 1], &Device::Cpu)?,
+            Tensor::from_vec(x, &[6, 1], &crate::common::device())?,
+            Tensor::from_vec(y, &[6, 1], &crate::common::device())?,
         ))
     };
     let ((xs, ys), (xq, yq)) = (points(0.0)?, points(0.1)?);

@@ -5,14 +5,14 @@
 use candle_higher::nn::{self, Module, Parameters, Visitor};
 use candle_higher::optim::{Adam, Optimizer, Overrides, Sgd};
 use candle_higher::{
-    backward, differentiable_optimizer, grad, innerloop, DType, Device, GradOptions,
-    InitialWeights, InnerloopOptions, Result, State, Tensor,
+    backward, differentiable_optimizer, grad, innerloop, DType, GradOptions, InitialWeights,
+    InnerloopOptions, Result, State, Tensor,
 };
 
 fn data(n: usize, shift: f32) -> Result<(Tensor, Tensor)> {
     let x: Vec<f32> = (0..n).map(|i| i as f32 / n as f32 - 0.5 + shift).collect();
     let y: Vec<f32> = x.iter().map(|v| (3.0 * v).sin()).collect();
-    let dev = Device::Cpu;
+    let dev = crate::common::device();
     Ok((
         Tensor::from_slice(&x, &[n, 1], &dev)?,
         Tensor::from_slice(&y, &[n, 1], &dev)?,
@@ -25,7 +25,7 @@ fn data(n: usize, shift: f32) -> Result<(Tensor, Tensor)> {
 fn maml_in_a_dozen_lines() -> Result<()> {
     let (x_support, y_support) = data(10, 0.0)?;
     let (x_query, y_query) = data(10, 0.05)?;
-    let vb = nn::VarBuilder::new(0, DType::F32, &Device::Cpu);
+    let vb = nn::VarBuilder::new(0, DType::F32, &crate::common::device());
     let mut model = nn::seq()
         .add(nn::linear(1, 40, vb.pp("0"))?)
         .add(nn::Activation::Relu)
@@ -65,7 +65,7 @@ fn maml_in_a_dozen_lines() -> Result<()> {
 fn tensor_learning_rate() -> Result<()> {
     let (x_support, y_support) = data(10, 0.0)?;
     let (x_query, y_query) = data(10, 0.05)?;
-    let vb = nn::VarBuilder::new(1, DType::F64, &Device::Cpu);
+    let vb = nn::VarBuilder::new(1, DType::F64, &crate::common::device());
     let model = nn::seq()
         .add(nn::linear(1, 8, vb.pp("0"))?)
         .add(nn::Activation::Tanh)
@@ -86,14 +86,19 @@ fn tensor_learning_rate() -> Result<()> {
             &y_query.to_dtype(DType::F64)?,
         )
     };
-    let lr = Tensor::full_scalar(0.1, DType::F64, &Device::Cpu)?.to_leaf();
+    let lr = Tensor::full_scalar(0.1, DType::F64, &crate::common::device())?.to_leaf();
     let g = grad(&[meta_loss(lr.clone())?], &[lr], GradOptions::default())?[0]
         .clone()
         .expect("the learning rate gets a gradient")
         .to_scalar_f64()?;
     let h = 1e-5;
     let at = |v: f64| -> Result<f64> {
-        meta_loss(Tensor::full_scalar(v, DType::F64, &Device::Cpu)?)?.to_scalar_f64()
+        meta_loss(Tensor::full_scalar(
+            v,
+            DType::F64,
+            &crate::common::device(),
+        )?)?
+        .to_scalar_f64()
     };
     let fd = (at(0.1 + h)? - at(0.1 - h)?) / (2.0 * h);
     assert!((g - fd).abs() <= 1e-6 * fd.abs().max(1e-3), "{g} vs {fd}");
@@ -122,7 +127,7 @@ impl Module for Mlp {
 /// "Your own model": dotted names in visiting order, and a forward pass.
 #[test]
 fn your_own_model() -> Result<()> {
-    let vb = nn::VarBuilder::new(2, DType::F32, &Device::Cpu);
+    let vb = nn::VarBuilder::new(2, DType::F32, &crate::common::device());
     let mlp = Mlp {
         hidden: nn::linear(1, 4, vb.pp("hidden"))?,
         out: nn::linear(4, 1, vb.pp("out"))?,
@@ -161,7 +166,7 @@ impl SignSgd {
 /// `step_vars`, each step moving every weight by exactly `lr` against its momentum's sign.
 #[test]
 fn your_own_optimizer_on_candle_vars() -> Result<()> {
-    let dev = candle_core::Device::Cpu;
+    let dev = crate::common::device();
     let w = candle_core::Var::new(&[2.0f64, -3.0], &dev)?;
     let mut opt = Optimizer::new(
         SignSgd {

@@ -250,7 +250,7 @@ fn sgd_carry(hyper: &[Tensor], buffers: bool) -> Result<OptimizerCarry<Sgd>> {
         c.with_buffers(vec![Tensor::from_slice(
             &[0.2f64, -0.1],
             &[2],
-            &candle_higher::Device::Cpu,
+            &crate::common::device(),
         )?])
     } else {
         c
@@ -426,7 +426,7 @@ fn bad_arguments_are_typed_errors() -> Result<()> {
 /// d sum(w_T) / d lr = sum(-2 a T (1 - 2 a lr)^(T - 1) w_0); 37 steps in 7 segments.
 #[test]
 fn vec_carry_matches_the_closed_form() -> Result<()> {
-    let dev = candle_higher::Device::Cpu;
+    let dev = crate::common::device();
     let a = [0.5f64, 1.0, 2.0];
     let w0 = [1.0f64, -2.0, 0.5];
     let lr_value = 0.1;

@@ -3,7 +3,7 @@
 //! convex problem, both solvers, and what is reported when a solve fails.
 
 use candle_higher::unroll::{implicit_grad, ImplicitOptions, LinearSolver};
-use candle_higher::{grad, Device, Error, GradOptions, Result, Tensor};
+use candle_higher::{grad, Error, GradOptions, Result, Tensor};
 
 use crate::common::{randn, rng};
 
@@ -40,7 +40,7 @@ fn rows(t: &Tensor) -> Vec<Vec<f64>> {
 }
 
 fn col(v: &[f64]) -> Tensor {
-    Tensor::from_slice(v, &[v.len(), 1], &Device::Cpu).unwrap()
+    Tensor::from_slice(v, &[v.len(), 1], &crate::common::device()).unwrap()
 }
 
 struct Ridge {

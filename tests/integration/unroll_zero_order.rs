@@ -10,7 +10,7 @@
 //! covariance is |g|^2 I + g g^T, so E|mean - g|^2 = (d + 1) |g|^2 / n.
 
 use candle_higher::unroll::{es_gradient, EsMethod, EsOptions};
-use candle_higher::{Device, Error, Result, Tensor};
+use candle_higher::{Error, Result, Tensor};
 
 const D: usize = 4;
 
@@ -29,9 +29,15 @@ fn quadratic() -> Quadratic {
         -0.2, 0.0, 0.4, 3.0,
     ];
     Quadratic {
-        a: Tensor::from_slice(&a, &[D, D], &Device::Cpu).unwrap(),
-        b: Tensor::from_slice(&[0.5f64, -1.0, 0.25, 2.0], &[D, 1], &Device::Cpu).unwrap(),
-        x: Tensor::from_slice(&[1.0f64, -0.5, 0.3, 0.8], &[2, 2], &Device::Cpu).unwrap(),
+        a: Tensor::from_slice(&a, &[D, D], &crate::common::device()).unwrap(),
+        b: Tensor::from_slice(
+            &[0.5f64, -1.0, 0.25, 2.0],
+            &[D, 1],
+            &crate::common::device(),
+        )
+        .unwrap(),
+        x: Tensor::from_slice(&[1.0f64, -0.5, 0.3, 0.8], &[2, 2], &crate::common::device())
+            .unwrap(),
     }
 }
 

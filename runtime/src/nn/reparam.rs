@@ -45,6 +45,16 @@ fn with_replaced<L: Parameters + Clone>(
     Ok(m)
 }
 
+/// The shape of the wrapped layer's own (hidden) slot `name`: the weight's shape without a
+/// task axis, whatever the fmodel holding the wrapper does with the raw parameters.
+fn nominal_shape<L: Parameters + Clone>(
+    op: &'static str,
+    module: &L,
+    name: &str,
+) -> Result<Vec<usize>> {
+    Ok(find_param(op, module, name)?.dims().to_vec())
+}
+
 /// fastai's `WeightDropout` (AWD-LSTM): at every forward in training mode, dropout is
 /// applied to the raw weights and the wrapped layer runs with the dropped weights.
 ///
@@ -52,6 +62,10 @@ fn with_replaced<L: Parameters + Clone>(
 /// dropped weight's raw tensor as `<name>_raw` (fastai's names). In eval mode the raw
 /// weights are used unchanged. Masks come from a seeded generator, or are fixed with
 /// [`WeightDropout::fix_masks`] (e.g. to check gradients by finite differences).
+///
+/// Task-batched (raw weights `[T, ..]`, in a task-batched fmodel): a drawn mask has the
+/// raw weight's shape, so every task gets its own independent mask; a fixed mask is either
+/// shared by all tasks (the weight's own shape) or one per task (`[T, ..]`).
 #[derive(Clone)]
 pub struct WeightDropout<L> {
     /// The wrapped layer (its dropped slots are overwritten at each forward).
@@ -107,7 +121,9 @@ impl<L: Module + Parameters + Clone> WeightDropout<L> {
             .collect()
     }
 
-    /// Uses these masks at every forward from now on (one per dropped weight, its shape).
+    /// Uses these masks at every forward from now on, one per dropped weight: of the
+    /// weight's shape (shared by every task of a task-batched run), or with a leading task
+    /// axis `[T, ..]` (row `t` for task `t`; only for a task-batched run with `T` tasks).
     pub fn fix_masks(&mut self, masks: Vec<Tensor>) -> Result<()> {
         if masks.len() != self.raw.len() {
             return Err(Error::ParamCount {
@@ -117,17 +133,39 @@ impl<L: Module + Parameters + Clone> WeightDropout<L> {
                 got: masks.len(),
             });
         }
-        for ((n, w), m) in self.names.iter().zip(&self.raw).zip(&masks) {
-            if w.dims() != m.dims() {
+        for (n, m) in self.names.iter().zip(&masks) {
+            let shape = nominal_shape("fix_masks", &self.module, n)?;
+            let per_task = m.rank() == shape.len() + 1 && m.dims()[1..] == shape[..];
+            if m.dims() != shape.as_slice() && !per_task {
                 return Err(Error::ParamShape {
                     op: "fix_masks",
                     name: n.clone(),
-                    expected: w.dims().to_vec(),
+                    expected: shape,
                     got: m.dims().to_vec(),
                 });
             }
         }
         self.fixed = Some(masks.iter().map(Tensor::detach).collect());
+        Ok(())
+    }
+
+    /// Checks the fixed masks against the raw weights of this forward: a per-task mask
+    /// needs raw weights with the same task axis.
+    fn check_fixed(&self, masks: &[Tensor]) -> Result<()> {
+        for ((n, w), m) in self.names.iter().zip(&self.raw).zip(masks) {
+            let shape = nominal_shape("WeightDropout", &self.module, n)?;
+            if m.dims() != shape.as_slice() && m.dims() != w.dims() {
+                return Err(Error::ShapeMismatch {
+                    op: "WeightDropout",
+                    expected: format!(
+                        "a mask for \"{n}\" of shape {shape:?} or of its raw weight's {:?} \
+                         (per-task masks need a task-batched run with as many tasks)",
+                        w.dims()
+                    ),
+                    got: m.dims().to_vec(),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -143,7 +181,10 @@ impl<L: Module + Parameters + Clone> Module for WeightDropout<L> {
             self.raw.clone()
         } else {
             let masks = match &self.fixed {
-                Some(m) => m.clone(),
+                Some(m) => {
+                    self.check_fixed(m)?;
+                    m.clone()
+                }
                 None => self.sample_masks()?,
             };
             self.raw
@@ -171,6 +212,9 @@ impl<L: Parameters> Parameters for WeightDropout<L> {
 /// the first. Parameters, as PyTorch names them: the layer's others (no prefix), then
 /// `<name>_g` (shape `[out, 1, ..]`) and `<name>_v`. Initially `v` is the weight and `g`
 /// its norm, so the output is unchanged.
+///
+/// Task-batched (`g` `[T, out, 1, ..]`, `v` `[T, ..]`, in a task-batched fmodel): each task's
+/// norm is its own, over every dim but the task axis and `out`.
 #[derive(Clone, Debug)]
 pub struct WeightNorm<L> {
     /// The wrapped layer (its `name` slot is overwritten at each forward).
@@ -183,9 +227,9 @@ pub struct WeightNorm<L> {
     pub v: Tensor,
 }
 
-/// `||v||` over every dim but the first, kept as size 1.
-fn row_norm(v: &Tensor) -> Result<Tensor> {
-    let dims: Vec<usize> = (1..v.rank()).collect();
+/// `||v||` over every dim after `first` (the output dim), kept as size 1.
+fn row_norm(v: &Tensor, first: usize) -> Result<Tensor> {
+    let dims: Vec<usize> = (first + 1..v.rank()).collect();
     if dims.is_empty() {
         return v.abs();
     }
@@ -195,7 +239,7 @@ fn row_norm(v: &Tensor) -> Result<Tensor> {
 /// Wraps `module`, reparametrizing its parameter `name` (e.g. `"weight"`).
 pub fn weight_norm<L: Module + Parameters + Clone>(module: L, name: &str) -> Result<WeightNorm<L>> {
     let w = find_param("weight_norm", &module, name)?;
-    let g = row_norm(&w.detach())?;
+    let g = row_norm(&w.detach(), 0)?;
     let (g, v) = if w.requires_grad() {
         (g.to_leaf(), w.detach().to_leaf())
     } else {
@@ -210,9 +254,24 @@ pub fn weight_norm<L: Module + Parameters + Clone>(module: L, name: &str) -> Res
 }
 
 impl<L: Module + Parameters + Clone> WeightNorm<L> {
-    /// The weight the layer computes with: `g * v / ||v||`.
+    /// The weight the layer computes with: `g * v / ||v||` (per task when task-batched).
     pub fn weight(&self) -> Result<Tensor> {
-        self.v.mul(&self.g.div(&row_norm(&self.v)?)?)
+        let nominal = nominal_shape("WeightNorm", &self.module, &self.name)?.len();
+        let lead = usize::from(super::tasks::batched("WeightNorm", &self.v, nominal)?);
+        let head = |t: &Tensor| t.dims().get(..=lead).map(<[usize]>::to_vec);
+        if self.g.rank() != self.v.rank() || head(&self.g) != head(&self.v) {
+            return Err(Error::ShapeMismatch {
+                op: "WeightNorm",
+                expected: format!(
+                    "a magnitude g of rank {} starting {:?}, as v is {:?}",
+                    self.v.rank(),
+                    head(&self.v).unwrap_or_default(),
+                    self.v.dims()
+                ),
+                got: self.g.dims().to_vec(),
+            });
+        }
+        self.v.mul(&self.g.div(&row_norm(&self.v, lead)?)?)
     }
 }
 

@@ -99,7 +99,12 @@ impl Tensor {
             self.requires_grad(),
             std::panic::Location::caller(),
         );
-        let v = self.value().flatten_all()?.to_dtype(DType::F64)?;
+        // Copied to the CPU before the cast: Metal has no f64.
+        let v = self
+            .value()
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?;
         if v.elem_count() != 1 {
             return Err(crate::Error::ShapeMismatch {
                 op: "to_scalar_f64",
@@ -110,7 +115,7 @@ impl Tensor {
         Ok(v.to_vec1::<f64>()?[0])
     }
 
-    /// All values in row-major order, as f64.
+    /// All values in row-major order, as f64 (cast on the CPU, so any device works).
     #[track_caller]
     pub fn to_vec_f64(&self) -> Result<Vec<f64>> {
         super::graph_exit::note(
@@ -121,6 +126,7 @@ impl Tensor {
         Ok(self
             .value()
             .flatten_all()?
+            .to_device(&Device::Cpu)?
             .to_dtype(DType::F64)?
             .to_vec1::<f64>()?)
     }
