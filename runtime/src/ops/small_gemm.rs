@@ -6,16 +6,16 @@
 //! have unit column stride) and keeps a block of up to 8 rows by 2 vectors of the
 //! product in registers. Each element of the product is the same sequence of fused multiply-adds over
 //! `k` that gemm's kernels compute, so the results equal gemm's bit for bit (tested against
-//! candle's matmul); products it does not take (right operand transposed, narrow, large,
-//! or no AVX-512) go to gemm.
+//! candle's matmul); products it does not take (right operand transposed, one row, narrow,
+//! shallow, deep, large, or no AVX-512) go to gemm.
 
 use candle_core::WithDType;
 
 use super::cpu_gemm::Strided;
 
-/// The largest depth taken: gemm splits deeper products into blocks, which rounds
-/// differently from one pass.
-const MAX_DEPTH: usize = 128;
+/// The depths taken: gemm splits deeper products into blocks, and computes depths of 1
+/// and 2 as outer products (`gevv`); both round differently from one in-order pass.
+const DEPTHS: std::ops::RangeInclusive<usize> = 3..=128;
 /// The largest product taken, in multiply-adds (gemm's own single-thread threshold).
 const MAX_SIZE: usize = 48 * 48 * 256;
 
@@ -35,9 +35,13 @@ pub(crate) unsafe fn try_small_product<T: WithDType>(
     #[cfg(target_arch = "x86_64")]
     {
         let lanes = 64 / std::mem::size_of::<T>();
+        // gemm's matrix-vector paths (one row or one column) sum in another order, and a
+        // product must round the same whichever kernel takes it: a task-batched layer and
+        // its loop over tasks form some products in transposed orientations.
         let applies = rhs.col_stride == 1
+            && m >= 2
             && n >= lanes / 2
-            && k <= MAX_DEPTH
+            && DEPTHS.contains(&k)
             && m * n * k <= MAX_SIZE
             && std::arch::is_x86_feature_detected!("avx512f");
         if !applies {
