@@ -2,7 +2,7 @@
 //! share of the tasks, the shares are summed by one collective call per dtype, and every rank
 //! takes the same outer step.
 //!
-//! The engine is a [`Communicator`]: [`MpiCommunicator`] (feature `mpi`, over rsmpi and the
+//! The engine is a [`Communicator`]: `MpiCommunicator` (feature `mpi`, over rsmpi and the
 //! system's MPI library, run with `mpirun -np N`), `NcclCommunicator` (feature `nccl`, GPUs),
 //! or [`SingleProcess`] (one rank, nothing sent). On top of it:
 //!
@@ -90,6 +90,16 @@ pub trait Communicator {
         let out = wire::tensor_from_bytes(&bytes, buffer.dtype(), buffer.elem_count())?;
         Ok(out.to_device(buffer.device())?)
     }
+}
+
+/// The ranks of this run: with the `mpi` feature, MPI's world (`MpiCommunicator::init`:
+/// `mpirun -np N program` gives N ranks, a plain start rank 0 of 1); without it,
+/// [`SingleProcess`]. Call it once per process.
+pub fn world() -> Result<Box<dyn Communicator>> {
+    #[cfg(feature = "mpi")]
+    return Ok(Box::new(MpiCommunicator::init()?));
+    #[cfg(not(feature = "mpi"))]
+    Ok(Box::new(SingleProcess))
 }
 
 /// One process alone: rank 0 of 1. Every collective returns its input. Programs written for
@@ -180,21 +190,27 @@ fn describe(t: &Tensor) -> String {
 /// (`what` names them: "parameter", "buffer"), plus a `local_problem` each rank may have
 /// found on its own. On any disagreement every rank returns the same
 /// [`Error::RankMismatch`], naming the first rank that differs and, on that rank, the
-/// difference itself.
+/// difference itself. `note` is one more word sent along; every rank's note is returned,
+/// in rank order.
 fn check_layout(
     comm: &dyn Communicator,
     op: &'static str,
     what: &str,
     tensors: &[&Tensor],
     local_problem: Option<String>,
-) -> Result<()> {
+    note: u64,
+) -> Result<Vec<u64>> {
     let words = layout_words(tensors);
-    let mine = [fingerprint(&words), u64::from(local_problem.is_some())];
+    let mine = [
+        fingerprint(&words),
+        u64::from(local_problem.is_some()),
+        note,
+    ];
     let all = wire::decode_u64(&comm.all_gather_bytes(&wire::u64_bytes(&mine))?, op)?;
     let root = all[0];
-    let first_bad = (0..comm.size()).find(|&r| all[2 * r] != root || all[2 * r + 1] != 0);
+    let first_bad = (0..comm.size()).find(|&r| all[3 * r] != root || all[3 * r + 1] != 0);
     let Some(rank) = first_bad else {
-        return Ok(());
+        return Ok(all.chunks(3).map(|c| c[2]).collect());
     };
     // Rare path: one more collective, so that the disagreeing rank can say what differs.
     let root_words = wire::decode_u64(&comm.broadcast_bytes(&wire::u64_bytes(&words))?, op)?;
@@ -283,7 +299,7 @@ fn unflatten(
 /// rank). Returns constants (no gradient), on each tensor's device.
 pub fn broadcast_tensors(comm: &dyn Communicator, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
     let refs: Vec<&Tensor> = tensors.iter().collect();
-    check_layout(comm, "broadcast_tensors", "tensor", &refs, None)?;
+    check_layout(comm, "broadcast_tensors", "tensor", &refs, None, 0)?;
     broadcast_checked(comm, tensors)
 }
 
@@ -312,9 +328,9 @@ pub fn broadcast_model<M: Parameters + Clone>(
     let buffers: Vec<Tensor> = model.named_buffers()?.into_iter().map(|(_, b)| b).collect();
     let all: Vec<Tensor> = params.iter().chain(&buffers).cloned().collect();
     let param_refs: Vec<&Tensor> = params.iter().collect();
-    check_layout(comm, OP, "parameter", &param_refs, None)?;
+    check_layout(comm, OP, "parameter", &param_refs, None, 0)?;
     let buffer_refs: Vec<&Tensor> = buffers.iter().collect();
-    check_layout(comm, OP, "buffer", &buffer_refs, None)?;
+    check_layout(comm, OP, "buffer", &buffer_refs, None, 0)?;
     let values = broadcast_checked(comm, &all)?;
     if comm.rank() == 0 {
         return Ok(());
@@ -406,19 +422,24 @@ pub fn all_reduce_grads(
                 })
         });
     let refs: Vec<&Tensor> = params.iter().collect();
-    check_layout(comm, OP, "parameter", &refs, problem)?;
-    // Which parameters have a gradient somewhere: one bit each, OR-ed over ranks.
-    let words = params.len().div_ceil(64);
-    let mut mask = vec![0u64; words];
-    for (i, g) in local.iter().enumerate() {
-        if g.is_some() {
-            mask[i / 64] |= 1 << (i % 64);
+    let complete = u64::from(local.iter().all(Option::is_some));
+    let notes = check_layout(comm, OP, "parameter", &refs, problem, complete)?;
+    let present: Vec<usize> = if notes.iter().all(|&c| c == 1) {
+        (0..params.len()).collect() // the common case: no more messages
+    } else {
+        // Which parameters have a gradient somewhere: one bit each, OR-ed over ranks.
+        let words = params.len().div_ceil(64);
+        let mut mask = vec![0u64; words];
+        for (i, g) in local.iter().enumerate() {
+            if g.is_some() {
+                mask[i / 64] |= 1 << (i % 64);
+            }
         }
-    }
-    let gathered = wire::decode_u64(&comm.all_gather_bytes(&wire::u64_bytes(&mask))?, OP)?;
-    let any =
-        |i: usize| (0..comm.size()).any(|r| gathered[r * words + i / 64] >> (i % 64) & 1 == 1);
-    let present: Vec<usize> = (0..params.len()).filter(|&i| any(i)).collect();
+        let gathered = wire::decode_u64(&comm.all_gather_bytes(&wire::u64_bytes(&mask))?, OP)?;
+        let any =
+            |i: usize| (0..comm.size()).any(|r| gathered[r * words + i / 64] >> (i % 64) & 1 == 1);
+        (0..params.len()).filter(|&i| any(i)).collect()
+    };
     let values = present
         .iter()
         .map(|&i| match local[i] {
