@@ -35,6 +35,11 @@ mod mpi;
 #[cfg(feature = "mpi")]
 pub use self::mpi::MpiCommunicator;
 
+#[cfg(feature = "nccl")]
+mod nccl;
+#[cfg(feature = "nccl")]
+pub use self::nccl::NcclCommunicator;
+
 mod wire;
 
 #[cfg(test)]
@@ -59,37 +64,53 @@ pub trait Communicator {
     /// Every rank's `bytes` (the same length on every rank), concatenated in rank order.
     fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<u8>>;
 
-    /// The element-wise sum over ranks of a 1-D floating point tensor of the same length on every
-    /// rank, added in rank order, so every rank gets the same bits on every run. The default
-    /// gathers all buffers on the host: traffic and memory grow with the number of ranks,
-    /// which is cheap for meta-learning models (the Omniglot CNN has 112k parameters).
+    /// The element-wise sum over ranks of a 1-D floating point tensor of the same length on
+    /// every rank, added in rank order, so every rank gets the same bits on every run. The
+    /// default gathers all buffers on the host: traffic and memory grow with the number of
+    /// ranks, which is cheap for meta-learning models (the Omniglot CNN has 112k parameters).
     fn all_reduce_sum(&self, buffer: &candle_core::Tensor) -> Result<candle_core::Tensor> {
-        let size = self.size();
-        let n = buffer.elem_count();
-        let gathered = self.all_gather_bytes(&wire::tensor_bytes(buffer)?)?;
-        let summed = match buffer.dtype() {
-            DType::F32 => {
-                let all = wire::decode_f32(&gathered, "all_reduce_sum")?;
-                candle_core::Tensor::from_vec(sum_in_rank_order(&all, n, size), n, &Device::Cpu)?
-            }
-            // f64, and the half types summed in f64 (their bytes are sent as f64).
-            dtype if dtype.is_float() => {
-                let all = wire::decode_f64(&gathered, "all_reduce_sum")?;
-                candle_core::Tensor::from_vec(sum_in_rank_order(&all, n, size), n, &Device::Cpu)?
-                    .to_dtype(dtype)?
-            }
-            dtype => return Err(unsupported(dtype)),
-        };
-        Ok(summed.to_device(buffer.device())?)
+        host_all_reduce_sum(self, buffer)
     }
 
     /// Rank 0's 1-D tensor on every rank; the others pass a tensor of the same dtype and
     /// length (its values are ignored).
     fn broadcast(&self, buffer: &candle_core::Tensor) -> Result<candle_core::Tensor> {
-        let bytes = self.broadcast_bytes(&wire::tensor_bytes(buffer)?)?;
-        let out = wire::tensor_from_bytes(&bytes, buffer.dtype(), buffer.elem_count())?;
-        Ok(out.to_device(buffer.device())?)
+        host_broadcast(self, buffer)
     }
+}
+
+/// [`Communicator::all_reduce_sum`] through host memory and [`Communicator::all_gather_bytes`].
+fn host_all_reduce_sum<C: Communicator + ?Sized>(
+    comm: &C,
+    buffer: &candle_core::Tensor,
+) -> Result<candle_core::Tensor> {
+    let size = comm.size();
+    let n = buffer.elem_count();
+    let gathered = comm.all_gather_bytes(&wire::tensor_bytes(buffer)?)?;
+    let summed = match buffer.dtype() {
+        DType::F32 => {
+            let all = wire::decode_f32(&gathered, "all_reduce_sum")?;
+            candle_core::Tensor::from_vec(sum_in_rank_order(&all, n, size), n, &Device::Cpu)?
+        }
+        // f64, and the half types summed in f64 (their bytes are sent as f64).
+        dtype if dtype.is_float() => {
+            let all = wire::decode_f64(&gathered, "all_reduce_sum")?;
+            candle_core::Tensor::from_vec(sum_in_rank_order(&all, n, size), n, &Device::Cpu)?
+                .to_dtype(dtype)?
+        }
+        dtype => return Err(unsupported(dtype)),
+    };
+    Ok(summed.to_device(buffer.device())?)
+}
+
+/// [`Communicator::broadcast`] through host memory and [`Communicator::broadcast_bytes`].
+fn host_broadcast<C: Communicator + ?Sized>(
+    comm: &C,
+    buffer: &candle_core::Tensor,
+) -> Result<candle_core::Tensor> {
+    let bytes = comm.broadcast_bytes(&wire::tensor_bytes(buffer)?)?;
+    let out = wire::tensor_from_bytes(&bytes, buffer.dtype(), buffer.elem_count())?;
+    Ok(out.to_device(buffer.device())?)
 }
 
 /// The ranks of this run: with the `mpi` feature, MPI's world (`MpiCommunicator::init`:

@@ -50,7 +50,7 @@ fn truncated(op: &'static str, len: usize, unit: usize) -> Error {
 }
 
 pub(super) fn decode_u64(bytes: &[u8], op: &'static str) -> Result<Vec<u64>> {
-    if bytes.len() % 8 != 0 {
+    if !bytes.len().is_multiple_of(8) {
         return Err(truncated(op, bytes.len(), 8));
     }
     Ok(bytes
@@ -67,7 +67,7 @@ pub(super) fn decode_f64(bytes: &[u8], op: &'static str) -> Result<Vec<f64>> {
 }
 
 pub(super) fn decode_f32(bytes: &[u8], op: &'static str) -> Result<Vec<f32>> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(truncated(op, bytes.len(), 4));
     }
     Ok(bytes
