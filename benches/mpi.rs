@@ -168,8 +168,10 @@ mod worker {
                 let mut set = |n: usize| -> Result<[Tensor; 2]> {
                     let (mut x, mut y) = (Vec::new(), Vec::new());
                     for _ in 0..tasks {
-                        let (amp, phase) =
-                            (rng.gen_range(0.1..5.0f32), rng.gen_range(0.0..3.14f32));
+                        let (amp, phase) = (
+                            rng.gen_range(0.1..5.0f32),
+                            rng.gen_range(0.0..std::f32::consts::PI),
+                        );
                         for _ in 0..n {
                             let v = rng.gen_range(-5.0..5.0f32);
                             x.push(v);
