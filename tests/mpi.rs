@@ -159,7 +159,7 @@ mod ranks {
     fn check() -> Result<()> {
         let comm = MpiCommunicator::init()?;
         let rank = comm.rank();
-        assert_eq!(comm.size(), 2, "run with mpirun -np 2");
+        assert!(comm.size() >= 2, "run with mpirun -np 2 (or more)");
 
         // A rank with another model is an error on every rank, and changes nothing.
         let mut odd = mlp(if rank == 1 { 9 } else { 8 }, 0)?;
@@ -225,9 +225,10 @@ mod ranks {
         assert!(moved > 1e-3, "the outer steps did not move the parameters");
         if rank == 0 {
             println!(
-                "tests/mpi.rs: 2 ranks = 1 process over {TASKS} tasks: meta-gradients within \
+                "tests/mpi.rs: {} ranks = 1 process over {TASKS} tasks: meta-gradients within \
                  {worst_grad:.1e}, parameters after {OUTER_STEPS} Adam steps within {diff:.1e} \
-                 (relative), identical on both ranks: ok"
+                 (relative), identical on every rank: ok",
+                comm.size()
             );
         }
         Ok(())
