@@ -47,18 +47,35 @@ fn launch() {
             .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
             .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
     }
-    let started = std::time::Instant::now();
-    let status = cmd
-        .args(["-np", "2"])
-        .arg(&exe)
-        .status()
-        .expect("mpirun starts");
-    println!(
-        "tests/mpi.rs: mpirun -np 2 finished in {:.1} s: {status}",
-        started.elapsed().as_secs_f64()
-    );
-    if !status.success() {
-        std::process::exit(1);
+    cmd.args(["-np", "2"]).arg(&exe);
+    // OpenMPI 4.x has a known race at exit (open-mpi/ompi#7833, closed without a fix for
+    // 4.x): after every rank has finalized, mpirun may report a rank "with PID 0" as
+    // "exiting improperly" and fail. Only that signature is retried; a failing check fails
+    // again in the retry, since the test is deterministic.
+    for attempt in 1..=3 {
+        let started = std::time::Instant::now();
+        let out = cmd.output().expect("mpirun starts");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        print!("{stdout}");
+        eprint!("{stderr}");
+        println!(
+            "tests/mpi.rs: mpirun -np 2 finished in {:.1} s: {}",
+            started.elapsed().as_secs_f64(),
+            out.status
+        );
+        if out.status.success() {
+            return;
+        }
+        let exit_race = stderr.contains("with PID 0 on") || stdout.contains("with PID 0 on");
+        if !exit_race || attempt == 3 {
+            std::process::exit(1);
+        }
+        println!(
+            "tests/mpi.rs: OpenMPI's exit race (ompi#7833), not a test failure; running again"
+        );
     }
 }
 
