@@ -25,9 +25,14 @@
 //! of a chunk hold their graphs at once, about 0.4 GB each here); `--looped` adapts them one
 //! by one instead.
 //!
+//! With the `mpi` feature, `mpirun -np N` runs it on N processes: each adapts its share of
+//! the meta-batch, the meta-gradients are summed (`distributed::all_reduce_grads`), every
+//! rank takes the same outer step, and rank 0 evaluates and prints.
+//!
 //! `cargo run --release --example maml_fewshot -- [--iters N] [--meta-batch B] [--ways N]
 //! [--shots K] [--eval-tasks T] [--omniglot PATH] [--chunk C] [--looped]`
 
+use candle_higher::distributed::{self, task_share};
 use candle_higher::nn::{
     batch_norm2d, conv2d, cross_entropy, cross_entropy_per_task, flatten, linear, max_pool2d, seq,
     Activation, BatchNormConfig, ConvConfig, Parameters, Sequential, VarBuilder,
@@ -363,33 +368,52 @@ fn main() -> Result<()> {
     let n_params = model.parameters()?.len();
     let mut meta_opt = Optimizer::new(Adam::new(1e-3), n_params)?;
     let inner_opt = Optimizer::new(Sgd::new(INNER_LR), n_params)?;
+    // The processes of `mpirun -np N` (feature `mpi`), or this one alone: every rank samples
+    // the same tasks (same seed) and adapts its own contiguous share of them; rank 0 prints.
+    let comm = distributed::world()?;
+    let (rank, ranks) = (comm.rank(), comm.size());
+    let share = task_share(meta_batch, rank, ranks);
+    if ranks > 1 {
+        distributed::broadcast_model(&*comm, &mut model)?; // rank 0's initial weights
+    }
+    let say = |line: String| {
+        if rank == 0 {
+            println!("{line}");
+        }
+    };
     let mut rng = StdRng::seed_from_u64(1);
     let mut eval_rng = StdRng::seed_from_u64(2);
     let eval: Vec<Task> = (0..eval_tasks)
         .map(|_| source.task(&mut eval_rng, ways, shots, true))
         .collect::<Result<_>>()?;
 
-    println!(
-        "MAML, {ways}-way {shots}-shot, {QUERIES} queries per class, {INNER_STEPS} inner SGD steps at lr {INNER_LR}, meta-batch {meta_batch} ({}), Adam 1e-3; {} data",
+    say(format!(
+        "MAML, {ways}-way {shots}-shot, {QUERIES} queries per class, {INNER_STEPS} inner SGD steps at lr {INNER_LR}, meta-batch {meta_batch} ({}{}), Adam 1e-3; {} data",
         if looped { "tasks looped" } else { "tasks batched" },
+        if ranks > 1 { format!(", {ranks} ranks") } else { String::new() },
         if matches!(source, Source::Synthetic) { "synthetic" } else { "Omniglot" }
-    );
+    ));
     let started = std::time::Instant::now();
-    let before = evaluate(&model, &inner_opt, &eval)?;
-    println!(
+    let before = if rank == 0 {
+        evaluate(&model, &inner_opt, &eval)?
+    } else {
+        0.0
+    };
+    say(format!(
         "held-out accuracy after adaptation, before meta-training: {:.1}% ({eval_tasks} tasks)",
         100.0 * before
-    );
-    println!("iteration | query loss | query accuracy (training tasks, after adaptation) | s");
+    ));
+    say("iteration | query loss | query accuracy (training tasks, after adaptation) | s".into());
     let report_every = (iters / 10).max(1);
     let (mut acc_sum, mut loss_sum, mut n) = (0.0, 0.0, 0);
     for it in 1..=iters {
         let tasks: Vec<Task> = (0..meta_batch)
             .map(|_| source.task(&mut rng, ways, shots, false))
             .collect::<Result<_>>()?;
+        let tasks = &tasks[share.clone()];
         let mut grads = GradStore::default();
         if looped {
-            for task in &tasks {
+            for task in tasks {
                 let logits = adapt(&model, &inner_opt, task, true)?;
                 let q = cross_entropy(&logits, &task.yq)?.affine(1.0 / meta_batch as f64, 0.0)?;
                 loss_sum += q.to_scalar_f64()? * meta_batch as f64;
@@ -417,16 +441,29 @@ fn main() -> Result<()> {
                 grads.accumulate(&backward(&q)?)?;
             }
         }
+        if ranks > 1 {
+            grads = distributed::all_reduce_grads(&*comm, &model.parameters()?, &grads)?;
+        }
         meta_opt.step_module(&mut model, &grads)?;
         if it % report_every == 0 || it == iters {
-            println!(
+            let (mut loss, mut acc, mut count) = (loss_sum, acc_sum, n as f64);
+            if ranks > 1 {
+                let local =
+                    Tensor::from_slice(&[loss, acc, count], &[3], &candle_higher::Device::Cpu)?;
+                let sums = comm.all_reduce_sum(local.value())?.to_vec1::<f64>()?;
+                (loss, acc, count) = (sums[0], sums[1], sums[2]);
+            }
+            say(format!(
                 "{it:>9} | {:>10.3} | {:>6.1}% | {:.1}",
-                loss_sum / n as f64,
-                100.0 * acc_sum / n as f64,
+                loss / count,
+                100.0 * acc / count,
                 started.elapsed().as_secs_f64()
-            );
+            ));
             (acc_sum, loss_sum, n) = (0.0, 0.0, 0);
         }
+    }
+    if rank != 0 {
+        return Ok(());
     }
     let after = evaluate(&model, &inner_opt, &eval)?;
     println!(

@@ -15,8 +15,13 @@
 //! The figure (`--plot`, default `maml_sine.png`; drawn by `common/plot.rs`) shows three
 //! test tasks adapted by both models and the training curve with its moving average.
 //!
+//! With the `mpi` feature, `mpirun -np N` runs it on N processes: each computes its share of
+//! the 25 tasks, the meta-gradients are summed (`distributed::all_reduce_grads`), every rank
+//! takes the same outer step, and rank 0 prints and plots.
+//!
 //! `cargo run --release --example maml_sine -- [--iters N] [--inner-steps K] [--plot PATH] [--looped]`
 
+use candle_higher::distributed::{self, task_share, Communicator};
 use candle_higher::nn::{
     linear, mse, mse_per_task, seq, Activation, Module, Parameters, Sequential, VarBuilder,
 };
@@ -167,8 +172,32 @@ fn main() -> Result<()> {
     let mut meta_opt = Optimizer::new(Adam::new(1e-3), model.parameters()?.len())?;
     let mut baseline = mlp(0)?;
     let mut base_opt = Optimizer::new(Adam::new(1e-3), baseline.parameters()?.len())?;
+    // The processes of `mpirun -np N` (feature `mpi`), or this one alone. Every rank samples
+    // the same tasks (same seed) and computes its own contiguous share of them.
+    let comm = distributed::world()?;
+    let (rank, ranks) = (comm.rank(), comm.size());
+    if ranks > META_BATCH {
+        return Err(candle_higher::Error::InvalidArgument {
+            op: "maml_sine",
+            message: format!(
+                "{ranks} ranks for a meta-batch of {META_BATCH}: use at most {META_BATCH}"
+            ),
+        });
+    }
+    let share = task_share(META_BATCH, rank, ranks);
+    // Of the meta-batch's mean losses, this rank's tasks make up this fraction.
+    let fraction = share.len() as f64 / META_BATCH as f64;
+    if ranks > 1 {
+        // Rank 0's models on every rank (already equal here: same seed).
+        distributed::broadcast_model(&*comm, &mut model)?;
+        distributed::broadcast_model(&*comm, &mut baseline)?;
+    }
 
-    let bar = ProgressBar::new(iters as u64);
+    let bar = if rank == 0 {
+        ProgressBar::new(iters as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:40} {pos}/{len} meta-iterations, {msg} [{elapsed}<{eta}]",
@@ -188,8 +217,9 @@ fn main() -> Result<()> {
             let (xq, yq) = task.points(K, &mut rng)?;
             sets.push([xs, ys, xq, yq]);
         }
+        let sets = &sets[share.clone()];
         if looped {
-            for [xs, ys, xq, yq] in &sets {
+            for [xs, ys, xq, yq] in sets {
                 // MAML: the query loss after adaptation, differentiated through the inner loop.
                 let fmodel = adapt(&model, xs, ys, inner_steps, true)?;
                 let q = mse(&fmodel.forward(xq)?, yq)?.affine(1.0 / META_BATCH as f64, 0.0)?;
@@ -207,27 +237,49 @@ fn main() -> Result<()> {
             };
             let (xs, ys, xq, yq) = (stack(0)?, stack(1)?, stack(2)?, stack(3)?);
             let fmodel = adapt_batched(&model, &xs, &ys, inner_steps)?;
-            // The mean over tasks of the per-task query losses, as the loop averages them.
-            let q = mse_per_task(&fmodel.forward(&xq)?, &yq)?.mean_all()?;
+            // The mean over tasks of the per-task query losses, as the loop averages them
+            // (this rank's part of it: `fraction` is 1 in one process).
+            let q = mse_per_task(&fmodel.forward(&xq)?, &yq)?
+                .mean_all()?
+                .affine(fraction, 0.0)?;
             query_loss = q.to_scalar_f64()?;
             meta_grads = backward(&q)?;
             // A plain model sees the stacked points as one batch of 25 K points: its mean
             // squared error is the mean of the per-task ones.
-            base_grads = backward(&mse(&baseline.forward(&xq)?, &yq)?)?;
+            let b = mse(&baseline.forward(&xq)?, &yq)?.affine(fraction, 0.0)?;
+            base_grads = backward(&b)?;
+        }
+        if ranks > 1 {
+            // Both models' gradients summed over the ranks in one call per dtype.
+            let params: Vec<Tensor> = model
+                .parameters()?
+                .into_iter()
+                .chain(baseline.parameters()?)
+                .collect();
+            let mut local = meta_grads;
+            local.accumulate(&base_grads)?;
+            let total = distributed::all_reduce_grads(&*comm, &params, &local)?;
+            (meta_grads, base_grads) = (total.clone(), total);
         }
         meta_opt.step_module(&mut model, &meta_grads)?;
         base_opt.step_module(&mut baseline, &base_grads)?;
-        curve.push(query_loss);
+        curve.push(query_loss); // this rank's part; summed over the ranks below
         if it % 20 == 0 {
-            bar.set_message(format!("query MSE {query_loss:.3}"));
+            let loss = sum_over_ranks(&*comm, &[query_loss])?[0];
+            bar.set_message(format!("query MSE {loss:.3}"));
         }
         bar.inc(1);
     }
     bar.finish();
+    let curve = sum_over_ranks(&*comm, &curve)?;
+    if rank != 0 {
+        return Ok(()); // rank 0 evaluates, prints and plots
+    }
     let seconds = started.elapsed().as_secs_f64();
     println!(
-        "trained {iters} meta-iterations ({inner_steps} inner step(s), meta-batch {META_BATCH}, {}) in {seconds:.1} s ({:.2} ms each, baseline included); final query MSE {:.3}",
+        "trained {iters} meta-iterations ({inner_steps} inner step(s), meta-batch {META_BATCH}, {}{}) in {seconds:.1} s ({:.2} ms each, baseline included); final query MSE {:.3}",
         if looped { "tasks looped" } else { "tasks batched" },
+        if ranks > 1 { format!(", {ranks} ranks") } else { String::new() },
         1e3 * seconds / iters as f64,
         curve.last().copied().unwrap_or(f64::NAN)
     );
@@ -256,6 +308,15 @@ fn main() -> Result<()> {
     draw(&plot, &model, &baseline, &tasks[..3], &curve, inner_steps)?;
     println!("wrote {plot}: top, three test tasks (black: truth, blue: MAML after 10 steps, red: baseline after 10 steps, dots: the K support points); bottom, the training query MSE");
     Ok(())
+}
+
+/// The element-wise sum of `values` over the ranks (the values themselves in one process).
+fn sum_over_ranks(comm: &dyn Communicator, values: &[f64]) -> Result<Vec<f64>> {
+    if comm.size() == 1 {
+        return Ok(values.to_vec());
+    }
+    let local = Tensor::from_slice(values, &[values.len()], &candle_higher::Device::Cpu)?;
+    Ok(comm.all_reduce_sum(local.value())?.to_vec1::<f64>()?)
 }
 
 /// The figure: three test tasks adapted by both models, and the training curve.

@@ -263,6 +263,27 @@ pub enum Error {
         /// Its shape.
         shape: Vec<usize>,
     },
+    /// The ranks of a distributed run disagree on something that must be the same on every
+    /// rank (parameter count, a shape or dtype, the optimizer's state count). Every rank
+    /// returns this error from the same call, so none is left waiting.
+    #[error("{op}: rank {rank} disagrees with rank 0: {what}")]
+    RankMismatch {
+        /// The collective call that found it.
+        op: &'static str,
+        /// The first rank that disagrees.
+        rank: usize,
+        /// What differs.
+        what: String,
+    },
+    /// A collective operation failed (the communication library reported an error, or what
+    /// arrived could not be decoded).
+    #[error("{op}: {message}")]
+    Communication {
+        /// The collective call.
+        op: &'static str,
+        /// What went wrong.
+        message: String,
+    },
     /// An error from candle itself.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

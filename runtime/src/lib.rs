@@ -6,6 +6,7 @@
 
 mod autograd;
 mod device;
+pub mod distributed;
 mod error;
 mod functional;
 mod innerloop;

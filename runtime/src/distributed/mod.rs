@@ -1,0 +1,507 @@
+//! Meta-batches across processes: every process (rank) computes the meta-gradient of its
+//! share of the tasks, the shares are summed by one collective call per dtype, and every rank
+//! takes the same outer step.
+//!
+//! The engine is a [`Communicator`]: `MpiCommunicator` (feature `mpi`, over rsmpi and the
+//! system's MPI library, run with `mpirun -np N`), `NcclCommunicator` (feature `nccl`, GPUs),
+//! or [`SingleProcess`] (one rank, nothing sent). On top of it:
+//!
+//! - [`broadcast_model`] and [`broadcast_optimizer_state`]: rank 0's base model (parameters
+//!   and buffers) and outer-optimizer state on every rank, before training;
+//! - [`task_share`]: the contiguous block of task indices a rank computes;
+//! - [`all_reduce_grads`]: a gradient store summed over ranks, as ONE flattened buffer per
+//!   dtype, in the fixed order of the parameter list;
+//! - [`meta_batch`]: the three together with [`crate::parallel::meta_batch`] on each rank, so
+//!   that N ranks return the meta-gradient that one process computes over the whole batch.
+//!
+//! Every call here is collective: all ranks make it, in the same order. What can disagree
+//! between ranks (parameter counts, shapes, dtypes, a gradient of the wrong shape on one rank)
+//! is compared first, and then every rank returns the same [`Error::RankMismatch`], so no rank
+//! is left waiting in a collective that the others skipped.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device};
+
+use crate::autograd::GradStore;
+use crate::error::{Error, Result};
+use crate::nn::Parameters;
+use crate::optim::{Hyperparameters, Optimizer, OptimizerStep};
+use crate::parallel::{self, Combine};
+use crate::tensor::Tensor;
+
+#[cfg(feature = "mpi")]
+mod mpi;
+#[cfg(feature = "mpi")]
+pub use self::mpi::MpiCommunicator;
+
+#[cfg(feature = "nccl")]
+mod nccl;
+#[cfg(feature = "nccl")]
+pub use self::nccl::NcclCommunicator;
+
+mod wire;
+
+#[cfg(test)]
+mod tests;
+
+/// The collective operations the distributed helpers need, rank 0 being the root.
+///
+/// Implementations provide the two byte-level primitives; the tensor-level ones have default
+/// implementations through host memory, which a GPU backend overrides to keep buffers on the
+/// device.
+pub trait Communicator {
+    /// This process's rank, in `0..size()`.
+    fn rank(&self) -> usize;
+
+    /// Number of ranks.
+    fn size(&self) -> usize;
+
+    /// Rank 0's `bytes` on every rank (the other ranks' `bytes` are ignored; lengths may
+    /// differ).
+    fn broadcast_bytes(&self, bytes: &[u8]) -> Result<Vec<u8>>;
+
+    /// Every rank's `bytes` (the same length on every rank), concatenated in rank order.
+    fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<u8>>;
+
+    /// The element-wise sum over ranks of a 1-D floating point tensor of the same length on
+    /// every rank, added in rank order, so every rank gets the same bits on every run. The
+    /// default gathers all buffers on the host: traffic and memory grow with the number of
+    /// ranks, which is cheap for meta-learning models (the Omniglot CNN has 112k parameters).
+    fn all_reduce_sum(&self, buffer: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        host_all_reduce_sum(self, buffer)
+    }
+
+    /// Rank 0's 1-D tensor on every rank; the others pass a tensor of the same dtype and
+    /// length (its values are ignored).
+    fn broadcast(&self, buffer: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        host_broadcast(self, buffer)
+    }
+}
+
+/// [`Communicator::all_reduce_sum`] through host memory and [`Communicator::all_gather_bytes`].
+fn host_all_reduce_sum<C: Communicator + ?Sized>(
+    comm: &C,
+    buffer: &candle_core::Tensor,
+) -> Result<candle_core::Tensor> {
+    let size = comm.size();
+    let n = buffer.elem_count();
+    let gathered = comm.all_gather_bytes(&wire::tensor_bytes(buffer)?)?;
+    let summed = match buffer.dtype() {
+        DType::F32 => {
+            let all = wire::decode_f32(&gathered, "all_reduce_sum")?;
+            candle_core::Tensor::from_vec(sum_in_rank_order(&all, n, size), n, &Device::Cpu)?
+        }
+        // f64, and the half types summed in f64 (their bytes are sent as f64).
+        dtype if dtype.is_float() => {
+            let all = wire::decode_f64(&gathered, "all_reduce_sum")?;
+            candle_core::Tensor::from_vec(sum_in_rank_order(&all, n, size), n, &Device::Cpu)?
+                .to_dtype(dtype)?
+        }
+        dtype => return Err(unsupported(dtype)),
+    };
+    Ok(summed.to_device(buffer.device())?)
+}
+
+/// [`Communicator::broadcast`] through host memory and [`Communicator::broadcast_bytes`].
+fn host_broadcast<C: Communicator + ?Sized>(
+    comm: &C,
+    buffer: &candle_core::Tensor,
+) -> Result<candle_core::Tensor> {
+    let bytes = comm.broadcast_bytes(&wire::tensor_bytes(buffer)?)?;
+    let out = wire::tensor_from_bytes(&bytes, buffer.dtype(), buffer.elem_count())?;
+    Ok(out.to_device(buffer.device())?)
+}
+
+/// The ranks of this run: with the `mpi` feature, MPI's world (`MpiCommunicator::init`:
+/// `mpirun -np N program` gives N ranks, a plain start rank 0 of 1); without it,
+/// [`SingleProcess`]. Call it once per process.
+pub fn world() -> Result<Box<dyn Communicator>> {
+    #[cfg(feature = "mpi")]
+    return Ok(Box::new(MpiCommunicator::init()?));
+    #[cfg(not(feature = "mpi"))]
+    Ok(Box::new(SingleProcess))
+}
+
+/// One process alone: rank 0 of 1. Every collective returns its input. Programs written for
+/// several ranks run unchanged without a launcher.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SingleProcess;
+
+impl Communicator for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn broadcast_bytes(&self, bytes: &[u8]) -> Result<Vec<u8>> {
+        Ok(bytes.to_vec())
+    }
+    fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<u8>> {
+        Ok(bytes.to_vec())
+    }
+}
+
+fn sum_in_rank_order<T: Copy + std::ops::AddAssign>(all: &[T], n: usize, size: usize) -> Vec<T> {
+    let mut out = all[..n].to_vec();
+    for r in 1..size {
+        for (o, v) in out.iter_mut().zip(&all[r * n..(r + 1) * n]) {
+            *o += *v;
+        }
+    }
+    out
+}
+
+fn unsupported(dtype: DType) -> Error {
+    Error::UnsupportedDType {
+        op: "all_reduce_sum",
+        dtype,
+        expected: "gradients are floating point (f32, f64, bf16, f16)",
+    }
+}
+
+/// The contiguous block of task indices that `rank` of `size` computes: `tasks / size`
+/// each, the first `tasks % size` ranks one more. The blocks cover `0..tasks` in rank
+/// order, so summing the ranks' results in rank order adds the tasks in their order.
+///
+/// ```
+/// # use candle_higher_runtime::distributed::task_share;
+/// assert_eq!(task_share(7, 0, 2), 0..4);
+/// assert_eq!(task_share(7, 1, 2), 4..7);
+/// assert_eq!(task_share(1, 1, 2), 1..1); // nothing left for rank 1
+/// ```
+pub fn task_share(tasks: usize, rank: usize, size: usize) -> Range<usize> {
+    let size = size.max(1);
+    let (base, extra) = (tasks / size, tasks % size);
+    let start = rank * base + rank.min(extra);
+    let len = if rank < extra { base + 1 } else { base };
+    let start = start.min(tasks);
+    start..(start + len).min(tasks)
+}
+
+/// A tensor's dtype and shape as words, for comparing layouts across ranks.
+fn layout_words(tensors: &[&Tensor]) -> Vec<u64> {
+    let mut words = vec![tensors.len() as u64];
+    for t in tensors {
+        words.push(wire::dtype_code(t.dtype()));
+        words.push(t.rank() as u64);
+        words.extend(t.dims().iter().map(|&d| d as u64));
+    }
+    words
+}
+
+fn fingerprint(words: &[u64]) -> u64 {
+    // FNV-1a over the words' bytes: the same on every rank and build.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for w in words {
+        for b in w.to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+fn describe(t: &Tensor) -> String {
+    format!("{:?} {}", t.dims(), t.dtype().as_str())
+}
+
+/// Checks that every rank holds tensors of the same count, dtypes and shapes as rank 0
+/// (`what` names them: "parameter", "buffer"), plus a `local_problem` each rank may have
+/// found on its own. On any disagreement every rank returns the same
+/// [`Error::RankMismatch`], naming the first rank that differs and, on that rank, the
+/// difference itself. `note` is one more word sent along; every rank's note is returned,
+/// in rank order.
+fn check_layout(
+    comm: &dyn Communicator,
+    op: &'static str,
+    what: &str,
+    tensors: &[&Tensor],
+    local_problem: Option<String>,
+    note: u64,
+) -> Result<Vec<u64>> {
+    let words = layout_words(tensors);
+    let mine = [
+        fingerprint(&words),
+        u64::from(local_problem.is_some()),
+        note,
+    ];
+    let all = wire::decode_u64(&comm.all_gather_bytes(&wire::u64_bytes(&mine))?, op)?;
+    let root = all[0];
+    let first_bad = (0..comm.size()).find(|&r| all[3 * r] != root || all[3 * r + 1] != 0);
+    let Some(rank) = first_bad else {
+        return Ok(all.chunks(3).map(|c| c[2]).collect());
+    };
+    // Rare path: one more collective, so that the disagreeing rank can say what differs.
+    let root_words = wire::decode_u64(&comm.broadcast_bytes(&wire::u64_bytes(&words))?, op)?;
+    let detail = if rank != comm.rank() {
+        format!("see rank {rank}'s error for the {what} that differs")
+    } else if let Some(problem) = local_problem {
+        problem
+    } else {
+        compare_layout(what, &root_words, tensors)
+    };
+    Err(Error::RankMismatch {
+        op,
+        rank,
+        what: detail,
+    })
+}
+
+/// What differs between rank 0's layout words and the local tensors.
+fn compare_layout(what: &str, root_words: &[u64], tensors: &[&Tensor]) -> String {
+    let root_count = root_words.first().copied().unwrap_or(0) as usize;
+    if root_count != tensors.len() {
+        return format!("{root_count} {what}s on rank 0, {} here", tensors.len());
+    }
+    let mut at = 1;
+    for (i, t) in tensors.iter().enumerate() {
+        let dtype = root_words.get(at).copied().unwrap_or(u64::MAX);
+        let rank = root_words.get(at + 1).copied().unwrap_or(0) as usize;
+        let dims: Vec<usize> = root_words
+            .get(at + 2..at + 2 + rank)
+            .unwrap_or(&[])
+            .iter()
+            .map(|&d| d as usize)
+            .collect();
+        at += 2 + rank;
+        if dtype != wire::dtype_code(t.dtype()) || dims != t.dims() {
+            let root_dtype = wire::dtype_from_code(dtype).map_or("?", |d| d.as_str());
+            return format!(
+                "{what} {i} is {dims:?} {root_dtype} on rank 0, {} here",
+                describe(t)
+            );
+        }
+    }
+    format!("the {what} layouts differ")
+}
+
+/// Flattens `tensors` into one 1-D buffer per dtype (dtypes in a fixed order, tensors in
+/// list order within each) and returns, per dtype, the buffer and the indices it holds.
+fn flatten_by_dtype(tensors: &[Tensor]) -> Result<Vec<(Vec<usize>, candle_core::Tensor)>> {
+    let mut dtypes: Vec<DType> = tensors.iter().map(Tensor::dtype).collect();
+    dtypes.sort_by_key(|d| wire::dtype_code(*d));
+    dtypes.dedup();
+    dtypes
+        .into_iter()
+        .map(|dtype| {
+            let members: Vec<usize> = (0..tensors.len())
+                .filter(|&i| tensors[i].dtype() == dtype)
+                .collect();
+            let parts = members
+                .iter()
+                .map(|&i| tensors[i].value().flatten_all())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok((members, candle_core::Tensor::cat(&parts, 0)?))
+        })
+        .collect()
+}
+
+/// Splits buffers made by [`flatten_by_dtype`] back into tensors shaped like `like`.
+fn unflatten(
+    buffers: &[(Vec<usize>, candle_core::Tensor)],
+    like: &[Tensor],
+) -> Result<Vec<candle_core::Tensor>> {
+    let mut out: Vec<Option<candle_core::Tensor>> = vec![None; like.len()];
+    for (members, buffer) in buffers {
+        let mut offset = 0;
+        for &i in members {
+            let n = like[i].elem_count();
+            out[i] = Some(buffer.narrow(0, offset, n)?.reshape(like[i].dims())?);
+            offset += n;
+        }
+    }
+    Ok(out.into_iter().flatten().collect())
+}
+
+/// Rank 0's values of `tensors` on every rank, one broadcast per dtype. Every rank must pass
+/// tensors of the same count, dtypes and shapes (else [`Error::RankMismatch`] on every
+/// rank). Returns constants (no gradient), on each tensor's device.
+pub fn broadcast_tensors(comm: &dyn Communicator, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+    let refs: Vec<&Tensor> = tensors.iter().collect();
+    check_layout(comm, "broadcast_tensors", "tensor", &refs, None, 0)?;
+    broadcast_checked(comm, tensors)
+}
+
+fn broadcast_checked(comm: &dyn Communicator, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+    let buffers = flatten_by_dtype(tensors)?
+        .into_iter()
+        .map(|(members, buffer)| Ok((members, comm.broadcast(&buffer)?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(unflatten(&buffers, tensors)?
+        .into_iter()
+        .map(Tensor::new)
+        .collect())
+}
+
+/// Gives every rank rank 0's base model: its parameters (trainable ones stay leaves that
+/// require grad, frozen ones stay constants) and its buffers (batch-norm statistics). Call it
+/// once before training, on every rank, after building the model the same way everywhere:
+/// different parameter counts, shapes or dtypes are [`Error::RankMismatch`] on every rank,
+/// and no model is changed. Rank 0's model is left untouched (same tensors).
+pub fn broadcast_model<M: Parameters + Clone>(
+    comm: &dyn Communicator,
+    model: &mut M,
+) -> Result<()> {
+    const OP: &str = "broadcast_model";
+    let params = model.parameters()?;
+    let buffers: Vec<Tensor> = model.named_buffers()?.into_iter().map(|(_, b)| b).collect();
+    let all: Vec<Tensor> = params.iter().chain(&buffers).cloned().collect();
+    let param_refs: Vec<&Tensor> = params.iter().collect();
+    check_layout(comm, OP, "parameter", &param_refs, None, 0)?;
+    let buffer_refs: Vec<&Tensor> = buffers.iter().collect();
+    check_layout(comm, OP, "buffer", &buffer_refs, None, 0)?;
+    let values = broadcast_checked(comm, &all)?;
+    if comm.rank() == 0 {
+        return Ok(());
+    }
+    let (new_params, new_buffers) = values.split_at(params.len());
+    let new_params: Vec<Tensor> = params
+        .iter()
+        .zip(new_params)
+        .map(|(old, new)| {
+            if old.requires_grad() {
+                new.to_leaf()
+            } else {
+                new.clone()
+            }
+        })
+        .collect();
+    let mut updated = model.clone();
+    updated.set_parameters(&new_params)?;
+    updated.set_buffers(new_buffers)?;
+    *model = updated;
+    Ok(())
+}
+
+/// Gives every rank rank 0's outer-optimizer state (moment estimates, step counters, ...),
+/// its tensors placed on `device`. The hyperparameters are not sent: build the optimizer
+/// the same way on every rank. Different parameter counts are [`Error::RankMismatch`] on
+/// every rank, and no optimizer is changed. Entries that shared one tensor arrive as
+/// separate tensors with equal values.
+pub fn broadcast_optimizer_state<O: Hyperparameters + OptimizerStep>(
+    comm: &dyn Communicator,
+    optimizer: &mut Optimizer<O>,
+    device: &Device,
+) -> Result<()> {
+    const OP: &str = "broadcast_optimizer_state";
+    let n = optimizer.n_params() as u64;
+    let all = wire::decode_u64(&comm.all_gather_bytes(&wire::u64_bytes(&[n]))?, OP)?;
+    if let Some(rank) = (0..comm.size()).find(|&r| all[r] != all[0]) {
+        return Err(Error::RankMismatch {
+            op: OP,
+            rank,
+            what: format!(
+                "the optimizer holds {} parameters on rank 0, {} on rank {rank}",
+                all[0], all[rank]
+            ),
+        });
+    }
+    let bytes = if comm.rank() == 0 {
+        wire::encode_states(optimizer.states())?
+    } else {
+        Vec::new()
+    };
+    let bytes = comm.broadcast_bytes(&bytes)?;
+    if comm.rank() == 0 {
+        return Ok(());
+    }
+    let states = wire::decode_states(&bytes, device)?;
+    optimizer.set_states(states)
+}
+
+/// Sums a gradient store over all ranks: the gradients of `params` (every rank passes its
+/// own copy of the same parameter list: the same count, shapes and dtypes) are flattened
+/// into ONE buffer per dtype, in list order, and summed by one collective call per dtype,
+/// added in rank order, so every rank gets the same bits on every run. A parameter with a
+/// gradient on some rank but not on this one counts zeros here; one with a gradient on no
+/// rank has none in the result. The result is keyed by this rank's `params`, ready for
+/// [`Optimizer::step`].
+///
+/// Ranks with different parameter layouts, or a gradient whose shape or dtype is not its
+/// parameter's, are [`Error::RankMismatch`] on every rank.
+pub fn all_reduce_grads(
+    comm: &dyn Communicator,
+    params: &[Tensor],
+    grads: &GradStore,
+) -> Result<GradStore> {
+    const OP: &str = "all_reduce_grads";
+    let local: Vec<Option<&Tensor>> = params.iter().map(|p| grads.get(p)).collect();
+    let problem = params
+        .iter()
+        .zip(&local)
+        .enumerate()
+        .find_map(|(i, (p, g))| {
+            g.filter(|g| g.dims() != p.dims() || g.dtype() != p.dtype())
+                .map(|g| {
+                    format!(
+                        "the gradient of parameter {i} is {} but the parameter is {}",
+                        describe(g),
+                        describe(p)
+                    )
+                })
+        });
+    let refs: Vec<&Tensor> = params.iter().collect();
+    let complete = u64::from(local.iter().all(Option::is_some));
+    let notes = check_layout(comm, OP, "parameter", &refs, problem, complete)?;
+    let present: Vec<usize> = if notes.iter().all(|&c| c == 1) {
+        (0..params.len()).collect() // the common case: no more messages
+    } else {
+        // Which parameters have a gradient somewhere: one bit each, OR-ed over ranks.
+        let words = params.len().div_ceil(64);
+        let mut mask = vec![0u64; words];
+        for (i, g) in local.iter().enumerate() {
+            if g.is_some() {
+                mask[i / 64] |= 1 << (i % 64);
+            }
+        }
+        let gathered = wire::decode_u64(&comm.all_gather_bytes(&wire::u64_bytes(&mask))?, OP)?;
+        let any =
+            |i: usize| (0..comm.size()).any(|r| gathered[r * words + i / 64] >> (i % 64) & 1 == 1);
+        (0..params.len()).filter(|&i| any(i)).collect()
+    };
+    let values = present
+        .iter()
+        .map(|&i| match local[i] {
+            Some(g) => Ok(g.clone()),
+            None => params[i].zeros_like(),
+        })
+        .collect::<Result<Vec<Tensor>>>()?;
+    let summed = flatten_by_dtype(&values)?
+        .into_iter()
+        .map(|(members, buffer)| Ok((members, comm.all_reduce_sum(&buffer)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut out = GradStore::default();
+    for (&i, g) in present.iter().zip(unflatten(&summed, &values)?) {
+        out.insert(&params[i], Tensor::new(g));
+    }
+    Ok(out)
+}
+
+/// [`crate::parallel::meta_batch`] across ranks: this rank runs its [`task_share`] of
+/// `0..tasks` on `threads` threads (`task(i)` gets the global task index), the ranks' sums
+/// are combined by [`all_reduce_grads`] over `params`, and `combine` is applied over all
+/// `tasks`. Every rank gets the same store, equal (to rounding: the tasks are added in the
+/// same order, grouped by rank) to what one process computes over the whole meta-batch.
+///
+/// An error in one rank's task is not seen by the others, which would wait in the
+/// all-reduce; it is returned here, so end the program on it (with MPI, returning an
+/// error from `main` makes `mpirun` stop every rank).
+pub fn meta_batch(
+    comm: &dyn Communicator,
+    params: &[Tensor],
+    tasks: usize,
+    threads: usize,
+    combine: Combine,
+    task: impl Fn(usize) -> Result<GradStore> + Sync,
+) -> Result<GradStore> {
+    let share = task_share(tasks, comm.rank(), comm.size());
+    let start = share.start;
+    let local = parallel::meta_batch(share.len(), threads, Combine::Sum, |i| task(start + i))?;
+    let mut total = all_reduce_grads(comm, params, &local)?;
+    if combine == Combine::Mean && tasks > 0 {
+        total.scale(1.0 / tasks as f64)?;
+    }
+    Ok(total)
+}

@@ -1,0 +1,264 @@
+//! Bytes on the wire: tensors, words, and optimizer states (little-endian).
+
+use candle_core::{DType, Device};
+
+use crate::error::{Error, Result};
+use crate::optim::{Scalar, State, StateValue};
+use crate::tensor::Tensor;
+
+/// A stable number for each dtype (candle's enum order is not a promise).
+pub(super) fn dtype_code(dtype: DType) -> u64 {
+    match dtype {
+        DType::U8 => 1,
+        DType::U32 => 2,
+        DType::I16 => 3,
+        DType::I32 => 4,
+        DType::I64 => 5,
+        DType::BF16 => 6,
+        DType::F16 => 7,
+        DType::F32 => 8,
+        DType::F64 => 9,
+        other => 100 + other.as_str().bytes().map(u64::from).sum::<u64>(),
+    }
+}
+
+pub(super) fn dtype_from_code(code: u64) -> Option<DType> {
+    [
+        DType::U8,
+        DType::U32,
+        DType::I16,
+        DType::I32,
+        DType::I64,
+        DType::BF16,
+        DType::F16,
+        DType::F32,
+        DType::F64,
+    ]
+    .into_iter()
+    .find(|&d| dtype_code(d) == code)
+}
+
+pub(super) fn u64_bytes(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+fn truncated(op: &'static str, len: usize, unit: usize) -> Error {
+    Error::Communication {
+        op,
+        message: format!("received {len} bytes, not a whole number of {unit}-byte values"),
+    }
+}
+
+pub(super) fn decode_u64(bytes: &[u8], op: &'static str) -> Result<Vec<u64>> {
+    if !bytes.len().is_multiple_of(8) {
+        return Err(truncated(op, bytes.len(), 8));
+    }
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+pub(super) fn decode_f64(bytes: &[u8], op: &'static str) -> Result<Vec<f64>> {
+    Ok(decode_u64(bytes, op)?
+        .into_iter()
+        .map(f64::from_bits)
+        .collect())
+}
+
+pub(super) fn decode_f32(bytes: &[u8], op: &'static str) -> Result<Vec<f32>> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(truncated(op, bytes.len(), 4));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect())
+}
+
+/// A tensor's values, flattened: f32 and f64 as themselves, every other dtype as f64 (exact
+/// for all of candle's dtypes but i64 beyond 2^53).
+pub(super) fn tensor_bytes(t: &candle_core::Tensor) -> Result<Vec<u8>> {
+    let flat = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => flat
+            .to_vec1::<f32>()?
+            .into_iter()
+            .flat_map(f32::to_le_bytes)
+            .collect(),
+        _ => flat
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?
+            .into_iter()
+            .flat_map(f64::to_le_bytes)
+            .collect(),
+    })
+}
+
+/// The inverse of [`tensor_bytes`]: a 1-D CPU tensor of `n` elements of `dtype`.
+pub(super) fn tensor_from_bytes(
+    bytes: &[u8],
+    dtype: DType,
+    n: usize,
+) -> Result<candle_core::Tensor> {
+    const OP: &str = "broadcast";
+    let t = match dtype {
+        DType::F32 => {
+            candle_core::Tensor::from_vec(decode_f32(bytes, OP)?, bytes.len() / 4, &Device::Cpu)?
+        }
+        _ => candle_core::Tensor::from_vec(decode_f64(bytes, OP)?, bytes.len() / 8, &Device::Cpu)?
+            .to_dtype(dtype)?,
+    };
+    if t.elem_count() != n {
+        return Err(Error::Communication {
+            op: OP,
+            message: format!("expected {n} values, received {}", t.elem_count()),
+        });
+    }
+    Ok(t)
+}
+
+const TENSOR: u8 = 0;
+const FLOAT: u8 = 1;
+const SCALAR_TENSOR: u8 = 2;
+const INT: u8 = 3;
+
+fn put_u64(out: &mut Vec<u8>, w: u64) {
+    out.extend_from_slice(&w.to_le_bytes());
+}
+
+fn put_tensor(out: &mut Vec<u8>, t: &Tensor) -> Result<()> {
+    put_u64(out, dtype_code(t.dtype()));
+    put_u64(out, t.rank() as u64);
+    for &d in t.dims() {
+        put_u64(out, d as u64);
+    }
+    let data = tensor_bytes(t.value())?;
+    put_u64(out, data.len() as u64);
+    out.extend_from_slice(&data);
+    Ok(())
+}
+
+/// Every entry of every state: a count, then per entry its key, kind and value.
+pub(super) fn encode_states(states: &[State]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    put_u64(&mut out, states.len() as u64);
+    for state in states {
+        let entries: Vec<(&str, StateValue)> = state.entries().collect();
+        put_u64(&mut out, entries.len() as u64);
+        for (key, value) in entries {
+            put_u64(&mut out, key.len() as u64);
+            out.extend_from_slice(key.as_bytes());
+            match value {
+                StateValue::Tensor(t) => {
+                    out.push(TENSOR);
+                    put_tensor(&mut out, &t)?;
+                }
+                StateValue::Scalar(Scalar::Float(v)) => {
+                    out.push(FLOAT);
+                    put_u64(&mut out, v.to_bits());
+                }
+                StateValue::Scalar(Scalar::Tensor(t)) => {
+                    out.push(SCALAR_TENSOR);
+                    put_tensor(&mut out, &t)?;
+                }
+                StateValue::Int(n) => {
+                    out.push(INT);
+                    put_u64(&mut out, n as u64);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads what [`encode_states`] wrote, with a typed error if it is cut short or malformed.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let Some(end) = end else {
+            return Err(malformed(format!(
+                "cut short: {n} more bytes wanted at offset {} of {}",
+                self.at,
+                self.bytes.len()
+            )));
+        };
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    fn len(&mut self) -> Result<usize> {
+        let n = self.u64()?;
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= self.bytes.len())
+            .ok_or_else(|| {
+                malformed(format!(
+                    "a length of {n} in a message of {} bytes",
+                    self.bytes.len()
+                ))
+            })
+    }
+
+    fn tensor(&mut self, device: &Device) -> Result<Tensor> {
+        let code = self.u64()?;
+        let dtype =
+            dtype_from_code(code).ok_or_else(|| malformed(format!("unknown dtype code {code}")))?;
+        let rank = self.len()?;
+        let dims = (0..rank)
+            .map(|_| self.len())
+            .collect::<Result<Vec<usize>>>()?;
+        let n = self.len()?;
+        let data = self.take(n)?;
+        let flat = tensor_from_bytes(data, dtype, dims.iter().product())?;
+        Ok(Tensor::new(flat.reshape(dims)?.to_device(device)?))
+    }
+}
+
+fn malformed(message: String) -> Error {
+    Error::Communication {
+        op: "broadcast_optimizer_state",
+        message: format!("malformed optimizer state: {message}"),
+    }
+}
+
+pub(super) fn decode_states(bytes: &[u8], device: &Device) -> Result<Vec<State>> {
+    let mut r = Reader { bytes, at: 0 };
+    let count = r.len()?;
+    let mut states = Vec::with_capacity(count);
+    for _ in 0..count {
+        let entries = r.len()?;
+        let mut state = State::new();
+        for _ in 0..entries {
+            let key_len = r.len()?;
+            let key = std::str::from_utf8(r.take(key_len)?)
+                .map_err(|_| malformed("a key that is not UTF-8".into()))?
+                .to_string();
+            let value = match r.take(1)?[0] {
+                TENSOR => StateValue::Tensor(r.tensor(device)?),
+                FLOAT => StateValue::Scalar(Scalar::Float(f64::from_bits(r.u64()?))),
+                SCALAR_TENSOR => StateValue::Scalar(Scalar::Tensor(r.tensor(device)?)),
+                INT => StateValue::Int(r.u64()? as i64),
+                kind => return Err(malformed(format!("unknown entry kind {kind}"))),
+            };
+            state.insert(&key, value);
+        }
+        states.push(state);
+    }
+    if r.at != bytes.len() {
+        return Err(malformed(format!("{} bytes left over", bytes.len() - r.at)));
+    }
+    Ok(states)
+}
