@@ -185,7 +185,7 @@ struct Term<'a, T> {
 /// `sum of (x_i - m_i) a_i, + b` elementwise over the full `[G, N, C, S]` layout.
 fn affine_cpu<T: WithDType>(ch: &Channels, terms: &[Term<'_, T>], b: Option<&[T]>) -> Vec<T> {
     let (g, n, c, s) = ch.grouped();
-    let mut out = vec![T::zero(); g * n * c * s];
+    let mut out = Vec::with_capacity(g * n * c * s);
     // Absent centers are +0.0 and an absent shift -0.0: `x - 0.0` and `y + -0.0` are `x`
     // and `y` for every value, the sign of zero included.
     let zero = T::zero();
@@ -195,23 +195,19 @@ fn affine_cpu<T: WithDType>(ch: &Channels, terms: &[Term<'_, T>], b: Option<&[T]
             for ci in 0..c {
                 let pc = gi * c + ci;
                 let base = ((gi * n + ni) * c + ci) * s;
-                let dst = &mut out[base..base + s];
                 let coef = |t: &Term<'_, T>| (t.m.as_ref().map_or(zero, |m| m[pc]), t.a[pc]);
                 let shift = b.map_or(no_shift, |b| b[pc]);
                 match terms {
                     [t] => {
                         let (m, a) = coef(t);
                         let x = &t.x[base..base + s];
-                        for (o, &x) in dst.iter_mut().zip(x) {
-                            *o = (x - m) * a + shift;
-                        }
+                        out.extend(x.iter().map(|&x| (x - m) * a + shift));
                     }
                     [t1, t2] => {
                         let ((m1, a1), (m2, a2)) = (coef(t1), coef(t2));
                         let (x1, x2) = (&t1.x[base..base + s], &t2.x[base..base + s]);
-                        for ((o, &x1), &x2) in dst.iter_mut().zip(x1).zip(x2) {
-                            *o = (x1 - m1) * a1 + (x2 - m2) * a2 + shift;
-                        }
+                        let pairs = x1.iter().zip(x2);
+                        out.extend(pairs.map(|(&x1, &x2)| (x1 - m1) * a1 + (x2 - m2) * a2 + shift));
                     }
                     _ => unreachable!("affine_value takes one or two terms"),
                 }

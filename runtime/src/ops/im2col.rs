@@ -247,12 +247,14 @@ impl Conv {
         let chunk = self.chunk();
         let mut cols = vec![T::from_f64(0.0); k * chunk * l];
         let mut product = vec![T::from_f64(0.0); c_out * chunk * l];
-        let mut out = vec![T::from_f64(0.0); self.count() * self.n * c_out * l];
+        let total = self.count() * self.n * c_out * l;
+        let mut out: Vec<T> = Vec::with_capacity(total);
+        let slots = &mut out.spare_capacity_mut()[..total];
         with_slices([x, w], |images, kernels| {
             let per_task = images
                 .chunks_exact(self.n * image)
                 .zip(kernels.chunks_exact(c_out * k))
-                .zip(out.chunks_exact_mut(self.n * c_out * l));
+                .zip(slots.chunks_exact_mut(self.n * c_out * l));
             for ((images, kernel), out) in per_task {
                 for start in (0..self.n).step_by(chunk) {
                     let m = chunk.min(self.n - start);
@@ -270,13 +272,19 @@ impl Conv {
                     matmul_into((c_out, m * l, k), lhs, rhs, product, false, parallelism)?;
                     for (co, row) in product.chunks_exact(m * l).enumerate() {
                         for (b, y) in row.chunks_exact(l).enumerate() {
-                            out[((start + b) * c_out + co) * l..][..l].copy_from_slice(y);
+                            let dst = &mut out[((start + b) * c_out + co) * l..][..l];
+                            for (d, &v) in dst.iter_mut().zip(y) {
+                                d.write(v);
+                            }
                         }
                     }
                 }
             }
             Ok(())
         })?;
+        // SAFETY: the loops above wrote every one of the `total` slots: each task's images
+        // are covered by its chunks, and each image's `c_out` rows of `l` by the copies.
+        unsafe { out.set_len(total) };
         self.tensor(out, [self.n, c_out, self.ho(), self.wo()])
     }
 

@@ -273,12 +273,9 @@ impl Pool {
         let (ho, wo) = self.out;
         let (kh, kw) = self.kernel;
         let (sh, sw) = self.stride;
-        let mut values = vec![T::zero(); n * c * ho * wo];
-        let mut positions = vec![0u32; n * c * ho * wo];
-        let outputs = values
-            .chunks_exact_mut(ho * wo)
-            .zip(positions.chunks_exact_mut(ho * wo));
-        for (plane, (values, positions)) in x.chunks_exact(h * w).zip(outputs) {
+        let mut values = Vec::with_capacity(n * c * ho * wo);
+        let mut positions = Vec::with_capacity(n * c * ho * wo);
+        for plane in x.chunks_exact(h * w) {
             for i in 0..ho {
                 for j in 0..wo {
                     let top = i * sh * w + j * sw;
@@ -295,8 +292,8 @@ impl Pool {
                             }
                         }
                     }
-                    values[i * wo + j] = largest;
-                    positions[i * wo + j] = best as u32;
+                    values.push(largest);
+                    positions.push(best as u32);
                 }
             }
         }
