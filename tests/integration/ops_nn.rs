@@ -369,7 +369,7 @@ fn batch_norm_f32_matches_f64() {
         bn.running_mean = candle_higher::nn::Buffer::new(cast(&bn.running_mean.get()));
         bn.running_var = candle_higher::nn::Buffer::new(cast(&bn.running_var.get()));
         let y = bn.forward(&x).unwrap();
-        let loss = y.mul(&cast(&g)).unwrap().sum_all().unwrap();
+        let loss = y.mul(cast(&g)).unwrap().sum_all().unwrap();
         let grads = grad(&[loss], &[x, w, b], GradOptions::default()).unwrap();
         let mut out = vec![y.to_vec_f64().unwrap()];
         out.extend(grads.into_iter().map(|g| g.unwrap().to_vec_f64().unwrap()));
