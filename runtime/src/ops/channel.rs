@@ -138,35 +138,38 @@ fn reduce_cpu<T: WithDType>(
             for ci in 0..c {
                 let pc = gi * c + ci;
                 let base = ((gi * n + ni) * c + ci) * s;
-                let lanes = &mut acc[pc];
-                let row = &u[base..base + s];
-                let tail = s - s % LANES;
+                // A local copy of the lanes (kept in registers), written back below.
+                let mut lanes = acc[pc];
+                // Arrays of LANES: a fixed trip count without bounds checks, so the lanes
+                // are unrolled and vectorized.
+                let (chunks, tail) = u[base..base + s].as_chunks::<LANES>();
                 let mu = center(mu, pc);
                 match v {
                     None => {
-                        for chunk in row.chunks_exact(LANES) {
-                            for (l, &x) in lanes.iter_mut().zip(chunk) {
-                                *l += (x - mu).to_f64();
+                        for chunk in chunks {
+                            for i in 0..LANES {
+                                lanes[i] += (chunk[i] - mu).to_f64();
                             }
                         }
-                        for (l, &x) in lanes.iter_mut().zip(&row[tail..]) {
+                        for (l, &x) in lanes.iter_mut().zip(tail) {
                             *l += (x - mu).to_f64();
                         }
                     }
                     Some((v, mv)) => {
                         let mv = center(mv, pc);
-                        let vrow = &v[base..base + s];
+                        let (vchunks, vtail) = v[base..base + s].as_chunks::<LANES>();
                         let term = |a: T, b: T| (a - mu).to_f64() * (b - mv).to_f64();
-                        for (cu, cv) in row.chunks_exact(LANES).zip(vrow.chunks_exact(LANES)) {
-                            for ((l, &a), &b) in lanes.iter_mut().zip(cu).zip(cv) {
-                                *l += term(a, b);
+                        for (cu, cv) in chunks.iter().zip(vchunks) {
+                            for i in 0..LANES {
+                                lanes[i] += term(cu[i], cv[i]);
                             }
                         }
-                        for ((l, &a), &b) in lanes.iter_mut().zip(&row[tail..]).zip(&vrow[tail..]) {
+                        for ((l, &a), &b) in lanes.iter_mut().zip(tail).zip(vtail) {
                             *l += term(a, b);
                         }
                     }
                 }
+                acc[pc] = lanes;
             }
         }
     }
