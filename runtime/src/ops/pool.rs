@@ -275,6 +275,34 @@ impl Pool {
         let (sh, sw) = self.stride;
         let mut values = Vec::with_capacity(n * c * ho * wo);
         let mut positions = Vec::with_capacity(n * c * ho * wo);
+        // Greater, or NaN over a number (`v != v`: NaN).
+        #[allow(clippy::eq_op)]
+        let better = |v: T, largest: T| v > largest || (v != v && largest == largest);
+        if self.kernel == (2, 2) && self.stride == (2, 2) {
+            // The usual case, without the window loops: the four taps in row-major order.
+            for plane in x.chunks_exact(h * w) {
+                for i in 0..ho {
+                    let (r0, r1) = (2 * i * w, (2 * i + 1) * w);
+                    for j in 0..wo {
+                        let taps = [r0 + 2 * j, r0 + 2 * j + 1, r1 + 2 * j, r1 + 2 * j + 1];
+                        let (mut best, mut largest) = (taps[0], plane[taps[0]]);
+                        for &at in &taps[1..] {
+                            if better(plane[at], largest) {
+                                best = at;
+                                largest = plane[at];
+                            }
+                        }
+                        values.push(largest);
+                        positions.push(best as u32);
+                    }
+                }
+            }
+            let dev = candle_core::Device::Cpu;
+            return Ok((
+                candle_core::Tensor::from_vec(values, (n, c, ho, wo), &dev)?,
+                candle_core::Tensor::from_vec(positions, (n, c, ho, wo), &dev)?,
+            ));
+        }
         for plane in x.chunks_exact(h * w) {
             for i in 0..ho {
                 for j in 0..wo {
@@ -283,10 +311,7 @@ impl Pool {
                     for a in 0..kh {
                         let row = top + a * w;
                         for (b, &v) in plane[row..row + kw].iter().enumerate() {
-                            // Greater, or NaN over a number (`v != v`: NaN).
-                            #[allow(clippy::eq_op)]
-                            let better = v > largest || (v != v && largest == largest);
-                            if better {
+                            if better(v, largest) {
                                 best = row + b;
                                 largest = v;
                             }
