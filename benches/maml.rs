@@ -11,15 +11,16 @@
 //! - MAML sine (1-40-40-1 ReLU MLP, 25 tasks, K = 10, second order, f32): seconds per
 //!   meta-iteration for 1, 5, 10 and 20 inner steps, one and two threads; peak memory;
 //! - the MAML-Omniglot CNN (synthetic 28x28, 5-way 1-shot, 15 query, meta-batch 16,
-//!   5 inner steps), one thread; `ours-batched` runs it as task-batched chunks of
-//!   `OMNIGLOT_CHUNK` tasks;
+//!   5 inner steps), one and two threads; `ours-batched` runs it as task-batched chunks
+//!   of `OMNIGLOT_CHUNK` tasks; two threads split the meta-batch (`parallel::meta_batch`),
+//!   each running the library's kernels on one thread;
 //! - the cost of one inner step at step 1 and at step 1000 of an unroll, memory per
 //!   unrolled step, and test-mode memory over 1000 steps.
 //!
 //! Each workload runs in a child process of this binary (`--worker NAME ...`), so that its
 //! peak resident memory is its own; 1-thread rows run pinned to core 0, as the anchors do.
-//! Workers run with `MIMALLOC_PURGE_DELAY=-1` unless the environment sets it (see
-//! `purge_delay`). Options: `--quick` (fewer iterations), `--only sine|omniglot|unroll`,
+//! Workers run with mimalloc's default settings unless the environment sets
+//! `MIMALLOC_PURGE_DELAY` (see `purge_delay`). Options: `--quick` (fewer iterations), `--only sine|omniglot|unroll`,
 //! `--no-anchor`, `--slow-anchors` (adds JAX on the CNN, minutes per meta-iteration).
 
 use std::process::Command;
@@ -294,11 +295,25 @@ struct ImageTask {
     yq: Tensor,
 }
 
-fn omniglot_worker(batched: bool, iters: usize, warmup: usize) -> Result<String> {
+/// The Omniglot workload's meta-iterations: `meta_batch` tasks per iteration, batched in
+/// chunks of `OMNIGLOT_CHUNK` or looped, on `threads` threads (`parallel::meta_batch`: the
+/// tasks, or chunks, dealt out in blocks, each thread running one-thread kernels).
+fn omniglot_worker(
+    batched: bool,
+    iters: usize,
+    warmup: usize,
+    meta_batch: usize,
+    threads: usize,
+) -> Result<String> {
     use candle_higher::nn::{
         batch_norm2d, conv2d, flatten, max_pool2d, BatchNormConfig, ConvConfig,
     };
-    let (ways, shots, queries, meta_batch, steps) = (5usize, 1usize, 15usize, 16usize, 5usize);
+    use candle_higher::parallel::{self, Combine};
+    let (ways, shots, queries, steps) = (5usize, 1usize, 15usize, 5usize);
+    if threads > 1 {
+        // The threads split the tasks; each runs the library's kernels on one thread.
+        candle_higher::set_cpu_threads(1)?;
+    }
     let vb = VarBuilder::new(0, DType::F32, &candle_higher::device_from_env()?);
     let mut net = seq();
     for (i, c_in) in [1usize, 64, 64].into_iter().enumerate() {
@@ -380,38 +395,44 @@ fn omniglot_worker(batched: bool, iters: usize, warmup: usize) -> Result<String>
     } else {
         Vec::new()
     };
+    let scale = 1.0 / meta_batch as f64;
+    // One task-batched chunk's meta-gradient.
+    let chunk_grads = |model: &Sequential, b: &ImageTask| -> Result<GradStore> {
+        let options = maml_options().tasks(b.xs.dims()[0]);
+        let (mut fmodel, mut diffopt) = innerloop(model, &inner_opt, options)?;
+        for _ in 0..steps {
+            let loss = cross_entropy_per_task(&fmodel.forward(&b.xs)?, &b.ys)?.sum_all()?;
+            diffopt.step(&mut fmodel, &loss)?;
+        }
+        let q = cross_entropy_per_task(&fmodel.forward(&b.xq)?, &b.yq)?
+            .sum_all()?
+            .affine(scale, 0.0)?;
+        backward(&q)
+    };
+    // One task's meta-gradient, adapted alone.
+    let task_grads = |model: &Sequential, task: &ImageTask| -> Result<GradStore> {
+        let (mut fmodel, mut diffopt) = innerloop(model, &inner_opt, maml_options())?;
+        for _ in 0..steps {
+            let loss = cross_entropy(&fmodel.forward(&task.xs)?, &task.ys)?;
+            diffopt.step(&mut fmodel, &loss)?;
+        }
+        let q = cross_entropy(&fmodel.forward(&task.xq)?, &task.yq)?.affine(scale, 0.0)?;
+        backward(&q)
+    };
     let mut times = Vec::new();
     for (it, batch) in batches.iter().enumerate() {
         let t0 = Instant::now();
-        if batched {
-            let mut total = GradStore::default();
-            for b in &stacked[it] {
-                let options = maml_options().tasks(b.xs.dims()[0]);
-                let (mut fmodel, mut diffopt) = innerloop(&model, &inner_opt, options)?;
-                for _ in 0..steps {
-                    let loss = cross_entropy_per_task(&fmodel.forward(&b.xs)?, &b.ys)?.sum_all()?;
-                    diffopt.step(&mut fmodel, &loss)?;
-                }
-                let q = cross_entropy_per_task(&fmodel.forward(&b.xq)?, &b.yq)?
-                    .sum_all()?
-                    .affine(1.0 / meta_batch as f64, 0.0)?;
-                total.accumulate(&backward(&q)?)?;
-            }
-            meta_opt.step_module(&mut model, &total)?;
+        let total = if batched {
+            let chunks = &stacked[it];
+            parallel::meta_batch(chunks.len(), threads, Combine::Sum, |i| {
+                chunk_grads(&model, &chunks[i])
+            })?
         } else {
-            let mut total = GradStore::default();
-            for task in batch {
-                let (mut fmodel, mut diffopt) = innerloop(&model, &inner_opt, maml_options())?;
-                for _ in 0..steps {
-                    let loss = cross_entropy(&fmodel.forward(&task.xs)?, &task.ys)?;
-                    diffopt.step(&mut fmodel, &loss)?;
-                }
-                let q = cross_entropy(&fmodel.forward(&task.xq)?, &task.yq)?
-                    .affine(1.0 / meta_batch as f64, 0.0)?;
-                total.accumulate(&backward(&q)?)?;
-            }
-            meta_opt.step_module(&mut model, &total)?;
-        }
+            parallel::meta_batch(batch.len(), threads, Combine::Sum, |i| {
+                task_grads(&model, &batch[i])
+            })?
+        };
+        meta_opt.step_module(&mut model, &total)?;
         if it >= warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
@@ -429,7 +450,10 @@ fn worker(args: &[String]) -> Result<()> {
     let out = match args.first().map(String::as_str) {
         Some("sine") => sine_worker(batched, num(2), num(3), num(4))?,
         Some("unroll") => unroll_worker(num(1))?,
-        Some("omniglot") => omniglot_worker(batched, num(2), num(3))?,
+        Some("omniglot") => {
+            let meta_batch = args.get(4).map_or(16, |_| num(4));
+            omniglot_worker(batched, num(2), num(3), meta_batch, num(5).max(1))?
+        }
         other => format!("unknown worker {other:?}"),
     };
     println!("RESULT {out}");
@@ -438,8 +462,14 @@ fn worker(args: &[String]) -> Result<()> {
 
 // ------------------------------------------------------------------------ driver
 
-/// Runs this binary as a worker, pinned to core 0 for one thread.
+/// Runs this binary as a worker, pinned to core 0 for one thread, with `RAYON_NUM_THREADS`
+/// set to `threads`.
 fn run_worker(threads: usize, args: &[String]) -> Option<Vec<f64>> {
+    run_worker_with(threads, threads, args)
+}
+
+/// [`run_worker`] on `threads` cores with `RAYON_NUM_THREADS` set to `kernel_threads`.
+fn run_worker_with(threads: usize, kernel_threads: usize, args: &[String]) -> Option<Vec<f64>> {
     let exe = std::env::current_exe().ok()?;
     let mut cmd = if threads == 1 && has("taskset") {
         let mut c = Command::new("taskset");
@@ -451,8 +481,7 @@ fn run_worker(threads: usize, args: &[String]) -> Option<Vec<f64>> {
     let out = cmd
         .arg("--worker")
         .args(args)
-        .env("RAYON_NUM_THREADS", threads.to_string())
-        .env("MIMALLOC_PURGE_DELAY", purge_delay())
+        .env("RAYON_NUM_THREADS", kernel_threads.to_string())
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -524,12 +553,12 @@ fn run_anchor(script: &str, args: &[String], threads: usize) -> Option<(f64, f64
     Some((m, rss))
 }
 
-/// mimalloc's purge delay for the workers: `-1` (freed pages kept for reuse, as glibc's
-/// malloc, which PyTorch uses, keeps its heap) unless the environment sets one. With
-/// mimalloc's default of 10 ms the Omniglot workload spends 10-16% of its time faulting in
-/// pages that were just returned to the system.
+/// mimalloc's purge delay as the workers see it: inherited from the environment, else
+/// mimalloc's default. The Omniglot workload once needed `-1` (freed pages kept) to avoid
+/// re-faulting the pages of its large temporaries; since the fused BatchNorm, the early
+/// release of backward gradients and the batched convolution it runs at mimalloc's defaults.
 fn purge_delay() -> String {
-    std::env::var("MIMALLOC_PURGE_DELAY").unwrap_or_else(|_| "-1".into())
+    std::env::var("MIMALLOC_PURGE_DELAY").unwrap_or_else(|_| "default".into())
 }
 
 /// One measured row of the table and of `maml.json`.
@@ -568,7 +597,7 @@ fn driver(args: &[String]) {
         println!("(anchors not installed: run ../shared/anchors/setup.sh for the Python columns)");
     }
     println!(
-        "(allocator: mimalloc, MIMALLOC_PURGE_DELAY={}; set MIMALLOC_PURGE_DELAY=10 for its default)",
+        "(allocator: mimalloc, MIMALLOC_PURGE_DELAY={})",
         purge_delay()
     );
     let mut rows: Vec<Row> = Vec::new();
@@ -627,8 +656,27 @@ fn driver(args: &[String]) {
     }
     if wants("omniglot") {
         let (it, wu) = if quick { (2, 1) } else { (5, 1) };
-        let worker = ["omniglot".to_string(), it.to_string(), wu.to_string()].to_vec();
-        ours(&mut rows, "omniglot_cnn", 5, 1, worker);
+        for threads in [1usize, 2] {
+            for mode in ["batched", "looped"] {
+                // Two threads split the meta-batch (`parallel::meta_batch`), each running
+                // one-thread kernels.
+                let a = ["omniglot", mode, &it.to_string(), &wu.to_string(), "16"]
+                    .map(String::from)
+                    .into_iter()
+                    .chain(std::iter::once(threads.to_string()))
+                    .collect::<Vec<_>>();
+                if let Some(o) = run_worker_with(threads, 1, &a) {
+                    rows.push(Row {
+                        workload: "omniglot_cnn",
+                        variant: format!("ours-{mode}"),
+                        inner_steps: 5,
+                        threads,
+                        seconds: o[0],
+                        peak_rss_mib: o[1],
+                    });
+                }
+            }
+        }
         let slow = args.iter().any(|a| a == "--slow-anchors");
         let variants = OMNIGLOT_ANCHORS
             .iter()

@@ -274,3 +274,133 @@ fn gather_and_scatter_add() {
     let err = v.gather(&wrong, 1).unwrap_err().to_string();
     assert!(err.contains("[3, 4]") && err.contains("[2, 2]"), "{err}");
 }
+
+/// A training-mode BatchNorm for inputs of `rank` (1d for 2 and 3, 2d for 4 and 5) with the
+/// given weight and bias `[C]` or `[T, C]` (task-batched: then the statistics are `[T, C]`).
+fn batch_norm_with(
+    rank: usize,
+    channels: &[usize],
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    training: bool,
+) -> candle_higher::nn::BatchNorm {
+    use candle_higher::nn::{BatchNorm, BatchNormConfig, Buffer};
+    let c = *channels.last().unwrap();
+    let stats = |v: f64| Tensor::full(v, &[c], F64, &device()).unwrap();
+    let (w1, b1) = (weight.map(|_| stats(1.0)), bias.map(|_| stats(0.0)));
+    let config = BatchNormConfig::default();
+    let mut bn = if rank <= 3 {
+        BatchNorm::from_tensors_1d(w1, b1, stats(0.5), stats(2.0), config)
+    } else {
+        BatchNorm::from_tensors_2d(w1, b1, stats(0.5), stats(2.0), config)
+    }
+    .unwrap();
+    if channels.len() == 2 {
+        let full = |v: f64| Buffer::new(Tensor::full(v, channels, F64, &device()).unwrap());
+        bn.running_mean = full(0.5);
+        bn.running_var = full(2.0);
+    }
+    bn.weight = weight.cloned();
+    bn.bias = bias.cloned();
+    bn.training = training;
+    bn
+}
+
+/// BatchNorm in training mode (the fused op: batch statistics, normalisation and affine as
+/// one recorded op, its backward a fused pass) and in eval mode, first and second order in
+/// the input, weight and bias, for inputs [N, C], [N, C, L], [N, C, H, W] and task-batched
+/// [T, N, C, H, W] (statistics per task), with and without affine parameters.
+#[test]
+fn batch_norm_fd() {
+    use candle_higher::nn::Module;
+    let mut r = rng(40);
+    let cases: [(&[usize], &[usize]); 4] = [
+        (&[5, 3], &[3]),
+        (&[3, 2, 5], &[2]),
+        (&[2, 3, 3, 2], &[3]),
+        (&[2, 3, 2, 3, 2], &[2, 2]),
+    ];
+    for (dims, channels) in cases {
+        let rank = dims.len();
+        // Inputs with a mean away from zero: the centering matters.
+        let x = randn(&mut r, dims).add(0.7).unwrap();
+        let w = uniform(&mut r, channels, 0.5, 1.5);
+        let b = randn(&mut r, channels);
+        let ch = channels.to_vec();
+        for training in [true, false] {
+            let mode = if training { "train" } else { "eval" };
+            let ch2 = ch.clone();
+            check12(
+                &format!("batch_norm {dims:?} {mode}"),
+                move |x| {
+                    batch_norm_with(rank, &ch2, Some(&x[1]), Some(&x[2]), training).forward(&x[0])
+                },
+                &[x.clone(), w.clone(), b.clone()],
+            );
+            let ch2 = ch.clone();
+            check12(
+                &format!("batch_norm {dims:?} {mode} no affine"),
+                move |x| batch_norm_with(rank, &ch2, None, None, training).forward(&x[0]),
+                std::slice::from_ref(&x),
+            );
+        }
+    }
+}
+
+/// The third derivative of training-mode BatchNorm (through the VJP of its VJP), with the
+/// weight and bias, task-batched.
+#[test]
+fn batch_norm_third_order() {
+    use candle_higher::nn::Module;
+    let mut r = rng(41);
+    let xs = [
+        randn(&mut r, &[2, 3, 2, 2, 2]).add(0.4).unwrap(),
+        uniform(&mut r, &[2, 2], 0.5, 1.5),
+        randn(&mut r, &[2, 2]),
+    ];
+    check_op(
+        "batch_norm third order",
+        |x| {
+            batch_norm_with(5, &[2, 2], Some(&x[1]), Some(&x[2]), true)
+                .forward(&x[0])?
+                .tanh()
+        },
+        &xs,
+        3,
+    );
+}
+
+/// The f32 kernels agree with the f64 ones to f32 precision (statistics accumulate in f64),
+/// forward and backward, for a layer-sized input.
+#[test]
+fn batch_norm_f32_matches_f64() {
+    use candle_higher::nn::Module;
+    let mut r = rng(42);
+    let x = randn(&mut r, &[2, 6, 4, 7, 5]).add(3.0).unwrap();
+    let g = randn(&mut r, &[2, 6, 4, 7, 5]);
+    let w = uniform(&mut r, &[2, 4], 0.5, 1.5);
+    let b = randn(&mut r, &[2, 4]);
+    let run = |dtype: candle_higher::DType| {
+        let cast = |t: &Tensor| t.to_dtype(dtype).unwrap();
+        let (x, w, b) = (cast(&x).to_leaf(), cast(&w).to_leaf(), cast(&b).to_leaf());
+        let mut bn = batch_norm_with(5, &[2, 4], Some(&w), Some(&b), true);
+        bn.running_mean = candle_higher::nn::Buffer::new(cast(&bn.running_mean.get()));
+        bn.running_var = candle_higher::nn::Buffer::new(cast(&bn.running_var.get()));
+        let y = bn.forward(&x).unwrap();
+        let loss = y.mul(cast(&g)).unwrap().sum_all().unwrap();
+        let grads = grad(&[loss], &[x, w, b], GradOptions::default()).unwrap();
+        let mut out = vec![y.to_vec_f64().unwrap()];
+        out.extend(grads.into_iter().map(|g| g.unwrap().to_vec_f64().unwrap()));
+        out
+    };
+    let (single, double) = (run(candle_higher::DType::F32), run(F64));
+    for (what, (a, b)) in ["y", "dx", "dw", "db"]
+        .iter()
+        .zip(single.iter().zip(&double))
+    {
+        let scale = b.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        for (u, v) in a.iter().zip(b) {
+            assert!((u - v).abs() <= 1e-5 * scale, "{what}: f32 {u} vs f64 {v}");
+        }
+    }
+}

@@ -130,7 +130,9 @@ pub fn grad_with_stats(
         nodes_visited,
         nodes_on_path: order.len(),
     };
-    let grads = propagate(&order, seeds, options.create_graph)?;
+    let grads = propagate(&order, seeds, options.create_graph, |id| {
+        input_index.contains_key(&id)
+    })?;
     // `get`, not `remove`: an input listed twice gets its gradient at both positions.
     let grads = inputs
         .iter()
@@ -166,7 +168,8 @@ pub fn backward(output: &Tensor) -> Result<GradStore> {
             check_float_leaf("backward", t)?;
         }
     }
-    let mut grads = propagate(&order, seeds, false)?;
+    // Leaves are never expanded, so only their gradients need to outlive their use.
+    let mut grads = propagate(&order, seeds, false, |_| false)?;
     let mut store = GradStore::default();
     for t in &order {
         if matches!(t.node(), Some(Node::Leaf)) {
@@ -277,11 +280,15 @@ fn reaching_nodes(
     (post_order, reaches.len())
 }
 
-/// Pushes the seed gradients through `order`, accumulating per tensor id.
+/// Pushes the seed gradients through `order`, accumulating per tensor id. The gradient of
+/// an op's output is dropped once its VJP has run (the order is topological, so nothing
+/// more reaches it), unless `keep(id)`: the caller wants it. Leaves keep theirs. So a
+/// backward pass holds only the gradients still to be pushed, not every one it made.
 fn propagate(
     order: &[Tensor],
     seeds: Vec<(Tensor, Tensor)>,
     create_graph: bool,
+    keep: impl Fn(u64) -> bool,
 ) -> Result<HashMap<u64, Tensor>> {
     let _mode = NoGradGuard::set(create_graph);
     let on_path: HashSet<u64> = order.iter().map(|t| t.0.id).collect();
@@ -295,7 +302,12 @@ fn propagate(
         let Some(Node::Op { inputs, backward }) = t.node() else {
             continue;
         };
-        let Some(g) = grads.get(&t.0.id).cloned() else {
+        let g = if keep(t.0.id) {
+            grads.get(&t.0.id).cloned()
+        } else {
+            grads.remove(&t.0.id)
+        };
+        let Some(g) = g else {
             continue;
         };
         let needs: Vec<bool> = inputs.iter().map(|i| on_path.contains(&i.0.id)).collect();

@@ -2,6 +2,7 @@
 
 use super::{Buffer, Module, Parameters, VarBuilder, Visitor};
 use crate::error::{Error, Result};
+use crate::ops::channel::{batch_norm_train, channel_affine, Channels};
 use crate::tensor::{no_grad, Tensor};
 
 /// Options of a batch norm, with PyTorch's defaults (`eps = 1e-5`, `momentum = 0.1`,
@@ -127,54 +128,51 @@ impl Module for BatchNorm {
         } else {
             vec![c]
         };
-        let mut bshape = vec![1; x.rank()];
-        bshape[cd] = c;
-        if batched {
-            bshape[0] = stat_shape[0];
-        }
-        let dims: Vec<usize> = (lead..x.rank()).filter(|&d| d != cd).collect();
-        let (centered, var) = if self.training {
-            let n: usize = dims.iter().map(|&d| x.dims()[d]).product();
-            if n < 2 {
-                // PyTorch raises for one value; none would make the statistics NaN.
-                return Err(Error::ShapeMismatch {
-                    op: "BatchNorm",
-                    expected: "more than 1 value per channel when training".into(),
-                    got: x.dims().to_vec(),
-                });
+        let ch = Channels::new(x.dims(), batched, &stat_shape)?;
+        if !self.training {
+            // (x - running_mean) (running_var + eps)^-1/2 w + b in one pass.
+            let mut scale = self
+                .running_var
+                .get()
+                .add(self.config.eps)?
+                .sqrt()?
+                .powf(-1.0)?;
+            if let Some(w) = &self.weight {
+                scale = scale.mul(w)?;
             }
-            let mean = x.mean_dims(&dims, true)?;
-            let centered = x.sub(&mean)?;
-            let var = centered.sqr()?.mean_dims(&dims, true)?;
-            {
-                let _g = no_grad();
-                let m = self.config.momentum;
-                let unbiased = var.affine(n as f64 / (n as f64 - 1.0), 0.0)?;
-                let rm = running_mean
-                    .affine(1.0 - m, 0.0)?
-                    .add(&mean.detach().reshape(&stat_shape)?.affine(m, 0.0)?)?;
-                let rv = self
-                    .running_var
-                    .get()
-                    .affine(1.0 - m, 0.0)?
-                    .add(&unbiased.detach().reshape(&stat_shape)?.affine(m, 0.0)?)?;
-                self.running_mean.set(&rm);
-                self.running_var.set(&rv);
-            }
-            (centered, var)
-        } else {
-            let mean = running_mean.reshape(&bshape)?;
-            (x.sub(&mean)?, self.running_var.get().reshape(&bshape)?)
-        };
-        // The per-channel factors are combined on the [C] tensors first, so the full-size
-        // input sees one subtraction, one multiplication and one addition.
-        let mut scale = var.add(self.config.eps)?.sqrt()?.powf(-1.0)?;
-        if let Some(w) = &self.weight {
-            scale = scale.mul(&w.reshape(&bshape)?)?;
+            let terms = [(x, Some(&running_mean), &scale)];
+            return channel_affine(&terms, self.bias.as_ref(), &ch);
         }
-        let mut y = centered.mul(&scale)?;
-        if let Some(b) = &self.bias {
-            y = y.add(&b.reshape(&bshape)?)?;
+        if ch.count() < 2 {
+            // PyTorch raises for one value; none would make the statistics NaN.
+            return Err(Error::ShapeMismatch {
+                op: "BatchNorm",
+                expected: "more than 1 value per channel when training".into(),
+                got: x.dims().to_vec(),
+            });
+        }
+        let (y, mean, var) = batch_norm_train(
+            x,
+            self.weight.as_ref(),
+            self.bias.as_ref(),
+            self.config.eps,
+            &ch,
+        )?;
+        {
+            let _g = no_grad();
+            let m = self.config.momentum;
+            let n = ch.count() as f64;
+            let unbiased = var.detach().affine(n / (n - 1.0), 0.0)?;
+            let rm = running_mean
+                .affine(1.0 - m, 0.0)?
+                .add(&mean.detach().affine(m, 0.0)?)?;
+            let rv = self
+                .running_var
+                .get()
+                .affine(1.0 - m, 0.0)?
+                .add(&unbiased.affine(m, 0.0)?)?;
+            self.running_mean.set(&rm);
+            self.running_var.set(&rv);
         }
         Ok(y)
     }

@@ -34,9 +34,11 @@ struct Geom {
 }
 
 impl Geom {
-    /// The geometry of the CPU kernels, for a batch of `n` and the given channels.
-    fn im2col(&self, n: usize, c_in: usize, c_out: usize) -> im2col::Conv {
+    /// The geometry of the CPU kernels, for `tasks` (a task axis) or none, a batch of `n`
+    /// and the given channels.
+    fn im2col(&self, tasks: Option<usize>, n: usize, c_in: usize, c_out: usize) -> im2col::Conv {
         im2col::Conv {
+            tasks,
             n,
             c_in,
             h: self.in_hw.0,
@@ -53,6 +55,12 @@ impl Geom {
 
 fn conv_value(x: &Value, w: &Value, g: &Geom) -> Result<Value> {
     if g.tasks {
+        if g.groups == 1 {
+            let geometry = (g.padding, g.stride, g.dilation);
+            if let Some(y) = im2col::conv2d(x, w, geometry, true)? {
+                return Ok(y);
+            }
+        }
         return per_task(x, w, |x, w| conv_value(x, w, &g.single()));
     }
     conv2d_value(x, w, g.padding, g.stride, g.dilation, g.groups)
@@ -86,7 +94,7 @@ fn conv2d_value(
     groups: usize,
 ) -> Result<Value> {
     if groups == 1 {
-        if let Some(y) = im2col::conv2d(x, w, padding, stride, dilation)? {
+        if let Some(y) = im2col::conv2d(x, w, (padding, stride, dilation), false)? {
             return Ok(y);
         }
     }
@@ -117,11 +125,18 @@ fn pad_or_crop(t: Value, dim: usize, q: isize) -> Result<Value> {
 /// `dB/dx` for `B = <gy, conv(x, w)>`: the input gradient, shape `[N, C_in, H, W]`.
 fn input_grad_value(gy: &Value, w: &Value, g: &Geom) -> Result<Value> {
     if g.tasks {
+        if g.groups == 1 {
+            let (tasks, n, c_out, cin_g) = (gy.dim(0)?, gy.dim(1)?, w.dim(1)?, w.dim(2)?);
+            let conv = g.im2col(Some(tasks), n, cin_g, c_out);
+            if let Some(dx) = im2col::input_grad(&conv, gy, w)? {
+                return Ok(dx);
+            }
+        }
         return per_task(gy, w, |gy, w| input_grad_value(gy, w, &g.single()));
     }
     let (c_out, cin_g, kh, kw) = w.dims4()?;
     if g.groups == 1 {
-        let conv = g.im2col(gy.dim(0)?, cin_g, c_out);
+        let conv = g.im2col(None, gy.dim(0)?, cin_g, c_out);
         if let Some(dx) = im2col::input_grad(&conv, gy, w)? {
             return Ok(dx);
         }
@@ -179,10 +194,17 @@ fn input_grad_value(gy: &Value, w: &Value, g: &Geom) -> Result<Value> {
 /// as the kernel, stride and dilation exchanged.
 fn weight_grad_value(x: &Value, gy: &Value, g: &Geom) -> Result<Value> {
     if g.tasks {
+        if g.groups == 1 {
+            let (tasks, n, c_in, c_out) = (x.dim(0)?, x.dim(1)?, x.dim(2)?, gy.dim(2)?);
+            let conv = g.im2col(Some(tasks), n, c_in, c_out);
+            if let Some(dw) = im2col::weight_grad(&conv, x, gy)? {
+                return Ok(dw);
+            }
+        }
         return per_task(x, gy, |x, gy| weight_grad_value(x, gy, &g.single()));
     }
     if g.groups == 1 {
-        let conv = g.im2col(x.dim(0)?, x.dim(1)?, gy.dim(1)?);
+        let conv = g.im2col(None, x.dim(0)?, x.dim(1)?, gy.dim(1)?);
         if let Some(dw) = im2col::weight_grad(&conv, x, gy)? {
             return Ok(dw);
         }

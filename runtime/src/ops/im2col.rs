@@ -18,9 +18,14 @@ use crate::error::Result;
 const COLUMN_BUDGET: usize = 1 << 18;
 
 /// The geometry of one convolution: input `[n, c_in, h, w]`, kernel `[c_out, c_in, kh,
-/// kw]`, output `[n, c_out, ho, wo]`.
+/// kw]`, output `[n, c_out, ho, wo]`; with `tasks > 1`, `tasks` such convolutions with a
+/// leading task axis on every operand (`[tasks, n, c_in, h, w]` etc.), task `t` using only
+/// entry `t` of each, computed into one output buffer.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Conv {
+    /// Independent convolutions along a leading task axis, or `None` for a plain one.
+    pub(crate) tasks: Option<usize>,
+    /// Images per task.
     pub(crate) n: usize,
     pub(crate) c_in: usize,
     pub(crate) h: usize,
@@ -35,25 +40,28 @@ pub(crate) struct Conv {
 
 /// `conv2d(x, w)` as candle computes it (cross-correlation, `groups == 1`); `None` where
 /// this path does not apply (another device or dtype) and candle's own conv should run.
+/// With `tasks`, `x` is `[T, n, c_in, h, w]` and `w` `[T, c_out, c_in, kh, kw]`, and task
+/// `t` convolves `x[t]` with `w[t]`.
 pub(crate) fn conv2d(
     x: &candle_core::Tensor,
     w: &candle_core::Tensor,
-    padding: usize,
-    stride: usize,
-    dilation: usize,
+    (padding, stride, dilation): (usize, usize, usize),
+    tasks: bool,
 ) -> Result<Option<candle_core::Tensor>> {
-    let Some(dtype) = cpu_float(&[x, w]) else {
+    let lead = usize::from(tasks);
+    let Some(dtype) = cpu_float(&[x, w], 4 + lead) else {
         return Ok(None);
     };
-    let ((n, c_in, h, wd), (c_out, _, kh, kw)) = (x.dims4()?, w.dims4()?);
+    let (xd, wd) = (x.dims(), w.dims());
     let conv = Conv {
-        n,
-        c_in,
-        h,
-        w: wd,
-        c_out,
-        kh,
-        kw,
+        tasks: tasks.then_some(xd[0]),
+        n: xd[lead],
+        c_in: xd[lead + 1],
+        h: xd[lead + 2],
+        w: xd[lead + 3],
+        c_out: wd[lead],
+        kh: wd[lead + 2],
+        kw: wd[lead + 3],
         padding,
         stride,
         dilation,
@@ -70,7 +78,7 @@ pub(crate) fn input_grad(
     gy: &candle_core::Tensor,
     w: &candle_core::Tensor,
 ) -> Result<Option<candle_core::Tensor>> {
-    match cpu_float(&[gy, w]) {
+    match cpu_float(&[gy, w], conv.rank()) {
         Some(DType::F32) => conv.input_grad::<f32>(gy, w).map(Some),
         Some(_) => conv.input_grad::<f64>(gy, w).map(Some),
         None => Ok(None),
@@ -83,19 +91,19 @@ pub(crate) fn weight_grad(
     x: &candle_core::Tensor,
     gy: &candle_core::Tensor,
 ) -> Result<Option<candle_core::Tensor>> {
-    match cpu_float(&[x, gy]) {
+    match cpu_float(&[x, gy], conv.rank()) {
         Some(DType::F32) => conv.weight_grad::<f32>(x, gy).map(Some),
         Some(_) => conv.weight_grad::<f64>(x, gy).map(Some),
         None => Ok(None),
     }
 }
 
-/// The common dtype of CPU tensors when it is f32 or f64.
-fn cpu_float(ts: &[&candle_core::Tensor]) -> Option<DType> {
+/// The common dtype of CPU tensors of rank `rank` when it is f32 or f64.
+fn cpu_float(ts: &[&candle_core::Tensor], rank: usize) -> Option<DType> {
     let dtype = ts[0].dtype();
     let ok = ts
         .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == dtype && t.rank() == 4);
+        .all(|t| t.device().is_cpu() && t.dtype() == dtype && t.rank() == rank);
     (ok && matches!(dtype, DType::F32 | DType::F64) && super::kernels::cpu_fast_paths())
         .then_some(dtype)
 }
@@ -119,14 +127,29 @@ fn with_slices<T: WithDType, R>(
     f(a, b)
 }
 
-fn tensor<T: WithDType>(
-    data: Vec<T>,
-    dims: (usize, usize, usize, usize),
-) -> Result<candle_core::Tensor> {
-    Ok(candle_core::Tensor::from_vec(data, dims, &Device::Cpu)?)
-}
-
 impl Conv {
+    /// Rank of the operands: 4, or 5 with a task axis.
+    pub(crate) fn rank(&self) -> usize {
+        4 + usize::from(self.tasks.is_some())
+    }
+
+    /// The number of convolutions: the tasks, or 1.
+    fn count(&self) -> usize {
+        self.tasks.unwrap_or(1)
+    }
+
+    /// A tensor of per-task dims `dims` (with the task axis when there is one).
+    fn tensor<T: WithDType>(&self, data: Vec<T>, dims: [usize; 4]) -> Result<candle_core::Tensor> {
+        let shape: Vec<usize> = self.tasks.into_iter().chain(dims).collect();
+        Ok(candle_core::Tensor::from_vec(data, shape, &Device::Cpu)?)
+    }
+
+    /// Whether every column entry is written by [`Conv::im2col`] (no padding: every tap of
+    /// every window lies inside the image), so the buffer needs no zeroing.
+    fn covers_columns(&self) -> bool {
+        self.padding == 0
+    }
+
     fn ho(&self) -> usize {
         (self.h + 2 * self.padding - self.dilation * (self.kh - 1) - 1) / self.stride + 1
     }
@@ -224,29 +247,45 @@ impl Conv {
         let chunk = self.chunk();
         let mut cols = vec![T::from_f64(0.0); k * chunk * l];
         let mut product = vec![T::from_f64(0.0); c_out * chunk * l];
-        let mut out = vec![T::from_f64(0.0); self.n * c_out * l];
-        with_slices([x, w], |images, kernel| {
-            for start in (0..self.n).step_by(chunk) {
-                let m = chunk.min(self.n - start);
-                let cols = &mut cols[..k * m * l];
-                cols.fill(T::from_f64(0.0));
-                for b in 0..m {
-                    let src = &images[(start + b) * image..][..image];
-                    self.im2col(src, cols, m * l, b * l);
-                }
-                let product = &mut product[..c_out * m * l];
-                let parallelism = parallelism(c_out * m * l * k);
-                let (lhs, rhs) = (Strided::rows(kernel, k), Strided::rows(cols, m * l));
-                matmul_into((c_out, m * l, k), lhs, rhs, product, false, parallelism)?;
-                for (co, row) in product.chunks_exact(m * l).enumerate() {
-                    for (b, y) in row.chunks_exact(l).enumerate() {
-                        out[((start + b) * c_out + co) * l..][..l].copy_from_slice(y);
+        let total = self.count() * self.n * c_out * l;
+        let mut out: Vec<T> = Vec::with_capacity(total);
+        let slots = &mut out.spare_capacity_mut()[..total];
+        with_slices([x, w], |images, kernels| {
+            let per_task = images
+                .chunks_exact(self.n * image)
+                .zip(kernels.chunks_exact(c_out * k))
+                .zip(slots.chunks_exact_mut(self.n * c_out * l));
+            for ((images, kernel), out) in per_task {
+                for start in (0..self.n).step_by(chunk) {
+                    let m = chunk.min(self.n - start);
+                    let cols = &mut cols[..k * m * l];
+                    if !self.covers_columns() {
+                        cols.fill(T::from_f64(0.0));
+                    }
+                    for b in 0..m {
+                        let src = &images[(start + b) * image..][..image];
+                        self.im2col(src, cols, m * l, b * l);
+                    }
+                    let product = &mut product[..c_out * m * l];
+                    let parallelism = parallelism(c_out * m * l * k);
+                    let (lhs, rhs) = (Strided::rows(kernel, k), Strided::rows(cols, m * l));
+                    matmul_into((c_out, m * l, k), lhs, rhs, product, false, parallelism)?;
+                    for (co, row) in product.chunks_exact(m * l).enumerate() {
+                        for (b, y) in row.chunks_exact(l).enumerate() {
+                            let dst = &mut out[((start + b) * c_out + co) * l..][..l];
+                            for (d, &v) in dst.iter_mut().zip(y) {
+                                d.write(v);
+                            }
+                        }
                     }
                 }
             }
             Ok(())
         })?;
-        tensor(out, (self.n, c_out, self.ho(), self.wo()))
+        // SAFETY: the loops above wrote every one of the `total` slots: each task's images
+        // are covered by its chunks, and each image's `c_out` rows of `l` by the copies.
+        unsafe { out.set_len(total) };
+        self.tensor(out, [self.n, c_out, self.ho(), self.wo()])
     }
 
     fn input_grad<T: WithDType>(
@@ -257,23 +296,29 @@ impl Conv {
         let (k, l, c_out) = (self.k(), self.ho() * self.wo(), self.c_out);
         let image = self.c_in * self.h * self.w;
         let mut cols = vec![T::from_f64(0.0); k * l];
-        let mut dx = vec![T::from_f64(0.0); self.n * image];
-        with_slices([gy, w], |gy, kernel| {
-            // W^T as a view of W: element (r, co) at co * k + r.
-            let kernel_t = Strided {
-                data: kernel,
-                row_stride: 1,
-                col_stride: k,
-            };
-            for (gy_b, dx_b) in gy.chunks_exact(c_out * l).zip(dx.chunks_exact_mut(image)) {
-                let gy_b = Strided::rows(gy_b, l);
-                let parallelism = parallelism(k * l * c_out);
-                matmul_into((k, l, c_out), kernel_t, gy_b, &mut cols, false, parallelism)?;
-                self.col2im(&cols, dx_b);
+        let mut dx = vec![T::from_f64(0.0); self.count() * self.n * image];
+        with_slices([gy, w], |gy, kernels| {
+            let per_task = gy
+                .chunks_exact(self.n * c_out * l)
+                .zip(kernels.chunks_exact(c_out * k))
+                .zip(dx.chunks_exact_mut(self.n * image));
+            for ((gy, kernel), dx) in per_task {
+                // W^T as a view of W: element (r, co) at co * k + r.
+                let kernel_t = Strided {
+                    data: kernel,
+                    row_stride: 1,
+                    col_stride: k,
+                };
+                for (gy_b, dx_b) in gy.chunks_exact(c_out * l).zip(dx.chunks_exact_mut(image)) {
+                    let gy_b = Strided::rows(gy_b, l);
+                    let parallelism = parallelism(k * l * c_out);
+                    matmul_into((k, l, c_out), kernel_t, gy_b, &mut cols, false, parallelism)?;
+                    self.col2im(&cols, dx_b);
+                }
             }
             Ok(())
         })?;
-        tensor(dx, (self.n, self.c_in, self.h, self.w))
+        self.tensor(dx, [self.n, self.c_in, self.h, self.w])
     }
 
     fn weight_grad<T: WithDType>(
@@ -284,24 +329,32 @@ impl Conv {
         let (k, l, c_out) = (self.k(), self.ho() * self.wo(), self.c_out);
         let image = self.c_in * self.h * self.w;
         let mut cols = vec![T::from_f64(0.0); k * l];
-        let mut dw = vec![T::from_f64(0.0); c_out * k];
+        let mut dw = vec![T::from_f64(0.0); self.count() * c_out * k];
         with_slices([x, gy], |images, gy| {
-            for (b, gy_b) in gy.chunks_exact(c_out * l).enumerate() {
-                cols.fill(T::from_f64(0.0));
-                self.im2col(&images[b * image..][..image], &mut cols, l, 0);
-                // cols^T as a view: element (j, r) at r * l + j.
-                let cols_t = Strided {
-                    data: &cols,
-                    row_stride: 1,
-                    col_stride: l,
-                };
-                let parallelism = parallelism(c_out * k * l);
-                let gy_b = Strided::rows(gy_b, l);
-                matmul_into((c_out, k, l), gy_b, cols_t, &mut dw, b > 0, parallelism)?;
+            let per_task = images
+                .chunks_exact(self.n * image)
+                .zip(gy.chunks_exact(self.n * c_out * l))
+                .zip(dw.chunks_exact_mut(c_out * k));
+            for ((images, gy), dw) in per_task {
+                for (b, gy_b) in gy.chunks_exact(c_out * l).enumerate() {
+                    if !self.covers_columns() {
+                        cols.fill(T::from_f64(0.0));
+                    }
+                    self.im2col(&images[b * image..][..image], &mut cols, l, 0);
+                    // cols^T as a view: element (j, r) at r * l + j.
+                    let cols_t = Strided {
+                        data: &cols,
+                        row_stride: 1,
+                        col_stride: l,
+                    };
+                    let parallelism = parallelism(c_out * k * l);
+                    let gy_b = Strided::rows(gy_b, l);
+                    matmul_into((c_out, k, l), gy_b, cols_t, dw, b > 0, parallelism)?;
+                }
             }
             Ok(())
         })?;
-        tensor(dw, (c_out, self.c_in, self.kh, self.kw))
+        self.tensor(dw, [c_out, self.c_in, self.kh, self.kw])
     }
 }
 
@@ -350,6 +403,7 @@ mod tests {
             cases.iter().enumerate()
         {
             let conv = Conv {
+                tasks: None,
                 n,
                 c_in,
                 h,
@@ -367,7 +421,7 @@ mod tests {
                     .to_dtype(dtype)?;
                 let k = Tensor::randn(0f64, 1.0, (c_out, c_in, kh, kw), &dev)?.to_dtype(dtype)?;
                 let theirs = x.conv2d(&k, padding, stride, dilation, 1)?;
-                let ours = super::conv2d(&x, &k, padding, stride, dilation)?.expect("CPU");
+                let ours = super::conv2d(&x, &k, (padding, stride, dilation), false)?.expect("CPU");
                 assert!(max_diff(&ours, &theirs) < tol, "case {i} {dtype:?} forward");
 
                 let gy = Tensor::randn(0f64, 1.0, theirs.dims(), &dev)?.to_dtype(dtype)?;
@@ -389,6 +443,56 @@ mod tests {
                     max_diff(&dw, dw_ref) < tol * scale(dw_ref),
                     "case {i} {dtype:?} dw"
                 );
+            }
+        }
+        Ok(())
+    }
+
+    /// With a task axis, each task's forward, input gradient and weight gradient are the
+    /// plain kernels' on that task's operands, bit for bit (f64 and f32; with and without
+    /// padding, which decides whether the column buffer is zeroed).
+    #[test]
+    fn tasks_match_each_task_alone() -> crate::Result<()> {
+        let dev = Device::Cpu;
+        let (tasks, n, c_in, h, w, c_out, kh, kw) = (3, 4, 2, 7, 6, 3, 3, 2);
+        for padding in [0, 1] {
+            for dtype in [DType::F64, DType::F32] {
+                let x = Tensor::randn(0f64, 1.0, (tasks, n, c_in, h, w), &dev)?.to_dtype(dtype)?;
+                let k = Tensor::randn(0f64, 1.0, (tasks, c_out, c_in, kh, kw), &dev)?
+                    .to_dtype(dtype)?;
+                let geometry = |tasks: Option<usize>| Conv {
+                    tasks,
+                    n,
+                    c_in,
+                    h,
+                    w,
+                    c_out,
+                    kh,
+                    kw,
+                    padding,
+                    stride: 1,
+                    dilation: 1,
+                };
+                let y = super::conv2d(&x, &k, (padding, 1, 1), true)?.expect("CPU");
+                let gy = Tensor::randn(0f64, 1.0, y.dims(), &dev)?.to_dtype(dtype)?;
+                let dx = super::input_grad(&geometry(Some(tasks)), &gy, &k)?.expect("CPU");
+                let dw = super::weight_grad(&geometry(Some(tasks)), &x, &gy)?.expect("CPU");
+                for t in 0..tasks {
+                    let (xt, kt, gyt) = (x.get(t)?, k.get(t)?, gy.get(t)?);
+                    let alone = geometry(None);
+                    let y1 = super::conv2d(&xt, &kt, (padding, 1, 1), false)?.expect("CPU");
+                    let dx1 = super::input_grad(&alone, &gyt, &kt)?.expect("CPU");
+                    let dw1 = super::weight_grad(&alone, &xt, &gyt)?.expect("CPU");
+                    for (what, a, b) in [("y", &y, y1), ("dx", &dx, dx1), ("dw", &dw, dw1)] {
+                        let a = a
+                            .get(t)?
+                            .flatten_all()?
+                            .to_dtype(DType::F64)?
+                            .to_vec1::<f64>()?;
+                        let b = b.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                        assert_eq!(a, b, "task {t} {what} padding {padding} {dtype:?}");
+                    }
+                }
             }
         }
         Ok(())

@@ -33,3 +33,21 @@ pub fn cpu_fast_paths() -> bool {
 pub fn set_cpu_fast_paths(on: bool) {
     MODE.store(if on { FAST } else { CANDLE }, Ordering::Relaxed);
 }
+
+/// Runs `f` on the elements of a CPU tensor of element type `T`, in row-major order:
+/// borrowed from its storage when contiguous, else from a contiguous copy. An error off the
+/// CPU or for another dtype.
+pub(crate) fn with_cpu_slice<T: candle_core::WithDType, R>(
+    v: &candle_core::Tensor,
+    f: impl FnOnce(&[T]) -> crate::Result<R>,
+) -> crate::Result<R> {
+    let v = v.contiguous()?;
+    let (storage, layout) = v.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(crate::Error::InvalidArgument {
+            op: "cpu kernel",
+            message: "a CPU kernel was given a tensor off the CPU".into(),
+        });
+    };
+    f(&cpu.as_slice::<T>()?[layout.start_offset()..][..v.elem_count()])
+}

@@ -4,6 +4,7 @@
 pub(crate) mod activation;
 pub(crate) mod binary;
 pub(crate) mod cast;
+pub(crate) mod channel;
 pub(crate) mod compare;
 pub(crate) mod conv;
 mod convenience;

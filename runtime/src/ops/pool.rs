@@ -3,6 +3,10 @@
 //! candle's own backward) and avg_pool2d. Both backward passes are a scatter-add of the
 //! output gradient into the input plane, linear in the gradient and differentiable again
 //! (its adjoint is a gather).
+//!
+//! On the CPU fast paths (see `kernels.rs`) max pooling finds each window's maximum and its
+//! position in one pass and keeps the positions for the backward; the scatter and the
+//! gather of max pooling's backward are then direct loops over the planes.
 
 use candle_core::{DType, ToUsize2};
 
@@ -72,7 +76,13 @@ impl Pool {
     }
 }
 
-struct MaxPool(Pool);
+/// Max pooling's recorded op. `positions` (`[N, C, Ho, Wo]` u32, each window's maximum as a
+/// flat position in its plane) is found with the values on the CPU fast path; elsewhere
+/// the backward finds it.
+struct MaxPool {
+    pool: Pool,
+    positions: Option<candle_core::Tensor>,
+}
 
 impl Backward for MaxPool {
     fn name(&self) -> &'static str {
@@ -82,58 +92,241 @@ impl Backward for MaxPool {
     /// dx = g scattered to the position of each window's maximum (the first one in
     /// row-major order at ties, as PyTorch); elsewhere 0.
     fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
-        let p = &self.0;
-        let [n, c, _, _] = p.input;
+        let p = &self.pool;
+        let [n, c, h, w] = p.input;
         let (ho, wo) = p.out;
-        let x = ctx.inputs[0].value();
-        let fast = super::kernels::cpu_fast_paths();
-        let positions = match (x.device(), x.dtype()) {
-            (candle_core::Device::Cpu, DType::F32) if fast => {
-                p.argmax_cpu(&x.flatten_all()?.to_vec1::<f32>()?)?
-            }
-            (candle_core::Device::Cpu, DType::F64) if fast => {
-                p.argmax_cpu(&x.flatten_all()?.to_vec1::<f64>()?)?
-            }
-            _ => p.argmax(x)?,
+        let positions = match &self.positions {
+            Some(positions) => positions.clone(),
+            None => p.argmax(ctx.inputs[0].value())?,
         };
-        let positions = Tensor::new(positions.reshape((n, c, ho * wo))?);
+        let positions = positions.reshape((n, c, ho * wo))?;
         let g = ctx.grad.reshape(&[n, c, ho * wo])?;
-        Ok(vec![Some(p.scatter(&g, &positions)?)])
+        let dx = plane_scatter(&g, &positions, h * w)?;
+        Ok(vec![Some(dx.reshape(&p.input)?)])
     }
 }
 
+/// `out[p][positions[p][j]] += src[p][j]` into zeros `[N, C, plane]`, for `src` and
+/// `positions` `[N, C, L]`: max pooling's backward. Recorded; its VJP is [`plane_gather`].
+fn plane_scatter(src: &Tensor, positions: &candle_core::Tensor, plane: usize) -> Result<Tensor> {
+    let (n, c, _) = positions.dims3()?;
+    let value = if fast_pair(src.value(), positions) {
+        with_pair(
+            src.value(),
+            positions,
+            |v, pos| scatter_cpu(v, pos, plane, (n, c)),
+            |v, pos| scatter_cpu(v, pos, plane, (n, c)),
+        )?
+    } else {
+        candle_core::Tensor::zeros((n, c, plane), src.dtype(), src.device())?.scatter_add(
+            positions,
+            src.value(),
+            2,
+        )?
+    };
+    Tensor::from_op(
+        value,
+        &[src],
+        PlaneScatter {
+            positions: positions.clone(),
+        },
+    )
+}
+
+/// `out[p][j] = src[p][positions[p][j]]` for `src` `[N, C, plane]` and `positions`
+/// `[N, C, L]`. Recorded; its VJP is [`plane_scatter`].
+fn plane_gather(src: &Tensor, positions: &candle_core::Tensor) -> Result<Tensor> {
+    let plane = src.dims()[2];
+    let value = if fast_pair(src.value(), positions) {
+        let dims = positions.dims();
+        with_pair(
+            src.value(),
+            positions,
+            |v, pos| gather_cpu(v, pos, plane, dims),
+            |v, pos| gather_cpu(v, pos, plane, dims),
+        )?
+    } else {
+        src.value().contiguous()?.gather(positions, 2)?
+    };
+    Tensor::from_op(
+        value,
+        &[src],
+        PlaneGather {
+            positions: positions.clone(),
+            plane,
+        },
+    )
+}
+
+struct PlaneScatter {
+    positions: candle_core::Tensor,
+}
+
+impl Backward for PlaneScatter {
+    fn name(&self) -> &'static str {
+        "max_pool2d_scatter"
+    }
+
+    /// The adjoint of a scatter is the gather from the same positions.
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(plane_gather(ctx.grad, &self.positions)?)])
+    }
+}
+
+struct PlaneGather {
+    positions: candle_core::Tensor,
+    plane: usize,
+}
+
+impl Backward for PlaneGather {
+    fn name(&self) -> &'static str {
+        "max_pool2d_gather"
+    }
+
+    /// The adjoint of a gather is the scatter-add to the same positions.
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(plane_scatter(
+            ctx.grad,
+            &self.positions,
+            self.plane,
+        )?)])
+    }
+}
+
+/// Whether the direct loops run for these values and positions: CPU, f32 or f64, u32.
+fn fast_pair(values: &candle_core::Tensor, positions: &candle_core::Tensor) -> bool {
+    super::kernels::cpu_fast_paths()
+        && values.device().is_cpu()
+        && positions.dtype() == DType::U32
+        && matches!(values.dtype(), DType::F32 | DType::F64)
+}
+
+/// `f` on the CPU slices of float values (f32 or f64, as `F32`/`F64` say) and u32
+/// positions.
+fn with_pair<R>(
+    values: &candle_core::Tensor,
+    positions: &candle_core::Tensor,
+    f32s: impl FnOnce(&[f32], &[u32]) -> Result<R>,
+    f64s: impl FnOnce(&[f64], &[u32]) -> Result<R>,
+) -> Result<R> {
+    use super::kernels::with_cpu_slice;
+    with_cpu_slice::<u32, R>(positions, |pos| match values.dtype() {
+        DType::F32 => with_cpu_slice(values, |v| f32s(v, pos)),
+        _ => with_cpu_slice(values, |v| f64s(v, pos)),
+    })
+}
+
+fn scatter_cpu<T: candle_core::WithDType>(
+    src: &[T],
+    positions: &[u32],
+    plane: usize,
+    (n, c): (usize, usize),
+) -> Result<candle_core::Tensor> {
+    let mut out = vec![T::zero(); n * c * plane];
+    let per_plane = src.len() / (n * c).max(1);
+    for ((dst, src), pos) in out
+        .chunks_exact_mut(plane)
+        .zip(src.chunks_exact(per_plane))
+        .zip(positions.chunks_exact(per_plane))
+    {
+        for (&v, &at) in src.iter().zip(pos) {
+            dst[at as usize] += v;
+        }
+    }
+    Ok(candle_core::Tensor::from_vec(
+        out,
+        (n, c, plane),
+        &candle_core::Device::Cpu,
+    )?)
+}
+
+fn gather_cpu<T: candle_core::WithDType>(
+    src: &[T],
+    positions: &[u32],
+    plane: usize,
+    dims: &[usize],
+) -> Result<candle_core::Tensor> {
+    let per_plane = dims[2];
+    let mut out = Vec::with_capacity(positions.len());
+    for (src, pos) in src
+        .chunks_exact(plane)
+        .zip(positions.chunks_exact(per_plane))
+    {
+        out.extend(pos.iter().map(|&at| src[at as usize]));
+    }
+    Ok(candle_core::Tensor::from_vec(
+        out,
+        dims,
+        &candle_core::Device::Cpu,
+    )?)
+}
+
 impl Pool {
-    /// Position in its plane of each window's first maximum, `[N, C, Ho, Wo]`, by one pass
-    /// over the input's values (the CPU path: no intermediate tensors).
-    fn argmax_cpu<T: candle_core::WithDType>(&self, x: &[T]) -> Result<candle_core::Tensor> {
+    /// Each window's maximum and the position in its plane of its first maximum, both
+    /// `[N, C, Ho, Wo]`, by one pass over the input's values (the CPU path). A window
+    /// holding a NaN pools to its first NaN, as in PyTorch.
+    fn max_and_argmax_cpu<T: candle_core::WithDType>(
+        &self,
+        x: &[T],
+    ) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
         let [n, c, h, w] = self.input;
         let (ho, wo) = self.out;
-        let mut out = Vec::with_capacity(n * c * ho * wo);
+        let (kh, kw) = self.kernel;
+        let (sh, sw) = self.stride;
+        let mut values = Vec::with_capacity(n * c * ho * wo);
+        let mut positions = Vec::with_capacity(n * c * ho * wo);
+        // Greater, or NaN over a number (`v != v`: NaN).
+        #[allow(clippy::eq_op)]
+        let better = |v: T, largest: T| v > largest || (v != v && largest == largest);
+        if self.kernel == (2, 2) && self.stride == (2, 2) {
+            // The usual case, without the window loops: the four taps in row-major order.
+            for plane in x.chunks_exact(h * w) {
+                for i in 0..ho {
+                    let (r0, r1) = (2 * i * w, (2 * i + 1) * w);
+                    for j in 0..wo {
+                        let taps = [r0 + 2 * j, r0 + 2 * j + 1, r1 + 2 * j, r1 + 2 * j + 1];
+                        let (mut best, mut largest) = (taps[0], plane[taps[0]]);
+                        for &at in &taps[1..] {
+                            if better(plane[at], largest) {
+                                best = at;
+                                largest = plane[at];
+                            }
+                        }
+                        values.push(largest);
+                        positions.push(best as u32);
+                    }
+                }
+            }
+            let dev = candle_core::Device::Cpu;
+            return Ok((
+                candle_core::Tensor::from_vec(values, (n, c, ho, wo), &dev)?,
+                candle_core::Tensor::from_vec(positions, (n, c, ho, wo), &dev)?,
+            ));
+        }
         for plane in x.chunks_exact(h * w) {
             for i in 0..ho {
                 for j in 0..wo {
-                    let mut best = self.position(i, j, 0, 0);
-                    for a in 0..self.kernel.0 {
-                        for b in 0..self.kernel.1 {
-                            let at = self.position(i, j, a, b);
-                            let (v, b) = (plane[at as usize], plane[best as usize]);
-                            // NaN wins, as the forward pools it to NaN (`v != v`: NaN).
-                            #[allow(clippy::eq_op)]
-                            let nan_over_number = v != v && b == b;
-                            if v > b || nan_over_number {
-                                best = at;
+                    let top = i * sh * w + j * sw;
+                    let (mut best, mut largest) = (top, plane[top]);
+                    for a in 0..kh {
+                        let row = top + a * w;
+                        for (b, &v) in plane[row..row + kw].iter().enumerate() {
+                            if better(v, largest) {
+                                best = row + b;
+                                largest = v;
                             }
                         }
                     }
-                    out.push(best);
+                    values.push(largest);
+                    positions.push(best as u32);
                 }
             }
         }
-        Ok(candle_core::Tensor::from_vec(
-            out,
-            (n, c, ho, wo),
-            &candle_core::Device::Cpu,
-        )?)
+        let dev = candle_core::Device::Cpu;
+        Ok((
+            candle_core::Tensor::from_vec(values, (n, c, ho, wo), &dev)?,
+            candle_core::Tensor::from_vec(positions, (n, c, ho, wo), &dev)?,
+        ))
     }
 
     /// The same positions with tensor ops on any device: one comparison per position in
@@ -229,6 +422,18 @@ impl Tensor {
     ) -> Result<Tensor> {
         let pool = Pool::new("max_pool2d", self, kernel.to_usize2(), stride.to_usize2())?;
         let x = self.value();
+        if super::kernels::cpu_fast_paths() && x.device().is_cpu() {
+            use super::kernels::with_cpu_slice;
+            let found = match x.dtype() {
+                DType::F32 => Some(with_cpu_slice(x, |x| pool.max_and_argmax_cpu::<f32>(x))?),
+                DType::F64 => Some(with_cpu_slice(x, |x| pool.max_and_argmax_cpu::<f64>(x))?),
+                _ => None,
+            };
+            if let Some((value, positions)) = found {
+                let positions = Some(positions);
+                return Tensor::from_op(value, &[self], MaxPool { pool, positions });
+            }
+        }
         let mut value = x.max_pool2d_with_stride(pool.kernel, pool.stride)?;
         // candle skips NaN; in PyTorch a window holding a NaN pools to NaN.
         if super::nan::has_nan(x)? {
@@ -238,7 +443,8 @@ impl Tensor {
                 .gt(0.0)?;
             value = super::nan::set_nan_where(&nan_in_window, &value)?;
         }
-        Tensor::from_op(value, &[self], MaxPool(pool))
+        let positions = None;
+        Tensor::from_op(value, &[self], MaxPool { pool, positions })
     }
 
     /// Average pooling with stride equal to the kernel (`torch.nn.functional.avg_pool2d`
@@ -284,8 +490,17 @@ mod tests {
         for (kernel, stride) in [((2, 2), (2, 2)), ((3, 2), (1, 2)), ((2, 3), (2, 1))] {
             let pool = Pool::new("max_pool2d", &x, kernel, stride)?;
             let reference = pool.argmax(x.value())?.flatten_all()?.to_vec1::<u32>()?;
-            let fast = pool.argmax_cpu(&data)?.flatten_all()?.to_vec1::<u32>()?;
+            let (values, positions) = pool.max_and_argmax_cpu(&data)?;
+            let fast = positions.flatten_all()?.to_vec1::<u32>()?;
             assert_eq!(fast, reference, "kernel {kernel:?} stride {stride:?}");
+            // Each value is the input at its position (NaN where the window holds one).
+            let values = values.flatten_all()?.to_vec1::<f64>()?;
+            let plane = dims[2] * dims[3];
+            for (i, (v, &at)) in values.iter().zip(&fast).enumerate() {
+                let per_plane = values.len() / (dims[0] * dims[1]);
+                let want = data[(i / per_plane) * plane + at as usize];
+                assert!(v.to_bits() == want.to_bits(), "value {i}: {v} vs {want}");
+            }
         }
         Ok(())
     }
