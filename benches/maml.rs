@@ -9,7 +9,8 @@
 //! `threads`, `seconds`: median per meta-iteration, `peak_rss_mib`). It asserts nothing.
 //! Task data are generated before the timed region, as on the Python side. Workloads:
 //! - MAML sine (1-40-40-1 ReLU MLP, 25 tasks, K = 10, second order, f32): seconds per
-//!   meta-iteration for 1, 5, 10 and 20 inner steps, one and two threads; peak memory;
+//!   meta-iteration for 1, 5, 10 and 20 inner steps, one and two threads (two threads
+//!   split the meta-batch, as on the CNN); peak memory;
 //! - the MAML-Omniglot CNN (synthetic 28x28, 5-way 1-shot, 15 query, meta-batch 16,
 //!   5 inner steps), one and two threads; `ours-batched` runs it as task-batched chunks
 //!   of `OMNIGLOT_CHUNK` tasks; two threads split the meta-batch (`parallel::meta_batch`),
@@ -214,28 +215,79 @@ fn maml_options() -> InnerloopOptions {
     InnerloopOptions::new().initial_weights(InitialWeights::BaseParameters)
 }
 
-fn sine_worker(batched: bool, steps: usize, iters: usize, warmup: usize) -> Result<String> {
+/// The MAML sine workload: `iters` timed meta-iterations after `warmup`, task-batched or
+/// looped. With `threads > 1` the threads split the meta-batch (`parallel::meta_batch`:
+/// contiguous shares of the tasks, batched per share or looped, each thread running
+/// one-thread kernels); one thread runs the meta-iteration as a user would write it.
+fn sine_worker(
+    batched: bool,
+    steps: usize,
+    iters: usize,
+    warmup: usize,
+    threads: usize,
+) -> Result<String> {
+    use candle_higher::parallel::{self, Combine};
+    if threads > 1 {
+        candle_higher::set_cpu_threads(1)?;
+    }
     let mut model = sine_model()?;
     let mut meta_opt = Optimizer::new(Adam::new(1e-3), model.parameters()?.len())?;
     let mut rng = Lcg(123);
     let batches: Vec<Vec<SineTask>> = (0..iters + warmup)
         .map(|_| (0..META_BATCH).map(|_| sine_task(&mut rng)).collect())
         .collect::<Result<_>>()?;
-    let stacked: Vec<SineBatch> = if batched {
+    // One stacked batch per thread's share (one share with one thread).
+    let share = META_BATCH.div_ceil(threads);
+    let stacked: Vec<Vec<SineBatch>> = if batched {
         batches
             .iter()
-            .map(|b| stack_sine(b))
+            .map(|b| b.chunks(share).map(stack_sine).collect::<Result<_>>())
             .collect::<Result<_>>()?
     } else {
         Vec::new()
     };
+    let scale = 1.0 / META_BATCH as f64;
+    let chunk_grads = |model: &Sequential, batch: &SineBatch| -> Result<GradStore> {
+        let inner_opt = Optimizer::new(Sgd::new(0.01), model.parameters()?.len())?;
+        let options = maml_options().tasks(batch.tasks);
+        let (mut fmodel, mut diffopt) = innerloop(model, &inner_opt, options)?;
+        for _ in 0..steps {
+            let loss = mse_per_task(&fmodel.forward(&batch.xs)?, &batch.ys)?.sum_all()?;
+            diffopt.step(&mut fmodel, &loss)?;
+        }
+        let query = mse_per_task(&fmodel.forward(&batch.xq)?, &batch.yq)?.sum_all()?;
+        backward(&query.affine(scale, 0.0)?)
+    };
+    let task_grads = |model: &Sequential, task: &SineTask| -> Result<GradStore> {
+        let inner_opt = Optimizer::new(Sgd::new(0.01), model.parameters()?.len())?;
+        let (mut fmodel, mut diffopt) = innerloop(model, &inner_opt, maml_options())?;
+        for _ in 0..steps {
+            let loss = mse(&fmodel.forward(&task.xs)?, &task.ys)?;
+            diffopt.step(&mut fmodel, &loss)?;
+        }
+        backward(&mse(&fmodel.forward(&task.xq)?, &task.yq)?.affine(scale, 0.0)?)
+    };
     let mut times = Vec::new();
     for (i, batch) in batches.iter().enumerate() {
         let t0 = Instant::now();
-        if batched {
-            maml_iteration_batched(&mut model, &mut meta_opt, &stacked[i], steps)?;
-        } else {
-            maml_iteration(&mut model, &mut meta_opt, batch, steps)?;
+        match (batched, threads > 1) {
+            (true, false) => {
+                maml_iteration_batched(&mut model, &mut meta_opt, &stacked[i][0], steps)?
+            }
+            (false, false) => maml_iteration(&mut model, &mut meta_opt, batch, steps)?,
+            (true, true) => {
+                let shares = &stacked[i];
+                let total = parallel::meta_batch(shares.len(), threads, Combine::Sum, |c| {
+                    chunk_grads(&model, &shares[c])
+                })?;
+                meta_opt.step_module(&mut model, &total)?
+            }
+            (false, true) => {
+                let total = parallel::meta_batch(batch.len(), threads, Combine::Sum, |t| {
+                    task_grads(&model, &batch[t])
+                })?;
+                meta_opt.step_module(&mut model, &total)?
+            }
         }
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());
@@ -448,7 +500,7 @@ fn worker(args: &[String]) -> Result<()> {
     };
     let batched = args.get(1).is_some_and(|m| m == "batched");
     let out = match args.first().map(String::as_str) {
-        Some("sine") => sine_worker(batched, num(2), num(3), num(4))?,
+        Some("sine") => sine_worker(batched, num(2), num(3), num(4), num(5).max(1))?,
         Some("unroll") => unroll_worker(num(1))?,
         Some("omniglot") => {
             let meta_batch = args.get(4).map_or(16, |_| num(4));
@@ -605,7 +657,7 @@ fn driver(args: &[String]) {
         for mode in ["batched", "looped"] {
             let mut a = worker.clone();
             a.insert(1, mode.to_string());
-            if let Some(o) = run_worker(threads, &a) {
+            if let Some(o) = run_worker_with(threads, 1, &a) {
                 rows.push(Row {
                     workload,
                     variant: format!("ours-{mode}"),
@@ -622,7 +674,14 @@ fn driver(args: &[String]) {
             for steps in [1usize, 5, 10, 20] {
                 let it = if steps >= 20 { iters / 2 } else { iters };
                 let a = [steps, it, warmup].map(|v| v.to_string());
-                let worker = [vec!["sine".to_string()], a.to_vec()].concat();
+                // Two threads split the meta-batch (`parallel::meta_batch`), each running
+                // one-thread kernels.
+                let worker = [
+                    vec!["sine".to_string()],
+                    a.to_vec(),
+                    vec![threads.to_string()],
+                ]
+                .concat();
                 ours(&mut rows, "maml_sine", steps, threads, worker);
                 for variant in SINE_ANCHORS.iter().filter(|_| anchors) {
                     let script_args = [
