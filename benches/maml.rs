@@ -289,6 +289,8 @@ fn sine_worker(
                 meta_opt.step_module(&mut model, &total)?
             }
         }
+        // A GPU runs ops asynchronously: the iteration ends when its work has.
+        candle_higher::device_from_env()?.synchronize()?;
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
@@ -485,6 +487,7 @@ fn omniglot_worker(
             })?
         };
         meta_opt.step_module(&mut model, &total)?;
+        candle_higher::device_from_env()?.synchronize()?;
         if it >= warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
