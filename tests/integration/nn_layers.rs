@@ -596,7 +596,7 @@ fn dropout_probability_one_drops_everything_and_outside_is_rejected() {
     assert!(y.to_vec_f64().unwrap().iter().all(|v| *v == 0.0));
     let g = grad(
         &[y.sum_all().unwrap()],
-        &[x.clone()],
+        std::slice::from_ref(&x),
         GradOptions::default(),
     )
     .unwrap();
