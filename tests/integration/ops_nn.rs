@@ -286,7 +286,7 @@ fn batch_norm_with(
 ) -> candle_higher::nn::BatchNorm {
     use candle_higher::nn::{BatchNorm, BatchNormConfig, Buffer};
     let c = *channels.last().unwrap();
-    let stats = |v: f64| Tensor::full(v, &[c], F64, &device()).unwrap();
+    let stats = |v: f64| Tensor::full(v, &[c], dtype(), &device()).unwrap();
     let (w1, b1) = (weight.map(|_| stats(1.0)), bias.map(|_| stats(0.0)));
     let config = BatchNormConfig::default();
     let mut bn = if rank <= 3 {
@@ -296,7 +296,7 @@ fn batch_norm_with(
     }
     .unwrap();
     if channels.len() == 2 {
-        let full = |v: f64| Buffer::new(Tensor::full(v, channels, F64, &device()).unwrap());
+        let full = |v: f64| Buffer::new(Tensor::full(v, channels, dtype(), &device()).unwrap());
         bn.running_mean = full(0.5);
         bn.running_var = full(2.0);
     }
