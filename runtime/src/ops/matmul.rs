@@ -308,26 +308,30 @@ pub(crate) fn small_cpu_bmm_plus_rows(
         Some(r) if r.dims() != [batch, n] || !r.device().is_cpu() || r.dtype() != a.dtype() => {
             return Ok(None)
         }
-        Some(r) => Some(r.contiguous()?),
-        None => None,
+        Some(r) => r.contiguous()?,
+        // Without rows it is the plain batched product (single-threaded at this size).
+        None => return cpu_batched_matmul(a, b),
     };
     match a.dtype() {
-        DType::F32 => bmm_no_threads::<f32>(a, b, rows.as_ref(), (batch, m, n, k)).map(Some),
-        DType::F64 => bmm_no_threads::<f64>(a, b, rows.as_ref(), (batch, m, n, k)).map(Some),
+        DType::F32 => bmm_plus_rows::<f32>(a, b, &rows, (batch, m, n, k)).map(Some),
+        DType::F64 => bmm_plus_rows::<f64>(a, b, &rows, (batch, m, n, k)).map(Some),
         _ => Ok(None),
     }
 }
 
-fn bmm_no_threads<T: WithDType>(
+/// `a b` plus `rows[i]` added to every row of entry `i`: the output starts as the rows and
+/// gemm accumulates each product onto them, one thread.
+fn bmm_plus_rows<T: WithDType>(
     a: &candle_core::Tensor,
     b: &candle_core::Tensor,
-    rows: Option<&candle_core::Tensor>,
+    rows: &candle_core::Tensor,
     (batch, m, n, k): (usize, usize, usize, usize),
 ) -> Result<candle_core::Tensor> {
     let (sa, la) = a.storage_and_layout();
     let (sb, lb) = b.storage_and_layout();
-    let (Storage::Cpu(ca), Storage::Cpu(cb)) = (&*sa, &*sb) else {
-        return Ok(a.matmul(b)?);
+    let (sr, lr) = rows.storage_and_layout();
+    let (Storage::Cpu(ca), Storage::Cpu(cb), Storage::Cpu(cr)) = (&*sa, &*sb, &*sr) else {
+        return Ok(a.matmul(b)?.broadcast_add(&rows.unsqueeze(1)?)?);
     };
     let (lhs, rhs) = (ca.as_slice::<T>()?, cb.as_slice::<T>()?);
     let (ta, tb) = (la.stride(), lb.stride());
@@ -342,32 +346,19 @@ fn bmm_no_threads<T: WithDType>(
             col_stride: stride[2],
         })
     }
-    let views = |i: usize| -> Result<(Strided<'_, T>, Strided<'_, T>)> {
-        let (oa, ob) = (la.start_offset() + i * ta[0], lb.start_offset() + i * tb[0]);
-        Ok((view(lhs, oa, ta)?, view(rhs, ob, tb)?))
-    };
-    let dst = match rows {
-        Some(r) => {
-            let (sr, lr) = r.storage_and_layout();
-            let Storage::Cpu(cr) = &*sr else {
-                return Ok(a.matmul(b)?.broadcast_add(&r.unsqueeze(1)?)?);
-            };
-            let r = &cr.as_slice::<T>()?[lr.start_offset()..][..batch * n];
-            let mut dst = Vec::with_capacity(batch * m * n);
-            for bias in r.chunks_exact(n) {
-                for _ in 0..m {
-                    dst.extend_from_slice(bias);
-                }
-            }
-            for (i, out) in dst.chunks_exact_mut(m * n).enumerate() {
-                let (lhs, rhs) = views(i)?;
-                matmul_into((m, n, k), lhs, rhs, out, true, gemm::Parallelism::None)?;
-            }
-            dst
+    let r = &cr.as_slice::<T>()?[lr.start_offset()..][..batch * n];
+    let mut dst = Vec::with_capacity(batch * m * n);
+    for bias in r.chunks_exact(n) {
+        for _ in 0..m {
+            dst.extend_from_slice(bias);
         }
-        None => products(batch, (m, n, k), views, gemm::Parallelism::None)?,
-    };
-    drop((sa, sb));
+    }
+    for (i, out) in dst.chunks_exact_mut(m * n).enumerate() {
+        let (oa, ob) = (la.start_offset() + i * ta[0], lb.start_offset() + i * tb[0]);
+        let (lhs, rhs) = (view(lhs, oa, ta)?, view(rhs, ob, tb)?);
+        matmul_into((m, n, k), lhs, rhs, out, true, gemm::Parallelism::None)?;
+    }
+    drop((sa, sb, sr));
     Ok(candle_core::Tensor::from_vec(
         dst,
         (batch, m, n),
