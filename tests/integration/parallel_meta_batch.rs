@@ -97,6 +97,17 @@ fn a_failing_task_or_no_threads_is_an_error() -> Result<()> {
         }
     });
     assert!(failing.unwrap_err().to_string().contains("task 3 failed"));
+    // A panicking task is an error naming its block; the pool's threads survive it.
+    let panicking = meta_batch(4, 2, Combine::Sum, |i| {
+        assert!(i != 2, "task 2 panics");
+        task(&model, &inner, i)
+    });
+    assert!(panicking
+        .unwrap_err()
+        .to_string()
+        .contains("block 1 panicked"));
+    let after = meta_batch(4, 2, Combine::Sum, |i| task(&model, &inner, i))?;
+    assert_eq!(after.len(), params.len());
     let none = meta_batch(5, 0, Combine::Sum, |i| task(&model, &inner, i));
     assert!(none.unwrap_err().to_string().contains("0 threads"));
     assert!(meta_batch(0, 2, Combine::Mean, |i| task(&model, &inner, i))?.is_empty());

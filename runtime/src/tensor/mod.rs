@@ -4,11 +4,11 @@ pub(crate) mod anomaly;
 mod convert;
 mod grad_mode;
 pub(crate) mod graph_exit;
+mod id;
 
 pub use anomaly::{detect_anomaly, is_anomaly_enabled, AnomalyGuard};
 pub use grad_mode::{is_grad_enabled, no_grad, NoGradGuard};
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
@@ -26,8 +26,8 @@ use crate::error::{Error, Result};
 pub struct Tensor(pub(crate) Arc<TensorInner>);
 
 pub(crate) struct TensorInner {
-    /// Creation order: an op's output always has a larger id than its inputs, which lets
-    /// `grad` prune every node created before the earliest input.
+    /// Unique; an op's output always has a larger id than its inputs (see `id`), which
+    /// lets `grad` prune every node with an id below the earliest input's.
     pub(crate) id: u64,
     pub(crate) value: candle_core::Tensor,
     pub(crate) node: Option<Node>,
@@ -44,12 +44,6 @@ pub(crate) enum Node {
     },
 }
 
-static NEXT_ID: AtomicU64 = AtomicU64::new(0);
-
-fn next_id() -> u64 {
-    NEXT_ID.fetch_add(1, Ordering::Relaxed)
-}
-
 impl Tensor {
     /// Wraps a candle tensor as a constant (no gradient). The value is detached from any
     /// graph candle might hold.
@@ -58,8 +52,12 @@ impl Tensor {
     }
 
     pub(crate) fn from_parts(value: candle_core::Tensor, node: Option<Node>) -> Self {
+        let after = match &node {
+            Some(Node::Op { inputs, .. }) => inputs.iter().map(|t| t.0.id).max().unwrap_or(0),
+            _ => 0,
+        };
         Tensor(Arc::new(TensorInner {
-            id: next_id(),
+            id: id::next_id(after),
             value,
             node,
         }))
