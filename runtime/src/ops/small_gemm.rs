@@ -2,20 +2,23 @@
 //!
 //! A task-batched MAML step makes thousands of gemm calls on matrices of a few dozen rows
 //! (one per task per product), and gemm's packing and buffer set-up cost more than the
-//! arithmetic at that size. This kernel reads the right operand's rows in place (it must
-//! have unit column stride) and keeps a block of up to 8 rows by 2 vectors of the
-//! product in registers. Each element of the product is the same sequence of fused multiply-adds over
-//! `k` that gemm's kernels compute, so the results equal gemm's bit for bit (tested against
-//! candle's matmul); products it does not take (right operand transposed, one row, narrow,
-//! shallow, deep, large, or no AVX-512) go to gemm.
+//! arithmetic at that size. This kernel reads the right operand's rows in place when they
+//! have unit column stride; a transposed right operand (a linear layer's `x W^T`) is first
+//! transposed into a per-thread buffer by 16 x 16 (8 x 8 in f64) register transposes. It
+//! keeps a block of up to 8 rows by 2 vectors of the product in registers. Each element of
+//! the product is the same sequence of fused multiply-adds over `k` that gemm's kernels
+//! compute in their usual case; it takes every small product, of any shape, so that each
+//! element is one in-order chain whichever orientation or layout the product comes in
+//! (tested against that definition and, within rounding, against candle's matmul).
+//! Products it does not take (deep, large, right operand with neither stride the unit
+//! one, or no AVX-512) go to gemm.
 
 use candle_core::WithDType;
 
 use super::cpu_gemm::Strided;
 
-/// The depths taken: gemm splits deeper products into blocks, and computes depths of 1
-/// and 2 as outer products (`gevv`); both round differently from one in-order pass.
-const DEPTHS: std::ops::RangeInclusive<usize> = 3..=128;
+/// The depths taken: gemm splits deeper products into blocks.
+const MAX_DEPTH: usize = 128;
 /// The largest product taken, in multiply-adds (gemm's own single-thread threshold).
 const MAX_SIZE: usize = 48 * 48 * 256;
 
@@ -34,56 +37,146 @@ pub(crate) unsafe fn try_small_product<T: WithDType>(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        let lanes = 64 / std::mem::size_of::<T>();
-        // gemm's matrix-vector paths (one row or one column) sum in another order, and a
-        // product must round the same whichever kernel takes it: a task-batched layer and
-        // its loop over tasks form some products in transposed orientations.
-        let applies = rhs.col_stride == 1
-            && m >= 2
-            && n >= lanes / 2
-            && DEPTHS.contains(&k)
+        // Every small product, whatever its shape: a product must round the same in
+        // whichever orientation it is formed (a task-batched layer and its loop over tasks
+        // form some in transposed orientations), and gemm's own order depends on the shape
+        // and layout (outer products for depths 1-2, dot products along `k` for one row,
+        // or for some shapes whose operands both run along `k`).
+        let applies = m >= 1
+            && n >= 1
+            && (1..=MAX_DEPTH).contains(&k)
             && m * n * k <= MAX_SIZE
+            && (rows_in_place(rhs.col_stride, n) || rhs.row_stride == 1 || k == 1)
             && std::arch::is_x86_feature_detected!("avx512f");
         if !applies {
             return false;
         }
-        let (a, b) = (lhs.data.as_ptr(), rhs.data.as_ptr());
-        let (rsa, csa, rsb) = (lhs.row_stride, lhs.col_stride, rhs.row_stride);
-        match T::DTYPE {
-            candle_core::DType::F32 => {
-                avx512::product_f32(
-                    (m, n, k),
-                    a.cast(),
-                    rsa,
-                    csa,
-                    b.cast(),
-                    rsb,
-                    dst.cast(),
-                    accumulate,
-                );
-                true
-            }
-            candle_core::DType::F64 => {
-                avx512::product_f64(
-                    (m, n, k),
-                    a.cast(),
-                    rsa,
-                    csa,
-                    b.cast(),
-                    rsb,
-                    dst.cast(),
-                    accumulate,
-                );
-                true
-            }
-            _ => false,
+        if n == 1 && m > 1 && lhs.row_stride == 1 {
+            // A column of a column-major `lhs`: the same chains as one row, `rhs^T lhs^T`,
+            // whose right operand then has unit column stride (one vector per 16 rows
+            // instead of one masked lane per row).
+            let row = Strided {
+                data: rhs.data,
+                row_stride: 0,
+                col_stride: rhs.row_stride,
+            };
+            let columns = Strided {
+                data: lhs.data,
+                row_stride: lhs.col_stride,
+                col_stride: 1,
+            };
+            return try_small_product((1, m, k), row, columns, dst, accumulate);
         }
+        let (a, rsa, csa) = (lhs.data.as_ptr(), lhs.row_stride, lhs.col_stride);
+        match T::DTYPE {
+            candle_core::DType::F32 => with_rows::<f32>(
+                (n, k),
+                rhs.data.as_ptr().cast(),
+                (rhs.row_stride, rhs.col_stride),
+                |b, rsb| {
+                    avx512::product_f32(
+                        (m, n, k),
+                        a.cast(),
+                        rsa,
+                        csa,
+                        b,
+                        rsb,
+                        dst.cast(),
+                        accumulate,
+                    )
+                },
+            ),
+            candle_core::DType::F64 => with_rows::<f64>(
+                (n, k),
+                rhs.data.as_ptr().cast(),
+                (rhs.row_stride, rhs.col_stride),
+                |b, rsb| {
+                    avx512::product_f64(
+                        (m, n, k),
+                        a.cast(),
+                        rsa,
+                        csa,
+                        b,
+                        rsb,
+                        dst.cast(),
+                        accumulate,
+                    )
+                },
+            ),
+            _ => return false,
+        }
+        true
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = ((m, n, k), lhs, rhs, dst, accumulate);
         false
     }
+}
+
+/// Element types with a register transpose.
+#[cfg(target_arch = "x86_64")]
+trait Transpose: Copy {
+    /// Writes the `k x n` matrix (`nk = (n, k)`) whose element `(kk, j)` is `src[j * ld + kk]` row-major
+    /// into `dst` (`k * n` elements).
+    ///
+    /// # Safety
+    /// `src` covers that view, `dst` holds `k * n` elements, the CPU has AVX-512F.
+    unsafe fn transpose_into(nk: (usize, usize), src: *const Self, ld: usize, dst: *mut Self);
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Transpose for f32 {
+    unsafe fn transpose_into(nk: (usize, usize), src: *const f32, ld: usize, dst: *mut f32) {
+        avx512::transpose_f32(nk, src, ld, dst)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Transpose for f64 {
+    unsafe fn transpose_into(nk: (usize, usize), src: *const f64, ld: usize, dst: *mut f64) {
+        avx512::transpose_f64(nk, src, ld, dst)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// The transposed right operand of the current product (8-byte words, reused).
+    static ROWS: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whether the kernel reads the right operand's rows in place: unit column stride, or a
+/// single column.
+fn rows_in_place(col_stride: usize, n: usize) -> bool {
+    col_stride == 1 || n == 1
+}
+
+/// Runs `product(b, rsb)` on the right operand as rows with unit column stride: in place,
+/// or transposed into the thread's buffer (its row stride is then the unit one, or it
+/// has one row).
+///
+/// # Safety
+/// `b` with the strides covers a `k x n` view; the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+unsafe fn with_rows<T: Transpose>(
+    (n, k): (usize, usize),
+    b: *const T,
+    (row_stride, col_stride): (usize, usize),
+    product: impl FnOnce(*const T, usize),
+) {
+    if rows_in_place(col_stride, n) {
+        return product(b, row_stride);
+    }
+    let words = (k * n * std::mem::size_of::<T>()).div_ceil(8);
+    ROWS.with(|rows| {
+        let mut rows = rows.borrow_mut();
+        if rows.len() < words {
+            rows.resize(words, 0);
+        }
+        let packed = rows.as_mut_ptr().cast::<T>();
+        T::transpose_into((n, k), b, col_stride, packed);
+        product(packed, n)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -198,6 +291,123 @@ mod avx512 {
         };
     }
 
+    /// Transposes the `n x k` matrix `src` (row stride `ld`) into `dst` (`k x n`, rows of
+    /// `n`), 16 x 16 tiles at a time: masked loads of up to 16 rows of `src`, four rounds
+    /// of shuffles, masked stores.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose_f32(
+        (n, k): (usize, usize),
+        src: *const f32,
+        ld: usize,
+        dst: *mut f32,
+    ) {
+        let mask = |w: usize| -> __mmask16 {
+            if w >= 16 {
+                u16::MAX
+            } else {
+                (1u16 << w) - 1
+            }
+        };
+        for j0 in (0..n).step_by(16) {
+            let rows_here = (n - j0).min(16);
+            for k0 in (0..k).step_by(16) {
+                let cols = (k - k0).min(16);
+                // Constant trip counts and masks (empty past the edge, where nothing is read
+                // or written) keep every tile in registers.
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (i, v) in r.iter_mut().enumerate() {
+                    let m = if i < rows_here { mask(cols) } else { 0 };
+                    *v = _mm512_maskz_loadu_ps(m, src.wrapping_add((j0 + i) * ld + k0));
+                }
+                // Pairs of 32-bit elements, then 64-bit pairs: u[4g + c] holds, in each
+                // 128-bit lane L, column 4L + c of rows 4g..4g + 4.
+                let mut t = [_mm512_setzero_ps(); 16];
+                for p in 0..8 {
+                    t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+                    t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+                }
+                let mut u = [_mm512_setzero_ps(); 16];
+                for g in 0..4 {
+                    let (lo, hi) = (_mm512_castps_pd(t[4 * g]), _mm512_castps_pd(t[4 * g + 2]));
+                    let (lo1, hi1) = (
+                        _mm512_castps_pd(t[4 * g + 1]),
+                        _mm512_castps_pd(t[4 * g + 3]),
+                    );
+                    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi));
+                    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi));
+                    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo1, hi1));
+                    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo1, hi1));
+                }
+                // Then 128-bit lanes, twice: column 4L + c gathers lane L of u[c],
+                // u[4 + c], u[8 + c], u[12 + c].
+                let mut out = [_mm512_setzero_ps(); 16];
+                for c in 0..4 {
+                    let v0 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+                    let v1 = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+                    let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+                    let v3 = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+                    out[c] = _mm512_shuffle_f32x4::<0x88>(v0, v2);
+                    out[8 + c] = _mm512_shuffle_f32x4::<0xdd>(v0, v2);
+                    out[4 + c] = _mm512_shuffle_f32x4::<0x88>(v1, v3);
+                    out[12 + c] = _mm512_shuffle_f32x4::<0xdd>(v1, v3);
+                }
+                for (kk, v) in out.iter().enumerate() {
+                    let m = if kk < cols { mask(rows_here) } else { 0 };
+                    _mm512_mask_storeu_ps(dst.wrapping_add((k0 + kk) * n + j0), m, *v);
+                }
+            }
+        }
+    }
+
+    /// [`transpose_f32`] for f64, in 8 x 8 tiles.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose_f64(
+        (n, k): (usize, usize),
+        src: *const f64,
+        ld: usize,
+        dst: *mut f64,
+    ) {
+        let mask = |w: usize| -> __mmask8 {
+            if w >= 8 {
+                u8::MAX
+            } else {
+                (1u8 << w) - 1
+            }
+        };
+        for j0 in (0..n).step_by(8) {
+            let rows_here = (n - j0).min(8);
+            for k0 in (0..k).step_by(8) {
+                let cols = (k - k0).min(8);
+                let mut r = [_mm512_setzero_pd(); 8];
+                for (i, v) in r.iter_mut().enumerate() {
+                    let m = if i < rows_here { mask(cols) } else { 0 };
+                    *v = _mm512_maskz_loadu_pd(m, src.wrapping_add((j0 + i) * ld + k0));
+                }
+                // t[2g + c] holds, in each 128-bit lane L, column 2L + c of rows 2g, 2g + 1.
+                let mut t = [_mm512_setzero_pd(); 8];
+                for g in 0..4 {
+                    t[2 * g] = _mm512_unpacklo_pd(r[2 * g], r[2 * g + 1]);
+                    t[2 * g + 1] = _mm512_unpackhi_pd(r[2 * g], r[2 * g + 1]);
+                }
+                let mut out = [_mm512_setzero_pd(); 8];
+                for c in 0..2 {
+                    let v0 = _mm512_shuffle_f64x2::<0x88>(t[c], t[2 + c]);
+                    let v1 = _mm512_shuffle_f64x2::<0xdd>(t[c], t[2 + c]);
+                    let v2 = _mm512_shuffle_f64x2::<0x88>(t[4 + c], t[6 + c]);
+                    let v3 = _mm512_shuffle_f64x2::<0xdd>(t[4 + c], t[6 + c]);
+                    out[c] = _mm512_shuffle_f64x2::<0x88>(v0, v2);
+                    out[4 + c] = _mm512_shuffle_f64x2::<0xdd>(v0, v2);
+                    out[2 + c] = _mm512_shuffle_f64x2::<0x88>(v1, v3);
+                    out[6 + c] = _mm512_shuffle_f64x2::<0xdd>(v1, v3);
+                }
+                for (kk, v) in out.iter().enumerate() {
+                    let m = if kk < cols { mask(rows_here) } else { 0 };
+                    _mm512_mask_storeu_pd(dst.wrapping_add((k0 + kk) * n + j0), m, *v);
+                }
+            }
+        }
+    }
+
     /// The operands of one column block.
     struct Block<T, M> {
         j: usize,
@@ -259,7 +469,7 @@ mod tests {
                 let mut acc = T::from_f64(0.0);
                 for kk in 0..k {
                     let x = a.data[i * a.row_stride + kk * a.col_stride];
-                    acc = x.mul_add(b.data[kk * b.row_stride + j], acc);
+                    acc = x.mul_add(b.data[kk * b.row_stride + j * b.col_stride], acc);
                 }
                 dst[i * n + j] = if accumulate {
                     dst[i * n + j] + acc
@@ -299,8 +509,10 @@ mod tests {
             (7, 33, 5),
             (4, 16, 128),
             (9, 47, 64),
+            (3, 17, 33),
+            (12, 100, 20),
         ] {
-            // `a` row-major or transposed in memory; `b` with padded rows.
+            // `a` row-major or transposed in memory.
             for a_transposed in [false, true] {
                 let a: Vec<T> = (0..m * k).map(|_| next()).collect();
                 let a_view = if a_transposed {
@@ -312,27 +524,42 @@ mod tests {
                 } else {
                     Strided::rows(&a, k)
                 };
-                let b: Vec<T> = (0..k * (n + 3)).map(|_| next()).collect();
-                let b_view = Strided {
-                    data: &b,
-                    row_stride: n + 3,
-                    col_stride: 1,
-                };
-                for accumulate in [false, true] {
-                    let start: Vec<T> = (0..m * n).map(|_| next()).collect();
-                    let (mut fast, mut slow) = (start.clone(), start);
-                    // SAFETY: the views cover `m x k` and `k x n`; `fast` holds `m * n`.
-                    let took = unsafe {
-                        try_small_product((m, n, k), a_view, b_view, fast.as_mut_ptr(), accumulate)
-                    };
-                    reference((m, n, k), a_view, b_view, &mut slow, accumulate);
-                    if took {
-                        taken += 1;
-                        let same = fast
-                            .iter()
-                            .zip(&slow)
-                            .all(|(x, y)| x.to_f64().to_bits() == y.to_f64().to_bits());
-                        assert!(same, "{:?} {m}x{k}x{n} accumulate {accumulate}", T::DTYPE);
+                // `b` with padded rows, or transposed in memory with padded columns.
+                let b: Vec<T> = (0..(k + 3) * (n + 3)).map(|_| next()).collect();
+                for b_view in [
+                    Strided {
+                        data: &b,
+                        row_stride: n + 3,
+                        col_stride: 1,
+                    },
+                    Strided {
+                        data: &b,
+                        row_stride: 1,
+                        col_stride: k + 3,
+                    },
+                ] {
+                    for accumulate in [false, true] {
+                        let start: Vec<T> = (0..m * n).map(|_| next()).collect();
+                        let (mut fast, mut slow) = (start.clone(), start);
+                        // SAFETY: the views cover `m x k` and `k x n`; `fast` holds `m * n`.
+                        let took = unsafe {
+                            try_small_product(
+                                (m, n, k),
+                                a_view,
+                                b_view,
+                                fast.as_mut_ptr(),
+                                accumulate,
+                            )
+                        };
+                        reference((m, n, k), a_view, b_view, &mut slow, accumulate);
+                        if took {
+                            taken += 1;
+                            let same = fast
+                                .iter()
+                                .zip(&slow)
+                                .all(|(x, y)| x.to_f64().to_bits() == y.to_f64().to_bits());
+                            assert!(same, "{:?} {m}x{k}x{n} accumulate {accumulate}", T::DTYPE);
+                        }
                     }
                 }
             }
