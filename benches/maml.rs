@@ -675,7 +675,14 @@ fn driver(args: &[String]) {
     if wants("sine") {
         for threads in [1usize, 2] {
             for steps in [1usize, 5, 10, 20] {
-                let it = if steps >= 20 { iters / 2 } else { iters };
+                // Ours and JAX take under 10 ms a meta-iteration: enough of them to steady
+                // the medians, within a minute per row for higher's 0.2 s at 20 steps.
+                let it = match (quick, steps) {
+                    (true, _) => iters,
+                    (false, 1 | 5) => 200,
+                    (false, 10) => 100,
+                    _ => 60,
+                };
                 let a = [steps, it, warmup].map(|v| v.to_string());
                 // Two threads split the meta-batch (`parallel::meta_batch`), each running
                 // one-thread kernels.

@@ -273,8 +273,8 @@ impl Pool {
         let (ho, wo) = self.out;
         let (kh, kw) = self.kernel;
         let (sh, sw) = self.stride;
-        let mut values = Vec::with_capacity(n * c * ho * wo);
-        let mut positions = Vec::with_capacity(n * c * ho * wo);
+        let mut values: Vec<T> = Vec::with_capacity(n * c * ho * wo);
+        let mut positions: Vec<u32> = Vec::with_capacity(n * c * ho * wo);
         // Greater, or NaN over a number (`v != v`: NaN).
         #[allow(clippy::eq_op)]
         let better = |v: T, largest: T| v > largest || (v != v && largest == largest);
@@ -283,17 +283,41 @@ impl Pool {
             for plane in x.chunks_exact(h * w) {
                 for i in 0..ho {
                     let (r0, r1) = (2 * i * w, (2 * i + 1) * w);
-                    for j in 0..wo {
-                        let taps = [r0 + 2 * j, r0 + 2 * j + 1, r1 + 2 * j, r1 + 2 * j + 1];
-                        let (mut best, mut largest) = (taps[0], plane[taps[0]]);
-                        for &at in &taps[1..] {
-                            if better(plane[at], largest) {
-                                best = at;
-                                largest = plane[at];
-                            }
+                    let (row0, row1) = (&plane[r0..r0 + 2 * wo], &plane[r1..r1 + 2 * wo]);
+                    #[cfg(target_arch = "x86_64")]
+                    if T::DTYPE == candle_core::DType::F32
+                        && std::arch::is_x86_feature_detected!("avx512f")
+                    {
+                        values.reserve(wo);
+                        positions.reserve(wo);
+                        // SAFETY: the rows hold `2 wo` f32 (the dtype checked), the vectors
+                        // `wo` free slots, which the kernel writes; the CPU has AVX-512F.
+                        unsafe {
+                            let (vl, pl) = (values.len(), positions.len());
+                            pool_avx512::row_pair_f32(
+                                (row0.as_ptr().cast(), row1.as_ptr().cast()),
+                                (wo, w, r0),
+                                values.as_mut_ptr().add(vl).cast(),
+                                positions.as_mut_ptr().add(pl),
+                            );
+                            values.set_len(vl + wo);
+                            positions.set_len(pl + wo);
+                        }
+                        continue;
+                    }
+                    for (j, (top, bottom)) in
+                        row0.chunks_exact(2).zip(row1.chunks_exact(2)).enumerate()
+                    {
+                        // Selects, not branches: which tap wins is data, and mispredicted
+                        // branches made this loop a seventh of an Omniglot meta-iteration.
+                        let (mut best, mut largest) = (0, top[0]);
+                        for (q, v) in [(1, top[1]), (w, bottom[0]), (w + 1, bottom[1])] {
+                            let take = better(v, largest);
+                            best = if take { q } else { best };
+                            largest = if take { v } else { largest };
                         }
                         values.push(largest);
-                        positions.push(best as u32);
+                        positions.push((r0 + 2 * j + best) as u32);
                     }
                 }
             }
@@ -311,10 +335,9 @@ impl Pool {
                     for a in 0..kh {
                         let row = top + a * w;
                         for (b, &v) in plane[row..row + kw].iter().enumerate() {
-                            if better(v, largest) {
-                                best = row + b;
-                                largest = v;
-                            }
+                            let take = better(v, largest);
+                            best = if take { row + b } else { best };
+                            largest = if take { v } else { largest };
                         }
                     }
                     values.push(largest);
@@ -468,38 +491,108 @@ impl Tensor {
     }
 }
 
+/// The 2 x 2, stride 2 max pool of f32 on AVX-512, 16 windows at a time.
+#[cfg(target_arch = "x86_64")]
+mod pool_avx512 {
+    use std::arch::x86_64::*;
+
+    /// One output row: the maxima of `wo` windows over the rows `top` and `bottom` (each
+    /// `2 wo` long, `top` at offset `r0` of a plane of width `w`) and each window's first
+    /// maximum's position in the plane, taps in row-major order, NaN winning over numbers,
+    /// as `Pool::max_and_argmax_cpu` defines them.
+    ///
+    /// # Safety
+    /// The rows hold `2 wo` elements, `values` and `positions` `wo` writable slots; the CPU
+    /// has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn row_pair_f32(
+        (top, bottom): (*const f32, *const f32),
+        (wo, w, r0): (usize, usize, usize),
+        values: *mut f32,
+        positions: *mut u32,
+    ) {
+        let mask = |n: usize| -> __mmask16 {
+            if n >= 16 {
+                u16::MAX
+            } else {
+                (1u16 << n) - 1
+            }
+        };
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        for j0 in (0..wo).step_by(16) {
+            let count = (wo - j0).min(16);
+            let (lo, hi) = (mask(2 * count), mask((2 * count).saturating_sub(16)));
+            let split = |row: *const f32| {
+                let (a, b) = (
+                    _mm512_maskz_loadu_ps(lo, row.add(2 * j0)),
+                    _mm512_maskz_loadu_ps(hi, row.wrapping_add(2 * j0 + 16)),
+                );
+                (
+                    _mm512_permutex2var_ps(a, even, b),
+                    _mm512_permutex2var_ps(a, odd, b),
+                )
+            };
+            let ((t0, t1), (b0, b1)) = (split(top), split(bottom));
+            let (mut largest, mut best) = (t0, _mm512_setzero_si512());
+            for (v, tap) in [(t1, 1), (b0, w), (b1, w + 1)] {
+                // Greater, or NaN over a number.
+                let take = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, largest)
+                    | (_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v)
+                        & _mm512_cmp_ps_mask::<_CMP_ORD_Q>(largest, largest));
+                largest = _mm512_mask_mov_ps(largest, take, v);
+                best = _mm512_mask_mov_epi32(best, take, _mm512_set1_epi32(tap as i32));
+            }
+            let first = _mm512_add_epi32(_mm512_set1_epi32((r0 + 2 * j0) as i32), even);
+            let out = mask(count);
+            _mm512_mask_storeu_ps(values.add(j0), out, largest);
+            _mm512_mask_storeu_epi32(positions.add(j0).cast(), out, _mm512_add_epi32(first, best));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
     /// The CPU pass and the tensor-op path pick the same positions, ties included
-    /// (values drawn from a few integers) and NaN, for overlapping and disjoint windows.
+    /// (values drawn from a few integers) and NaN, for overlapping and disjoint windows, in
+    /// f64 and f32 (whose 2 x 2 pool has an AVX-512 path: rows of 19 windows span a full
+    /// and a partial vector).
     #[test]
     fn cpu_argmax_matches_the_tensor_path() -> Result<()> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let dims = [2, 3, 7, 6];
-        // Small integers (ties) and some NaN, which wins its window on both paths.
-        let data: Vec<f64> = (0..dims.iter().product::<usize>())
-            .map(|_| match rng.gen_range(0..5) {
-                4 => f64::NAN,
-                v => f64::from(v),
-            })
-            .collect();
-        let x = Tensor::from_slice(&data, &dims, &candle_core::Device::Cpu)?;
-        for (kernel, stride) in [((2, 2), (2, 2)), ((3, 2), (1, 2)), ((2, 3), (2, 1))] {
-            let pool = Pool::new("max_pool2d", &x, kernel, stride)?;
-            let reference = pool.argmax(x.value())?.flatten_all()?.to_vec1::<u32>()?;
-            let (values, positions) = pool.max_and_argmax_cpu(&data)?;
-            let fast = positions.flatten_all()?.to_vec1::<u32>()?;
-            assert_eq!(fast, reference, "kernel {kernel:?} stride {stride:?}");
-            // Each value is the input at its position (NaN where the window holds one).
-            let values = values.flatten_all()?.to_vec1::<f64>()?;
-            let plane = dims[2] * dims[3];
-            for (i, (v, &at)) in values.iter().zip(&fast).enumerate() {
-                let per_plane = values.len() / (dims[0] * dims[1]);
-                let want = data[(i / per_plane) * plane + at as usize];
-                assert!(v.to_bits() == want.to_bits(), "value {i}: {v} vs {want}");
+        for dims in [[2, 3, 7, 6], [1, 2, 4, 38]] {
+            // Small integers (ties) and some NaN, which wins its window on both paths.
+            let data: Vec<f64> = (0..dims.iter().product::<usize>())
+                .map(|_| match rng.gen_range(0..5) {
+                    4 => f64::NAN,
+                    v => f64::from(v),
+                })
+                .collect();
+            let data32: Vec<f32> = data.iter().map(|&v| v as f32).collect();
+            let x = Tensor::from_slice(&data, &dims, &candle_core::Device::Cpu)?;
+            for (kernel, stride) in [((2, 2), (2, 2)), ((3, 2), (1, 2)), ((2, 3), (2, 1))] {
+                let pool = Pool::new("max_pool2d", &x, kernel, stride)?;
+                let reference = pool.argmax(x.value())?.flatten_all()?.to_vec1::<u32>()?;
+                let (values, positions) = pool.max_and_argmax_cpu(&data)?;
+                let (values32, positions32) = pool.max_and_argmax_cpu(&data32)?;
+                let fast = positions.flatten_all()?.to_vec1::<u32>()?;
+                assert_eq!(fast, reference, "kernel {kernel:?} stride {stride:?}");
+                let fast32 = positions32.flatten_all()?.to_vec1::<u32>()?;
+                assert_eq!(fast32, reference, "f32 {dims:?} kernel {kernel:?}");
+                // Each value is the input at its position (NaN where the window holds one).
+                let values = values.flatten_all()?.to_vec1::<f64>()?;
+                let values32 = values32.flatten_all()?.to_vec1::<f32>()?;
+                let plane = dims[2] * dims[3];
+                for (i, (v, &at)) in values.iter().zip(&fast).enumerate() {
+                    let per_plane = values.len() / (dims[0] * dims[1]);
+                    let want = data[(i / per_plane) * plane + at as usize];
+                    assert!(v.to_bits() == want.to_bits(), "value {i}: {v} vs {want}");
+                    let want32 = data32[(i / per_plane) * plane + at as usize];
+                    assert!(values32[i].to_bits() == want32.to_bits(), "f32 value {i}");
+                }
             }
         }
         Ok(())
