@@ -208,12 +208,13 @@ fn cpu_batched_matmul(
     if rhs_invariant && a.is_contiguous() {
         // One product: the batches of `a` stack into the rows of a `[batches * m, k]`
         // matrix (as candle folds them), times the one matrix of `b`.
+        // The one matrix as a view (squeezing keeps its strides; a reshape would copy a
+        // transposed one).
         let mut single = b.clone();
-        for d in 0..rank - 2 {
-            single = single.narrow(d, 0, 1)?;
+        for _ in 0..rank - 2 {
+            single = single.narrow(0, 0, 1)?.squeeze(0)?;
         }
-        let product =
-            cpu_or_candle_matmul(&a.reshape((batches * m, k))?, &single.reshape((k, n))?)?;
+        let product = cpu_or_candle_matmul(&a.reshape((batches * m, k))?, &single)?;
         let mut shape = a.dims()[..rank - 2].to_vec();
         shape.extend_from_slice(&[m, n]);
         return Ok(Some(product.reshape(shape)?));
