@@ -108,6 +108,32 @@ fn cpu_float(ts: &[&candle_core::Tensor], rank: usize) -> Option<DType> {
         .then_some(dtype)
 }
 
+thread_local! {
+    /// This thread's column and product buffers, reused from call to call (8-byte words):
+    /// megabyte buffers made fresh at every call were zeroed and, whenever the allocator had
+    /// handed their pages back, faulted in again.
+    static SCRATCH: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a buffer of `len` elements reused across calls on this thread (a fresh one
+/// if the thread's is in use); it holds whatever the last call left there.
+fn with_scratch<T: WithDType, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut words) => {
+            let need = (len * std::mem::size_of::<T>()).div_ceil(8);
+            if words.len() < need {
+                words.resize(need, 0);
+            }
+            // SAFETY: the words hold `len` elements of `T` (a plain number type: any bits are
+            // a value, and its alignment is at most 8), borrowed exclusively here.
+            let buf =
+                unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<T>(), len) };
+            f(buf)
+        }
+        Err(_) => f(&mut vec![T::zero(); len]),
+    })
+}
+
 /// Runs `f` on the elements of contiguous CPU tensors.
 fn with_slices<T: WithDType, R>(
     ts: [&candle_core::Tensor; 2],
@@ -245,42 +271,43 @@ impl Conv {
         let (k, l, c_out) = (self.k(), self.ho() * self.wo(), self.c_out);
         let image = self.c_in * self.h * self.w;
         let chunk = self.chunk();
-        let mut cols = vec![T::from_f64(0.0); k * chunk * l];
-        let mut product = vec![T::from_f64(0.0); c_out * chunk * l];
         let total = self.count() * self.n * c_out * l;
         let mut out: Vec<T> = Vec::with_capacity(total);
         let slots = &mut out.spare_capacity_mut()[..total];
-        with_slices([x, w], |images, kernels| {
-            let per_task = images
-                .chunks_exact(self.n * image)
-                .zip(kernels.chunks_exact(c_out * k))
-                .zip(slots.chunks_exact_mut(self.n * c_out * l));
-            for ((images, kernel), out) in per_task {
-                for start in (0..self.n).step_by(chunk) {
-                    let m = chunk.min(self.n - start);
-                    let cols = &mut cols[..k * m * l];
-                    if !self.covers_columns() {
-                        cols.fill(T::from_f64(0.0));
-                    }
-                    for b in 0..m {
-                        let src = &images[(start + b) * image..][..image];
-                        self.im2col(src, cols, m * l, b * l);
-                    }
-                    let product = &mut product[..c_out * m * l];
-                    let parallelism = parallelism(c_out * m * l * k);
-                    let (lhs, rhs) = (Strided::rows(kernel, k), Strided::rows(cols, m * l));
-                    matmul_into((c_out, m * l, k), lhs, rhs, product, false, parallelism)?;
-                    for (co, row) in product.chunks_exact(m * l).enumerate() {
-                        for (b, y) in row.chunks_exact(l).enumerate() {
-                            let dst = &mut out[((start + b) * c_out + co) * l..][..l];
-                            for (d, &v) in dst.iter_mut().zip(y) {
-                                d.write(v);
+        with_scratch(k * chunk * l + c_out * chunk * l, |scratch: &mut [T]| {
+            let (cols, product) = scratch.split_at_mut(k * chunk * l);
+            with_slices([x, w], |images, kernels| {
+                let per_task = images
+                    .chunks_exact(self.n * image)
+                    .zip(kernels.chunks_exact(c_out * k))
+                    .zip(slots.chunks_exact_mut(self.n * c_out * l));
+                for ((images, kernel), out) in per_task {
+                    for start in (0..self.n).step_by(chunk) {
+                        let m = chunk.min(self.n - start);
+                        let cols = &mut cols[..k * m * l];
+                        if !self.covers_columns() {
+                            cols.fill(T::from_f64(0.0));
+                        }
+                        for b in 0..m {
+                            let src = &images[(start + b) * image..][..image];
+                            self.im2col(src, cols, m * l, b * l);
+                        }
+                        let product = &mut product[..c_out * m * l];
+                        let parallelism = parallelism(c_out * m * l * k);
+                        let (lhs, rhs) = (Strided::rows(kernel, k), Strided::rows(cols, m * l));
+                        matmul_into((c_out, m * l, k), lhs, rhs, product, false, parallelism)?;
+                        for (co, row) in product.chunks_exact(m * l).enumerate() {
+                            for (b, y) in row.chunks_exact(l).enumerate() {
+                                let dst = &mut out[((start + b) * c_out + co) * l..][..l];
+                                for (d, &v) in dst.iter_mut().zip(y) {
+                                    d.write(v);
+                                }
                             }
                         }
                     }
                 }
-            }
-            Ok(())
+                Ok(())
+            })
         })?;
         // SAFETY: the loops above wrote every one of the `total` slots: each task's images
         // are covered by its chunks, and each image's `c_out` rows of `l` by the copies.
@@ -295,28 +322,30 @@ impl Conv {
     ) -> Result<candle_core::Tensor> {
         let (k, l, c_out) = (self.k(), self.ho() * self.wo(), self.c_out);
         let image = self.c_in * self.h * self.w;
-        let mut cols = vec![T::from_f64(0.0); k * l];
         let mut dx = vec![T::from_f64(0.0); self.count() * self.n * image];
-        with_slices([gy, w], |gy, kernels| {
-            let per_task = gy
-                .chunks_exact(self.n * c_out * l)
-                .zip(kernels.chunks_exact(c_out * k))
-                .zip(dx.chunks_exact_mut(self.n * image));
-            for ((gy, kernel), dx) in per_task {
-                // W^T as a view of W: element (r, co) at co * k + r.
-                let kernel_t = Strided {
-                    data: kernel,
-                    row_stride: 1,
-                    col_stride: k,
-                };
-                for (gy_b, dx_b) in gy.chunks_exact(c_out * l).zip(dx.chunks_exact_mut(image)) {
-                    let gy_b = Strided::rows(gy_b, l);
-                    let parallelism = parallelism(k * l * c_out);
-                    matmul_into((k, l, c_out), kernel_t, gy_b, &mut cols, false, parallelism)?;
-                    self.col2im(&cols, dx_b);
+        // `cols` is written whole by each product.
+        with_scratch(k * l, |cols: &mut [T]| {
+            with_slices([gy, w], |gy, kernels| {
+                let per_task = gy
+                    .chunks_exact(self.n * c_out * l)
+                    .zip(kernels.chunks_exact(c_out * k))
+                    .zip(dx.chunks_exact_mut(self.n * image));
+                for ((gy, kernel), dx) in per_task {
+                    // W^T as a view of W: element (r, co) at co * k + r.
+                    let kernel_t = Strided {
+                        data: kernel,
+                        row_stride: 1,
+                        col_stride: k,
+                    };
+                    for (gy_b, dx_b) in gy.chunks_exact(c_out * l).zip(dx.chunks_exact_mut(image)) {
+                        let gy_b = Strided::rows(gy_b, l);
+                        let parallelism = parallelism(k * l * c_out);
+                        matmul_into((k, l, c_out), kernel_t, gy_b, cols, false, parallelism)?;
+                        self.col2im(cols, dx_b);
+                    }
                 }
-            }
-            Ok(())
+                Ok(())
+            })
         })?;
         self.tensor(dx, [self.n, self.c_in, self.h, self.w])
     }
@@ -328,31 +357,32 @@ impl Conv {
     ) -> Result<candle_core::Tensor> {
         let (k, l, c_out) = (self.k(), self.ho() * self.wo(), self.c_out);
         let image = self.c_in * self.h * self.w;
-        let mut cols = vec![T::from_f64(0.0); k * l];
         let mut dw = vec![T::from_f64(0.0); self.count() * c_out * k];
-        with_slices([x, gy], |images, gy| {
-            let per_task = images
-                .chunks_exact(self.n * image)
-                .zip(gy.chunks_exact(self.n * c_out * l))
-                .zip(dw.chunks_exact_mut(c_out * k));
-            for ((images, gy), dw) in per_task {
-                for (b, gy_b) in gy.chunks_exact(c_out * l).enumerate() {
-                    if !self.covers_columns() {
-                        cols.fill(T::from_f64(0.0));
+        with_scratch(k * l, |cols: &mut [T]| {
+            with_slices([x, gy], |images, gy| {
+                let per_task = images
+                    .chunks_exact(self.n * image)
+                    .zip(gy.chunks_exact(self.n * c_out * l))
+                    .zip(dw.chunks_exact_mut(c_out * k));
+                for ((images, gy), dw) in per_task {
+                    for (b, gy_b) in gy.chunks_exact(c_out * l).enumerate() {
+                        if !self.covers_columns() {
+                            cols.fill(T::from_f64(0.0));
+                        }
+                        self.im2col(&images[b * image..][..image], cols, l, 0);
+                        // cols^T as a view: element (j, r) at r * l + j.
+                        let cols_t = Strided {
+                            data: cols,
+                            row_stride: 1,
+                            col_stride: l,
+                        };
+                        let parallelism = parallelism(c_out * k * l);
+                        let gy_b = Strided::rows(gy_b, l);
+                        matmul_into((c_out, k, l), gy_b, cols_t, dw, b > 0, parallelism)?;
                     }
-                    self.im2col(&images[b * image..][..image], &mut cols, l, 0);
-                    // cols^T as a view: element (j, r) at r * l + j.
-                    let cols_t = Strided {
-                        data: &cols,
-                        row_stride: 1,
-                        col_stride: l,
-                    };
-                    let parallelism = parallelism(c_out * k * l);
-                    let gy_b = Strided::rows(gy_b, l);
-                    matmul_into((c_out, k, l), gy_b, cols_t, dw, b > 0, parallelism)?;
                 }
-            }
-            Ok(())
+                Ok(())
+            })
         })?;
         self.tensor(dw, [c_out, self.c_in, self.kh, self.kw])
     }
