@@ -177,8 +177,8 @@ impl RecurrentCell {
             )
         } else {
             (
-                x.matmul(&self.weight_ih.t()?)?.add(&self.bias_ih)?,
-                state.h.matmul(&self.weight_hh.t()?)?.add(&self.bias_hh)?,
+                x.linear(&self.weight_ih, Some(&self.bias_ih))?,
+                state.h.linear(&self.weight_hh, Some(&self.bias_hh))?,
             )
         };
         let last = 1 + lead;
