@@ -47,7 +47,9 @@ pub(crate) unsafe fn try_small_product<T: WithDType>(
             && (1..=MAX_DEPTH).contains(&k)
             && m * n * k <= MAX_SIZE
             && (rows_in_place(rhs.col_stride, n) || rhs.row_stride == 1 || k == 1)
-            && std::arch::is_x86_feature_detected!("avx512f");
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("fma");
         if !applies {
             return false;
         }
@@ -156,7 +158,7 @@ fn rows_in_place(col_stride: usize, n: usize) -> bool {
 /// has one row).
 ///
 /// # Safety
-/// `b` with the strides covers a `k x n` view; the CPU has AVX-512F.
+/// `b` with the strides covers a `k x n` view; the CPU has AVX-512F and VL, and FMA.
 #[cfg(target_arch = "x86_64")]
 unsafe fn with_rows<T: Transpose>(
     (n, k): (usize, usize),
@@ -185,14 +187,16 @@ mod avx512 {
 
     /// One kernel per element type: `$lanes` elements per vector, `$mask` the lane mask.
     macro_rules! kernel {
-        ($product:ident, $block:ident, $t:ty, $mask:ty, $lanes:expr,
-         $zero:ident, $load:ident, $store:ident, $set1:ident, $fmadd:ident, $add:ident) => {
+        ($product:ident, $block:ident, $half:ident, $t:ty, $mask:ty, $lanes:expr,
+         $zero:ident, $load:ident, $store:ident, $set1:ident, $fmadd:ident, $add:ident,
+         $hmask:ty, $hzero:ident, $hload:ident, $hstore:ident, $hset1:ident, $hfmadd:ident,
+         $hadd:ident) => {
             /// `c = a b` (`+= ` when `accumulate`): `a` `m x k` at `(i, k) -> i * rsa + k * csa`,
             /// `b` `k x n` with row stride `rsb` and unit column stride, `c` row-major `m x n`.
             ///
             /// # Safety
-            /// The pointers cover those views; the CPU has AVX-512F.
-            #[target_feature(enable = "avx512f")]
+            /// The pointers cover those views; the CPU has AVX-512F and VL, and FMA.
+            #[target_feature(enable = "avx512f,avx512vl,fma")]
             #[allow(clippy::too_many_arguments)]
             pub(super) unsafe fn $product(
                 (m, n, k): (usize, usize, usize),
@@ -229,19 +233,30 @@ mod avx512 {
                         accumulate,
                     };
                     // Row blocks of equal height, at most 8: 8 to 16 independent
-                    // accumulator chains hide the fused multiply-add latency.
+                    // accumulator chains hide the fused multiply-add latency. A last
+                    // block of at most half a vector runs on half-width vectors (the same
+                    // operations, at half the cost where a full one splits in two).
                     let height = m.div_ceil(m.div_ceil(8));
+                    let half = width <= $lanes / 2;
                     let mut i = 0;
                     while i < m {
-                        match height.min(m - i) {
-                            1 => $block::<1>(&at, i),
-                            2 => $block::<2>(&at, i),
-                            3 => $block::<3>(&at, i),
-                            4 => $block::<4>(&at, i),
-                            5 => $block::<5>(&at, i),
-                            6 => $block::<6>(&at, i),
-                            7 => $block::<7>(&at, i),
-                            _ => $block::<8>(&at, i),
+                        match (half, height.min(m - i)) {
+                            (false, 1) => $block::<1>(&at, i),
+                            (false, 2) => $block::<2>(&at, i),
+                            (false, 3) => $block::<3>(&at, i),
+                            (false, 4) => $block::<4>(&at, i),
+                            (false, 5) => $block::<5>(&at, i),
+                            (false, 6) => $block::<6>(&at, i),
+                            (false, 7) => $block::<7>(&at, i),
+                            (false, _) => $block::<8>(&at, i),
+                            (true, 1) => $half::<1>(&at, i),
+                            (true, 2) => $half::<2>(&at, i),
+                            (true, 3) => $half::<3>(&at, i),
+                            (true, 4) => $half::<4>(&at, i),
+                            (true, 5) => $half::<5>(&at, i),
+                            (true, 6) => $half::<6>(&at, i),
+                            (true, 7) => $half::<7>(&at, i),
+                            (true, _) => $half::<8>(&at, i),
                         }
                         i += height;
                     }
@@ -249,8 +264,33 @@ mod avx512 {
                 }
             }
 
+            /// Rows `i..i + R` of the at most `lanes / 2` columns from `at.j`, on
+            /// half-width vectors.
+            #[target_feature(enable = "avx512f,avx512vl,fma")]
+            #[inline]
+            unsafe fn $half<const R: usize>(at: &Block<$t, $mask>, i: usize) {
+                let m0 = at.masks.0 as $hmask;
+                let mut acc = [$hzero(); R];
+                for kk in 0..at.k {
+                    let b0 = $hload(m0, at.b.add(kk * at.rsb + at.j));
+                    for r in 0..R {
+                        let x = $hset1(*at.a.add((i + r) * at.rsa + kk * at.csa));
+                        acc[r] = $hfmadd(x, b0, acc[r]);
+                    }
+                }
+                for r in 0..R {
+                    let out = at.c.add((i + r) * at.ldc + at.j);
+                    let v = if at.accumulate {
+                        $hadd($hload(m0, out), acc[r])
+                    } else {
+                        acc[r]
+                    };
+                    $hstore(out, m0, v);
+                }
+            }
+
             /// Rows `i..i + R` of columns `at.j..at.j + 2 * lanes` (masked at the edge).
-            #[target_feature(enable = "avx512f")]
+            #[target_feature(enable = "avx512f,avx512vl,fma")]
             #[inline]
             unsafe fn $block<const R: usize>(at: &Block<$t, $mask>, i: usize) {
                 let (m0, m1) = at.masks;
@@ -426,6 +466,7 @@ mod avx512 {
     kernel!(
         product_f32,
         block_f32,
+        half_f32,
         f32,
         __mmask16,
         16,
@@ -434,11 +475,19 @@ mod avx512 {
         _mm512_mask_storeu_ps,
         _mm512_set1_ps,
         _mm512_fmadd_ps,
-        _mm512_add_ps
+        _mm512_add_ps,
+        __mmask8,
+        _mm256_setzero_ps,
+        _mm256_maskz_loadu_ps,
+        _mm256_mask_storeu_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        _mm256_add_ps
     );
     kernel!(
         product_f64,
         block_f64,
+        half_f64,
         f64,
         __mmask8,
         8,
@@ -447,7 +496,14 @@ mod avx512 {
         _mm512_mask_storeu_pd,
         _mm512_set1_pd,
         _mm512_fmadd_pd,
-        _mm512_add_pd
+        _mm512_add_pd,
+        __mmask8,
+        _mm256_setzero_pd,
+        _mm256_maskz_loadu_pd,
+        _mm256_mask_storeu_pd,
+        _mm256_set1_pd,
+        _mm256_fmadd_pd,
+        _mm256_add_pd
     );
 }
 
