@@ -331,122 +331,131 @@ mod avx512 {
         };
     }
 
-    /// Transposes the `n x k` matrix `src` (row stride `ld`) into `dst` (`k x n`, rows of
-    /// `n`), 16 x 16 tiles at a time: masked loads of up to 16 rows of `src`, four rounds
-    /// of shuffles, masked stores.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn transpose_f32(
-        (n, k): (usize, usize),
-        src: *const f32,
-        ld: usize,
-        dst: *mut f32,
-    ) {
-        let mask = |w: usize| -> __mmask16 {
-            if w >= 16 {
-                u16::MAX
-            } else {
-                (1u16 << w) - 1
+    /// One kind of transpose per element type: `$lanes x $lanes` tiles transposed in
+    /// registers by `$tile`.
+    macro_rules! transpose {
+        ($name:ident, $tile:ident, $t:ty, $mask:ty, $lanes:expr,
+         $zero:ident, $load:ident, $store:ident) => {
+            /// Transposes the `n x k` matrix `src` (row stride `ld`) into `dst` (`k x n`,
+            /// rows of `n`), a tile at a time: masked loads of up to `lanes` rows of `src`,
+            /// shuffles, masked stores.
+            #[target_feature(enable = "avx512f")]
+            pub(super) unsafe fn $name(
+                (n, k): (usize, usize),
+                src: *const $t,
+                ld: usize,
+                dst: *mut $t,
+            ) {
+                let mask = |w: usize| -> $mask {
+                    if w >= $lanes {
+                        <$mask>::MAX
+                    } else {
+                        ((1u32 << w) - 1) as $mask
+                    }
+                };
+                for j0 in (0..n).step_by($lanes) {
+                    let rows_here = (n - j0).min($lanes);
+                    for k0 in (0..k).step_by($lanes) {
+                        let cols = (k - k0).min($lanes);
+                        // Constant trip counts and masks (empty past the edge, where nothing
+                        // is read or written) keep every tile in registers.
+                        let mut r = [$zero(); $lanes];
+                        for (i, v) in r.iter_mut().enumerate() {
+                            let m = if i < rows_here { mask(cols) } else { 0 };
+                            *v = $load(m, src.wrapping_add((j0 + i) * ld + k0));
+                        }
+                        for (kk, v) in $tile(&r).iter().enumerate() {
+                            let m = if kk < cols { mask(rows_here) } else { 0 };
+                            $store(dst.wrapping_add((k0 + kk) * n + j0), m, *v);
+                        }
+                    }
+                }
             }
         };
-        for j0 in (0..n).step_by(16) {
-            let rows_here = (n - j0).min(16);
-            for k0 in (0..k).step_by(16) {
-                let cols = (k - k0).min(16);
-                // Constant trip counts and masks (empty past the edge, where nothing is read
-                // or written) keep every tile in registers.
-                let mut r = [_mm512_setzero_ps(); 16];
-                for (i, v) in r.iter_mut().enumerate() {
-                    let m = if i < rows_here { mask(cols) } else { 0 };
-                    *v = _mm512_maskz_loadu_ps(m, src.wrapping_add((j0 + i) * ld + k0));
-                }
-                // Pairs of 32-bit elements, then 64-bit pairs: u[4g + c] holds, in each
-                // 128-bit lane L, column 4L + c of rows 4g..4g + 4.
-                let mut t = [_mm512_setzero_ps(); 16];
-                for p in 0..8 {
-                    t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
-                    t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
-                }
-                let mut u = [_mm512_setzero_ps(); 16];
-                for g in 0..4 {
-                    let (lo, hi) = (_mm512_castps_pd(t[4 * g]), _mm512_castps_pd(t[4 * g + 2]));
-                    let (lo1, hi1) = (
-                        _mm512_castps_pd(t[4 * g + 1]),
-                        _mm512_castps_pd(t[4 * g + 3]),
-                    );
-                    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi));
-                    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi));
-                    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo1, hi1));
-                    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo1, hi1));
-                }
-                // Then 128-bit lanes, twice: column 4L + c gathers lane L of u[c],
-                // u[4 + c], u[8 + c], u[12 + c].
-                let mut out = [_mm512_setzero_ps(); 16];
-                for c in 0..4 {
-                    let v0 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
-                    let v1 = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
-                    let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
-                    let v3 = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
-                    out[c] = _mm512_shuffle_f32x4::<0x88>(v0, v2);
-                    out[8 + c] = _mm512_shuffle_f32x4::<0xdd>(v0, v2);
-                    out[4 + c] = _mm512_shuffle_f32x4::<0x88>(v1, v3);
-                    out[12 + c] = _mm512_shuffle_f32x4::<0xdd>(v1, v3);
-                }
-                for (kk, v) in out.iter().enumerate() {
-                    let m = if kk < cols { mask(rows_here) } else { 0 };
-                    _mm512_mask_storeu_ps(dst.wrapping_add((k0 + kk) * n + j0), m, *v);
-                }
-            }
-        }
     }
 
-    /// [`transpose_f32`] for f64, in 8 x 8 tiles.
+    /// A 16 x 16 tile of f32 transposed: pairs of 32-bit elements, 64-bit pairs, then
+    /// 128-bit lanes twice.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn transpose_f64(
-        (n, k): (usize, usize),
-        src: *const f64,
-        ld: usize,
-        dst: *mut f64,
-    ) {
-        let mask = |w: usize| -> __mmask8 {
-            if w >= 8 {
-                u8::MAX
-            } else {
-                (1u8 << w) - 1
-            }
-        };
-        for j0 in (0..n).step_by(8) {
-            let rows_here = (n - j0).min(8);
-            for k0 in (0..k).step_by(8) {
-                let cols = (k - k0).min(8);
-                let mut r = [_mm512_setzero_pd(); 8];
-                for (i, v) in r.iter_mut().enumerate() {
-                    let m = if i < rows_here { mask(cols) } else { 0 };
-                    *v = _mm512_maskz_loadu_pd(m, src.wrapping_add((j0 + i) * ld + k0));
-                }
-                // t[2g + c] holds, in each 128-bit lane L, column 2L + c of rows 2g, 2g + 1.
-                let mut t = [_mm512_setzero_pd(); 8];
-                for g in 0..4 {
-                    t[2 * g] = _mm512_unpacklo_pd(r[2 * g], r[2 * g + 1]);
-                    t[2 * g + 1] = _mm512_unpackhi_pd(r[2 * g], r[2 * g + 1]);
-                }
-                let mut out = [_mm512_setzero_pd(); 8];
-                for c in 0..2 {
-                    let v0 = _mm512_shuffle_f64x2::<0x88>(t[c], t[2 + c]);
-                    let v1 = _mm512_shuffle_f64x2::<0xdd>(t[c], t[2 + c]);
-                    let v2 = _mm512_shuffle_f64x2::<0x88>(t[4 + c], t[6 + c]);
-                    let v3 = _mm512_shuffle_f64x2::<0xdd>(t[4 + c], t[6 + c]);
-                    out[c] = _mm512_shuffle_f64x2::<0x88>(v0, v2);
-                    out[4 + c] = _mm512_shuffle_f64x2::<0xdd>(v0, v2);
-                    out[2 + c] = _mm512_shuffle_f64x2::<0x88>(v1, v3);
-                    out[6 + c] = _mm512_shuffle_f64x2::<0xdd>(v1, v3);
-                }
-                for (kk, v) in out.iter().enumerate() {
-                    let m = if kk < cols { mask(rows_here) } else { 0 };
-                    _mm512_mask_storeu_pd(dst.wrapping_add((k0 + kk) * n + j0), m, *v);
-                }
-            }
+    #[inline]
+    unsafe fn tile_f32(r: &[__m512; 16]) -> [__m512; 16] {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for p in 0..8 {
+            t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+            t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
         }
+        // u[4g + c] holds, in each 128-bit lane L, column 4L + c of rows 4g..4g + 4.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for g in 0..4 {
+            let (lo, hi) = (_mm512_castps_pd(t[4 * g]), _mm512_castps_pd(t[4 * g + 2]));
+            let (lo1, hi1) = (
+                _mm512_castps_pd(t[4 * g + 1]),
+                _mm512_castps_pd(t[4 * g + 3]),
+            );
+            u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi));
+            u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi));
+            u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo1, hi1));
+            u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo1, hi1));
+        }
+        // Column 4L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
+        let mut out = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            let v0 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            let v1 = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+            let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let v3 = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+            out[c] = _mm512_shuffle_f32x4::<0x88>(v0, v2);
+            out[8 + c] = _mm512_shuffle_f32x4::<0xdd>(v0, v2);
+            out[4 + c] = _mm512_shuffle_f32x4::<0x88>(v1, v3);
+            out[12 + c] = _mm512_shuffle_f32x4::<0xdd>(v1, v3);
+        }
+        out
     }
+
+    /// An 8 x 8 tile of f64 transposed: pairs, then 128-bit lanes twice.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile_f64(r: &[__m512d; 8]) -> [__m512d; 8] {
+        // t[2g + c] holds, in each 128-bit lane L, column 2L + c of rows 2g, 2g + 1.
+        let mut t = [_mm512_setzero_pd(); 8];
+        for g in 0..4 {
+            t[2 * g] = _mm512_unpacklo_pd(r[2 * g], r[2 * g + 1]);
+            t[2 * g + 1] = _mm512_unpackhi_pd(r[2 * g], r[2 * g + 1]);
+        }
+        let mut out = [_mm512_setzero_pd(); 8];
+        for c in 0..2 {
+            let v0 = _mm512_shuffle_f64x2::<0x88>(t[c], t[2 + c]);
+            let v1 = _mm512_shuffle_f64x2::<0xdd>(t[c], t[2 + c]);
+            let v2 = _mm512_shuffle_f64x2::<0x88>(t[4 + c], t[6 + c]);
+            let v3 = _mm512_shuffle_f64x2::<0xdd>(t[4 + c], t[6 + c]);
+            out[c] = _mm512_shuffle_f64x2::<0x88>(v0, v2);
+            out[4 + c] = _mm512_shuffle_f64x2::<0xdd>(v0, v2);
+            out[2 + c] = _mm512_shuffle_f64x2::<0x88>(v1, v3);
+            out[6 + c] = _mm512_shuffle_f64x2::<0xdd>(v1, v3);
+        }
+        out
+    }
+
+    transpose!(
+        transpose_f32,
+        tile_f32,
+        f32,
+        __mmask16,
+        16,
+        _mm512_setzero_ps,
+        _mm512_maskz_loadu_ps,
+        _mm512_mask_storeu_ps
+    );
+    transpose!(
+        transpose_f64,
+        tile_f64,
+        f64,
+        __mmask8,
+        8,
+        _mm512_setzero_pd,
+        _mm512_maskz_loadu_pd,
+        _mm512_mask_storeu_pd
+    );
 
     /// The operands of one column block.
     struct Block<T, M> {
