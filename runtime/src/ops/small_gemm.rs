@@ -69,42 +69,9 @@ pub(crate) unsafe fn try_small_product<T: WithDType>(
             };
             return try_small_product((1, m, k), row, columns, dst, accumulate);
         }
-        let (a, rsa, csa) = (lhs.data.as_ptr(), lhs.row_stride, lhs.col_stride);
         match T::DTYPE {
-            candle_core::DType::F32 => with_rows::<f32>(
-                (n, k),
-                rhs.data.as_ptr().cast(),
-                (rhs.row_stride, rhs.col_stride),
-                |b, rsb| {
-                    avx512::product_f32(
-                        (m, n, k),
-                        a.cast(),
-                        rsa,
-                        csa,
-                        b,
-                        rsb,
-                        dst.cast(),
-                        accumulate,
-                    )
-                },
-            ),
-            candle_core::DType::F64 => with_rows::<f64>(
-                (n, k),
-                rhs.data.as_ptr().cast(),
-                (rhs.row_stride, rhs.col_stride),
-                |b, rsb| {
-                    avx512::product_f64(
-                        (m, n, k),
-                        a.cast(),
-                        rsa,
-                        csa,
-                        b,
-                        rsb,
-                        dst.cast(),
-                        accumulate,
-                    )
-                },
-            ),
+            candle_core::DType::F32 => product::<f32, T>((m, n, k), lhs, rhs, dst, accumulate),
+            candle_core::DType::F64 => product::<f64, T>((m, n, k), lhs, rhs, dst, accumulate),
             _ => return false,
         }
         true
@@ -116,29 +83,89 @@ pub(crate) unsafe fn try_small_product<T: WithDType>(
     }
 }
 
-/// Element types with a register transpose.
+/// Element types with the AVX-512 kernels.
 #[cfg(target_arch = "x86_64")]
-trait Transpose: Copy {
-    /// Writes the `k x n` matrix (`nk = (n, k)`) whose element `(kk, j)` is `src[j * ld + kk]` row-major
-    /// into `dst` (`k * n` elements).
+trait Kernels: Copy {
+    /// Writes the `k x n` matrix (`nk = (n, k)`) whose element `(kk, j)` is
+    /// `src[j * ld + kk]` row-major into `dst` (`k * n` elements).
     ///
     /// # Safety
     /// `src` covers that view, `dst` holds `k * n` elements, the CPU has AVX-512F.
     unsafe fn transpose_into(nk: (usize, usize), src: *const Self, ld: usize, dst: *mut Self);
+
+    /// The product kernel (`avx512::product_f32` and its f64 twin).
+    ///
+    /// # Safety
+    /// As `avx512::product_f32`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn product(
+        mnk: (usize, usize, usize),
+        a: *const Self,
+        rsa: usize,
+        csa: usize,
+        b: *const Self,
+        rsb: usize,
+        c: *mut Self,
+        accumulate: bool,
+    );
+}
+
+/// [`Kernels`] for one element type, from its two kernels.
+#[cfg(target_arch = "x86_64")]
+macro_rules! kernels {
+    ($t:ty, $transpose:ident, $product:ident) => {
+        impl Kernels for $t {
+            unsafe fn transpose_into(nk: (usize, usize), src: *const $t, ld: usize, dst: *mut $t) {
+                avx512::$transpose(nk, src, ld, dst)
+            }
+
+            unsafe fn product(
+                mnk: (usize, usize, usize),
+                a: *const $t,
+                rsa: usize,
+                csa: usize,
+                b: *const $t,
+                rsb: usize,
+                c: *mut $t,
+                accumulate: bool,
+            ) {
+                avx512::$product(mnk, a, rsa, csa, b, rsb, c, accumulate)
+            }
+        }
+    };
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Transpose for f32 {
-    unsafe fn transpose_into(nk: (usize, usize), src: *const f32, ld: usize, dst: *mut f32) {
-        avx512::transpose_f32(nk, src, ld, dst)
-    }
-}
-
+kernels!(f32, transpose_f32, product_f32);
 #[cfg(target_arch = "x86_64")]
-impl Transpose for f64 {
-    unsafe fn transpose_into(nk: (usize, usize), src: *const f64, ld: usize, dst: *mut f64) {
-        avx512::transpose_f64(nk, src, ld, dst)
-    }
+kernels!(f64, transpose_f64, product_f64);
+
+/// The product in element type `K` (the same type as `T`, checked by the caller).
+///
+/// # Safety
+/// As [`try_small_product`], and `K` is `T`; the CPU has AVX-512F and VL, and FMA.
+#[cfg(target_arch = "x86_64")]
+unsafe fn product<K: Kernels, T>(
+    (m, n, k): (usize, usize, usize),
+    lhs: Strided<'_, T>,
+    rhs: Strided<'_, T>,
+    dst: *mut T,
+    accumulate: bool,
+) {
+    let a = lhs.data.as_ptr().cast::<K>();
+    let strides = (rhs.row_stride, rhs.col_stride);
+    with_rows::<K>((n, k), rhs.data.as_ptr().cast(), strides, |b, rsb| {
+        K::product(
+            (m, n, k),
+            a,
+            lhs.row_stride,
+            lhs.col_stride,
+            b,
+            rsb,
+            dst.cast(),
+            accumulate,
+        )
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -160,7 +187,7 @@ fn rows_in_place(col_stride: usize, n: usize) -> bool {
 /// # Safety
 /// `b` with the strides covers a `k x n` view; the CPU has AVX-512F and VL, and FMA.
 #[cfg(target_arch = "x86_64")]
-unsafe fn with_rows<T: Transpose>(
+unsafe fn with_rows<T: Kernels>(
     (n, k): (usize, usize),
     b: *const T,
     (row_stride, col_stride): (usize, usize),
