@@ -113,3 +113,32 @@ fn a_failing_task_or_no_threads_is_an_error() -> Result<()> {
     assert!(meta_batch(0, 2, Combine::Mean, |i| task(&model, &inner, i))?.is_empty());
     Ok(())
 }
+
+/// Tensors made on different threads form one graph: ids are per-thread clocks, and an op's
+/// output must still outrank its inputs for `grad`'s pruning, however far ahead the thread
+/// that made an input was.
+#[test]
+fn graphs_span_threads_whose_clocks_differ() -> Result<()> {
+    // This thread's clock starts now, before the other thread's runs ahead.
+    let v = Tensor::scalar(2.0f64).to_leaf();
+    let w = std::thread::spawn(|| -> Result<Tensor> {
+        // Far ahead of the test thread's clock.
+        let mut t = Tensor::scalar(0.5f64);
+        for _ in 0..100_000 {
+            t = t.affine(1.0, 1.0)?;
+        }
+        Ok(t.affine(0.0, 3.0)?.to_leaf())
+    })
+    .join()
+    .expect("thread")?;
+    // `grad` prunes at its earliest input's id: a product made on this thread with a
+    // smaller id than `w` would be cut off, and `w` get no gradient.
+    let y = w.mul(&w)?.affine(2.0, 0.0)?; // dy/dw = 4 w
+    let dw = candle_higher::grad(&[y], &[w.clone()], candle_higher::GradOptions::default())?;
+    assert_eq!(dw[0].as_ref().expect("a gradient").to_scalar_f64()?, 12.0);
+    let z = w.mul(&w)?.mul(&v)?; // dz/dw = 2 w v, dz/dv = w^2
+    let grads = backward(&z)?;
+    assert_eq!(grads.get(&w).unwrap().to_scalar_f64()?, 12.0);
+    assert_eq!(grads.get(&v).unwrap().to_scalar_f64()?, 9.0);
+    Ok(())
+}
