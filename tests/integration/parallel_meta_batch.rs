@@ -134,7 +134,7 @@ fn graphs_span_threads_whose_clocks_differ() -> Result<()> {
     // `grad` prunes at its earliest input's id: a product made on this thread with a
     // smaller id than `w` would be cut off, and `w` get no gradient.
     let y = w.mul(&w)?.affine(2.0, 0.0)?; // dy/dw = 4 w
-    let dw = candle_higher::grad(&[y], &[w.clone()], candle_higher::GradOptions::default())?;
+    let dw = candle_higher::grad(&[y], std::slice::from_ref(&w), Default::default())?;
     assert_eq!(dw[0].as_ref().expect("a gradient").to_scalar_f64()?, 12.0);
     let z = w.mul(&w)?.mul(&v)?; // dz/dw = 2 w v, dz/dv = w^2
     let grads = backward(&z)?;
