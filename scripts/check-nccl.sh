@@ -7,9 +7,9 @@
 # `--pypi-toolkit`: a real CUDA toolkit assembled from NVIDIA's wheels on PyPI into
 # target/cuda-pypi (downloaded once, reused after), so candle-kernels' .cu files really go
 # through nvcc (PTX, and the static MoE/GGUF kernel library). PyPI's cu12 nvcc wheels carry
-# only ptxas and libnvvm (no nvcc driver, no cicc), so this is CUDA 13.2, the newest version
-# cudarc 0.19 knows that has a complete set of wheels. No GPU, libcuda or NCCL is needed:
-# cudarc loads them at run time, and `check` does not link.
+# only ptxas and libnvvm (no nvcc driver, no cicc), so this is CUDA 13.2 (a version cudarc 0.19
+# knows; its nvcc, nvvm, crt, runtime and cccl wheels are all 13.2.86). No GPU, libcuda,
+# cuBLAS or NCCL is needed: `check` does not link.
 #
 # Nothing either mode builds has run on a GPU. Lint with
 # `CARGO_SUBCOMMAND=clippy scripts/check-nccl.sh [--pypi-toolkit] -- -D warnings`.
