@@ -4,8 +4,8 @@
 //! [`SLOT_BITS`]. A thread's tick always exceeds its previous one and every input's tick,
 //! so ids are unique and an op's output has a larger id than each of its inputs, which is
 //! all `grad`'s pruning needs. One global counter instead made every tensor creation bounce
-//! a cache line between the threads of a parallel meta-batch (measured: two threads were no
-//! faster than one on the looped MAML sine workload).
+//! a cache line between the threads of a parallel meta-batch (measured on the looped MAML
+//! sine workload on two threads: 1.39 ms to 1.33 ms per meta-iteration, a noisy gain).
 
 use std::cell::Cell;
 use std::sync::Mutex;
