@@ -20,6 +20,9 @@
 //!
 //! Each workload runs in a child process of this binary (`--worker NAME ...`), so that its
 //! peak resident memory is its own; 1-thread rows run pinned to core 0, as the anchors do.
+//! A worker runs alone too, e.g. `--worker sine batched STEPS ITERS WARMUP THREADS [TASKS]`
+//! (prints `RESULT seconds peak_mib`; `TASKS` changes the meta-batch, for measuring
+//! the fixed and per-task costs).
 //! Workers run with mimalloc's default settings unless the environment sets
 //! `MIMALLOC_PURGE_DELAY` (see `purge_delay`). Options: `--quick` (fewer iterations), `--only sine|omniglot|unroll`,
 //! `--no-anchor`, `--slow-anchors` (adds JAX on the CNN, minutes per meta-iteration).
@@ -225,6 +228,7 @@ fn sine_worker(
     iters: usize,
     warmup: usize,
     threads: usize,
+    meta_batch: usize,
 ) -> Result<String> {
     use candle_higher::parallel::{self, Combine};
     if threads > 1 {
@@ -234,10 +238,10 @@ fn sine_worker(
     let mut meta_opt = Optimizer::new(Adam::new(1e-3), model.parameters()?.len())?;
     let mut rng = Lcg(123);
     let batches: Vec<Vec<SineTask>> = (0..iters + warmup)
-        .map(|_| (0..META_BATCH).map(|_| sine_task(&mut rng)).collect())
+        .map(|_| (0..meta_batch).map(|_| sine_task(&mut rng)).collect())
         .collect::<Result<_>>()?;
     // One stacked batch per thread's share (one share with one thread).
-    let share = META_BATCH.div_ceil(threads);
+    let share = meta_batch.div_ceil(threads);
     let stacked: Vec<Vec<SineBatch>> = if batched {
         batches
             .iter()
@@ -246,7 +250,7 @@ fn sine_worker(
     } else {
         Vec::new()
     };
-    let scale = 1.0 / META_BATCH as f64;
+    let scale = 1.0 / meta_batch as f64;
     let chunk_grads = |model: &Sequential, batch: &SineBatch| -> Result<GradStore> {
         let inner_opt = Optimizer::new(Sgd::new(0.01), model.parameters()?.len())?;
         let options = maml_options().tasks(batch.tasks);
@@ -503,7 +507,10 @@ fn worker(args: &[String]) -> Result<()> {
     };
     let batched = args.get(1).is_some_and(|m| m == "batched");
     let out = match args.first().map(String::as_str) {
-        Some("sine") => sine_worker(batched, num(2), num(3), num(4), num(5).max(1))?,
+        Some("sine") => {
+            let meta_batch = args.get(6).map_or(META_BATCH, |_| num(6));
+            sine_worker(batched, num(2), num(3), num(4), num(5).max(1), meta_batch)?
+        }
         Some("unroll") => unroll_worker(num(1))?,
         Some("omniglot") => {
             let meta_batch = args.get(4).map_or(16, |_| num(4));

@@ -142,3 +142,28 @@ fn graphs_span_threads_whose_clocks_differ() -> Result<()> {
     assert_eq!(grads.get(&v).unwrap().to_scalar_f64()?, 9.0);
     Ok(())
 }
+
+/// Every block runs under the caller's grad mode and anomaly detection, whichever thread it
+/// lands on, so a meta-batch behaves the same for every thread count.
+#[test]
+fn blocks_run_under_the_callers_grad_and_anomaly_modes() -> Result<()> {
+    use candle_higher::{detect_anomaly, is_anomaly_enabled, is_grad_enabled, no_grad};
+    use std::sync::Mutex;
+    let seen = |threads: usize| -> Result<Vec<(bool, bool)>> {
+        let modes = Mutex::new(vec![(true, false); 4]);
+        meta_batch(4, threads, Combine::Sum, |i| {
+            modes.lock().unwrap()[i] = (is_grad_enabled(), is_anomaly_enabled());
+            Ok(GradStore::default())
+        })?;
+        Ok(modes.into_inner().unwrap())
+    };
+    for threads in [1, 2, 4] {
+        assert_eq!(seen(threads)?, vec![(true, false); 4], "{threads} threads");
+        let _off = no_grad();
+        let _anomaly = detect_anomaly();
+        assert_eq!(seen(threads)?, vec![(false, true); 4], "{threads} threads");
+    }
+    // The pool's threads keep their own defaults afterwards.
+    assert_eq!(seen(2)?, vec![(true, false); 4]);
+    Ok(())
+}

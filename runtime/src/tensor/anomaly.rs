@@ -46,7 +46,12 @@ impl Drop for AnomalyGuard {
 /// assert!(err.to_string().contains("log"));
 /// ```
 pub fn detect_anomaly() -> AnomalyGuard {
-    let previous = ANOMALY.with(|a| a.replace(true));
+    set_anomaly(true)
+}
+
+/// Turns anomaly detection on or off on this thread until the guard is dropped.
+pub(crate) fn set_anomaly(enabled: bool) -> AnomalyGuard {
+    let previous = ANOMALY.with(|a| a.replace(enabled));
     AnomalyGuard { previous }
 }
 
