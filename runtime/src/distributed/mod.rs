@@ -378,8 +378,8 @@ pub fn broadcast_model<M: Parameters + Clone>(
 /// Gives every rank rank 0's outer-optimizer state (moment estimates, step counters, ...),
 /// its tensors placed on `device`. The hyperparameters are not sent: build the optimizer
 /// the same way on every rank. Different parameter counts are [`Error::RankMismatch`] on
-/// every rank, and no optimizer is changed. Entries that shared one tensor arrive as
-/// separate tensors with equal values.
+/// every rank, and no optimizer is changed. Entries that share one tensor (an in-place
+/// update through one reaches the other) still share one on every rank.
 pub fn broadcast_optimizer_state<O: Hyperparameters + OptimizerStep>(
     comm: &dyn Communicator,
     optimizer: &mut Optimizer<O>,

@@ -428,6 +428,63 @@ fn optimizer_states_survive_the_wire_and_malformed_bytes_are_errors() {
 }
 
 #[test]
+fn entries_that_share_a_tensor_still_share_it_after_the_wire() {
+    let mut state = State::new();
+    let first = state
+        .get_or_insert_with("a", || {
+            Tensor::from_slice(&[1.0f64, 2.0], &[2], &Device::Cpu)
+        })
+        .unwrap();
+    state.set("b", first);
+    state.set(
+        "c",
+        Tensor::from_slice(&[5.0f64], &[1], &Device::Cpu).unwrap(),
+    );
+    let bytes = wire::encode_states(&[state]).unwrap();
+    let back = wire::decode_states(&bytes, &Device::Cpu).unwrap();
+    let (a, b, c) = (
+        back[0].get("a").unwrap(),
+        back[0].get("b").unwrap(),
+        back[0].get("c").unwrap(),
+    );
+    assert!(a.same_entry(&b) && !a.same_entry(&c));
+    // An in-place update through one key reaches the other, as on rank 0.
+    a.mul_(3.0).unwrap();
+    assert_eq!(
+        back[0].tensor("b").unwrap().to_vec_f64().unwrap(),
+        vec![3.0, 6.0]
+    );
+    assert_eq!(
+        back[0].tensor("c").unwrap().to_vec_f64().unwrap(),
+        vec![5.0]
+    );
+    // An alias must name an earlier tensor entry: a later one, itself or a counter is
+    // malformed.
+    let mut counter = State::new();
+    counter.set_int("step", 1);
+    counter.set(
+        "t",
+        Tensor::from_slice(&[1.0f64], &[1], &Device::Cpu).unwrap(),
+    );
+    let valid = wire::encode_states(&[counter]).unwrap();
+    for target in [0u64, 1, 7] {
+        // The second entry ("t") rewritten as an alias of `target`: its kind byte follows
+        // the key and precedes dtype, rank, one dim, byte count and 8 bytes of data.
+        let kind_at = valid.len() - (1 + 8 * 5);
+        assert_eq!((valid[kind_at - 1], valid[kind_at]), (b't', 0));
+        let mut bytes = valid[..kind_at].to_vec();
+        bytes.push(4);
+        bytes.extend_from_slice(&target.to_le_bytes());
+        let err = wire::decode_states(&bytes, &Device::Cpu).unwrap_err();
+        assert!(matches!(err, Error::Communication { .. }), "{err}");
+        assert!(
+            err.to_string().contains("not an earlier tensor entry"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn single_process_is_the_identity() {
     let model = mlp(1);
     let params = model.parameters().unwrap();

@@ -3,7 +3,7 @@
 use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
-use crate::optim::{Scalar, State, StateValue};
+use crate::optim::{Scalar, State, StateTensor, StateValue};
 use crate::tensor::Tensor;
 
 /// A stable number for each dtype (candle's enum order is not a promise).
@@ -122,6 +122,9 @@ const TENSOR: u8 = 0;
 const FLOAT: u8 = 1;
 const SCALAR_TENSOR: u8 = 2;
 const INT: u8 = 3;
+/// Another key for an earlier tensor entry of the same state (entries that share one
+/// tensor, so that an in-place update through one reaches the other).
+const ALIAS: u8 = 4;
 
 fn put_u64(out: &mut Vec<u8>, w: u64) {
     out.extend_from_slice(&w.to_le_bytes());
@@ -139,20 +142,32 @@ fn put_tensor(out: &mut Vec<u8>, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Every entry of every state: a count, then per entry its key, kind and value.
+/// Every entry of every state: a count, then per entry its key, kind and value; an entry
+/// that shares an earlier entry's tensor is sent as the earlier entry's position.
 pub(super) fn encode_states(states: &[State]) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     put_u64(&mut out, states.len() as u64);
     for state in states {
         let entries: Vec<(&str, StateValue)> = state.entries().collect();
         put_u64(&mut out, entries.len() as u64);
-        for (key, value) in entries {
+        let mut sent: Vec<(usize, StateTensor)> = Vec::new();
+        for (position, (key, value)) in entries.into_iter().enumerate() {
             put_u64(&mut out, key.len() as u64);
             out.extend_from_slice(key.as_bytes());
             match value {
                 StateValue::Tensor(t) => {
-                    out.push(TENSOR);
-                    put_tensor(&mut out, &t)?;
+                    let handle = state.get(key)?;
+                    match sent.iter().find(|(_, h)| h.same_entry(&handle)) {
+                        Some(&(earlier, _)) => {
+                            out.push(ALIAS);
+                            put_u64(&mut out, earlier as u64);
+                        }
+                        None => {
+                            out.push(TENSOR);
+                            put_tensor(&mut out, &t)?;
+                            sent.push((position, handle));
+                        }
+                    }
                 }
                 StateValue::Scalar(Scalar::Float(v)) => {
                     out.push(FLOAT);
@@ -241,12 +256,28 @@ pub(super) fn decode_states(bytes: &[u8], device: &Device) -> Result<Vec<State>>
     for _ in 0..count {
         let entries = r.len()?;
         let mut state = State::new();
+        let mut keys: Vec<String> = Vec::new();
         for _ in 0..entries {
             let key_len = r.len()?;
             let key = std::str::from_utf8(r.take(key_len)?)
                 .map_err(|_| malformed("a key that is not UTF-8".into()))?
                 .to_string();
+            keys.push(key.clone());
             let value = match r.take(1)?[0] {
+                ALIAS => {
+                    let earlier = r.u64()?;
+                    let shared = usize::try_from(earlier)
+                        .ok()
+                        .filter(|&e| e + 1 < keys.len())
+                        .and_then(|e| state.get(&keys[e]).ok())
+                        .ok_or_else(|| {
+                            malformed(format!(
+                                "entry {key:?} names entry {earlier}, not an earlier tensor entry"
+                            ))
+                        })?;
+                    state.set(&key, shared);
+                    continue;
+                }
                 TENSOR => StateValue::Tensor(r.tensor(device)?),
                 FLOAT => StateValue::Scalar(Scalar::Float(f64::from_bits(r.u64()?))),
                 SCALAR_TENSOR => StateValue::Scalar(Scalar::Tensor(r.tensor(device)?)),
