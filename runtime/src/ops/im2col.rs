@@ -209,6 +209,9 @@ impl Conv {
     /// For every row `(c, ky, kx)` of the column matrix and every output row `oy` with an
     /// input row inside the image: the input offset of the first valid tap, the output
     /// columns `[ox_lo, ox_hi)` it covers, and the row's offset in the column matrix.
+    // Inlined so that each caller's per-run work compiles into its loop (with the
+    // caller's target features), not a call per run.
+    #[inline(always)]
     fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize, usize, usize)) {
         let (ho, wo) = (self.ho(), self.wo());
         for c in 0..self.c_in {
@@ -231,6 +234,25 @@ impl Conv {
     /// `row_len` columns, starting at column `col0`; entries no tap reaches are left as
     /// they are (the caller zeroes the buffer).
     fn im2col<T: WithDType>(&self, image: &[T], cols: &mut [T], row_len: usize, col0: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if let (1, Some(image), Some(cols)) = (self.stride, as_f32(image), as_f32_mut(cols)) {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                unsafe { runs_avx512::im2col(self, image, cols, row_len, col0) };
+                return;
+            }
+        }
+        self.im2col_scalar(image, cols, row_len, col0);
+    }
+
+    /// [`Conv::im2col`] element by element (any dtype and stride).
+    fn im2col_scalar<T: WithDType>(
+        &self,
+        image: &[T],
+        cols: &mut [T],
+        row_len: usize,
+        col0: usize,
+    ) {
         self.for_each_run(|r, src, out_row, lo, hi| {
             let dst = &mut cols[r * row_len + col0 + out_row..][lo..hi];
             let src = &image[src..];
@@ -247,6 +269,19 @@ impl Conv {
     /// The adjoint of [`Conv::im2col`] for one image: adds each column entry (a `k x l`
     /// matrix) into the input position it was read from.
     fn col2im<T: WithDType>(&self, cols: &[T], image: &mut [T]) {
+        #[cfg(target_arch = "x86_64")]
+        if let (1, Some(cols), Some(image)) = (self.stride, as_f32(cols), as_f32_mut(image)) {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                unsafe { runs_avx512::col2im(self, cols, image) };
+                return;
+            }
+        }
+        self.col2im_scalar(cols, image);
+    }
+
+    /// [`Conv::col2im`] element by element (any dtype and stride).
+    fn col2im_scalar<T: WithDType>(&self, cols: &[T], image: &mut [T]) {
         let l = self.ho() * self.wo();
         self.for_each_run(|r, dst, out_row, lo, hi| {
             let src = &cols[r * l + out_row..][lo..hi];
@@ -388,6 +423,108 @@ impl Conv {
     }
 }
 
+/// `xs` as f32, when that is its element type.
+#[cfg(target_arch = "x86_64")]
+fn as_f32<T: WithDType>(xs: &[T]) -> Option<&[f32]> {
+    // SAFETY: T is f32 (checked), so the slice is one of f32.
+    (T::DTYPE == DType::F32)
+        .then(|| unsafe { std::slice::from_raw_parts(xs.as_ptr().cast(), xs.len()) })
+}
+
+/// `xs` as mutable f32, when that is its element type.
+#[cfg(target_arch = "x86_64")]
+fn as_f32_mut<T: WithDType>(xs: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: T is f32 (checked), so the slice is one of f32, borrowed exclusively.
+    (T::DTYPE == DType::F32)
+        .then(|| unsafe { std::slice::from_raw_parts_mut(xs.as_mut_ptr().cast(), xs.len()) })
+}
+
+/// im2col and col2im of f32 at stride 1 on AVX-512: a run (one output row's taps of one
+/// kernel position, 3 to 28 elements in the Omniglot CNN) is copied with 16-lane masked
+/// loads and stores (28% faster than a memcpy call per run, measured on the Omniglot CNN's
+/// second layer), or added in vector pieces. Each element is added once per run, in the
+/// same run order: the results are bitwise those of the scalar path.
+#[cfg(target_arch = "x86_64")]
+mod runs_avx512 {
+    use std::arch::x86_64::*;
+
+    use super::Conv;
+
+    /// Lanes `0..n` of a 16-lane mask (all for `n >= 16`).
+    #[inline]
+    fn mask(n: usize) -> __mmask16 {
+        if n >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << n) - 1
+        }
+    }
+
+    /// [`Conv::im2col`] at stride 1.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn im2col(
+        conv: &Conv,
+        image: &[f32],
+        cols: &mut [f32],
+        row_len: usize,
+        col0: usize,
+    ) {
+        conv.for_each_run(|r, src, out_row, lo, hi| {
+            let dst = &mut cols[r * row_len + col0 + out_row..][lo..hi];
+            let src = &image[src..][..dst.len()];
+            for j in (0..dst.len()).step_by(16) {
+                let m = mask(dst.len() - j);
+                // SAFETY: lanes of `m` lie inside both slices (bounds checked above).
+                unsafe {
+                    let v = _mm512_maskz_loadu_ps(m, src.as_ptr().add(j));
+                    _mm512_mask_storeu_ps(dst.as_mut_ptr().add(j), m, v);
+                }
+            }
+        });
+    }
+
+    /// [`Conv::col2im`] at stride 1. The adds use no masked stores: on AMD Zen 4 a load
+    /// of what a masked store just wrote stalls (measured: 5x slower than the scalar
+    /// loop); 512-, 256- and 128-bit pieces and a scalar tail instead (about 20% faster).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn col2im(conv: &Conv, cols: &[f32], image: &mut [f32]) {
+        let l = conv.ho() * conv.wo();
+        conv.for_each_run(|r, dst, out_row, lo, hi| {
+            let src = &cols[r * l + out_row..][lo..hi];
+            let dst = &mut image[dst..][..src.len()];
+            let (n, mut j) = (src.len(), 0);
+            // SAFETY: every piece lies inside both slices (bounds checked above).
+            unsafe {
+                let (d, s) = (dst.as_mut_ptr(), src.as_ptr());
+                while j + 16 <= n {
+                    let sum = _mm512_add_ps(_mm512_loadu_ps(d.add(j)), _mm512_loadu_ps(s.add(j)));
+                    _mm512_storeu_ps(d.add(j), sum);
+                    j += 16;
+                }
+                if j + 8 <= n {
+                    let sum = _mm256_add_ps(_mm256_loadu_ps(d.add(j)), _mm256_loadu_ps(s.add(j)));
+                    _mm256_storeu_ps(d.add(j), sum);
+                    j += 8;
+                }
+                if j + 4 <= n {
+                    let sum = _mm_add_ps(_mm_loadu_ps(d.add(j)), _mm_loadu_ps(s.add(j)));
+                    _mm_storeu_ps(d.add(j), sum);
+                    j += 4;
+                }
+            }
+            for (d, s) in dst[j..].iter_mut().zip(&src[j..]) {
+                *d += *s;
+            }
+        });
+    }
+}
+
 /// Single-threaded, or the library's cached thread count for products of a million
 /// multiply-adds.
 fn parallelism(multiply_adds: usize) -> gemm::Parallelism {
@@ -526,5 +663,53 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// im2col and col2im of f32 (AVX-512 runs at stride 1 where the CPU has it) equal the
+    /// element-by-element definitions bit for bit: runs shorter and longer than a vector,
+    /// padding that clips them, dilation, and a column offset.
+    #[test]
+    fn f32_runs_match_the_scalar_definitions() {
+        let cases = [
+            // (c_in, h, w, kh, kw, padding, dilation)
+            (2, 5, 3, 3, 3, 1, 1),
+            (3, 14, 14, 3, 3, 1, 1),
+            (1, 28, 28, 3, 3, 1, 1),
+            (2, 9, 40, 3, 2, 2, 2),
+            (1, 7, 17, 1, 1, 0, 1),
+        ];
+        for &(c_in, h, w, kh, kw, padding, dilation) in &cases {
+            let conv = Conv {
+                tasks: None,
+                n: 2,
+                c_in,
+                h,
+                w,
+                c_out: 1,
+                kh,
+                kw,
+                padding,
+                stride: 1,
+                dilation,
+            };
+            let (k, l) = (conv.k(), conv.ho() * conv.wo());
+            let value = |i: usize| ((i * 7919) % 1000) as f32 / 37.0 - 13.0;
+            let image: Vec<f32> = (0..c_in * h * w).map(value).collect();
+            let (mut fast, mut slow) = (vec![0.5f32; k * 3 * l], vec![0.5f32; k * 3 * l]);
+            conv.im2col(&image, &mut fast, 3 * l, l);
+            conv.im2col_scalar(&image, &mut slow, 3 * l, l);
+            assert_eq!(fast, slow, "im2col {:?}", (c_in, h, w, kh, kw));
+            let cols: Vec<f32> = (0..k * l).map(|i| value(i + 5)).collect();
+            let (mut fast, mut slow) = (image.clone(), image.clone());
+            conv.col2im(&cols, &mut fast);
+            conv.col2im_scalar(&cols, &mut slow);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&fast),
+                bits(&slow),
+                "col2im {:?}",
+                (c_in, h, w, kh, kw)
+            );
+        }
     }
 }
