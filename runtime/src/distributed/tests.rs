@@ -427,6 +427,30 @@ fn optimizer_states_survive_the_wire_and_malformed_bytes_are_errors() {
     assert!(wire::decode_states(&extra, &Device::Cpu).is_err());
 }
 
+/// A tensor whose dims multiply past `usize` is malformed, not an overflow.
+#[test]
+fn dims_whose_product_overflows_are_malformed() {
+    let mut state = State::new();
+    state.set(
+        "t",
+        Tensor::from_slice(&[1.0f64], &[1], &Device::Cpu).unwrap(),
+    );
+    let valid = wire::encode_states(&[state]).unwrap();
+    // The tensor's rank (1) and dim rewritten as rank 8 with dims of 2^20 each; every length
+    // is within the (padded) message, so only their product is out of range.
+    let rank_at = valid.len() - 8 * 4;
+    let dim = 1u64 << 20;
+    let mut bytes = valid[..rank_at].to_vec();
+    bytes.extend_from_slice(&8u64.to_le_bytes());
+    for _ in 0..8 {
+        bytes.extend_from_slice(&dim.to_le_bytes());
+    }
+    bytes.resize(dim as usize, 0);
+    let err = wire::decode_states(&bytes, &Device::Cpu).unwrap_err();
+    assert!(matches!(err, Error::Communication { .. }), "{err}");
+    assert!(err.to_string().contains("dims"), "{err}");
+}
+
 #[test]
 fn entries_that_share_a_tensor_still_share_it_after_the_wire() {
     let mut state = State::new();
@@ -467,7 +491,7 @@ fn entries_that_share_a_tensor_still_share_it_after_the_wire() {
         Tensor::from_slice(&[1.0f64], &[1], &Device::Cpu).unwrap(),
     );
     let valid = wire::encode_states(&[counter]).unwrap();
-    for target in [0u64, 1, 7] {
+    for target in [0u64, 1, 7, u64::MAX] {
         // The second entry ("t") rewritten as an alias of `target`: its kind byte follows
         // the key and precedes dtype, rank, one dim, byte count and 8 bytes of data.
         let kind_at = valid.len() - (1 + 8 * 5);

@@ -235,9 +235,13 @@ impl<'a> Reader<'a> {
         let dims = (0..rank)
             .map(|_| self.len())
             .collect::<Result<Vec<usize>>>()?;
+        let count = dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| malformed(format!("a tensor of dims {dims:?}")))?;
         let n = self.len()?;
         let data = self.take(n)?;
-        let flat = tensor_from_bytes(data, dtype, dims.iter().product())?;
+        let flat = tensor_from_bytes(data, dtype, count)?;
         Ok(Tensor::new(flat.reshape(dims)?.to_device(device)?))
     }
 }
@@ -268,7 +272,8 @@ pub(super) fn decode_states(bytes: &[u8], device: &Device) -> Result<Vec<State>>
                     let earlier = r.u64()?;
                     let shared = usize::try_from(earlier)
                         .ok()
-                        .filter(|&e| e + 1 < keys.len())
+                        // An earlier entry: `keys` ends with this one.
+                        .filter(|&e| e < keys.len() - 1)
                         .and_then(|e| state.get(&keys[e]).ok())
                         .ok_or_else(|| {
                             malformed(format!(
