@@ -20,6 +20,8 @@
 //!
 //! Each workload runs in a child process of this binary (`--worker NAME ...`), so that its
 //! peak resident memory is its own; 1-thread rows run pinned to core 0, as the anchors do.
+//! Each of our rows is the median of `OUR_LAUNCHES` launches (one with `--quick`); each
+//! anchor row is one launch (they take minutes).
 //! A worker runs alone too, e.g. `--worker sine batched STEPS ITERS WARMUP THREADS [TASKS]`
 //! (prints `RESULT seconds peak_mib`; `TASKS` changes the meta-batch, for measuring
 //! the fixed and per-task costs).
@@ -530,6 +532,23 @@ fn run_worker(threads: usize, args: &[String]) -> Option<Vec<f64>> {
     run_worker_with(threads, threads, args)
 }
 
+/// Launches of each of our rows: this VM's speed drifts by up to a third between launches,
+/// more than between the meta-iterations of one launch.
+const OUR_LAUNCHES: usize = 3;
+
+/// One of our rows, `launches` times on `threads` cores with one-thread kernels: the
+/// median launch's seconds per meta-iteration, and the largest peak RSS.
+fn run_ours(launches: usize, threads: usize, args: &[String]) -> Option<Vec<f64>> {
+    let mut runs: Vec<Vec<f64>> = (0..launches)
+        .filter_map(|_| run_worker_with(threads, 1, args))
+        .filter(|o| o.len() >= 2)
+        .collect();
+    runs.sort_by(|a, b| a[0].total_cmp(&b[0]));
+    let rss = runs.iter().map(|o| o[1]).fold(f64::NAN, f64::max);
+    let median = runs.get(runs.len() / 2)?[0];
+    Some(vec![median, rss])
+}
+
 /// [`run_worker`] on `threads` cores with `RAYON_NUM_THREADS` set to `kernel_threads`.
 fn run_worker_with(threads: usize, kernel_threads: usize, args: &[String]) -> Option<Vec<f64>> {
     let exe = std::env::current_exe().ok()?;
@@ -663,11 +682,12 @@ fn driver(args: &[String]) {
         purge_delay()
     );
     let mut rows: Vec<Row> = Vec::new();
+    let launches = if quick { 1 } else { OUR_LAUNCHES };
     let ours = |rows: &mut Vec<Row>, workload, steps, threads, worker: Vec<String>| {
         for mode in ["batched", "looped"] {
             let mut a = worker.clone();
             a.insert(1, mode.to_string());
-            if let Some(o) = run_worker_with(threads, 1, &a) {
+            if let Some(o) = run_ours(launches, threads, &a) {
                 rows.push(Row {
                     workload,
                     variant: format!("ours-{mode}"),
@@ -741,7 +761,7 @@ fn driver(args: &[String]) {
                     .into_iter()
                     .chain(std::iter::once(threads.to_string()))
                     .collect::<Vec<_>>();
-                if let Some(o) = run_worker_with(threads, 1, &a) {
+                if let Some(o) = run_ours(launches, threads, &a) {
                     rows.push(Row {
                         workload: "omniglot_cnn",
                         variant: format!("ours-{mode}"),
