@@ -23,8 +23,9 @@
 //! Each of our rows is the median of `OUR_LAUNCHES` launches (one with `--quick`); each
 //! anchor row is one launch (they take minutes).
 //! A worker runs alone too, e.g. `--worker sine batched STEPS ITERS WARMUP THREADS [TASKS]`
+//! or `--worker omniglot batched|looped ITERS WARMUP META_BATCH THREADS [CHUNK]`
 //! (prints `RESULT seconds peak_mib`; `TASKS` changes the meta-batch, for measuring
-//! the fixed and per-task costs).
+//! the fixed and per-task costs; `CHUNK` the tasks per batched inner loop).
 //! Workers run with mimalloc's default settings unless the environment sets
 //! `MIMALLOC_PURGE_DELAY` (see `purge_delay`). Options: `--quick` (fewer iterations), `--only sine|omniglot|unroll`,
 //! `--no-anchor`, `--slow-anchors` (adds JAX on the CNN, minutes per meta-iteration).
@@ -364,6 +365,7 @@ fn omniglot_worker(
     warmup: usize,
     meta_batch: usize,
     threads: usize,
+    chunk: usize,
 ) -> Result<String> {
     use candle_higher::nn::{
         batch_norm2d, conv2d, flatten, max_pool2d, BatchNormConfig, ConvConfig,
@@ -440,7 +442,7 @@ fn omniglot_worker(
         batches
             .iter()
             .map(|b| {
-                b.chunks(OMNIGLOT_CHUNK)
+                b.chunks(chunk)
                     .map(|c| {
                         Ok(ImageTask {
                             xs: stack(c, |t| &t.xs)?,
@@ -516,7 +518,8 @@ fn worker(args: &[String]) -> Result<()> {
         Some("unroll") => unroll_worker(num(1))?,
         Some("omniglot") => {
             let meta_batch = args.get(4).map_or(16, |_| num(4));
-            omniglot_worker(batched, num(2), num(3), meta_batch, num(5).max(1))?
+            let chunk = args.get(6).map_or(OMNIGLOT_CHUNK, |_| num(6).max(1));
+            omniglot_worker(batched, num(2), num(3), meta_batch, num(5).max(1), chunk)?
         }
         other => format!("unknown worker {other:?}"),
     };
