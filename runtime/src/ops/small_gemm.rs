@@ -290,7 +290,7 @@ struct Block<T, E> {
     rsb: usize,
     c: *mut T,
     ldc: usize,
-    edges: (E, E),
+    edges: E,
     accumulate: bool,
 }
 
@@ -383,7 +383,7 @@ mod avx512 {
             /// half-width vectors.
             #[target_feature(enable = "avx512f,avx512vl,fma")]
             #[inline]
-            unsafe fn $half<const R: usize>(at: &Block<$t, $mask>, i: usize) {
+            unsafe fn $half<const R: usize>(at: &Block<$t, ($mask, $mask)>, i: usize) {
                 let m0 = at.edges.0 as $hmask;
                 let mut acc = [$hzero(); R];
                 for kk in 0..at.k {
@@ -407,7 +407,7 @@ mod avx512 {
             /// Rows `i..i + R` of columns `at.j..at.j + 2 * lanes` (masked at the edge).
             #[target_feature(enable = "avx512f,avx512vl,fma")]
             #[inline]
-            unsafe fn $block<const R: usize>(at: &Block<$t, $mask>, i: usize) {
+            unsafe fn $block<const R: usize>(at: &Block<$t, ($mask, $mask)>, i: usize) {
                 let (m0, m1) = at.edges;
                 let two = m1 != 0;
                 let mut acc0 = [$zero(); R];
@@ -626,8 +626,8 @@ mod avx2 {
     /// edge columns are loaded with lane masks and stored through a stack buffer (AMD's
     /// masked stores are slow).
     macro_rules! kernel {
-        ($product:ident, $block:ident, $part:ident, $t:ty, $v:ty, $lanes:expr,
-         $zero:ident, $loadu:ident, $storeu:ident, $maskload:ident, $lane_mask:ident,
+        ($product:ident, $rows:ident, $block:ident, $part:ident, $store:ident, $t:ty, $v:ty, $lanes:expr,
+         $zero:ident, $loadu:ident, $storeu:ident, $maskload:ident, $mask:ident,
          $set1:ident, $fmadd:ident, $add:ident) => {
             /// `c = a b` (`+= ` when `accumulate`): `a` `m x k` at `(i, k) -> i * rsa + k * csa`,
             /// `b` `k x n` with row stride `rsb` and unit column stride, `c` row-major `m x n`.
@@ -659,21 +659,24 @@ mod avx2 {
                         rsb,
                         c,
                         ldc: n,
-                        edges: (width.min($lanes), width.saturating_sub($lanes)),
+                        edges: ((width - 1) % $lanes + 1, $mask((width - 1) % $lanes + 1)),
                         accumulate,
                     };
-                    // Row blocks of equal height, at most 6: 12 accumulators, the two
-                    // rows of `b` and the broadcast fill the 16 registers.
-                    let height = m.div_ceil(m.div_ceil(6));
+                    let two = width > $lanes;
+                    let edge = width % $lanes != 0;
+                    // Row blocks of equal height: 6 rows of two vectors are 12 accumulators,
+                    // and with the two rows of `b` and the broadcast they fill the 16
+                    // registers; a masked edge needs one more, so 5 rows there.
+                    let rows = if two && edge { 5 } else { 6 };
+                    let height = m.div_ceil(m.div_ceil(rows));
                     let mut i = 0;
                     while i < m {
-                        match height.min(m - i) {
-                            1 => $block::<1>(&at, i),
-                            2 => $block::<2>(&at, i),
-                            3 => $block::<3>(&at, i),
-                            4 => $block::<4>(&at, i),
-                            5 => $block::<5>(&at, i),
-                            _ => $block::<6>(&at, i),
+                        let r = height.min(m - i);
+                        match (two, edge) {
+                            (true, false) => $rows::<true, false>(r, &at, i),
+                            (true, true) => $rows::<true, true>(r, &at, i),
+                            (false, false) => $rows::<false, false>(r, &at, i),
+                            (false, true) => $rows::<false, true>(r, &at, i),
                         }
                         i += height;
                     }
@@ -681,62 +684,93 @@ mod avx2 {
                 }
             }
 
-            /// The first `w` elements at `p` (`mask` selects them), the rest zero.
+            /// `$block` for `r` (at most 6) rows.
             #[target_feature(enable = "avx2,fma")]
             #[inline]
-            unsafe fn $part(p: *const $t, w: usize, mask: __m256i) -> $v {
-                if w == $lanes {
-                    $loadu(p)
-                } else {
-                    $maskload(p, mask)
+            unsafe fn $rows<const TWO: bool, const EDGE: bool>(
+                r: usize,
+                at: &Block<$t, (usize, __m256i)>,
+                i: usize,
+            ) {
+                match r {
+                    1 => $block::<1, TWO, EDGE>(at, i),
+                    2 => $block::<2, TWO, EDGE>(at, i),
+                    3 => $block::<3, TWO, EDGE>(at, i),
+                    4 => $block::<4, TWO, EDGE>(at, i),
+                    5 => $block::<5, TWO, EDGE>(at, i),
+                    _ => $block::<6, TWO, EDGE>(at, i),
                 }
             }
 
-            /// Rows `i..i + R` of columns `at.j..at.j + 2 * lanes` (fewer at the edge).
+            /// A vector at `p`: all lanes, or with `EDGE` the first `w` (`mask` selects
+            /// them) and zeros.
             #[target_feature(enable = "avx2,fma")]
             #[inline]
-            unsafe fn $block<const R: usize>(at: &Block<$t, usize>, i: usize) {
-                let (w0, w1) = at.edges;
-                let (m0, m1) = ($lane_mask(w0), $lane_mask(w1));
-                let two = w1 != 0;
+            unsafe fn $part<const EDGE: bool>(p: *const $t, mask: __m256i) -> $v {
+                if EDGE {
+                    $maskload(p, mask)
+                } else {
+                    $loadu(p)
+                }
+            }
+
+            /// Stores `v` at `p`: all lanes, or with `EDGE` the first `w`, through a stack
+            /// buffer.
+            #[target_feature(enable = "avx2,fma")]
+            #[inline]
+            unsafe fn $store<const EDGE: bool>(p: *mut $t, w: usize, v: $v) {
+                if EDGE {
+                    let mut lanes = [<$t>::default(); $lanes];
+                    $storeu(lanes.as_mut_ptr(), v);
+                    std::ptr::copy_nonoverlapping(lanes.as_ptr(), p, w);
+                } else {
+                    $storeu(p, v);
+                }
+            }
+
+            /// Rows `i..i + R` of the one or (`TWO`) two vectors of columns from `at.j`,
+            /// the last of them partial with `EDGE`.
+            #[target_feature(enable = "avx2,fma")]
+            #[inline]
+            unsafe fn $block<const R: usize, const TWO: bool, const EDGE: bool>(
+                at: &Block<$t, (usize, __m256i)>,
+                i: usize,
+            ) {
+                let (w, mask) = at.edges;
                 let mut acc0 = [$zero(); R];
                 let mut acc1 = [$zero(); R];
                 for kk in 0..at.k {
                     let row = at.b.add(kk * at.rsb + at.j);
-                    let b0 = $part(row, w0, m0);
-                    let b1 = if two {
-                        $part(row.add($lanes), w1, m1)
+                    let (b0, b1) = if TWO {
+                        ($loadu(row), $part::<EDGE>(row.add($lanes), mask))
                     } else {
-                        $zero()
+                        ($part::<EDGE>(row, mask), $zero())
                     };
                     for r in 0..R {
                         let x = $set1(*at.a.add((i + r) * at.rsa + kk * at.csa));
                         acc0[r] = $fmadd(x, b0, acc0[r]);
-                        if two {
+                        if TWO {
                             acc1[r] = $fmadd(x, b1, acc1[r]);
                         }
                     }
                 }
                 for r in 0..R {
                     let out = at.c.add((i + r) * at.ldc + at.j);
-                    for (h, (acc, w, mask)) in [(acc0[r], w0, m0), (acc1[r], w1, m1)]
-                        .into_iter()
-                        .enumerate()
-                        .take(1 + usize::from(two))
-                    {
-                        let out = out.add(h * $lanes);
-                        let v = if at.accumulate {
-                            $add($part(out, w, mask), acc)
-                        } else {
-                            acc
-                        };
-                        if w == $lanes {
-                            $storeu(out, v);
-                        } else {
-                            let mut lanes = [<$t>::default(); $lanes];
-                            $storeu(lanes.as_mut_ptr(), v);
-                            std::ptr::copy_nonoverlapping(lanes.as_ptr(), out, w);
+                    if TWO {
+                        let (o0, o1) = (out, out.add($lanes));
+                        let (mut v0, mut v1) = (acc0[r], acc1[r]);
+                        if at.accumulate {
+                            v0 = $add($loadu(o0), v0);
+                            v1 = $add($part::<EDGE>(o1, mask), v1);
                         }
+                        $storeu(o0, v0);
+                        $store::<EDGE>(o1, w, v1);
+                    } else {
+                        let mut v0 = acc0[r];
+                        if at.accumulate {
+                            v0 = $add($part::<EDGE>(out, mask), v0);
+                        }
+                        $store::<EDGE>(out, w, v0);
                     }
                 }
             }
@@ -762,8 +796,10 @@ mod avx2 {
 
     kernel!(
         product_f32,
+        rows_f32,
         block_f32,
         part_f32,
+        store_f32,
         f32,
         __m256,
         8,
@@ -778,8 +814,10 @@ mod avx2 {
     );
     kernel!(
         product_f64,
+        rows_f64,
         block_f64,
         part_f64,
+        store_f64,
         f64,
         __m256d,
         4,
