@@ -127,6 +127,7 @@ const LANES: usize = 32;
 /// `v`, `+= (u[j] - mu) (v[j] - mv)`, the factors rounded to f64 before the product.
 /// AVX-512 for f32 and f64 (the same operations, so the same bits; a tenth of an Omniglot
 /// meta-iteration was BatchNorm's sums when the compiler left this loop scalar).
+#[inline(always)]
 fn accumulate_row<T: WithDType>(lanes: &mut [f64; LANES], u: &[T], mu: T, v: Option<(&[T], T)>) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") && v.is_none_or(|(v, _)| v.len() == u.len()) {
@@ -154,6 +155,7 @@ fn accumulate_row<T: WithDType>(lanes: &mut [f64; LANES], u: &[T], mu: T, v: Opt
 }
 
 /// [`accumulate_row`] as its definition reads, for any element type.
+#[inline(always)]
 fn accumulate_row_scalar<T: WithDType>(
     lanes: &mut [f64; LANES],
     u: &[T],
@@ -284,17 +286,19 @@ fn reduce_cpu<T: WithDType>(
     let (g, n, c, s) = ch.grouped();
     let mut acc = vec![[0f64; LANES]; g * c];
     let center = |m: Option<&[T]>, pc: usize| m.map_or(T::zero(), |m| m[pc]);
-    for gi in 0..g {
-        for ni in 0..n {
-            for ci in 0..c {
-                let pc = gi * c + ci;
-                let base = ((gi * n + ni) * c + ci) * s;
-                let mu = center(mu, pc);
-                let v = v.map(|(v, mv)| (&v[base..base + s], center(mv, pc)));
-                accumulate_row(&mut acc[pc], &u[base..base + s], mu, v);
+    super::kernels::vectorized(|| {
+        for gi in 0..g {
+            for ni in 0..n {
+                for ci in 0..c {
+                    let pc = gi * c + ci;
+                    let base = ((gi * n + ni) * c + ci) * s;
+                    let mu = center(mu, pc);
+                    let v = v.map(|(v, mv)| (&v[base..base + s], center(mv, pc)));
+                    accumulate_row(&mut acc[pc], &u[base..base + s], mu, v);
+                }
             }
         }
-    }
+    });
     acc.iter()
         .map(|lanes| T::from_f64(lanes.iter().sum()))
         .collect()
@@ -311,6 +315,19 @@ struct Term<'a, T> {
 fn affine_cpu<T: WithDType>(ch: &Channels, terms: &[Term<'_, T>], b: Option<&[T]>) -> Vec<T> {
     let (g, n, c, s) = ch.grouped();
     let mut out = Vec::with_capacity(g * n * c * s);
+    super::kernels::vectorized(|| affine_rows(ch, terms, b, &mut out));
+    out
+}
+
+/// [`affine_cpu`]'s loops, appending to `out`.
+#[inline(always)]
+fn affine_rows<T: WithDType>(
+    ch: &Channels,
+    terms: &[Term<'_, T>],
+    b: Option<&[T]>,
+    out: &mut Vec<T>,
+) {
+    let (g, n, c, s) = ch.grouped();
     // Absent centers are +0.0 and an absent shift -0.0: `x - 0.0` and `y + -0.0` are `x`
     // and `y` for every value, the sign of zero included.
     let zero = T::zero();
@@ -339,7 +356,6 @@ fn affine_cpu<T: WithDType>(ch: &Channels, terms: &[Term<'_, T>], b: Option<&[T]
             }
         }
     }
-    out
 }
 
 /// The value of `channel_sum`.

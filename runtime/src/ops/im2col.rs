@@ -276,6 +276,11 @@ impl Conv {
                 unsafe { runs_avx512::col2im(self, cols, image) };
                 return;
             }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                unsafe { runs_avx2::col2im(self, cols, image) };
+                return;
+            }
         }
         self.col2im_scalar(cols, image);
     }
@@ -448,7 +453,7 @@ fn as_f32_mut<T: WithDType>(xs: &mut [T]) -> Option<&mut [f32]> {
 mod runs_avx512 {
     use std::arch::x86_64::*;
 
-    use super::Conv;
+    use super::{add_pieces, Conv};
 
     /// Lanes `0..n` of a 16-lane mask (all for `n >= 16`).
     #[inline]
@@ -507,19 +512,59 @@ mod runs_avx512 {
                     _mm512_storeu_ps(d.add(j), sum);
                     j += 16;
                 }
-                if j + 8 <= n {
-                    let sum = _mm256_add_ps(_mm256_loadu_ps(d.add(j)), _mm256_loadu_ps(s.add(j)));
-                    _mm256_storeu_ps(d.add(j), sum);
-                    j += 8;
-                }
-                if j + 4 <= n {
-                    let sum = _mm_add_ps(_mm_loadu_ps(d.add(j)), _mm_loadu_ps(s.add(j)));
-                    _mm_storeu_ps(d.add(j), sum);
-                    j += 4;
-                }
+                add_pieces!(d, s, n, j);
             }
-            for (d, s) in dst[j..].iter_mut().zip(&src[j..]) {
-                *d += *s;
+        });
+    }
+}
+
+/// `d[j..n] += s[j..n]` (raw f32 pointers) by 256- and 128-bit pieces and a scalar tail, in
+/// a function with AVX enabled.
+#[cfg(target_arch = "x86_64")]
+macro_rules! add_pieces {
+    ($d:ident, $s:ident, $n:ident, $j:ident) => {
+        while $j + 8 <= $n {
+            let sum = _mm256_add_ps(_mm256_loadu_ps($d.add($j)), _mm256_loadu_ps($s.add($j)));
+            _mm256_storeu_ps($d.add($j), sum);
+            $j += 8;
+        }
+        if $j + 4 <= $n {
+            let sum = _mm_add_ps(_mm_loadu_ps($d.add($j)), _mm_loadu_ps($s.add($j)));
+            _mm_storeu_ps($d.add($j), sum);
+            $j += 4;
+        }
+        while $j < $n {
+            *$d.add($j) += *$s.add($j);
+            $j += 1;
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+use add_pieces;
+
+/// [`runs_avx512`]'s col2im on AVX2: the runs added in 256- and 128-bit pieces and a scalar
+/// tail. (im2col's copies stay `copy_from_slice`: memcpy's overlapping tails beat pieces.)
+#[cfg(target_arch = "x86_64")]
+mod runs_avx2 {
+    use std::arch::x86_64::*;
+
+    use super::Conv;
+
+    /// [`Conv::col2im`] at stride 1.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn col2im(conv: &Conv, cols: &[f32], image: &mut [f32]) {
+        let l = conv.ho() * conv.wo();
+        conv.for_each_run(|r, dst, out_row, lo, hi| {
+            let src = &cols[r * l + out_row..][lo..hi];
+            let dst = &mut image[dst..][..src.len()];
+            let (n, mut j) = (src.len(), 0);
+            // SAFETY: every piece lies inside both slices (bounds checked above).
+            unsafe {
+                let (d, s) = (dst.as_mut_ptr(), src.as_ptr());
+                add_pieces!(d, s, n, j);
             }
         });
     }

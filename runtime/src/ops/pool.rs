@@ -284,29 +284,40 @@ impl Pool {
                 for i in 0..ho {
                     let (r0, r1) = (2 * i * w, (2 * i + 1) * w);
                     let (row0, row1) = (&plane[r0..r0 + 2 * wo], &plane[r1..r1 + 2 * wo]);
+                    // The windows a vector kernel took (all of them, on AVX-512 or AVX2).
+                    let mut done = 0;
                     #[cfg(target_arch = "x86_64")]
-                    if T::DTYPE == candle_core::DType::F32
-                        && std::arch::is_x86_feature_detected!("avx512f")
-                    {
+                    if T::DTYPE == candle_core::DType::F32 {
+                        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+                        let avx2 = std::arch::is_x86_feature_detected!("avx2");
+                        let rows = (row0.as_ptr().cast(), row1.as_ptr().cast());
                         values.reserve(wo);
                         positions.reserve(wo);
+                        let (vl, pl) = (values.len(), positions.len());
+                        let out = (
+                            values.as_mut_ptr().wrapping_add(vl).cast(),
+                            positions.as_mut_ptr().wrapping_add(pl),
+                        );
                         // SAFETY: the rows hold `2 wo` f32 (the dtype checked), the vectors
-                        // `wo` free slots, which the kernel writes; the CPU has AVX-512F.
+                        // `wo` free slots, of which the kernel writes the first `done`; the
+                        // CPU has the instruction set.
                         unsafe {
-                            let (vl, pl) = (values.len(), positions.len());
-                            pool_avx512::row_pair_f32(
-                                (row0.as_ptr().cast(), row1.as_ptr().cast()),
-                                (wo, w, r0),
-                                values.as_mut_ptr().add(vl).cast(),
-                                positions.as_mut_ptr().add(pl),
-                            );
-                            values.set_len(vl + wo);
-                            positions.set_len(pl + wo);
+                            if avx512 {
+                                pool_avx512::row_pair_f32(rows, (wo, w, r0), out.0, out.1);
+                                done = wo;
+                            } else if avx2 {
+                                pool_avx2::row_pair_f32(rows, (wo, w, r0), out.0, out.1);
+                                done = wo;
+                            }
+                            values.set_len(vl + done);
+                            positions.set_len(pl + done);
                         }
-                        continue;
                     }
-                    for (j, (top, bottom)) in
-                        row0.chunks_exact(2).zip(row1.chunks_exact(2)).enumerate()
+                    for (j, (top, bottom)) in row0
+                        .chunks_exact(2)
+                        .zip(row1.chunks_exact(2))
+                        .enumerate()
+                        .skip(done)
                     {
                         // Selects, not branches: which tap wins is data, and mispredicted
                         // branches made this loop a seventh of an Omniglot meta-iteration.
@@ -551,6 +562,91 @@ mod pool_avx512 {
     }
 }
 
+/// [`pool_avx512`]'s row kernel on AVX2.
+#[cfg(target_arch = "x86_64")]
+mod pool_avx2 {
+    use std::arch::x86_64::*;
+
+    /// A mask vector selecting the first `n` (at most 8) of 8 lanes.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn mask(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    /// The even and the odd elements of the first `n` (at most 16) f32 at `p`, zeros past
+    /// them.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn split(p: *const f32, n: usize) -> (__m256, __m256) {
+        let (a, b) = if n == 16 {
+            (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+        } else {
+            (
+                _mm256_maskload_ps(p, mask(n.min(8))),
+                _mm256_maskload_ps(p.wrapping_add(8), mask(n.saturating_sub(8))),
+            )
+        };
+        // In-lane shuffles leave the pairs of 64 bits in the order a0 b0 a1 b1.
+        let order =
+            |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0xd8>(_mm256_castps_pd(v)));
+        (
+            order(_mm256_shuffle_ps::<0x88>(a, b)),
+            order(_mm256_shuffle_ps::<0xdd>(a, b)),
+        )
+    }
+
+    /// `pool_avx512::row_pair_f32` on AVX2: vectors of 8 windows, the last one partial
+    /// (masked loads; its results stored through a stack buffer, as AMD's masked stores
+    /// are slow).
+    ///
+    /// # Safety
+    /// As `pool_avx512::row_pair_f32`, on a CPU with AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn row_pair_f32(
+        (top, bottom): (*const f32, *const f32),
+        (wo, w, r0): (usize, usize, usize),
+        values: *mut f32,
+        positions: *mut u32,
+    ) {
+        let even = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+        for j0 in (0..wo).step_by(8) {
+            let count = (wo - j0).min(8);
+            let (t0, t1) = split(top.add(2 * j0), 2 * count);
+            let (b0, b1) = split(bottom.add(2 * j0), 2 * count);
+            let (mut largest, mut best) = (t0, _mm256_setzero_si256());
+            for (v, tap) in [(t1, 1), (b0, w), (b1, w + 1)] {
+                // Greater, or NaN over a number.
+                let take = _mm256_or_ps(
+                    _mm256_cmp_ps::<_CMP_GT_OQ>(v, largest),
+                    _mm256_and_ps(
+                        _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v),
+                        _mm256_cmp_ps::<_CMP_ORD_Q>(largest, largest),
+                    ),
+                );
+                largest = _mm256_blendv_ps(largest, v, take);
+                let tap = _mm256_castsi256_ps(_mm256_set1_epi32(tap as i32));
+                best = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(best), tap, take));
+            }
+            let first = _mm256_add_epi32(_mm256_set1_epi32((r0 + 2 * j0) as i32), even);
+            let at = _mm256_add_epi32(first, best);
+            if count == 8 {
+                _mm256_storeu_ps(values.add(j0), largest);
+                _mm256_storeu_si256(positions.add(j0).cast(), at);
+            } else {
+                let (mut v, mut p) = ([0f32; 8], [0u32; 8]);
+                _mm256_storeu_ps(v.as_mut_ptr(), largest);
+                _mm256_storeu_si256(p.as_mut_ptr().cast(), at);
+                std::ptr::copy_nonoverlapping(v.as_ptr(), values.add(j0), count);
+                std::ptr::copy_nonoverlapping(p.as_ptr(), positions.add(j0), count);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,8 +654,8 @@ mod tests {
 
     /// The CPU pass and the tensor-op path pick the same positions, ties included
     /// (values drawn from a few integers) and NaN, for overlapping and disjoint windows, in
-    /// f64 and f32 (whose 2 x 2 pool has an AVX-512 path: rows of 19 windows span a full
-    /// and a partial vector).
+    /// f64 and f32 (whose 2 x 2 pool has AVX-512 and AVX2 paths: rows of 19 windows span
+    /// a full and a partial vector of 16, or two full and a partial vector of 8).
     #[test]
     fn cpu_argmax_matches_the_tensor_path() -> Result<()> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
