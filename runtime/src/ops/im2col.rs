@@ -444,6 +444,57 @@ fn as_f32_mut<T: WithDType>(xs: &mut [T]) -> Option<&mut [f32]> {
         .then(|| unsafe { std::slice::from_raw_parts_mut(xs.as_mut_ptr().cast(), xs.len()) })
 }
 
+/// `d[j..n] += s[j..n]` (raw f32 pointers) by 256- and 128-bit pieces and a scalar tail, in
+/// a function with AVX enabled.
+#[cfg(target_arch = "x86_64")]
+macro_rules! add_pieces {
+    ($d:ident, $s:ident, $n:ident, $j:ident) => {
+        while $j + 8 <= $n {
+            let sum = _mm256_add_ps(_mm256_loadu_ps($d.add($j)), _mm256_loadu_ps($s.add($j)));
+            _mm256_storeu_ps($d.add($j), sum);
+            $j += 8;
+        }
+        if $j + 4 <= $n {
+            let sum = _mm_add_ps(_mm_loadu_ps($d.add($j)), _mm_loadu_ps($s.add($j)));
+            _mm_storeu_ps($d.add($j), sum);
+            $j += 4;
+        }
+        while $j < $n {
+            *$d.add($j) += *$s.add($j);
+            $j += 1;
+        }
+    };
+}
+
+/// `fn col2im`, [`Conv::col2im`] at stride 1, for the instruction set `$feature`: in each
+/// run, `$wide` adds from `$j` on the raw pointers `$d`, `$s` (`$n` elements), then
+/// [`add_pieces`] adds the rest.
+#[cfg(target_arch = "x86_64")]
+macro_rules! col2im_runs {
+    ($feature:literal, |$d:ident, $s:ident, $n:ident, $j:ident| $wide:block) => {
+        /// [`Conv::col2im`] at stride 1.
+        ///
+        /// # Safety
+        /// The CPU has the instruction set this function is compiled for.
+        #[target_feature(enable = $feature)]
+        pub(super) unsafe fn col2im(conv: &Conv, cols: &[f32], image: &mut [f32]) {
+            let l = conv.ho() * conv.wo();
+            conv.for_each_run(|r, dst, out_row, lo, hi| {
+                let src = &cols[r * l + out_row..][lo..hi];
+                let dst = &mut image[dst..][..src.len()];
+                #[allow(unused_mut)]
+                let ($n, mut $j) = (src.len(), 0);
+                // SAFETY: every piece lies inside both slices (bounds checked above).
+                unsafe {
+                    let ($d, $s) = (dst.as_mut_ptr(), src.as_ptr());
+                    $wide
+                    add_pieces!($d, $s, $n, $j);
+                }
+            });
+        }
+    };
+}
+
 /// im2col and col2im of f32 at stride 1 on AVX-512: a run (one output row's taps of one
 /// kernel position, 3 to 28 elements in the Omniglot CNN) is copied with 16-lane masked
 /// loads and stores (28% faster than a memcpy call per run, measured on the Omniglot CNN's
@@ -453,7 +504,7 @@ fn as_f32_mut<T: WithDType>(xs: &mut [T]) -> Option<&mut [f32]> {
 mod runs_avx512 {
     use std::arch::x86_64::*;
 
-    use super::{add_pieces, Conv};
+    use super::Conv;
 
     /// Lanes `0..n` of a 16-lane mask (all for `n >= 16`).
     #[inline]
@@ -491,56 +542,17 @@ mod runs_avx512 {
         });
     }
 
-    /// [`Conv::col2im`] at stride 1. The adds use no masked stores: on AMD Zen 4 a load
-    /// of what a masked store just wrote stalls (measured: 5x slower than the scalar
-    /// loop); 512-, 256- and 128-bit pieces and a scalar tail instead (about 20% faster).
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn col2im(conv: &Conv, cols: &[f32], image: &mut [f32]) {
-        let l = conv.ho() * conv.wo();
-        conv.for_each_run(|r, dst, out_row, lo, hi| {
-            let src = &cols[r * l + out_row..][lo..hi];
-            let dst = &mut image[dst..][..src.len()];
-            let (n, mut j) = (src.len(), 0);
-            // SAFETY: every piece lies inside both slices (bounds checked above).
-            unsafe {
-                let (d, s) = (dst.as_mut_ptr(), src.as_ptr());
-                while j + 16 <= n {
-                    let sum = _mm512_add_ps(_mm512_loadu_ps(d.add(j)), _mm512_loadu_ps(s.add(j)));
-                    _mm512_storeu_ps(d.add(j), sum);
-                    j += 16;
-                }
-                add_pieces!(d, s, n, j);
-            }
-        });
-    }
+    // The adds use no masked stores: on AMD Zen 4 a load of what a masked store just wrote
+    // stalls (measured: 5x slower than the scalar loop); 512-, 256- and 128-bit pieces and a
+    // scalar tail instead (about 20% faster).
+    col2im_runs!("avx512f", |d, s, n, j| {
+        while j + 16 <= n {
+            let sum = _mm512_add_ps(_mm512_loadu_ps(d.add(j)), _mm512_loadu_ps(s.add(j)));
+            _mm512_storeu_ps(d.add(j), sum);
+            j += 16;
+        }
+    });
 }
-
-/// `d[j..n] += s[j..n]` (raw f32 pointers) by 256- and 128-bit pieces and a scalar tail, in
-/// a function with AVX enabled.
-#[cfg(target_arch = "x86_64")]
-macro_rules! add_pieces {
-    ($d:ident, $s:ident, $n:ident, $j:ident) => {
-        while $j + 8 <= $n {
-            let sum = _mm256_add_ps(_mm256_loadu_ps($d.add($j)), _mm256_loadu_ps($s.add($j)));
-            _mm256_storeu_ps($d.add($j), sum);
-            $j += 8;
-        }
-        if $j + 4 <= $n {
-            let sum = _mm_add_ps(_mm_loadu_ps($d.add($j)), _mm_loadu_ps($s.add($j)));
-            _mm_storeu_ps($d.add($j), sum);
-            $j += 4;
-        }
-        while $j < $n {
-            *$d.add($j) += *$s.add($j);
-            $j += 1;
-        }
-    };
-}
-#[cfg(target_arch = "x86_64")]
-use add_pieces;
 
 /// [`runs_avx512`]'s col2im on AVX2: the runs added in 256- and 128-bit pieces and a scalar
 /// tail. (im2col's copies stay `copy_from_slice`: memcpy's overlapping tails beat pieces.)
@@ -550,24 +562,7 @@ mod runs_avx2 {
 
     use super::Conv;
 
-    /// [`Conv::col2im`] at stride 1.
-    ///
-    /// # Safety
-    /// The CPU has AVX2.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn col2im(conv: &Conv, cols: &[f32], image: &mut [f32]) {
-        let l = conv.ho() * conv.wo();
-        conv.for_each_run(|r, dst, out_row, lo, hi| {
-            let src = &cols[r * l + out_row..][lo..hi];
-            let dst = &mut image[dst..][..src.len()];
-            let (n, mut j) = (src.len(), 0);
-            // SAFETY: every piece lies inside both slices (bounds checked above).
-            unsafe {
-                let (d, s) = (dst.as_mut_ptr(), src.as_ptr());
-                add_pieces!(d, s, n, j);
-            }
-        });
-    }
+    col2im_runs!("avx2", |d, s, n, j| {});
 }
 
 /// Single-threaded, or the library's cached thread count for products of a million

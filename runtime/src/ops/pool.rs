@@ -567,15 +567,7 @@ mod pool_avx512 {
 mod pool_avx2 {
     use std::arch::x86_64::*;
 
-    /// A mask vector selecting the first `n` (at most 8) of 8 lanes.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    unsafe fn mask(n: usize) -> __m256i {
-        _mm256_cmpgt_epi32(
-            _mm256_set1_epi32(n as i32),
-            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-        )
-    }
+    use super::super::kernels::lane_mask32;
 
     /// The even and the odd elements of the first `n` (at most 16) f32 at `p`, zeros past
     /// them.
@@ -586,8 +578,8 @@ mod pool_avx2 {
             (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
         } else {
             (
-                _mm256_maskload_ps(p, mask(n.min(8))),
-                _mm256_maskload_ps(p.wrapping_add(8), mask(n.saturating_sub(8))),
+                _mm256_maskload_ps(p, lane_mask32(n.min(8))),
+                _mm256_maskload_ps(p.wrapping_add(8), lane_mask32(n.saturating_sub(8))),
             )
         };
         // In-lane shuffles leave the pairs of 64 bits in the order a0 b0 a1 b1.

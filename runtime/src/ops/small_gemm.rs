@@ -620,6 +620,7 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use super::super::kernels::{lane_mask32, lane_mask64};
     use super::Block;
 
     /// One kernel per element type on 256-bit vectors of `$lanes` elements; a block's
@@ -777,23 +778,6 @@ mod avx2 {
         };
     }
 
-    /// A mask vector selecting the first `w` of 8 32-bit lanes.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    unsafe fn mask_f32(w: usize) -> __m256i {
-        _mm256_cmpgt_epi32(
-            _mm256_set1_epi32(w as i32),
-            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-        )
-    }
-
-    /// A mask vector selecting the first `w` of 4 64-bit lanes.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    unsafe fn mask_f64(w: usize) -> __m256i {
-        _mm256_cmpgt_epi64(_mm256_set1_epi64x(w as i64), _mm256_setr_epi64x(0, 1, 2, 3))
-    }
-
     kernel!(
         product_f32,
         rows_f32,
@@ -807,7 +791,7 @@ mod avx2 {
         _mm256_loadu_ps,
         _mm256_storeu_ps,
         _mm256_maskload_ps,
-        mask_f32,
+        lane_mask32,
         _mm256_set1_ps,
         _mm256_fmadd_ps,
         _mm256_add_ps
@@ -825,7 +809,7 @@ mod avx2 {
         _mm256_loadu_pd,
         _mm256_storeu_pd,
         _mm256_maskload_pd,
-        mask_f64,
+        lane_mask64,
         _mm256_set1_pd,
         _mm256_fmadd_pd,
         _mm256_add_pd
