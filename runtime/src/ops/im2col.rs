@@ -750,6 +750,14 @@ mod tests {
                 "col2im {:?}",
                 (c_in, h, w, kh, kw)
             );
+            // The AVX2 kernel too where the dispatch above took AVX-512.
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                let mut avx2 = image.clone();
+                // SAFETY: the CPU has AVX2.
+                unsafe { super::runs_avx2::col2im(&conv, &cols, &mut avx2) };
+                assert_eq!(bits(&avx2), bits(&slow), "AVX2 col2im {:?}", (c_in, h, w));
+            }
         }
     }
 }

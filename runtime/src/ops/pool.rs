@@ -644,6 +644,66 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
+    /// Each vector row kernel the CPU has equals the 2 x 2 pool's definition (taps in
+    /// row-major order, the first maximum, NaN over numbers) for every row length up to
+    /// 40 windows, with ties and NaN: the AVX2 kernel is checked on AVX-512 machines too.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn row_kernels_equal_the_definition() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for wo in 1..=40 {
+            let w = 2 * wo + 1;
+            let plane: Vec<f32> = (0..2 * w)
+                .map(|_| match rng.gen_range(0..6) {
+                    5 => f32::NAN,
+                    v => v as f32,
+                })
+                .collect();
+            let r0 = 0;
+            let (top, bottom) = (&plane[..w], &plane[w..]);
+            let mut want = (Vec::new(), Vec::new());
+            for j in 0..wo {
+                let taps = [
+                    (0, top[2 * j]),
+                    (1, top[2 * j + 1]),
+                    (w, bottom[2 * j]),
+                    (w + 1, bottom[2 * j + 1]),
+                ];
+                let (mut best, mut largest) = taps[0];
+                for &(q, v) in &taps[1..] {
+                    if v > largest || (v.is_nan() && !largest.is_nan()) {
+                        (best, largest) = (q, v);
+                    }
+                }
+                want.0.push(largest.to_bits());
+                want.1.push((r0 + 2 * j + best) as u32);
+            }
+            let rows = (top.as_ptr(), bottom.as_ptr());
+            let check = |name: &str, values: &[f32], positions: &[u32]| {
+                let bits: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(
+                    (&bits, positions),
+                    (&want.0, &want.1[..]),
+                    "{name}, {wo} windows"
+                );
+            };
+            // SAFETY (both): the rows hold `2 wo + 1` values, the outputs `wo`; the CPU has
+            // the kernel's instruction set.
+            if std::arch::is_x86_feature_detected!("avx2") {
+                let (mut values, mut positions) = (vec![0f32; wo], vec![0u32; wo]);
+                let out = (values.as_mut_ptr(), positions.as_mut_ptr());
+                unsafe { pool_avx2::row_pair_f32(rows, (wo, w, r0), out.0, out.1) };
+                check("AVX2", &values, &positions);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                let (mut values, mut positions) = (vec![0f32; wo], vec![0u32; wo]);
+                let out = (values.as_mut_ptr(), positions.as_mut_ptr());
+                unsafe { pool_avx512::row_pair_f32(rows, (wo, w, r0), out.0, out.1) };
+                check("AVX-512", &values, &positions);
+            }
+        }
+    }
+
     /// The CPU pass and the tensor-op path pick the same positions, ties included
     /// (values drawn from a few integers) and NaN, for overlapping and disjoint windows, in
     /// f64 and f32 (whose 2 x 2 pool has AVX-512 and AVX2 paths: rows of 19 windows span
