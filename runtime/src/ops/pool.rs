@@ -284,8 +284,7 @@ impl Pool {
                 for i in 0..ho {
                     let (r0, r1) = (2 * i * w, (2 * i + 1) * w);
                     let (row0, row1) = (&plane[r0..r0 + 2 * wo], &plane[r1..r1 + 2 * wo]);
-                    // The windows a vector kernel took (all of them, on AVX-512 or AVX2).
-                    let mut done = 0;
+                    // On AVX-512 or AVX2 a vector kernel takes the whole row.
                     #[cfg(target_arch = "x86_64")]
                     if T::DTYPE == candle_core::DType::F32 {
                         let avx512 = std::arch::is_x86_feature_detected!("avx512f");
@@ -299,25 +298,23 @@ impl Pool {
                             positions.as_mut_ptr().wrapping_add(pl),
                         );
                         // SAFETY: the rows hold `2 wo` f32 (the dtype checked), the vectors
-                        // `wo` free slots, of which the kernel writes the first `done`; the
-                        // CPU has the instruction set.
+                        // `wo` free slots, which the kernel writes; the CPU has the
+                        // instruction set.
                         unsafe {
                             if avx512 {
                                 pool_avx512::row_pair_f32(rows, (wo, w, r0), out.0, out.1);
-                                done = wo;
                             } else if avx2 {
                                 pool_avx2::row_pair_f32(rows, (wo, w, r0), out.0, out.1);
-                                done = wo;
                             }
-                            values.set_len(vl + done);
-                            positions.set_len(pl + done);
+                            if avx512 || avx2 {
+                                values.set_len(vl + wo);
+                                positions.set_len(pl + wo);
+                                continue;
+                            }
                         }
                     }
-                    for (j, (top, bottom)) in row0
-                        .chunks_exact(2)
-                        .zip(row1.chunks_exact(2))
-                        .enumerate()
-                        .skip(done)
+                    for (j, (top, bottom)) in
+                        row0.chunks_exact(2).zip(row1.chunks_exact(2)).enumerate()
                     {
                         // Selects, not branches: which tap wins is data, and mispredicted
                         // branches made this loop a seventh of an Omniglot meta-iteration.

@@ -278,7 +278,8 @@ unsafe fn with_rows<T: Kernels>(
 }
 
 /// The operands of one column block: `c[i.., j..] (+)= a[i.., ..k] b[..k, j..]`; `edges`
-/// describes the block's last columns (masks on AVX-512, lane counts on AVX2).
+/// describes the block's last columns (two masks on AVX-512; on AVX2 the last vector's lane
+/// count and mask).
 #[cfg(target_arch = "x86_64")]
 struct Block<T, E> {
     j: usize,
