@@ -71,6 +71,105 @@ fn conv1d() {
     check12("conv1d p2 d2", |x| x[0].conv1d(&x[1], 2, 1, 2, 1), &ys);
 }
 
+/// The layers add their bias inside the convolution's op (one recorded op): its
+/// derivatives in the input, weight and bias, plain and task-batched, with and without
+/// groups, and through Conv1d.
+#[test]
+fn conv_layers_with_bias() {
+    use candle_higher::nn::{Conv1d, Conv2d, ConvConfig, Module};
+    let mut r = rng(36);
+    let config = |padding, stride, groups| ConvConfig {
+        padding,
+        stride,
+        dilation: 1,
+        groups,
+    };
+    let conv2 = |c: ConvConfig| {
+        move |x: &[Tensor]| {
+            Conv2d {
+                weight: x[1].clone(),
+                bias: Some(x[2].clone()),
+                config: c,
+            }
+            .forward(&x[0])
+        }
+    };
+    let plain = [
+        randn(&mut r, &[2, 2, 5, 4]),
+        randn(&mut r, &[3, 2, 3, 3]),
+        randn(&mut r, &[3]),
+    ];
+    check12("Conv2d bias", conv2(config(0, 1, 1)), &plain);
+    check12("Conv2d bias p1 s2", conv2(config(1, 2, 1)), &plain);
+    let grouped = [
+        randn(&mut r, &[1, 4, 4, 4]),
+        randn(&mut r, &[4, 2, 2, 2]),
+        randn(&mut r, &[4]),
+    ];
+    check12("Conv2d bias g2", conv2(config(0, 1, 2)), &grouped);
+    let tasks = [
+        randn(&mut r, &[2, 2, 2, 4, 4]),
+        randn(&mut r, &[2, 3, 2, 3, 3]),
+        randn(&mut r, &[2, 3]),
+    ];
+    check12("Conv2d bias tasks", conv2(config(1, 1, 1)), &tasks);
+    let c1 = config(1, 2, 1);
+    let conv1 = move |x: &[Tensor]| {
+        Conv1d {
+            weight: x[1].clone(),
+            bias: Some(x[2].clone()),
+            config: c1,
+        }
+        .forward(&x[0])
+    };
+    let xs = [
+        randn(&mut r, &[2, 2, 7]),
+        randn(&mut r, &[3, 2, 3]),
+        randn(&mut r, &[3]),
+    ];
+    check12("Conv1d bias", conv1, &xs);
+    let ts = [
+        randn(&mut r, &[2, 1, 2, 7]),
+        randn(&mut r, &[2, 3, 2, 3]),
+        randn(&mut r, &[2, 3]),
+    ];
+    check12("Conv1d bias tasks", conv1, &ts);
+}
+
+/// A bias of the wrong length is an error naming both shapes, not a panic in the kernel.
+#[test]
+fn conv_layer_bias_of_the_wrong_length_is_an_error() {
+    use candle_higher::nn::{Conv2d, ConvConfig, Module};
+    let mut r = rng(37);
+    let layer = Conv2d {
+        weight: randn(&mut r, &[3, 2, 3, 3]),
+        bias: Some(randn(&mut r, &[4])),
+        config: ConvConfig::default(),
+    };
+    let err = layer.forward(&randn(&mut r, &[1, 2, 5, 5])).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{text}");
+    assert!(text.contains("[3]") && text.contains("[4]"), "{text}");
+}
+
+/// An empty task-batched convolution keeps the task axis: `[T, 0, C_out, H', W']`, plus the
+/// bias where the layer has one.
+#[test]
+fn empty_task_batched_conv_keeps_its_shape() {
+    use candle_higher::nn::{Conv2d, ConvConfig, Module};
+    let mut r = rng(38);
+    let x = Tensor::zeros(&[2, 0, 2, 5, 5], dtype(), &device()).unwrap();
+    let w = randn(&mut r, &[2, 3, 2, 3, 3]);
+    let y = x.conv2d_tasks(&w, 0, 1, 1, 1).unwrap();
+    assert_eq!(y.dims(), &[2, 0, 3, 3, 3]);
+    let layer = Conv2d {
+        weight: w,
+        bias: Some(randn(&mut r, &[2, 3])),
+        config: ConvConfig::default(),
+    };
+    assert_eq!(layer.forward(&x).unwrap().dims(), &[2, 0, 3, 3, 3]);
+}
+
 #[test]
 fn conv_values() {
     // A 1x1x3x3 input with a 2x2 kernel of ones sums each 2x2 window:

@@ -5,6 +5,7 @@
 
 use super::{Module, Parameters, VarBuilder, Visitor};
 use crate::error::{Error, Result};
+use crate::ops::conv::{conv1d_with_bias, conv2d_with_bias};
 use crate::tensor::Tensor;
 
 /// Options of a convolution (PyTorch's defaults: padding 0, stride 1, dilation 1,
@@ -121,22 +122,6 @@ pub fn conv1d(
 
 /// Adds a per-channel bias `[C]` at dim 1, or a per-task one `[T, C]` at dims 0 and 2 of a
 /// task-batched output `[T, N, C, ..]`.
-fn add_channel_bias(y: Tensor, bias: &Option<Tensor>, batched: bool) -> Result<Tensor> {
-    match bias {
-        None => Ok(y),
-        Some(b) => {
-            let mut shape = vec![1; y.rank()];
-            if batched {
-                shape[0] = b.dims()[0];
-                shape[2] = b.dims()[1];
-            } else {
-                shape[1] = b.elem_count();
-            }
-            y.add(&b.reshape(&shape)?)
-        }
-    }
-}
-
 impl Module for Conv2d {
     /// Task-batched when the weight is `[T, out, in/groups, kh, kw]` (bias `[T, out]`):
     /// then `x` is `[T, N, in, H, W]` and the output `[T, N, out, H', W']`.
@@ -144,13 +129,11 @@ impl Module for Conv2d {
         let c = self.config;
         let w = &self.weight;
         let batched = super::tasks::batched("Conv2d", w, 4)?;
-        let y = if batched {
+        if batched {
             super::tasks::check_input("Conv2d", x, w.dims()[0], 5)?;
-            x.conv2d_tasks(w, c.padding, c.stride, c.dilation, c.groups)?
-        } else {
-            x.conv2d(w, c.padding, c.stride, c.dilation, c.groups)?
-        };
-        add_channel_bias(y, &self.bias, batched)
+        }
+        let config = (c.padding, c.stride, c.dilation, c.groups);
+        conv2d_with_bias(x, w, self.bias.as_ref(), config, batched)
     }
 }
 
@@ -161,13 +144,11 @@ impl Module for Conv1d {
         let c = self.config;
         let w = &self.weight;
         let batched = super::tasks::batched("Conv1d", w, 3)?;
-        let y = if batched {
+        if batched {
             super::tasks::check_input("Conv1d", x, w.dims()[0], 4)?;
-            x.conv1d_tasks(w, c.padding, c.stride, c.dilation, c.groups)?
-        } else {
-            x.conv1d(w, c.padding, c.stride, c.dilation, c.groups)?
-        };
-        add_channel_bias(y, &self.bias, batched)
+        }
+        let config = (c.padding, c.stride, c.dilation, c.groups);
+        conv1d_with_bias(x, w, self.bias.as_ref(), config, batched)
     }
 }
 

@@ -1,8 +1,9 @@
 //! `Sequential`: layers applied in order, named `0`, `1`, ... as in PyTorch.
 
+use std::any::Any;
 use std::sync::Arc;
 
-use super::{Module, Parameters, Visitor};
+use super::{Activation, MaxPool2d, Module, Parameters, Visitor};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -11,11 +12,19 @@ use crate::tensor::Tensor;
 pub trait Layer: Module + Parameters + Send + Sync {
     /// A boxed clone.
     fn clone_box(&self) -> Box<dyn Layer>;
+
+    /// The layer as `Any`, so that [`Sequential`] can recognise the built-in layers it
+    /// reorders.
+    fn as_any(&self) -> &dyn Any;
 }
 
 impl<T: Module + Parameters + Clone + Send + Sync + 'static> Layer for T {
     fn clone_box(&self) -> Box<dyn Layer> {
         Box::new(self.clone())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 
@@ -105,10 +114,22 @@ impl Sequential {
 }
 
 impl Module for Sequential {
+    /// The layers in order, except that a ReLU followed by a max pool runs as the pool
+    /// followed by the ReLU: the same values and derivatives of every order (max and ReLU
+    /// commute exactly, ties and NaN included), on a tensor a quarter the size for 2 x 2
+    /// windows.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut y = x.clone();
-        for layer in &self.layers {
-            y = layer.forward(&y)?;
+        let mut rest = self.layers.as_slice();
+        while let Some((layer, tail)) = rest.split_first() {
+            let pool = tail
+                .first()
+                .and_then(|next| next.as_any().downcast_ref::<MaxPool2d>());
+            let relu = layer.as_any().downcast_ref::<Activation>() == Some(&Activation::Relu);
+            (y, rest) = match pool {
+                Some(pool) if relu => (pool.forward(&y)?.relu()?, &tail[1..]),
+                _ => (layer.forward(&y)?, tail),
+            };
         }
         Ok(y)
     }

@@ -12,6 +12,7 @@
 
 use candle_core::Tensor as Value;
 
+use super::channel::{channel_sum, Channels};
 use super::im2col;
 use crate::autograd::{Backward, VjpCtx};
 use crate::error::{Error, Result};
@@ -53,17 +54,35 @@ impl Geom {
     }
 }
 
-fn conv_value(x: &Value, w: &Value, g: &Geom) -> Result<Value> {
-    if g.tasks {
-        if g.groups == 1 {
-            let geometry = (g.padding, g.stride, g.dilation);
-            if let Some(y) = im2col::conv2d(x, w, geometry, true)? {
-                return Ok(y);
-            }
+fn conv_value(x: &Value, w: &Value, bias: Option<&Value>, g: &Geom) -> Result<Value> {
+    if g.groups == 1 {
+        let geometry = (g.padding, g.stride, g.dilation);
+        if let Some(y) = im2col::conv2d(x, w, bias, geometry, g.tasks)? {
+            return Ok(y);
         }
-        return per_task(x, w, |x, w| conv_value(x, w, &g.single()));
     }
-    conv2d_value(x, w, g.padding, g.stride, g.dilation, g.groups)
+    let y = if g.tasks {
+        per_task(x, w, |x, w| conv_value(x, w, None, &g.single()))?
+    } else {
+        conv2d_value(x, w, g.padding, g.stride, g.dilation, g.groups)?
+    };
+    match bias {
+        Some(b) => Ok(y.broadcast_add(&b.reshape(bias_view(b.dims(), y.rank(), g.tasks))?)?),
+        None => Ok(y),
+    }
+}
+
+/// The shape that broadcasts a bias (`[C]`, or `[T, C]` with tasks) against a rank-`rank`
+/// convolution output.
+fn bias_view(bias: &[usize], rank: usize, tasks: bool) -> Vec<usize> {
+    let mut shape = vec![1; rank];
+    if tasks {
+        shape[0] = bias[0];
+        shape[2] = bias[1];
+    } else {
+        shape[1] = bias.iter().product();
+    }
+    shape
 }
 
 impl Geom {
@@ -94,7 +113,7 @@ fn conv2d_value(
     groups: usize,
 ) -> Result<Value> {
     if groups == 1 {
-        if let Some(y) = im2col::conv2d(x, w, (padding, stride, dilation), false)? {
+        if let Some(y) = im2col::conv2d(x, w, None, (padding, stride, dilation), false)? {
             return Ok(y);
         }
     }
@@ -224,12 +243,18 @@ fn weight_grad_value(x: &Value, gy: &Value, g: &Geom) -> Result<Value> {
     Ok(Value::cat(&blocks, 0)?.contiguous()?)
 }
 
-fn conv_op(x: &Tensor, w: &Tensor, g: Geom) -> Result<Tensor> {
+fn conv_op(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: Geom) -> Result<Tensor> {
     if x.elem_count() == 0 || w.elem_count() == 0 {
-        return empty_conv(x, w, &g);
+        let y = empty_conv(x, w, &g)?;
+        return match bias {
+            Some(b) => y.add(&b.reshape(&bias_view(b.dims(), y.rank(), g.tasks))?),
+            None => Ok(y),
+        };
     }
-    let value = conv_value(x.value(), w.value(), &g)?;
-    Tensor::from_op(value, &[x, w], Conv(g))
+    let value = conv_value(x.value(), w.value(), bias.map(Tensor::value), &g)?;
+    let mut inputs = vec![x, w];
+    inputs.extend(bias);
+    Tensor::from_op(value, &inputs, Conv(g))
 }
 
 fn input_grad_op(gy: &Tensor, w: &Tensor, g: Geom) -> Result<Tensor> {
@@ -248,12 +273,13 @@ fn empty_conv(x: &Tensor, w: &Tensor, g: &Geom) -> Result<Tensor> {
     // `validate` has checked that these sizes neither overflow nor underflow.
     let out =
         |len: usize, k: usize| (len + 2 * g.padding - g.dilation * (k - 1) - 1) / g.stride + 1;
-    let shape = [
-        x.dims()[0],
-        w.dims()[0],
+    let lead = usize::from(g.tasks);
+    let mut shape = x.dims()[..=lead].to_vec();
+    shape.extend([
+        w.dims()[lead],
         out(g.in_hw.0, g.k_hw.0),
         out(g.in_hw.1, g.k_hw.1),
-    ];
+    ]);
     super::connected_zeros(&shape, x, &[x, w])
 }
 
@@ -264,17 +290,27 @@ impl Backward for Conv {
         "conv2d"
     }
 
-    /// dx = input_grad(g, w) (a transposed convolution), dw = weight_grad(x, g).
+    /// dx = input_grad(g, w) (a transposed convolution), dw = weight_grad(x, g), and for
+    /// a bias db = g summed per (task and) channel.
     fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
         let (x, w, g) = (&ctx.inputs[0], &ctx.inputs[1], ctx.grad);
-        Ok(vec![
+        let mut out = vec![
             ctx.needs[0]
                 .then(|| input_grad_op(g, w, self.0))
                 .transpose()?,
             ctx.needs[1]
                 .then(|| weight_grad_op(x, g, self.0))
                 .transpose()?,
-        ])
+        ];
+        if let Some(b) = ctx.inputs.get(2) {
+            out.push(if ctx.needs[2] {
+                let ch = Channels::new(g.dims(), self.0.tasks, b.dims())?;
+                Some(channel_sum(g, &ch)?)
+            } else {
+                None
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -289,7 +325,9 @@ impl Backward for ConvInputGrad {
     fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
         let (gy, w, g) = (&ctx.inputs[0], &ctx.inputs[1], ctx.grad);
         Ok(vec![
-            ctx.needs[0].then(|| conv_op(g, w, self.0)).transpose()?,
+            ctx.needs[0]
+                .then(|| conv_op(g, w, None, self.0))
+                .transpose()?,
             ctx.needs[1]
                 .then(|| weight_grad_op(g, gy, self.0))
                 .transpose()?,
@@ -311,7 +349,9 @@ impl Backward for ConvWeightGrad {
             ctx.needs[0]
                 .then(|| input_grad_op(gy, g, self.0))
                 .transpose()?,
-            ctx.needs[1].then(|| conv_op(x, g, self.0)).transpose()?,
+            ctx.needs[1]
+                .then(|| conv_op(x, g, None, self.0))
+                .transpose()?,
         ])
     }
 }
@@ -416,21 +456,12 @@ impl Tensor {
         dilation: usize,
         groups: usize,
     ) -> Result<Tensor> {
-        validate("conv2d", self, kernel, 2, padding, stride, dilation, groups)?;
-        let d = self.dims();
-        let k = kernel.dims();
-        conv_op(
+        conv2d_with_bias(
             self,
             kernel,
-            Geom {
-                padding,
-                stride,
-                dilation,
-                groups,
-                in_hw: (d[2], d[3]),
-                k_hw: (k[2], k[3]),
-                tasks: false,
-            },
+            None,
+            (padding, stride, dilation, groups),
+            false,
         )
     }
 
@@ -445,28 +476,12 @@ impl Tensor {
         dilation: usize,
         groups: usize,
     ) -> Result<Tensor> {
-        check_tasks(
-            "conv2d_tasks",
+        conv2d_with_bias(
             self,
             kernel,
-            2,
+            None,
             (padding, stride, dilation, groups),
-            "input [T, N, C_in, H, W] and kernel [T, C_out, C_in/groups, kH, kW] with the same \
-             T > 0",
-        )?;
-        let (d, k) = (self.dims(), kernel.dims());
-        conv_op(
-            self,
-            kernel,
-            Geom {
-                padding,
-                stride,
-                dilation,
-                groups,
-                in_hw: (d[3], d[4]),
-                k_hw: (k[3], k[4]),
-                tasks: true,
-            },
+            true,
         )
     }
 
@@ -480,22 +495,13 @@ impl Tensor {
         dilation: usize,
         groups: usize,
     ) -> Result<Tensor> {
-        check_tasks(
-            "conv1d_tasks",
+        conv1d_with_bias(
             self,
             kernel,
-            1,
+            None,
             (padding, stride, dilation, groups),
-            "input [T, N, C_in, L] and kernel [T, C_out, C_in/groups, K] with the same T > 0",
-        )?;
-        let x = if padding > 0 {
-            self.pad_with_zeros(3, padding, padding)?
-        } else {
-            self.clone()
-        };
-        x.unsqueeze(3)?
-            .conv2d_tasks(&kernel.unsqueeze(3)?, 0, stride, dilation, groups)?
-            .squeeze(3)
+            true,
+        )
     }
 
     /// 1-D convolution of `[N, C_in, L]` with a kernel `[C_out, C_in/groups, K]`
@@ -508,16 +514,97 @@ impl Tensor {
         dilation: usize,
         groups: usize,
     ) -> Result<Tensor> {
-        validate("conv1d", self, kernel, 1, padding, stride, dilation, groups)?;
-        let x = if padding > 0 {
-            self.pad_with_zeros(2, padding, padding)?
-        } else {
-            self.clone()
-        };
-        x.unsqueeze(2)?
-            .conv2d(&kernel.unsqueeze(2)?, 0, stride, dilation, groups)?
-            .squeeze(2)
+        conv1d_with_bias(
+            self,
+            kernel,
+            None,
+            (padding, stride, dilation, groups),
+            false,
+        )
     }
+}
+
+/// [`Tensor::conv2d`] (or `conv2d_tasks` with `tasks`) plus a per-channel `bias` (`[C_out]`,
+/// or `[T, C_out]` with tasks), as the layers call it: one recorded op that adds the bias
+/// while writing the output.
+pub(crate) fn conv2d_with_bias(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    (padding, stride, dilation, groups): (usize, usize, usize, usize),
+    tasks: bool,
+) -> Result<Tensor> {
+    if tasks {
+        check_tasks(
+            "conv2d_tasks",
+            x,
+            kernel,
+            2,
+            (padding, stride, dilation, groups),
+            "input [T, N, C_in, H, W] and kernel [T, C_out, C_in/groups, kH, kW] with the same \
+             T > 0",
+        )?;
+    } else {
+        validate("conv2d", x, kernel, 2, padding, stride, dilation, groups)?;
+    }
+    let lead = usize::from(tasks);
+    let (d, k) = (x.dims(), kernel.dims());
+    let geom = Geom {
+        padding,
+        stride,
+        dilation,
+        groups,
+        in_hw: (d[lead + 2], d[lead + 3]),
+        k_hw: (k[lead + 2], k[lead + 3]),
+        tasks,
+    };
+    if let Some(b) = bias {
+        b.check_same(x, "conv2d bias")?;
+        if b.dims() != &k[..=lead] {
+            return Err(Error::ShapeMismatch {
+                op: "conv2d bias",
+                expected: format!("{:?} (one value per output channel)", &k[..=lead]),
+                got: b.dims().to_vec(),
+            });
+        }
+    }
+    conv_op(x, kernel, bias, geom)
+}
+
+/// [`conv2d_with_bias`] for [`Tensor::conv1d`] and `conv1d_tasks`.
+pub(crate) fn conv1d_with_bias(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    (padding, stride, dilation, groups): (usize, usize, usize, usize),
+    tasks: bool,
+) -> Result<Tensor> {
+    if tasks {
+        check_tasks(
+            "conv1d_tasks",
+            x,
+            kernel,
+            1,
+            (padding, stride, dilation, groups),
+            "input [T, N, C_in, L] and kernel [T, C_out, C_in/groups, K] with the same T > 0",
+        )?;
+    } else {
+        validate("conv1d", x, kernel, 1, padding, stride, dilation, groups)?;
+    }
+    let spatial = 2 + usize::from(tasks);
+    let x = if padding > 0 {
+        x.pad_with_zeros(spatial, padding, padding)?
+    } else {
+        x.clone()
+    };
+    conv2d_with_bias(
+        &x.unsqueeze(spatial)?,
+        &kernel.unsqueeze(spatial)?,
+        bias,
+        (0, stride, dilation, groups),
+        tasks,
+    )?
+    .squeeze(spatial)
 }
 
 /// The checks of a task-batched convolution: `x` `[T, N, C_in, ..]` and `kernel`

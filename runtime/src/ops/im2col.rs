@@ -38,13 +38,15 @@ pub(crate) struct Conv {
     pub(crate) dilation: usize,
 }
 
-/// `conv2d(x, w)` as candle computes it (cross-correlation, `groups == 1`); `None` where
-/// this path does not apply (another device or dtype) and candle's own conv should run.
-/// With `tasks`, `x` is `[T, n, c_in, h, w]` and `w` `[T, c_out, c_in, kh, kw]`, and task
-/// `t` convolves `x[t]` with `w[t]`.
+/// `conv2d(x, w)` as candle computes it (cross-correlation, `groups == 1`), plus `bias`
+/// per output channel when given; `None` where this path does not apply (another device
+/// or dtype) and candle's own conv should run. With `tasks`, `x` is `[T, n, c_in, h, w]`,
+/// `w` `[T, c_out, c_in, kh, kw]` and `bias` `[T, c_out]`, and task `t` convolves `x[t]`
+/// with `w[t]`.
 pub(crate) fn conv2d(
     x: &candle_core::Tensor,
     w: &candle_core::Tensor,
+    bias: Option<&candle_core::Tensor>,
     (padding, stride, dilation): (usize, usize, usize),
     tasks: bool,
 ) -> Result<Option<candle_core::Tensor>> {
@@ -66,9 +68,12 @@ pub(crate) fn conv2d(
         stride,
         dilation,
     };
+    if bias.is_some_and(|b| b.dtype() != dtype || !b.device().is_cpu()) {
+        return Ok(None);
+    }
     match dtype {
-        DType::F32 => conv.forward::<f32>(x, w).map(Some),
-        _ => conv.forward::<f64>(x, w).map(Some),
+        DType::F32 => conv.forward::<f32>(x, w, bias).map(Some),
+        _ => conv.forward::<f64>(x, w, bias).map(Some),
     }
 }
 
@@ -303,12 +308,25 @@ impl Conv {
         });
     }
 
+    /// The convolution, with `bias` (`c_out` values per task) added as the products are
+    /// copied out: the same sums as a separate broadcast add, without its pass and tensor.
     fn forward<T: WithDType>(
         &self,
         x: &candle_core::Tensor,
         w: &candle_core::Tensor,
+        bias: Option<&candle_core::Tensor>,
     ) -> Result<candle_core::Tensor> {
         let (k, l, c_out) = (self.k(), self.ho() * self.wo(), self.c_out);
+        let bias: Option<Vec<T>> = bias.map(|b| b.flatten_all()?.to_vec1()).transpose()?;
+        if bias
+            .as_ref()
+            .is_some_and(|b| b.len() != self.count() * c_out)
+        {
+            return Err(crate::Error::InvalidArgument {
+                op: "conv2d",
+                message: format!("a bias needs {} values", self.count() * c_out),
+            });
+        }
         let image = self.c_in * self.h * self.w;
         let chunk = self.chunk();
         let total = self.count() * self.n * c_out * l;
@@ -321,7 +339,8 @@ impl Conv {
                     .chunks_exact(self.n * image)
                     .zip(kernels.chunks_exact(c_out * k))
                     .zip(slots.chunks_exact_mut(self.n * c_out * l));
-                for ((images, kernel), out) in per_task {
+                for (t, ((images, kernel), out)) in per_task.enumerate() {
+                    let bias = bias.as_ref().map(|b| &b[t * c_out..][..c_out]);
                     for start in (0..self.n).step_by(chunk) {
                         let m = chunk.min(self.n - start);
                         let cols = &mut cols[..k * m * l];
@@ -339,8 +358,17 @@ impl Conv {
                         for (co, row) in product.chunks_exact(m * l).enumerate() {
                             for (b, y) in row.chunks_exact(l).enumerate() {
                                 let dst = &mut out[((start + b) * c_out + co) * l..][..l];
-                                for (d, &v) in dst.iter_mut().zip(y) {
-                                    d.write(v);
+                                match bias {
+                                    Some(bias) => {
+                                        for (d, &v) in dst.iter_mut().zip(y) {
+                                            d.write(v + bias[co]);
+                                        }
+                                    }
+                                    None => {
+                                        for (d, &v) in dst.iter_mut().zip(y) {
+                                            d.write(v);
+                                        }
+                                    }
                                 }
                             }
                         }
@@ -628,8 +656,14 @@ mod tests {
                     .to_dtype(dtype)?;
                 let k = Tensor::randn(0f64, 1.0, (c_out, c_in, kh, kw), &dev)?.to_dtype(dtype)?;
                 let theirs = x.conv2d(&k, padding, stride, dilation, 1)?;
-                let ours = super::conv2d(&x, &k, (padding, stride, dilation), false)?.expect("CPU");
+                let geometry = (padding, stride, dilation);
+                let ours = super::conv2d(&x, &k, None, geometry, false)?.expect("CPU");
                 assert!(max_diff(&ours, &theirs) < tol, "case {i} {dtype:?} forward");
+                // The bias added on the way out equals a broadcast add, bit for bit.
+                let b = Tensor::randn(0f64, 1.0, c_out, &dev)?.to_dtype(dtype)?;
+                let biased = super::conv2d(&x, &k, Some(&b), geometry, false)?.expect("CPU");
+                let added = ours.broadcast_add(&b.reshape((1, c_out, 1, 1))?)?;
+                assert_eq!(max_diff(&biased, &added), 0.0, "case {i} {dtype:?} bias");
 
                 let gy = Tensor::randn(0f64, 1.0, theirs.dims(), &dev)?.to_dtype(dtype)?;
                 let (xv, kv) = (
@@ -680,14 +714,16 @@ mod tests {
                     stride: 1,
                     dilation: 1,
                 };
-                let y = super::conv2d(&x, &k, (padding, 1, 1), true)?.expect("CPU");
+                let b = Tensor::randn(0f64, 1.0, (tasks, c_out), &dev)?.to_dtype(dtype)?;
+                let y = super::conv2d(&x, &k, Some(&b), (padding, 1, 1), true)?.expect("CPU");
                 let gy = Tensor::randn(0f64, 1.0, y.dims(), &dev)?.to_dtype(dtype)?;
                 let dx = super::input_grad(&geometry(Some(tasks)), &gy, &k)?.expect("CPU");
                 let dw = super::weight_grad(&geometry(Some(tasks)), &x, &gy)?.expect("CPU");
                 for t in 0..tasks {
                     let (xt, kt, gyt) = (x.get(t)?, k.get(t)?, gy.get(t)?);
                     let alone = geometry(None);
-                    let y1 = super::conv2d(&xt, &kt, (padding, 1, 1), false)?.expect("CPU");
+                    let y1 = super::conv2d(&xt, &kt, Some(&b.get(t)?), (padding, 1, 1), false)?
+                        .expect("CPU");
                     let dx1 = super::input_grad(&alone, &gyt, &kt)?.expect("CPU");
                     let dw1 = super::weight_grad(&alone, &xt, &gyt)?.expect("CPU");
                     for (what, a, b) in [("y", &y, y1), ("dx", &dx, dx1), ("dw", &dw, dw1)] {
