@@ -222,17 +222,23 @@ fn scatter_cpu<T: candle_core::WithDType>(
     plane: usize,
     (n, c): (usize, usize),
 ) -> Result<candle_core::Tensor> {
-    let mut out = vec![T::zero(); n * c * plane];
+    // Zeroed plane by plane just before its adds, while it is in cache: zeroing the whole
+    // buffer first (calloc) made a pass over memory of its own.
+    let mut out = Vec::with_capacity(n * c * plane);
     let per_plane = src.len() / (n * c).max(1);
-    for ((dst, src), pos) in out
-        .chunks_exact_mut(plane)
-        .zip(src.chunks_exact(per_plane))
-        .zip(positions.chunks_exact(per_plane))
+    for (src, pos) in src
+        .chunks_exact(per_plane.max(1))
+        .zip(positions.chunks_exact(per_plane.max(1)))
+        .take(n * c)
     {
+        let start = out.len();
+        out.resize(start + plane, T::zero());
+        let dst = &mut out[start..];
         for (&v, &at) in src.iter().zip(pos) {
             dst[at as usize] += v;
         }
     }
+    out.resize(n * c * plane, T::zero());
     Ok(candle_core::Tensor::from_vec(
         out,
         (n, c, plane),
