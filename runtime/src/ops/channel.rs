@@ -418,6 +418,66 @@ fn dot_value(
         .reshape(ch.stat.as_slice())?)
 }
 
+/// The values of `channel_sum_and_dot`.
+fn sum_and_dot_value(
+    ch: &Channels,
+    g: &Value,
+    (x, m): (&Value, Option<&Value>),
+) -> Result<(Value, Value)> {
+    if fast(&[g, x]) && g.dtype() == x.dtype() {
+        fn run<T: WithDType>(
+            ch: &Channels,
+            g: &Value,
+            (x, m): (&Value, Option<&Value>),
+        ) -> Result<(Value, Value)> {
+            let m = m.map(per_channel::<T>).transpose()?;
+            with_cpu_slice::<T, _>(g, |gs| {
+                with_cpu_slice::<T, _>(x, |xs| {
+                    let (sums, dots) = reduce_pair_cpu(ch, gs, (xs, m.as_deref()));
+                    Ok((cpu_tensor(sums, &ch.stat)?, cpu_tensor(dots, &ch.stat)?))
+                })
+            })
+        }
+        return match g.dtype() {
+            DType::F32 => run::<f32>(ch, g, (x, m)),
+            _ => run::<f64>(ch, g, (x, m)),
+        };
+    }
+    Ok((sum_value(ch, g)?, dot_value(ch, (g, None), (x, m))?))
+}
+
+/// [`reduce_cpu`]'s `sum g` and `sum g (x - m)` in one pass over the rows: per row, the
+/// same two accumulations as two calls would make.
+fn reduce_pair_cpu<T: WithDType>(
+    ch: &Channels,
+    g: &[T],
+    (x, m): (&[T], Option<&[T]>),
+) -> (Vec<T>, Vec<T>) {
+    let (groups, n, c, s) = ch.grouped();
+    let mut sums = vec![[0f64; LANES]; groups * c];
+    let mut dots = vec![[0f64; LANES]; groups * c];
+    super::kernels::vectorized(|| {
+        for gi in 0..groups {
+            for ni in 0..n {
+                for ci in 0..c {
+                    let pc = gi * c + ci;
+                    let rows = ((gi * n + ni) * c + ci) * s..((gi * n + ni) * c + ci + 1) * s;
+                    let center = m.map_or(T::zero(), |m| m[pc]);
+                    let row = &g[rows.clone()];
+                    accumulate_row(&mut sums[pc], row, T::zero(), None);
+                    accumulate_row(&mut dots[pc], row, T::zero(), Some((&x[rows], center)));
+                }
+            }
+        }
+    });
+    let total = |acc: &[[f64; LANES]]| {
+        acc.iter()
+            .map(|lanes| T::from_f64(lanes.iter().sum()))
+            .collect()
+    };
+    (total(&sums), total(&dots))
+}
+
 /// The value of `channel_affine`: `terms` are `(x, m, a)`, one or two.
 fn affine_value(
     ch: &Channels,
@@ -513,6 +573,33 @@ pub(crate) fn channel_dot(
         (u.value(), mu.map(Tensor::value)),
         (v.value(), mv.map(Tensor::value)),
     )?;
+    record_dot(value, (u, mu), (v, mv), ch)
+}
+
+/// `channel_sum(g)` and `channel_dot((g, None), (x, m))`, with one pass over `g` on the CPU
+/// fast path (each row's two sums run back to back while the row is in cache): the same
+/// values as the two ops apart.
+pub(crate) fn channel_sum_and_dot(
+    g: &Tensor,
+    (x, m): (&Tensor, Option<&Tensor>),
+    ch: &Arc<Channels>,
+) -> Result<(Tensor, Tensor)> {
+    check_full(ch, &[g, x])?;
+    check_per_channel(ch, g, &[m])?;
+    let (sum, dot) = sum_and_dot_value(ch, g.value(), (x.value(), m.map(Tensor::value)))?;
+    Ok((
+        Tensor::from_op(sum, &[g], ChannelSum(ch.clone()))?,
+        record_dot(dot, (g, None), (x, m), ch)?,
+    ))
+}
+
+/// Records the op of `channel_dot` for its `value`.
+fn record_dot(
+    value: Value,
+    (u, mu): (&Tensor, Option<&Tensor>),
+    (v, mv): (&Tensor, Option<&Tensor>),
+    ch: &Arc<Channels>,
+) -> Result<Tensor> {
     let mut inputs = vec![u];
     inputs.extend(mu);
     inputs.push(v);
@@ -702,6 +789,20 @@ struct ChannelAffine {
     shifted: bool,
 }
 
+impl ChannelAffine {
+    /// Whether the VJP needs `sum(g)`: for a center's gradient or the shift's.
+    fn needs_sum(&self, needs: &[bool]) -> bool {
+        let mut i = 0;
+        for &centered in &self.centered {
+            if centered && needs[i + 1] {
+                return true;
+            }
+            i += 2 + usize::from(centered);
+        }
+        self.shifted && needs[i]
+    }
+}
+
 impl Backward for ChannelAffine {
     fn name(&self) -> &'static str {
         "channel_affine"
@@ -712,6 +813,14 @@ impl Backward for ChannelAffine {
     fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
         let g = ctx.grad;
         let mut grad_sum: Option<Tensor> = None;
+        // Where sum(g) is needed, the first term's `sum g (x - m)` comes from the same pass.
+        let mut first_dot: Option<Tensor> = None;
+        let first_a = 1 + usize::from(self.centered[0]);
+        if ctx.needs[first_a] && self.needs_sum(ctx.needs) {
+            let m = self.centered[0].then(|| &ctx.inputs[1]);
+            let (sum, dot) = channel_sum_and_dot(g, (&ctx.inputs[0], m), &self.ch)?;
+            (grad_sum, first_dot) = (Some(sum), Some(dot));
+        }
         let mut sum_of_g = || -> Result<Tensor> {
             if grad_sum.is_none() {
                 grad_sum = Some(channel_sum(g, &self.ch)?);
@@ -737,11 +846,12 @@ impl Backward for ChannelAffine {
                     None
                 });
             }
-            out.push(
-                ctx.needs[a_at]
+            out.push(match first_dot.take() {
+                Some(dot) => Some(dot),
+                None => ctx.needs[a_at]
                     .then(|| channel_dot((g, None), (x, m), &self.ch))
                     .transpose()?,
-            );
+            });
             i = a_at + 1;
         }
         if self.shifted {
@@ -821,12 +931,11 @@ impl Backward for BatchNormTrain {
         let need_w = self.weighted && ctx.needs[1];
         let need_b = self.shifted && ctx.needs[1 + usize::from(self.weighted)];
         let n = ch.count() as f64;
-        let sum_g = channel_sum(g, ch)?;
-        let d = if ctx.needs[0] || need_w {
-            let dot = channel_dot((g, None), (x, Some(&self.mean)), ch)?;
-            Some(self.rstd.mul(&dot)?)
+        let (sum_g, d) = if ctx.needs[0] || need_w {
+            let (sum, dot) = channel_sum_and_dot(g, (x, Some(&self.mean)), ch)?;
+            (sum, Some(self.rstd.mul(&dot)?))
         } else {
-            None
+            (channel_sum(g, ch)?, None)
         };
         let mut out = Vec::with_capacity(ctx.inputs.len());
         out.push(match (&d, ctx.needs[0]) {
@@ -857,7 +966,33 @@ impl Backward for BatchNormTrain {
 
 #[cfg(test)]
 mod tests {
-    use super::{accumulate_row, accumulate_row_scalar, LANES};
+    use super::LANES;
+    use super::{accumulate_row, accumulate_row_scalar, reduce_cpu, reduce_pair_cpu, Channels};
+
+    /// The fused pass gives the bits of the two reductions apart (f32, with a task axis,
+    /// rows around the lane count, with and without a center).
+    #[test]
+    fn sum_and_dot_in_one_pass_equal_the_two_apart() {
+        for s in [1, 33, 121] {
+            let full = [2, 3, 4, s];
+            let ch = Channels::new(&full, true, &[2, 4]).unwrap();
+            let len: usize = full.iter().product();
+            let g: Vec<f32> = (0..len)
+                .map(|i| ((i * 37) % 101) as f32 / 7.0 - 6.0)
+                .collect();
+            let x: Vec<f32> = (0..len)
+                .map(|i| ((i * 53) % 97) as f32 / 5.0 - 9.0)
+                .collect();
+            let m: Vec<f32> = (0..8).map(|i| i as f32 * 0.3 - 1.0).collect();
+            for center in [None, Some(&m[..])] {
+                let (sums, dots) = reduce_pair_cpu(&ch, &g, (&x, center));
+                let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+                assert_eq!(bits(sums), bits(reduce_cpu(&ch, (&g, None), None)));
+                let apart = reduce_cpu(&ch, (&g, None), Some((&x, center)));
+                assert_eq!(bits(dots), bits(apart), "rows of {s}");
+            }
+        }
+    }
 
     /// The AVX-512 rows equal the scalar definition bit for bit, in f32 and f64, with and
     /// without the second factor, at lengths around the lane count.
