@@ -423,6 +423,10 @@ impl Conv {
         self.tensor(dx, [self.n, self.c_in, self.h, self.w])
     }
 
+    /// `gy cols^T` summed over the images. Images with few positions go a chunk per product
+    /// (as in the forward), so that the product's depth is the chunk's positions rather
+    /// than one image's (9 for the CNN's last layer: 4.7 ms to 3.7 ms for 150 images);
+    /// `gy`'s rows of the chunk are gathered into `[c_out, m l]` for it.
     fn weight_grad<T: WithDType>(
         &self,
         x: &candle_core::Tensor,
@@ -430,28 +434,54 @@ impl Conv {
     ) -> Result<candle_core::Tensor> {
         let (k, l, c_out) = (self.k(), self.ho() * self.wo(), self.c_out);
         let image = self.c_in * self.h * self.w;
+        // One image per product where an image has enough positions (gathering `gy`
+        // would cost more than it gains).
+        let chunk = if l >= 64 { 1 } else { self.chunk() };
         let mut dw = vec![T::from_f64(0.0); self.count() * c_out * k];
-        with_scratch(k * l, |cols: &mut [T]| {
+        with_scratch(k * chunk * l + c_out * chunk * l, |scratch: &mut [T]| {
+            let (cols, rows) = scratch.split_at_mut(k * chunk * l);
             with_slices([x, gy], |images, gy| {
                 let per_task = images
                     .chunks_exact(self.n * image)
                     .zip(gy.chunks_exact(self.n * c_out * l))
                     .zip(dw.chunks_exact_mut(c_out * k));
                 for ((images, gy), dw) in per_task {
-                    for (b, gy_b) in gy.chunks_exact(c_out * l).enumerate() {
+                    for start in (0..self.n).step_by(chunk) {
+                        let m = chunk.min(self.n - start);
+                        let (cols, rows) = (&mut cols[..k * m * l], &mut rows[..c_out * m * l]);
                         if !self.covers_columns() {
                             cols.fill(T::from_f64(0.0));
                         }
-                        self.im2col(&images[b * image..][..image], cols, l, 0);
-                        // cols^T as a view: element (j, r) at r * l + j.
+                        for b in 0..m {
+                            let src = &images[(start + b) * image..][..image];
+                            self.im2col(src, cols, m * l, b * l);
+                            if m > 1 {
+                                let gy_b = &gy[(start + b) * c_out * l..][..c_out * l];
+                                for (co, row) in gy_b.chunks_exact(l).enumerate() {
+                                    rows[co * m * l + b * l..][..l].copy_from_slice(row);
+                                }
+                            }
+                        }
+                        // cols^T as a view: element (j, r) at r * (m l) + j.
                         let cols_t = Strided {
-                            data: cols,
+                            data: &*cols,
                             row_stride: 1,
-                            col_stride: l,
+                            col_stride: m * l,
                         };
-                        let parallelism = parallelism(c_out * k * l);
-                        let gy_b = Strided::rows(gy_b, l);
-                        matmul_into((c_out, k, l), gy_b, cols_t, dw, b > 0, parallelism)?;
+                        let parallelism = parallelism(c_out * k * m * l);
+                        let gy_rows = match m {
+                            1 => Strided::rows(&gy[start * c_out * l..][..c_out * l], l),
+                            _ => Strided::rows(&*rows, m * l),
+                        };
+                        let accumulate = start > 0;
+                        matmul_into(
+                            (c_out, k, m * l),
+                            gy_rows,
+                            cols_t,
+                            dw,
+                            accumulate,
+                            parallelism,
+                        )?;
                     }
                 }
                 Ok(())
@@ -682,6 +712,8 @@ mod tests {
             (2, 2, 11, 11, 3, 3, 3, 3, 3, 2),
             (5, 3, 4, 4, 2, 4, 4, 0, 1, 1),
             (5, 8, 40, 40, 2, 3, 3, 1, 1, 1),
+            // Few positions per image: the weight gradient goes by chunks (18, 18, 18, 6).
+            (60, 64, 5, 5, 4, 3, 3, 1, 1, 1),
         ];
         for (i, &(n, c_in, h, w, c_out, kh, kw, padding, stride, dilation)) in
             cases.iter().enumerate()
