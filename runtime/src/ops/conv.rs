@@ -534,19 +534,7 @@ pub(crate) fn conv2d_with_bias(
     (padding, stride, dilation, groups): (usize, usize, usize, usize),
     tasks: bool,
 ) -> Result<Tensor> {
-    if tasks {
-        check_tasks(
-            "conv2d_tasks",
-            x,
-            kernel,
-            2,
-            (padding, stride, dilation, groups),
-            "input [T, N, C_in, H, W] and kernel [T, C_out, C_in/groups, kH, kW] with the same \
-             T > 0",
-        )?;
-    } else {
-        validate("conv2d", x, kernel, 2, padding, stride, dilation, groups)?;
-    }
+    check_conv(x, kernel, 2, (padding, stride, dilation, groups), tasks)?;
     let lead = usize::from(tasks);
     let (d, k) = (x.dims(), kernel.dims());
     let geom = Geom {
@@ -579,18 +567,7 @@ pub(crate) fn conv1d_with_bias(
     (padding, stride, dilation, groups): (usize, usize, usize, usize),
     tasks: bool,
 ) -> Result<Tensor> {
-    if tasks {
-        check_tasks(
-            "conv1d_tasks",
-            x,
-            kernel,
-            1,
-            (padding, stride, dilation, groups),
-            "input [T, N, C_in, L] and kernel [T, C_out, C_in/groups, K] with the same T > 0",
-        )?;
-    } else {
-        validate("conv1d", x, kernel, 1, padding, stride, dilation, groups)?;
-    }
+    check_conv(x, kernel, 1, (padding, stride, dilation, groups), tasks)?;
     let spatial = 2 + usize::from(tasks);
     let x = if padding > 0 {
         x.pad_with_zeros(spatial, padding, padding)?
@@ -605,6 +582,38 @@ pub(crate) fn conv1d_with_bias(
         tasks,
     )?
     .squeeze(spatial)
+}
+
+/// The checks of a convolution with `spatial` (1 or 2) spatial dims, task-batched or not.
+fn check_conv(
+    x: &Tensor,
+    kernel: &Tensor,
+    spatial: usize,
+    config: (usize, usize, usize, usize),
+    tasks: bool,
+) -> Result<()> {
+    let (padding, stride, dilation, groups) = config;
+    match (tasks, spatial) {
+        (false, 1) => validate("conv1d", x, kernel, 1, padding, stride, dilation, groups),
+        (false, _) => validate("conv2d", x, kernel, 2, padding, stride, dilation, groups),
+        (true, 1) => check_tasks(
+            "conv1d_tasks",
+            x,
+            kernel,
+            1,
+            config,
+            "input [T, N, C_in, L] and kernel [T, C_out, C_in/groups, K] with the same T > 0",
+        ),
+        (true, _) => check_tasks(
+            "conv2d_tasks",
+            x,
+            kernel,
+            2,
+            config,
+            "input [T, N, C_in, H, W] and kernel [T, C_out, C_in/groups, kH, kW] with the same \
+             T > 0",
+        ),
+    }
 }
 
 /// The checks of a task-batched convolution: `x` `[T, N, C_in, ..]` and `kernel`
