@@ -120,8 +120,6 @@ pub fn conv1d(
     })
 }
 
-/// Adds a per-channel bias `[C]` at dim 1, or a per-task one `[T, C]` at dims 0 and 2 of a
-/// task-batched output `[T, N, C, ..]`.
 impl Module for Conv2d {
     /// Task-batched when the weight is `[T, out, in/groups, kh, kw]` (bias `[T, out]`):
     /// then `x` is `[T, N, in, H, W]` and the output `[T, N, out, H', W']`.

@@ -14,8 +14,10 @@ pub trait Layer: Module + Parameters + Send + Sync {
     fn clone_box(&self) -> Box<dyn Layer>;
 
     /// The layer as `Any`, so that [`Sequential`] can recognise the built-in layers it
-    /// reorders.
-    fn as_any(&self) -> &dyn Any;
+    /// reorders. The default (for a hand-written impl) is recognised as none of them.
+    fn as_any(&self) -> &dyn Any {
+        &()
+    }
 }
 
 impl<T: Module + Parameters + Clone + Send + Sync + 'static> Layer for T {
