@@ -61,10 +61,11 @@ fn conv_value(x: &Value, w: &Value, bias: Option<&Value>, g: &Geom) -> Result<Va
             return Ok(y);
         }
     }
+    // Our im2col was tried above where it applies; candle's conv otherwise.
     let y = if g.tasks {
         per_task(x, w, |x, w| conv_value(x, w, None, &g.single()))?
     } else {
-        conv2d_value(x, w, g.padding, g.stride, g.dilation, g.groups)?
+        x.conv2d(w, g.padding, g.stride, g.dilation, g.groups)?
     };
     match bias {
         Some(b) => Ok(y.broadcast_add(&b.reshape(bias_view(b.dims(), y.rank(), g.tasks))?)?),
