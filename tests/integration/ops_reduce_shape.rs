@@ -21,6 +21,19 @@ fn sums_and_means() {
     check12("mean_keepdim 1", |x| x[0].mean_keepdim(1)?.mul(&x[0]), &xs);
     check12("mean_all", |x| x[0].mean_all()?.exp(), &xs);
     check12("sum_to [3, 1]", |x| x[0].sum_to(&[3, 1])?.sqr(), &xs);
+    // Leading dims only: one pass over the rows.
+    check12("sum_to [3, 4]", |x| x[0].sum_to(&[3, 4])?.sqr(), &xs);
+    check12(
+        "sum_to [1, 3, 4]",
+        |x| x[0].sum_to(&[1, 3, 4])?.mul(&x[0]),
+        &xs,
+    );
+    check12("sum_to [4]", |x| x[0].sum_to(&[4])?.exp(), &xs);
+    check12(
+        "sum_to [3, 2] of a transposed view",
+        |x| x[0].transpose(0, 2)?.sum_to(&[3, 2])?.sqr(),
+        &xs,
+    );
 }
 
 #[test]

@@ -213,7 +213,7 @@ impl<M: Module + Parameters + Clone> FunctionalModel<M> {
                 (InitialWeights::BaseParameters, false) => {
                     let mut shape = vec![tasks];
                     shape.extend_from_slice(t.dims());
-                    t.unsqueeze(0)?.broadcast_as(&shape)
+                    t.broadcast_as(&shape)
                 }
                 (InitialWeights::DetachedCopy, false) => {
                     Ok(task_copies(&t.detach(), tasks)?.to_leaf())

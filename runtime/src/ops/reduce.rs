@@ -239,25 +239,121 @@ impl Tensor {
                 });
             }
         }
-        // Summing only leading dims (bias and batch gradients) as `ones[1, P] x g[P, R]` is
-        // several times faster than candle's sum over a non-last dim, and stays
-        // differentiable (the product's VJP is again a product).
         let prefix = dims.iter().enumerate().all(|(i, &d)| i == d);
         if prefix && !dims.is_empty() && dims.len() < self.rank() && self.dtype().is_float() {
             let p: usize = self.dims()[..dims.len()].iter().product();
-            let r = self.elem_count() / p.max(1);
             if p > 1 {
-                let ones = Tensor::ones(&[1, p], self.dtype(), self.device())?;
-                return ones.matmul(&self.reshape(&[p, r])?)?.reshape(shape);
+                return self.sum_leading(p, shape);
             }
         }
         self.sum_dims(&dims, true)?.reshape(shape)
+    }
+
+    /// The sum of the `p` leading rows of `self` seen as `[p, r]`, shaped `shape` (bias,
+    /// task and batch gradients): one recorded op.
+    fn sum_leading(&self, p: usize, shape: &[usize]) -> Result<Tensor> {
+        let r = self.elem_count() / p;
+        let v = self.value();
+        let value = if v.device().is_cpu() && super::kernels::cpu_fast_paths() {
+            match v.dtype() {
+                DType::F32 => sum_rows_cpu::<f32>(v, p, r)?,
+                DType::F64 => sum_rows_cpu::<f64>(v, p, r)?,
+                _ => sum_rows_by_product(v, p, r)?,
+            }
+        } else {
+            sum_rows_by_product(v, p, r)?
+        };
+        Tensor::from_op(value.reshape(shape)?, &[self], SumLeading)
+    }
+}
+
+/// The rows of a contiguous `[p, r]` view added in order (the sums of the in-order chain
+/// `ones[1, p] x v` that the small product computes, bit for bit, in one pass and without
+/// the ones).
+fn sum_rows_cpu<T: candle_core::WithDType>(
+    v: &candle_core::Tensor,
+    p: usize,
+    r: usize,
+) -> Result<candle_core::Tensor> {
+    super::kernels::with_cpu_slice(v, |rows: &[T]| {
+        let mut acc = vec![T::zero(); r];
+        if r > 0 {
+            super::kernels::vectorized(|| {
+                for row in rows[..p * r].chunks_exact(r) {
+                    for (a, &x) in acc.iter_mut().zip(row) {
+                        *a += x;
+                    }
+                }
+            });
+        }
+        Ok(candle_core::Tensor::from_vec(acc, r, v.device())?)
+    })
+}
+
+/// `ones[1, p] x v[p, r]`: several times faster than candle's sum over a non-last dim
+/// (off the CPU, and for CPU dtypes without the row kernel).
+fn sum_rows_by_product(v: &candle_core::Tensor, p: usize, r: usize) -> Result<candle_core::Tensor> {
+    let ones = candle_core::Tensor::ones((1, p), v.dtype(), v.device())?;
+    Ok(ones.matmul(&v.reshape((p, r))?)?)
+}
+
+/// [`Tensor::sum_leading`]'s node: the gradient is the output's broadcast back over the
+/// summed rows.
+struct SumLeading;
+
+impl Backward for SumLeading {
+    fn name(&self) -> &'static str {
+        "sum_to"
+    }
+
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(ctx.grad.broadcast_as(ctx.inputs[0].dims())?)])
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::sum_keepdim_value;
+    use crate::Tensor;
+
+    /// A sum over leading dims adds the rows in order (the bits of the in-order chain the
+    /// ones product gave), in f32 and f64, for a strided input, and for empty rows.
+    #[test]
+    fn leading_sums_add_the_rows_in_order() -> crate::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let (p, r) = (7, 37);
+        let data: Vec<f64> = (0..p * r)
+            .map(|i| ((i * 7919) % 1000) as f64 / 37.0 - 13.0)
+            .collect();
+        for dtype in [candle_core::DType::F64, candle_core::DType::F32] {
+            let x = candle_core::Tensor::from_vec(data.clone(), (p, r), &dev)?.to_dtype(dtype)?;
+            let rows: Vec<Vec<f64>> = x.to_dtype(candle_core::DType::F64)?.to_vec2()?;
+            let want: Vec<f64> = (0..r)
+                .map(|j| match dtype {
+                    candle_core::DType::F32 => {
+                        rows.iter().fold(0f32, |acc, row| acc + row[j] as f32) as f64
+                    }
+                    _ => rows.iter().fold(0f64, |acc, row| acc + row[j]),
+                })
+                .collect();
+            let got = Tensor::new(x.clone()).sum_to(&[r])?.to_vec_f64()?;
+            assert_eq!(got, want, "{dtype:?}");
+            // The same sums from a transposed view of the transpose.
+            let strided = Tensor::new(x.t()?.contiguous()?.t()?);
+            assert_eq!(
+                strided.sum_to(&[1, r])?.to_vec_f64()?,
+                want,
+                "{dtype:?} strided"
+            );
+        }
+        let empty = Tensor::new(candle_core::Tensor::zeros(
+            (3, 0),
+            candle_core::DType::F32,
+            &dev,
+        )?);
+        assert_eq!(empty.sum_to(&[0])?.dims(), [0]);
+        Ok(())
+    }
 
     /// The trailing-first reduction equals candle's direct one for every pattern of summed
     /// dims of a 4-D tensor, contiguous or transposed.
