@@ -10,6 +10,36 @@ fn idx(v: &[u32]) -> Tensor {
 }
 
 #[test]
+fn linear_plain_and_task_batched() {
+    let mut r = rng(29);
+    // Plain: rows over two leading dims, with and without the bias.
+    let xs = [
+        randn(&mut r, &[2, 3, 4]),
+        randn(&mut r, &[5, 4]),
+        randn(&mut r, &[5]),
+    ];
+    check12("linear", |x| x[0].linear(&x[1], Some(&x[2]))?.sqr(), &xs);
+    check12(
+        "linear no bias",
+        |x| x[0].linear(&x[1], None)?.tanh(),
+        &xs[..2],
+    );
+    // Task-batched: 3 tasks of 4 rows, and of 1 row (a bias gradient of one row per task).
+    for rows in [4, 1] {
+        let xs = [
+            randn(&mut r, &[3, rows, 2]),
+            randn(&mut r, &[3, 5, 2]),
+            randn(&mut r, &[3, 5]),
+        ];
+        check12(
+            "linear_tasks",
+            |x| x[0].linear_tasks(&x[1], Some(&x[2]))?.sqr(),
+            &xs,
+        );
+    }
+}
+
+#[test]
 fn conv2d_plain() {
     let mut r = rng(30);
     let xs = [randn(&mut r, &[1, 2, 5, 5]), randn(&mut r, &[3, 2, 3, 3])];

@@ -14,7 +14,8 @@ impl Backward for Linear {
         "linear"
     }
 
-    /// For Y = X W^T + b with X flattened to [n, in]: dX = G W, dW = G^T X, db = 1^T G.
+    /// For Y = X W^T + b with X flattened to [n, in]: dX = G W, dW = G^T X, db = G's rows
+    /// summed.
     fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
         let (x, w) = (&ctx.inputs[0], &ctx.inputs[1]);
         let out = w.dims()[0];
@@ -27,16 +28,7 @@ impl Backward for Linear {
             .transpose()?;
         let mut grads = vec![gx, gw];
         if self.has_bias {
-            let gb = ctx.needs[2]
-                .then(|| {
-                    let ones = Tensor::new(candle_core::Tensor::ones(
-                        (1, g.dims()[0]),
-                        g.dtype(),
-                        g.device(),
-                    )?);
-                    ones.matmul(&g)?.reshape(&[out])
-                })
-                .transpose()?;
+            let gb = ctx.needs[2].then(|| g.sum_to(&[out])).transpose()?;
             grads.push(gb);
         }
         Ok(grads)
@@ -109,8 +101,8 @@ impl Backward for LinearTasks {
         "linear_tasks"
     }
 
-    /// Per task t, with X_t flattened to [n, in]: dX_t = G_t W_t, dW_t = G_t^T X_t,
-    /// db_t = 1^T G_t (batched products over the task axis).
+    /// Per task t, with X_t flattened to [n, in]: dX_t = G_t W_t, dW_t = G_t^T X_t
+    /// (batched products over the task axis), db_t = G_t's rows summed.
     fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
         let (x, w) = (&ctx.inputs[0], &ctx.inputs[1]);
         let (tasks, out) = (w.dims()[0], w.dims()[1]);
@@ -127,13 +119,7 @@ impl Backward for LinearTasks {
             .transpose()?;
         let mut grads = vec![gx, gw];
         if self.has_bias {
-            let gb = ctx.needs[2]
-                .then(|| {
-                    let ones =
-                        Tensor::new(candle_core::Tensor::ones((1, rows), g.dtype(), g.device())?);
-                    ones.matmul(&g)?.reshape(&[tasks, out])
-                })
-                .transpose()?;
+            let gb = ctx.needs[2].then(|| g.sum_rows_per_block()).transpose()?;
             grads.push(gb);
         }
         Ok(grads)

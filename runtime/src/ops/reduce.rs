@@ -252,62 +252,92 @@ impl Tensor {
     /// The sum of the `p` leading rows of `self` seen as `[p, r]`, shaped `shape` (bias,
     /// task and batch gradients): one recorded op.
     fn sum_leading(&self, p: usize, shape: &[usize]) -> Result<Tensor> {
-        let r = self.elem_count() / p;
-        let v = self.value();
-        let value = if v.device().is_cpu() && super::kernels::cpu_fast_paths() {
-            match v.dtype() {
-                DType::F32 => sum_rows_cpu::<f32>(v, p, r)?,
-                DType::F64 => sum_rows_cpu::<f64>(v, p, r)?,
-                _ => sum_rows_by_product(v, p, r)?,
-            }
-        } else {
-            sum_rows_by_product(v, p, r)?
+        let value = sum_rows_value(self.value(), (1, p, self.elem_count() / p))?;
+        Tensor::from_op(value.reshape(shape)?, &[self], SumRows { blocks: None })
+    }
+
+    /// The sum over the rows of each block of a `[blocks, rows, r]` tensor, `[blocks, r]`
+    /// (a task-batched layer's bias gradient: each task's rows added in order, as
+    /// [`Tensor::sum_to`] adds a plain layer's).
+    pub(crate) fn sum_rows_per_block(&self) -> Result<Tensor> {
+        let &[blocks, rows, r] = self.dims() else {
+            return Err(Error::ShapeMismatch {
+                op: "sum_rows_per_block",
+                expected: "[blocks, rows, r]".into(),
+                got: self.dims().to_vec(),
+            });
         };
-        Tensor::from_op(value.reshape(shape)?, &[self], SumLeading)
+        let value = sum_rows_value(self.value(), (blocks, rows, r))?;
+        Tensor::from_op(
+            value,
+            &[self],
+            SumRows {
+                blocks: Some(blocks),
+            },
+        )
     }
 }
 
-/// The rows of a contiguous `[p, r]` view added in order (the sums of the in-order chain
-/// `ones[1, p] x v` that the small product computes, bit for bit, in one pass and without
-/// the ones).
+/// `v` seen as `[blocks, p, r]` summed over `p`: `[blocks, r]`.
+fn sum_rows_value(
+    v: &candle_core::Tensor,
+    (blocks, p, r): (usize, usize, usize),
+) -> Result<candle_core::Tensor> {
+    if v.device().is_cpu() && super::kernels::cpu_fast_paths() {
+        match v.dtype() {
+            DType::F32 => return sum_rows_cpu::<f32>(v, (blocks, p, r)),
+            DType::F64 => return sum_rows_cpu::<f64>(v, (blocks, p, r)),
+            _ => {}
+        }
+    }
+    Ok(v.reshape((blocks, p, r))?.sum(1)?)
+}
+
+/// The rows of each block of a contiguous `[blocks, p, r]` view added in order (the sums
+/// of the in-order chain `ones[1, p] x v` that the small product computed, bit for bit, in
+/// one pass and without the ones).
 fn sum_rows_cpu<T: candle_core::WithDType>(
     v: &candle_core::Tensor,
-    p: usize,
-    r: usize,
+    (blocks, p, r): (usize, usize, usize),
 ) -> Result<candle_core::Tensor> {
-    super::kernels::with_cpu_slice(v, |rows: &[T]| {
-        let mut acc = vec![T::zero(); r];
-        if r > 0 {
+    super::kernels::with_cpu_slice(v, |data: &[T]| {
+        let mut acc = vec![T::zero(); blocks * r];
+        if r > 0 && p > 0 {
             super::kernels::vectorized(|| {
-                for row in rows[..p * r].chunks_exact(r) {
-                    for (a, &x) in acc.iter_mut().zip(row) {
-                        *a += x;
+                let per_block = data[..blocks * p * r].chunks_exact(p * r);
+                for (sums, rows) in acc.chunks_exact_mut(r).zip(per_block) {
+                    for row in rows.chunks_exact(r) {
+                        for (a, &x) in sums.iter_mut().zip(row) {
+                            *a += x;
+                        }
                     }
                 }
             });
         }
-        Ok(candle_core::Tensor::from_vec(acc, r, v.device())?)
+        Ok(candle_core::Tensor::from_vec(acc, (blocks, r), v.device())?)
     })
 }
 
-/// `ones[1, p] x v[p, r]`: several times faster than candle's sum over a non-last dim
-/// (off the CPU, and for CPU dtypes without the row kernel).
-fn sum_rows_by_product(v: &candle_core::Tensor, p: usize, r: usize) -> Result<candle_core::Tensor> {
-    let ones = candle_core::Tensor::ones((1, p), v.dtype(), v.device())?;
-    Ok(ones.matmul(&v.reshape((p, r))?)?)
+/// The node of [`Tensor::sum_to`]'s leading sum (`blocks: None`) and of
+/// [`Tensor::sum_rows_per_block`]: the gradient is the output's broadcast back over the
+/// summed rows (a view).
+struct SumRows {
+    blocks: Option<usize>,
 }
 
-/// [`Tensor::sum_leading`]'s node: the gradient is the output's broadcast back over the
-/// summed rows.
-struct SumLeading;
-
-impl Backward for SumLeading {
+impl Backward for SumRows {
     fn name(&self) -> &'static str {
-        "sum_to"
+        "sum_rows"
     }
 
     fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(ctx.grad.broadcast_as(ctx.inputs[0].dims())?)])
+        let input = ctx.inputs[0].dims();
+        let g = match self.blocks {
+            None => ctx.grad.clone(),
+            // `[blocks, r]` to `[blocks, 1, r]`, which broadcasts to the input.
+            Some(_) => ctx.grad.unsqueeze(1)?,
+        };
+        Ok(vec![Some(g.broadcast_as(input)?)])
     }
 }
 
@@ -352,6 +382,42 @@ mod tests {
             &dev,
         )?);
         assert_eq!(empty.sum_to(&[0])?.dims(), [0]);
+        Ok(())
+    }
+
+    /// Each block's rows are added in order, blocks apart; no blocks, no rows and one row
+    /// give the right shapes and values.
+    #[test]
+    fn rows_per_block_add_in_order() -> crate::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let (blocks, p, r) = (3, 5, 9);
+        let data: Vec<f32> = (0..blocks * p * r)
+            .map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0)
+            .collect();
+        let x = Tensor::new(candle_core::Tensor::from_vec(
+            data.clone(),
+            (blocks, p, r),
+            &dev,
+        )?);
+        let got = x.sum_rows_per_block()?;
+        assert_eq!(got.dims(), [blocks, r]);
+        let want: Vec<f64> = (0..blocks * r)
+            .map(|at| {
+                let (b, j) = (at / r, at % r);
+                (0..p).fold(0f32, |acc, i| acc + data[(b * p + i) * r + j]) as f64
+            })
+            .collect();
+        assert_eq!(got.to_vec_f64()?, want);
+        for (blocks, p) in [(0, 4), (2, 0), (2, 1)] {
+            let x = Tensor::new(candle_core::Tensor::ones(
+                (blocks, p, r),
+                candle_core::DType::F64,
+                &dev,
+            )?);
+            let sums = x.sum_rows_per_block()?;
+            assert_eq!(sums.dims(), [blocks, r]);
+            assert!(sums.to_vec_f64()?.iter().all(|&v| v == p as f64));
+        }
         Ok(())
     }
 
