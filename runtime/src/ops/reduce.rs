@@ -253,7 +253,7 @@ impl Tensor {
     /// task and batch gradients): one recorded op.
     fn sum_leading(&self, p: usize, shape: &[usize]) -> Result<Tensor> {
         let value = sum_rows_value(self.value(), (1, p, self.elem_count() / p))?;
-        Tensor::from_op(value.reshape(shape)?, &[self], SumRows { blocks: None })
+        Tensor::from_op(value.reshape(shape)?, &[self], SumRows { per_block: false })
     }
 
     /// The sum over the rows of each block of a `[blocks, rows, r]` tensor, `[blocks, r]`
@@ -268,13 +268,7 @@ impl Tensor {
             });
         };
         let value = sum_rows_value(self.value(), (blocks, rows, r))?;
-        Tensor::from_op(
-            value,
-            &[self],
-            SumRows {
-                blocks: Some(blocks),
-            },
-        )
+        Tensor::from_op(value, &[self], SumRows { per_block: true })
     }
 }
 
@@ -318,11 +312,10 @@ fn sum_rows_cpu<T: candle_core::WithDType>(
     })
 }
 
-/// The node of [`Tensor::sum_to`]'s leading sum (`blocks: None`) and of
-/// [`Tensor::sum_rows_per_block`]: the gradient is the output's broadcast back over the
-/// summed rows (a view).
+/// The node of [`Tensor::sum_to`]'s leading sum and of [`Tensor::sum_rows_per_block`]
+/// (`per_block`): the gradient is the output's broadcast back over the summed rows (a view).
 struct SumRows {
-    blocks: Option<usize>,
+    per_block: bool,
 }
 
 impl Backward for SumRows {
@@ -332,10 +325,11 @@ impl Backward for SumRows {
 
     fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
         let input = ctx.inputs[0].dims();
-        let g = match self.blocks {
-            None => ctx.grad.clone(),
+        let g = if self.per_block {
             // `[blocks, r]` to `[blocks, 1, r]`, which broadcasts to the input.
-            Some(_) => ctx.grad.unsqueeze(1)?,
+            ctx.grad.unsqueeze(1)?
+        } else {
+            ctx.grad.clone()
         };
         Ok(vec![Some(g.broadcast_as(input)?)])
     }
