@@ -9,6 +9,7 @@ pub(crate) mod compare;
 pub(crate) mod conv;
 mod convenience;
 mod cpu_gemm;
+pub(crate) mod fused;
 pub(crate) mod im2col;
 pub(crate) mod index;
 pub(crate) mod kernels;

@@ -54,6 +54,7 @@ pub use sgd::Sgd;
 pub use state::{State, StateTensor, StateValue};
 
 use crate::error::Result;
+use crate::ops::fused::{add_combined, Combine};
 use crate::tensor::Tensor;
 
 /// One optimizer step for one parameter, in the ordinary in-place form.
@@ -162,7 +163,7 @@ impl Tensor {
         t2: &Tensor,
         value: impl Into<crate::Operand>,
     ) -> Result<&mut Tensor> {
-        *self = self.add(&t1.mul(t2)?.mul(value)?)?;
+        *self = self.add_combined(t1, t2, value.into(), Combine::Mul)?;
         Ok(self)
     }
 
@@ -173,8 +174,29 @@ impl Tensor {
         t2: &Tensor,
         value: impl Into<crate::Operand>,
     ) -> Result<&mut Tensor> {
-        *self = self.add(&t1.div(t2)?.mul(value)?)?;
+        *self = self.add_combined(t1, t2, value.into(), Combine::Div)?;
         Ok(self)
+    }
+
+    /// `self + value * (t1 op t2)`: one pass when nothing is recorded and the operands
+    /// allow it (`ops::fused`), else the three ops.
+    fn add_combined(
+        &self,
+        t1: &Tensor,
+        t2: &Tensor,
+        value: crate::Operand,
+        combine: Combine,
+    ) -> Result<Tensor> {
+        if let crate::Operand::Float(v) = value {
+            if let Some(fused) = add_combined(self, (t1, t2), v, combine)? {
+                return Ok(fused);
+            }
+        }
+        let combined = match combine {
+            Combine::Mul => t1.mul(t2)?,
+            Combine::Div => t1.div(t2)?,
+        };
+        self.add(&combined.mul(value)?)
     }
 
     /// Rebinds this handle to `self + weight * (end - self)` (`torch.lerp_`).
