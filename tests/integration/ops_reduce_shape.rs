@@ -34,6 +34,28 @@ fn sums_and_means() {
         |x| x[0].transpose(0, 2)?.sum_to(&[3, 2])?.sqr(),
         &xs,
     );
+    // Only dims of size 1 to sum (one task, a batch of one): a reshape.
+    let ones = [randn(&mut r, &[1, 1, 3, 2])];
+    check12(
+        "sum_to [1, 3, 2]",
+        |x| x[0].sum_to(&[1, 3, 2])?.sqr(),
+        &ones,
+    );
+    check12(
+        "sum_to [3, 2] over size-1 dims",
+        |x| x[0].sum_to(&[3, 2])?.mul(&x[0].sum_to(&[3, 2])?),
+        &ones,
+    );
+    let summed = ones[0].sum_to(&[3, 2]).unwrap();
+    assert_eq!(summed.dims(), &[3, 2]);
+    assert_eq!(
+        summed.to_vec::<f64>().unwrap(),
+        ones[0]
+            .to_dtype(candle_higher::DType::F64)
+            .unwrap()
+            .to_vec::<f64>()
+            .unwrap()
+    );
 }
 
 #[test]

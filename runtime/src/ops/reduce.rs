@@ -239,6 +239,10 @@ impl Tensor {
                 });
             }
         }
+        // Dims of size 1 only (one task, a batch of one): nothing to add.
+        if dims.iter().all(|&d| self.dims()[d] == 1) {
+            return self.reshape(shape);
+        }
         let prefix = dims.iter().enumerate().all(|(i, &d)| i == d);
         if prefix && !dims.is_empty() && dims.len() < self.rank() && self.dtype().is_float() {
             let p: usize = self.dims()[..dims.len()].iter().product();
