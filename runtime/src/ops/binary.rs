@@ -151,21 +151,25 @@ impl Backward for BinaryBackward {
 
     /// add: (g, g); sub: (g, -g); mul: (g b, g a); div: (g / b, -g a / b^2);
     /// maximum/minimum: g to the selected side, split in half at ties (as PyTorch).
-    /// Each is then summed back over broadcast dimensions.
+    /// Each is then summed back over broadcast dimensions. Only the sides in `needs` are
+    /// built (a constant operand, such as a target, costs no op).
     fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
         let (a, b, g) = (&ctx.inputs[0], &ctx.inputs[1], ctx.grad);
         let (ga, gb) = match self.0 {
-            Kind::Add => (g.clone(), g.clone()),
-            Kind::Sub => (g.clone(), g.neg()?),
-            Kind::Mul => (g.mul(b)?, g.mul(a)?),
+            Kind::Add => (Some(g.clone()), Some(g.clone())),
+            Kind::Sub => (Some(g.clone()), ctx.needs[1].then(|| g.neg()).transpose()?),
+            Kind::Mul => (
+                ctx.needs[0].then(|| g.mul(b)).transpose()?,
+                ctx.needs[1].then(|| g.mul(a)).transpose()?,
+            ),
             Kind::Div => {
                 let ga = g.div(b)?;
                 let gb = if ctx.needs[1] {
-                    ga.mul(ctx.output)?.neg()?
+                    Some(ga.mul(ctx.output)?.neg()?)
                 } else {
-                    ga.clone()
+                    None
                 };
-                (ga, gb)
+                (Some(ga), gb)
             }
             Kind::Maximum | Kind::Minimum => {
                 // Weights are constants: 1 where the side wins, 0.5 at ties, 0 elsewhere.
@@ -180,13 +184,15 @@ impl Backward for BinaryBackward {
                 let ties = va.eq(&vb)?.to_dtype(g.dtype())?;
                 let wa = (&wins + (&ties * 0.5)?)?;
                 let wb = wa.affine(-1.0, 1.0)?;
-                (g.mul(Tensor::new(wa))?, g.mul(Tensor::new(wb))?)
+                (Some(g.mul(Tensor::new(wa))?), Some(g.mul(Tensor::new(wb))?))
             }
         };
-        Ok(vec![
-            ctx.needs[0].then(|| ga.sum_to(a.dims())).transpose()?,
-            ctx.needs[1].then(|| gb.sum_to(b.dims())).transpose()?,
-        ])
+        let back = |side: Option<Tensor>, needed: bool, input: &Tensor| {
+            side.filter(|_| needed)
+                .map(|s| s.sum_to(input.dims()))
+                .transpose()
+        };
+        Ok(vec![back(ga, ctx.needs[0], a)?, back(gb, ctx.needs[1], b)?])
     }
 }
 

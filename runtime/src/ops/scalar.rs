@@ -36,7 +36,13 @@ impl Backward for Powf {
             return Ok(vec![Some(ctx.grad.zeros_like()?)]);
         }
         let x = &ctx.inputs[0];
-        let d = x.powf(self.exponent - 1.0)?.affine(self.exponent, 0.0)?;
+        // x^1 is x: no op for it (the square's derivative is one affine).
+        let power = if self.exponent == 2.0 {
+            x.clone()
+        } else {
+            x.powf(self.exponent - 1.0)?
+        };
+        let d = power.affine(self.exponent, 0.0)?;
         Ok(vec![Some(ctx.grad.mul(&d)?)])
     }
 }
