@@ -14,8 +14,19 @@ use crate::ast::{self, Field, FieldKind, Step};
 
 /// The in-place methods that have a differentiable twin (they rebind the tensor handle).
 pub(crate) const IN_PLACE: &[&str] = &[
-    "add_", "sub_", "mul_", "div_", "addcmul_", "addcdiv_", "lerp_", "clamp_", "sqrt_", "maximum_",
-    "set_", "zero_",
+    "add_",
+    "sub_",
+    "sub_scaled_",
+    "mul_",
+    "div_",
+    "addcmul_",
+    "addcdiv_",
+    "lerp_",
+    "clamp_",
+    "sqrt_",
+    "maximum_",
+    "set_",
+    "zero_",
 ];
 
 /// Methods and functions that read a value out of the graph.

@@ -13,6 +13,20 @@ fn arithmetic_same_shape() {
     check12("sub", |x| x[0].sub(&x[1]), &xs);
     check12("mul", |x| x[0].mul(&x[1]), &xs);
     check12("div", |x| x[0].div(&x[1]), &xs);
+    // The SGD update as one op, and its second order through products.
+    check12("sub_scaled", |x| x[0].sub_scaled(&x[1], 0.3), &xs);
+    check12(
+        "sub_scaled squared",
+        |x| x[0].sub_scaled(&x[1].mul(&x[0])?, -1.7)?.sqr(),
+        &xs,
+    );
+    // A tensor alpha (a learned rate) keeps its path: the composed ops.
+    let with_rate = [xs[0].clone(), xs[1].clone(), uniform(&mut r, &[], 0.1, 0.5)];
+    check12(
+        "sub_scaled by a tensor",
+        |x| x[0].sub_scaled(&x[1], x[2].clone())?.sqr(),
+        &with_rate,
+    );
 }
 
 #[test]

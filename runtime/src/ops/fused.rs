@@ -1,13 +1,19 @@
-//! One-pass forms of `addcmul_` and `addcdiv_` for steps that record nothing: the
-//! ordinary optimizer steps under `no_grad`, where each of these was three candle ops (a
-//! product or quotient, a scaling, a sum), about a third of an outer Adam step's ops.
-//! The pass rounds as the three ops do, so the results are the same to the bit; where a
-//! step records (a twin's), or the operands need broadcasting, another dtype or device,
-//! the three ops run as before.
+//! Fused elementwise updates of optimizer steps, each rounding as the ops it replaces do,
+//! so the results are the same to the bit:
+//! - `addcmul_` and `addcdiv_` with a constant, in steps that record nothing (the ordinary
+//!   optimizer, under `no_grad`): one pass instead of three candle ops (a product or
+//!   quotient, a scaling, a sum), about a third of an outer Adam step's ops. Where a step
+//!   records (a twin's), or the operands need broadcasting, another dtype or device, the
+//!   three ops run as before.
+//! - [`Tensor::sub_scaled`], `p - alpha * g` with a constant `alpha` (the SGD update): one
+//!   recorded op instead of a scaling and a difference, and one op instead of two in its
+//!   VJP, at every inner step of an unroll.
 
 use candle_core::{DType, Device, WithDType};
 
 use super::kernels::{cpu_fast_paths, with_cpu_slice};
+use super::Operand;
+use crate::autograd::{Backward, VjpCtx};
 use crate::error::Result;
 use crate::tensor::{is_anomaly_enabled, is_grad_enabled, Tensor};
 
@@ -74,6 +80,71 @@ where
     )?))
 }
 
+/// The VJP of `p - alpha * g`: `(grad, -alpha grad)`.
+struct ScaledSub {
+    alpha: f64,
+}
+
+impl Backward for ScaledSub {
+    fn name(&self) -> &'static str {
+        "sub_scaled"
+    }
+
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        let g = ctx.grad;
+        Ok(vec![
+            ctx.needs[0].then(|| g.clone()),
+            ctx.needs[1]
+                .then(|| g.affine(-self.alpha, 0.0))
+                .transpose()?,
+        ])
+    }
+}
+
+impl Tensor {
+    /// `self - alpha * other` (`torch.Tensor.add(other, alpha=-alpha)`, the SGD update).
+    /// With a constant `alpha` and operands of one shape and dtype it is one recorded op,
+    /// equal to the bit to `self.sub(&other.mul(alpha)?)`; otherwise it is that.
+    pub fn sub_scaled(&self, other: &Tensor, alpha: impl Into<Operand>) -> Result<Tensor> {
+        let alpha = match alpha.into() {
+            Operand::Float(a) if other.dims() == self.dims() && other.dtype() == self.dtype() => a,
+            alpha => return self.sub(&other.mul(alpha)?),
+        };
+        let value = match self.dtype() {
+            DType::F32 if fast_cpu(&[self, other]) => {
+                scaled_sub_pass::<f32>(self, other, alpha as f32)?
+            }
+            DType::F64 if fast_cpu(&[self, other]) => scaled_sub_pass::<f64>(self, other, alpha)?,
+            _ => (self.value() - other.value().affine(alpha, 0.0)?)?,
+        };
+        Tensor::from_op(value, &[self, other], ScaledSub { alpha })
+    }
+}
+
+/// Whether the one-pass CPU kernels may run on these tensors.
+fn fast_cpu(tensors: &[&Tensor]) -> bool {
+    cpu_fast_paths() && tensors.iter().all(|t| t.device().is_cpu())
+}
+
+/// `p - (g * alpha + 0.0)` in one pass (the `+ 0.0` of the affine it replaces).
+fn scaled_sub_pass<T>(p: &Tensor, g: &Tensor, alpha: T) -> Result<candle_core::Tensor>
+where
+    T: WithDType + std::ops::Mul<Output = T> + std::ops::Sub<Output = T>,
+{
+    let zero = T::zero();
+    let out = with_cpu_slice::<T, _>(p.value(), |p| {
+        with_cpu_slice::<T, _>(g.value(), |g| {
+            Ok(super::kernels::vectorized(|| {
+                p.iter()
+                    .zip(g)
+                    .map(|(&p, &g)| p - (g * alpha + zero))
+                    .collect::<Vec<T>>()
+            }))
+        })
+    })?;
+    Ok(candle_core::Tensor::from_vec(out, p.dims(), &Device::Cpu)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,6 +183,24 @@ mod tests {
                     let fused = fused.expect("constants of one shape take the pass");
                     assert_eq!(bits(&fused), bits(&expected), "{dtype:?}, value {value}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn sub_scaled_equals_the_scaling_and_the_difference_to_the_bit() {
+        let p = [0.5, -0.0, 3.25, -1e-30, 7.0, 1e30, -2.5, 0.0];
+        let g = [0.1, -0.0, -3.0, 1e-20, 0.0, 3.0, -0.7, 1e-12];
+        for dtype in [DType::F32, DType::F64] {
+            let (p, g) = (tensor(&p, dtype), tensor(&g, dtype));
+            for alpha in [0.01, -0.37, 0.0, 1e8] {
+                let expected = p.sub(g.mul(alpha).unwrap()).unwrap();
+                let fused = p.sub_scaled(&g, alpha).unwrap();
+                assert_eq!(bits(&fused), bits(&expected), "{dtype:?}, alpha {alpha}");
+                let leaf = p.to_leaf();
+                let recorded = leaf.sub_scaled(&g, alpha).unwrap();
+                assert!(recorded.requires_grad());
+                assert_eq!(bits(&recorded), bits(&expected), "{dtype:?}, alpha {alpha}");
             }
         }
     }

@@ -144,6 +144,17 @@ impl Tensor {
         Ok(self)
     }
 
+    /// Rebinds this handle to `self - alpha * other` (`torch.add_(other, alpha=-alpha)`;
+    /// one op with a constant `alpha`, see [`Tensor::sub_scaled`]).
+    pub fn sub_scaled_(
+        &mut self,
+        other: &Tensor,
+        alpha: impl Into<crate::Operand>,
+    ) -> Result<&mut Tensor> {
+        *self = self.sub_scaled(other, alpha)?;
+        Ok(self)
+    }
+
     /// Rebinds this handle to `self * rhs`.
     pub fn mul_(&mut self, rhs: impl Into<crate::Operand>) -> Result<&mut Tensor> {
         *self = self.mul(rhs)?;

@@ -78,7 +78,7 @@ impl Sgd {
                 g = buffer.clone();
             }
         }
-        p.sub_(&g.mul(self.lr)?)?;
+        p.sub_scaled_(&g, self.lr)?;
         Ok(())
     }
 

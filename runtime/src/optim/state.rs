@@ -107,6 +107,11 @@ impl StateTensor {
         Ok(self.replace(self.current().sub(rhs)?))
     }
 
+    /// Updates the entry to `self - alpha * other` (see [`Tensor::sub_scaled`]).
+    pub fn sub_scaled_(&self, other: &Tensor, alpha: impl Into<Operand>) -> Result<&Self> {
+        Ok(self.replace(self.current().sub_scaled(other, alpha)?))
+    }
+
     /// Updates the entry to `self * rhs`.
     pub fn mul_(&self, rhs: impl Into<Operand>) -> Result<&Self> {
         Ok(self.replace(self.current().mul(rhs)?))
