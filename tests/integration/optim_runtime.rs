@@ -555,3 +555,72 @@ fn steps_candle_vars_like_our_tensors() {
     assert_eq!(unused.to_vec1::<f64>().unwrap(), vec![4.0, 5.0]);
     assert!(on_vars.states()[1].is_empty());
 }
+
+/// The ordinary Adam and AdamW take one fused pass per parameter (`ops::fused::adam`);
+/// under anomaly detection they run the ops one by one. Both give the same bits, in f32
+/// and f64, with and without weight decay, over several steps.
+#[test]
+fn fused_adam_equals_its_ops_to_the_bit() {
+    use candle_higher::optim::AdamW;
+    use candle_higher::{detect_anomaly, Device};
+    fn run<O: candle_higher::optim::OptimizerStep + Hyperparameters + Clone>(
+        opt: O,
+        dtype: DType,
+        anomaly: bool,
+    ) -> Vec<Vec<u64>> {
+        let _guard = anomaly.then(detect_anomaly);
+        let p0 = [0.5, -1.25, 3.0, 0.0, -0.0, 2e-3];
+        let mut params = vec![Tensor::from_slice(&p0, &[2, 3], &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()];
+        let mut opt = Optimizer::new(opt, 1).unwrap();
+        for k in 0..4 {
+            let g: Vec<f64> = (0..6)
+                .map(|i| ((i * 7 + k * 3) % 5) as f64 * 0.37 - 0.6)
+                .collect();
+            let g = Tensor::from_slice(&g, &[2, 3], &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            opt.step_grads(&mut params, &[Some(g)]).unwrap();
+        }
+        let mut out = vec![params[0].to_vec_f64().unwrap()];
+        for key in ["exp_avg", "exp_avg_sq"] {
+            out.push(
+                opt.states()[0]
+                    .get(key)
+                    .unwrap()
+                    .tensor()
+                    .to_vec_f64()
+                    .unwrap(),
+            );
+        }
+        out.iter()
+            .map(|v| v.iter().map(|x| x.to_bits()).collect())
+            .collect()
+    }
+    for dtype in [DType::F32, DType::F64] {
+        let adam = Adam {
+            weight_decay: 0.1,
+            eps: 1e-6,
+            ..Adam::new(0.05)
+        };
+        for opt in [Adam::new(1e-2), adam] {
+            assert_eq!(
+                run(opt.clone(), dtype, false),
+                run(opt, dtype, true),
+                "{dtype:?}"
+            );
+        }
+        let adamw = AdamW {
+            weight_decay: 0.3,
+            ..AdamW::new(0.02)
+        };
+        assert_eq!(
+            run(adamw.clone(), dtype, false),
+            run(adamw, dtype, true),
+            "{dtype:?}"
+        );
+    }
+}

@@ -8,6 +8,9 @@
 //! - [`Tensor::sub_scaled`], `p - alpha * g` with a constant `alpha` (the SGD update): one
 //!   recorded op instead of a scaling and a difference, and one op instead of two in its
 //!   VJP, at every inner step of an unroll.
+//! - [`adam`]: a whole Adam (and AdamW) update of one parameter in one pass, in steps that
+//!   record nothing and with constant hyperparameters: the outer step of a meta-training
+//!   loop, which runs alone between meta-batches (on two threads, while the other waits).
 
 use candle_core::{DType, Device, WithDType};
 
@@ -118,6 +121,176 @@ impl Tensor {
             _ => (self.value() - other.value().affine(alpha, 0.0)?)?,
         };
         Tensor::from_op(value, &[self, other], ScaledSub { alpha })
+    }
+}
+
+/// Adam's constant hyperparameters for one step: `lr`, `(beta1, beta2)`, `eps`, and the
+/// step count `t` (bias corrections `1 - beta^t`).
+pub(crate) struct AdamStep {
+    pub(crate) lr: f64,
+    pub(crate) betas: (f64, f64),
+    pub(crate) eps: f64,
+    pub(crate) step: i64,
+}
+
+/// One Adam update of `p` with gradient `g` and moments `(m, v)` in one pass: the new
+/// `(p, m, v)`, or `None` where the pass does not apply (something records, anomaly
+/// detection is on, or the operands differ in shape, dtype or device). Each value rounds
+/// as the ops of `optim::adam::adam_update` do, in their order (see the test):
+/// `m = m b1 + g (1 - b1)`, `v = v b2 + g g (1 - b2)`,
+/// `p = p + m / (sqrt(v) / sqrt(1 - b2^t) + eps) (-lr / (1 - b1^t))`, each scaling an
+/// affine (`x a + 0.0`, the division by a constant a product with its reciprocal).
+pub(crate) fn adam(
+    p: &Tensor,
+    g: &Tensor,
+    (m, v): (&Tensor, &Tensor),
+    hyper: &AdamStep,
+) -> Result<Option<[Tensor; 3]>> {
+    let operands = [p, g, m, v];
+    let records = is_grad_enabled() && operands.iter().any(|t| t.requires_grad());
+    let alike = operands
+        .iter()
+        .all(|t| t.dims() == p.dims() && t.dtype() == p.dtype());
+    if records || !alike || is_anomaly_enabled() || !fast_cpu(&operands) {
+        return Ok(None);
+    }
+    let (b1, b2) = hyper.betas;
+    let t = hyper.step as f64;
+    let (bc1, bc2) = (1.0 - b1.powf(t), 1.0 - b2.powf(t));
+    // The f64 constants of the ops, as `Scalar` arithmetic makes them.
+    let k = [
+        b1,
+        1.0 - b1,
+        b2,
+        1.0 - b2,
+        1.0 / bc2.sqrt(),
+        hyper.eps,
+        -(hyper.lr / bc1),
+    ];
+    let out = match p.dtype() {
+        DType::F32 => adam_pass::<f32>(operands, k.map(|x| x as f32))?,
+        DType::F64 => adam_pass::<f64>(operands, k)?,
+        _ => return Ok(None),
+    };
+    Ok(Some(out.map(Tensor::new)))
+}
+
+/// A float that has a correctly rounded square root.
+trait Sqrt: Copy {
+    fn sqrt(self) -> Self;
+}
+
+impl Sqrt for f32 {
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+}
+
+impl Sqrt for f64 {
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+}
+
+/// [`adam`]'s pass over `[p, g, m, v]` with constants `[b1, 1 - b1, b2, 1 - b2,
+/// 1 / sqrt(bc2), eps, -lr / bc1]` in `T`.
+fn adam_pass<T>(
+    [p, g, m, v]: [&Tensor; 4],
+    [b1, c1, b2, c2, inv, eps, step]: [T; 7],
+) -> Result<[candle_core::Tensor; 3]>
+where
+    T: WithDType + Sqrt + std::ops::Mul<Output = T> + std::ops::Div<Output = T>,
+{
+    let n = p.elem_count();
+    // Written into zeroed buffers element by element, so the loop vectorizes.
+    let (mut po, mut mo, mut vo) = (vec![T::zero(); n], vec![T::zero(); n], vec![T::zero(); n]);
+    with_cpu_slice::<T, _>(p.value(), |p| {
+        with_cpu_slice::<T, _>(g.value(), |g| {
+            with_cpu_slice::<T, _>(m.value(), |m| {
+                with_cpu_slice::<T, _>(v.value(), |v| {
+                    let k = [b1, c1, b2, c2, inv, eps, step];
+                    adam_rows_dispatch([p, g, m, v], [&mut po, &mut mo, &mut vo], k);
+                    Ok(())
+                })
+            })
+        })
+    })?;
+    let tensor = |values| candle_core::Tensor::from_vec(values, p.dims(), &Device::Cpu);
+    Ok([tensor(po)?, tensor(mo)?, tensor(vo)?])
+}
+
+/// [`adam_rows`] compiled for the widest vectors the CPU has (the same arithmetic: Rust
+/// never contracts a multiply and an add).
+fn adam_rows_dispatch<T>(inputs: [&[T]; 4], outputs: [&mut [T]; 3], k: [T; 7])
+where
+    T: WithDType + Sqrt + std::ops::Mul<Output = T> + std::ops::Div<Output = T>,
+{
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { adam_rows_avx512(inputs, outputs, k) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { adam_rows_avx2(inputs, outputs, k) };
+        }
+    }
+    adam_rows(inputs, outputs, k)
+}
+
+/// [`adam_rows`] with AVX-512.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn adam_rows_avx512<T>(inputs: [&[T]; 4], outputs: [&mut [T]; 3], k: [T; 7])
+where
+    T: WithDType + Sqrt + std::ops::Mul<Output = T> + std::ops::Div<Output = T>,
+{
+    adam_rows(inputs, outputs, k)
+}
+
+/// [`adam_rows`] with AVX2.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn adam_rows_avx2<T>(inputs: [&[T]; 4], outputs: [&mut [T]; 3], k: [T; 7])
+where
+    T: WithDType + Sqrt + std::ops::Mul<Output = T> + std::ops::Div<Output = T>,
+{
+    adam_rows(inputs, outputs, k)
+}
+
+/// [`adam_pass`]'s loop: `[p, g, m, v]` in, `[p, m, v]` out, all of one length.
+#[inline(always)]
+fn adam_rows<T>(
+    [p, g, m, v]: [&[T]; 4],
+    [po, mo, vo]: [&mut [T]; 3],
+    [b1, c1, b2, c2, inv, eps, step]: [T; 7],
+) where
+    T: WithDType + Sqrt + std::ops::Mul<Output = T> + std::ops::Div<Output = T>,
+{
+    let (zero, one) = (T::zero(), T::one());
+    let n = po.len();
+    let (p, g, m, v, mo, vo) = (
+        &p[..n],
+        &g[..n],
+        &m[..n],
+        &v[..n],
+        &mut mo[..n],
+        &mut vo[..n],
+    );
+    for i in 0..n {
+        let mi = (m[i] * b1 + zero) + (g[i] * c1 + zero);
+        let vi = (v[i] * b2 + zero) + ((g[i] * g[i]) * c2 + zero);
+        let denom = (vi.sqrt() * inv + zero) * one + eps;
+        po[i] = p[i] + ((mi / denom) * step + zero);
+        mo[i] = mi;
+        vo[i] = vi;
     }
 }
 

@@ -4,6 +4,7 @@ use super::common::{bias_correction, weight_decay};
 use super::validation::in_range;
 use super::{Scalar, State};
 use crate::error::Result;
+use crate::ops::fused::{self, AdamStep};
 use crate::tensor::Tensor;
 use candle_higher_macros::differentiable_optimizer;
 
@@ -101,6 +102,25 @@ pub(crate) fn adam_update(
     let step = state.increment("step");
     let exp_avg = state.get_or_insert_with("exp_avg", || p.zeros_like())?;
     let exp_avg_sq = state.get_or_insert_with("exp_avg_sq", || p.zeros_like())?;
+    // The ordinary optimizer (nothing records, constant hyperparameters): one pass that
+    // rounds as the ops below (`ops::fused::adam`).
+    if let (false, [Scalar::Float(lr), Scalar::Float(b1), Scalar::Float(b2), Scalar::Float(eps)]) =
+        (amsgrad, [&lr, &beta1, &beta2, &eps])
+    {
+        let hyper = AdamStep {
+            lr: *lr,
+            betas: (*b1, *b2),
+            eps: *eps,
+            step,
+        };
+        let moments = (&exp_avg.tensor(), &exp_avg_sq.tensor());
+        if let Some([p_new, m, v]) = fused::adam(p, g, moments, &hyper)? {
+            exp_avg.set_(&m)?;
+            exp_avg_sq.set_(&v)?;
+            *p = p_new;
+            return Ok(());
+        }
+    }
     exp_avg
         .mul_(beta1.clone())?
         .add_(&g.mul(1.0 - beta1.clone())?)?;
