@@ -99,6 +99,9 @@ pub type VisitFn<'a> = dyn FnMut(&str, Entry<'_>) -> Result<()> + 'a;
 pub struct Visitor<'a> {
     prefix: String,
     f: &'a mut VisitFn<'a>,
+    /// Whether `f` reads the names; a walk that only reads or writes slots in order
+    /// (most of them, once per inner step) builds none.
+    named: bool,
 }
 
 impl std::fmt::Debug for Visitor<'_> {
@@ -113,11 +116,14 @@ impl<'a> Visitor<'a> {
         Visitor {
             prefix: String::new(),
             f,
+            named: true,
         }
     }
 
     fn full(&self, name: &str) -> String {
-        if self.prefix.is_empty() {
+        if !self.named {
+            String::new()
+        } else if self.prefix.is_empty() {
             name.to_string()
         } else if name.is_empty() {
             self.prefix.clone()
@@ -131,6 +137,7 @@ impl<'a> Visitor<'a> {
         Visitor {
             prefix: self.full(name),
             f: &mut *self.f,
+            named: self.named,
         }
     }
 
@@ -183,9 +190,12 @@ impl<'a> Visitor<'a> {
             }
             f(full, e)
         };
+        // Hiding compares names relative to the child, so the child's walk is named even
+        // inside an unnamed one (whose prefix is then empty: the names are relative).
         child.visit(&mut Visitor {
             prefix,
             f: &mut filtered,
+            named: true,
         })
     }
 
@@ -279,7 +289,18 @@ pub trait Parameters {
     where
         Self: Clone + Sized,
     {
-        Ok(self.param_infos()?.into_iter().map(|p| p.tensor).collect())
+        let mut copy = self.clone();
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        walk_unnamed(&mut copy, &mut |_, entry| {
+            if let Entry::Param(t) = entry {
+                if seen.insert(t.id()) {
+                    out.push(t.clone());
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// Parameters with names and frozen flags, in flat order, tied ones once.
@@ -417,6 +438,18 @@ pub fn walk<P: Parameters + ?Sized>(model: &mut P, f: &mut VisitFn<'_>) -> Resul
     model.visit(&mut Visitor::new(f))
 }
 
+/// [`walk`] for callbacks that ignore the names: `f` gets empty ones, and none is built.
+pub(crate) fn walk_unnamed<P: Parameters + ?Sized>(
+    model: &mut P,
+    f: &mut VisitFn<'_>,
+) -> Result<()> {
+    model.visit(&mut Visitor {
+        prefix: String::new(),
+        f,
+        named: false,
+    })
+}
+
 /// Where each visited parameter slot of a model goes in its flat (deduplicated) list, and
 /// the same for buffers. Computed once, reused to write replacement lists.
 #[derive(Clone, Debug)]
@@ -493,7 +526,7 @@ impl ParamLayout {
         params: &[Tensor],
     ) -> Result<()> {
         let mut k = 0;
-        walk(model, &mut |_, entry| {
+        walk_unnamed(model, &mut |_, entry| {
             if let Entry::Param(t) = entry {
                 if let Some(&i) = self.slots.get(k) {
                     *t = params[i].clone();
@@ -511,7 +544,7 @@ impl ParamLayout {
         buffers: &[Tensor],
     ) -> Result<()> {
         let mut k = 0;
-        walk(model, &mut |_, entry| {
+        walk_unnamed(model, &mut |_, entry| {
             if let Entry::Buffer(t) = entry {
                 if let Some(&i) = self.buffer_slots.get(k) {
                     *t = buffers[i].detach();
@@ -530,7 +563,7 @@ impl ParamLayout {
     ) -> Result<Vec<Tensor>> {
         let mut out: Vec<Option<Tensor>> = vec![None; self.buffer_names.len()];
         let mut k = 0;
-        walk(model, &mut |_, entry| {
+        walk_unnamed(model, &mut |_, entry| {
             if let Entry::Buffer(t) = entry {
                 if let Some(&i) = self.buffer_slots.get(k) {
                     out[i].get_or_insert_with(|| t.clone());
