@@ -27,6 +27,30 @@ fn arithmetic_same_shape() {
         |x| x[0].sub_scaled(&x[1], x[2].clone())?.sqr(),
         &with_rate,
     );
+    // Other operands take the composed ops: broadcasting, and their errors.
+    let row = uniform(&mut r, &[3], 0.5, 2.0);
+    let composed = xs[0].sub(row.mul(0.3).unwrap()).unwrap();
+    let broadcast = xs[0].sub_scaled(&row, 0.3).unwrap();
+    assert_eq!(
+        broadcast.to_vec_f64().unwrap(),
+        composed.to_vec_f64().unwrap()
+    );
+    let ints = candle_higher::Tensor::from_slice(&[1u32, 2, 3], &[3], &candle_higher::Device::Cpu)
+        .unwrap();
+    let as_values = |t: candle_higher::Result<candle_higher::Tensor>| {
+        t.map(|t| t.to_vec_f64().unwrap())
+            .map_err(|e| e.to_string())
+    };
+    assert_eq!(
+        as_values(ints.sub_scaled(&ints, 0.5)),
+        as_values(ints.sub(ints.mul(0.5).unwrap()))
+    );
+    let wrong = uniform(&mut r, &[4], 0.5, 2.0);
+    let err = xs[0].sub_scaled(&wrong, 0.3).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        xs[0].sub(wrong.mul(0.3).unwrap()).unwrap_err().to_string()
+    );
 }
 
 #[test]

@@ -106,11 +106,18 @@ impl Backward for ScaledSub {
 
 impl Tensor {
     /// `self - alpha * other` (`torch.Tensor.add(other, alpha=-alpha)`, the SGD update).
-    /// With a constant `alpha` and operands of one shape and dtype it is one recorded op,
-    /// equal to the bit to `self.sub(&other.mul(alpha)?)`; otherwise it is that.
+    /// With a constant `alpha` and float operands of one shape, dtype and device it is one
+    /// recorded op, equal to the bit to `self.sub(&other.mul(alpha)?)`; otherwise it is
+    /// that (its promotions and errors included).
     pub fn sub_scaled(&self, other: &Tensor, alpha: impl Into<Operand>) -> Result<Tensor> {
+        let alike = other.dims() == self.dims()
+            && other.dtype() == self.dtype()
+            && self.dtype().is_float()
+            && other.device().same_device(self.device());
         let alpha = match alpha.into() {
-            Operand::Float(a) if other.dims() == self.dims() && other.dtype() == self.dtype() => a,
+            Operand::Float(a) if alike => a,
+            // Anything else (a tensor alpha, broadcasting, integers, a mismatch) is the
+            // composed ops, with their promotions and their errors.
             alpha => return self.sub(&other.mul(alpha)?),
         };
         let value = match self.dtype() {
