@@ -42,8 +42,8 @@ pub(crate) fn add_combined(
     let records = is_grad_enabled() && operands.iter().any(|t| t.requires_grad());
     let alike = operands
         .iter()
-        .all(|t| t.dims() == base.dims() && t.dtype() == base.dtype() && t.device().is_cpu());
-    if records || !alike || is_anomaly_enabled() || !cpu_fast_paths() {
+        .all(|t| t.dims() == base.dims() && t.dtype() == base.dtype());
+    if records || !alike || is_anomaly_enabled() || !fast_cpu(&operands) {
         return Ok(None);
     }
     match base.dtype() {
