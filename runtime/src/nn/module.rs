@@ -289,18 +289,8 @@ pub trait Parameters {
     where
         Self: Clone + Sized,
     {
-        let mut copy = self.clone();
-        let mut out = Vec::new();
-        let mut seen = HashSet::new();
-        walk_unnamed(&mut copy, &mut |_, entry| {
-            if let Entry::Param(t) = entry {
-                if seen.insert(t.id()) {
-                    out.push(t.clone());
-                }
-            }
-            Ok(())
-        })?;
-        Ok(out)
+        let unique = unique_params(&mut self.clone(), false)?;
+        Ok(unique.into_iter().map(|(_, t)| t).collect())
     }
 
     /// Parameters with names and frozen flags, in flat order, tied ones once.
@@ -308,22 +298,15 @@ pub trait Parameters {
     where
         Self: Clone + Sized,
     {
-        let mut copy = self.clone();
-        let mut out = Vec::new();
-        let mut seen = HashSet::new();
-        walk(&mut copy, &mut |name, entry| {
-            if let Entry::Param(t) = entry {
-                if seen.insert(t.id()) {
-                    out.push(ParamInfo {
-                        name: name.to_string(),
-                        tensor: t.clone(),
-                        frozen: !t.requires_grad(),
-                    });
-                }
-            }
-            Ok(())
-        })?;
-        Ok(out)
+        let unique = unique_params(&mut self.clone(), true)?;
+        Ok(unique
+            .into_iter()
+            .map(|(name, tensor)| ParamInfo {
+                name,
+                frozen: !tensor.requires_grad(),
+                tensor,
+            })
+            .collect())
     }
 
     /// Buffers in flat order with dotted names, shared ones once.
@@ -436,6 +419,30 @@ pub trait Parameters {
 /// Calls `f` for every entry of `model`, with full dotted names.
 pub fn walk<P: Parameters + ?Sized>(model: &mut P, f: &mut VisitFn<'_>) -> Result<()> {
     model.visit(&mut Visitor::new(f))
+}
+
+/// Each parameter of `model` once (tied slots share one), in flat order, with its dotted
+/// name when `named` (else an empty one, and no name is built).
+fn unique_params<P: Parameters + ?Sized>(
+    model: &mut P,
+    named: bool,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    let mut keep = |name: &str, entry: Entry<'_>| {
+        if let Entry::Param(t) = entry {
+            if seen.insert(t.id()) {
+                out.push((name.to_string(), t.clone()));
+            }
+        }
+        Ok(())
+    };
+    if named {
+        walk(model, &mut keep)?;
+    } else {
+        walk_unnamed(model, &mut keep)?;
+    }
+    Ok(out)
 }
 
 /// [`walk`] for callbacks that ignore the names: `f` gets empty ones, and none is built.
