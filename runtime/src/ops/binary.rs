@@ -83,6 +83,9 @@ fn binary(kind: Kind, a: &Tensor, b: &Tensor) -> Result<Tensor> {
             b.value().broadcast_as(shape.as_slice())?,
         )
     };
+    if let Some(value) = small_arithmetic(kind, &va, &vb)? {
+        return Tensor::from_op(value, &[a, b], BinaryBackward(kind));
+    }
     let value = match kind {
         Kind::Add | Kind::Sub | Kind::Mul if !va.dtype().is_float() => {
             // candle's integer kernels panic on overflow in debug builds; PyTorch wraps.
@@ -106,6 +109,33 @@ fn binary(kind: Kind, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         }
     };
     Tensor::from_op(value, &[a, b], BinaryBackward(kind))
+}
+
+/// `+`, `-`, `*` or `/` of small float CPU values of one shape in one pass
+/// (`kernels::small_cpu_floats`; the same IEEE operations as candle's kernels, so the same
+/// bits); `None` for anything else.
+fn small_arithmetic(
+    kind: Kind,
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+) -> Result<Option<candle_core::Tensor>> {
+    use super::kernels::{small_cpu_floats, zip_small};
+    macro_rules! zip {
+        ($t:ty) => {
+            match kind {
+                Kind::Add => zip_small::<$t>(a, b, |x, y| x + y)?,
+                Kind::Sub => zip_small::<$t>(a, b, |x, y| x - y)?,
+                Kind::Mul => zip_small::<$t>(a, b, |x, y| x * y)?,
+                Kind::Div => zip_small::<$t>(a, b, |x, y| x / y)?,
+                Kind::Maximum | Kind::Minimum => return Ok(None),
+            }
+        };
+    }
+    Ok(match small_cpu_floats(&[a, b]) {
+        Some(DType::F32) => Some(zip!(f32)),
+        Some(DType::F64) => Some(zip!(f64)),
+        _ => None,
+    })
 }
 
 /// Integer `+`, `-` or `*` of same-shape values with two's-complement wrapping in their
@@ -251,8 +281,92 @@ impl Tensor {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::broadcast_shape;
+pub(crate) mod tests {
+    use super::{broadcast_shape, small_arithmetic, Kind};
+    use candle_core::{DType, Device, Tensor as Value};
+
+    /// Values with every special case of IEEE arithmetic: signed zeros, infinities, NaN,
+    /// subnormals, and values whose products and quotients round.
+    pub(crate) fn specials(dtype: DType) -> (Value, Value) {
+        let a = [
+            0.0,
+            -0.0,
+            1.0,
+            -2.5,
+            f64::INFINITY,
+            f64::NAN,
+            1e-310,
+            3.0,
+            1e300,
+            0.1,
+        ];
+        let b = [
+            -0.0,
+            0.0,
+            3.0,
+            f64::NEG_INFINITY,
+            f64::INFINITY,
+            2.0,
+            7.0,
+            0.0,
+            1e10,
+            0.7,
+        ];
+        let value = |v: &[f64]| {
+            Value::from_slice(v, (2, 5), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        (value(&a), value(&b))
+    }
+
+    pub(crate) fn bits(v: &Value) -> Vec<u64> {
+        let v = v.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        v.to_vec1::<f64>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    }
+
+    #[test]
+    fn small_arithmetic_gives_candles_bits() {
+        for dtype in [DType::F32, DType::F64] {
+            let (a, b) = specials(dtype);
+            let cases = [
+                (Kind::Add, (&a + &b).unwrap()),
+                (Kind::Sub, (&a - &b).unwrap()),
+                (Kind::Mul, (&a * &b).unwrap()),
+                (Kind::Div, (&a / &b).unwrap()),
+            ];
+            for (kind, candle) in cases {
+                let fast = small_arithmetic(kind, &a, &b).unwrap();
+                // With CANDLE_HIGHER_KERNELS=candle nothing takes the loop.
+                let Some(fast) = fast else {
+                    assert!(!crate::ops::kernels::cpu_fast_paths());
+                    continue;
+                };
+                assert_eq!(fast.dims(), candle.dims());
+                assert_eq!(bits(&fast), bits(&candle), "{dtype:?} {}", kind.name());
+            }
+            // Not taken: a transposed (non-contiguous) operand, another dtype, integers.
+            let t = a.t().unwrap();
+            assert!(small_arithmetic(Kind::Add, &t, &b.t().unwrap())
+                .unwrap()
+                .is_none());
+            let other = b.to_dtype(DType::BF16).unwrap();
+            assert!(small_arithmetic(Kind::Add, &a, &other).unwrap().is_none());
+            let ints = a
+                .abs()
+                .unwrap()
+                .clamp(0.0, 9.0)
+                .unwrap()
+                .to_dtype(DType::U32)
+                .unwrap();
+            assert!(small_arithmetic(Kind::Mul, &ints, &ints).unwrap().is_none());
+        }
+    }
 
     #[test]
     fn broadcast_shapes_align_trailing_dims() {

@@ -1,5 +1,7 @@
 //! Ops with a constant float: affine (`x * mul + add`) and `powf`.
 
+use candle_core::DType;
+
 use crate::autograd::{Backward, VjpCtx};
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -53,9 +55,18 @@ impl Tensor {
     /// (candle would truncate the constants: `[1, 2, 3] u32 * 0.5` gave `[0, 0, 0]`).
     pub fn affine(&self, mul: f64, add: f64) -> Result<Tensor> {
         if !self.dtype().is_float() {
-            return self.to_dtype(candle_core::DType::F32)?.affine(mul, add);
+            return self.to_dtype(DType::F32)?.affine(mul, add);
         }
-        let value = self.value().affine(mul, add)?;
+        // candle's affine is `v * mul + add` with both constants rounded to the dtype.
+        let v = self.value();
+        let value = match super::kernels::small_cpu_floats(&[v]) {
+            Some(DType::F32) => {
+                let (mul, add) = (mul as f32, add as f32);
+                super::kernels::map_small::<f32>(v, |x| x * mul + add)?
+            }
+            Some(DType::F64) => super::kernels::map_small::<f64>(v, |x| x * mul + add)?,
+            _ => v.affine(mul, add)?,
+        };
         Tensor::from_op(value, &[self], Affine { mul })
     }
 
@@ -65,7 +76,7 @@ impl Tensor {
     pub fn powf(&self, exponent: f64) -> Result<Tensor> {
         self.require_float("powf")?;
         let value = if exponent == 2.0 {
-            self.value().sqr()?
+            square(self.value())?
         } else if exponent == 1.0 {
             self.value().clone()
         } else if exponent == 0.0 {
@@ -87,6 +98,15 @@ impl Tensor {
     }
 }
 
+/// `x * x` (candle's `sqr`), in one pass on small float CPU values.
+fn square(x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+    match super::kernels::small_cpu_floats(&[x]) {
+        Some(DType::F32) => super::kernels::map_small::<f32>(x, |v| v * v),
+        Some(DType::F64) => super::kernels::map_small::<f64>(x, |v| v * v),
+        _ => Ok(x.sqr()?),
+    }
+}
+
 /// An integer power that keeps the sign of negative bases (candle's `powf` is
 /// `exp(e ln x)`, NaN for x < 0). For odd exponents the sign is -1 below 0 and +1
 /// elsewhere, so that `0^-1` is `inf`, not `inf * sign(0) = NaN`.
@@ -97,5 +117,30 @@ fn powi(x: &candle_core::Tensor, exponent: f64) -> Result<candle_core::Tensor> {
     } else {
         let sign = x.lt(0.0)?.to_dtype(x.dtype())?.affine(-2.0, 1.0)?;
         Ok((magnitude * sign)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::square;
+    use crate::ops::binary::tests::{bits, specials};
+    use crate::tensor::Tensor;
+    use candle_core::DType;
+
+    #[test]
+    fn small_affine_and_square_give_candles_bits() {
+        for dtype in [DType::F32, DType::F64] {
+            let (a, _) = specials(dtype);
+            assert_eq!(
+                bits(&square(&a).unwrap()),
+                bits(&a.sqr().unwrap()),
+                "{dtype:?}"
+            );
+            for (mul, add) in [(0.3, 0.1), (-1.0, -0.0), (1e-3, 7.0), (2.0, 0.0)] {
+                let fast = Tensor::new(a.clone()).affine(mul, add).unwrap();
+                let candle = a.affine(mul, add).unwrap();
+                assert_eq!(bits(fast.value()), bits(&candle), "{dtype:?} {mul} {add}");
+            }
+        }
     }
 }
