@@ -115,6 +115,19 @@ unsafe fn small_product<T: WithDType>(
             };
             return small_product(isa, (1, m, k), row, columns, dst, accumulate);
         }
+        if n == 1 && m > 1 && lhs.col_stride == 1 {
+            // A row-major `lhs` times a column (a linear layer's single output): `lhs`
+            // transposed into the thread's buffer makes it the case above.
+            return match T::DTYPE {
+                candle_core::DType::F32 => {
+                    column_product::<f32, T>(isa, (m, k), lhs, rhs, dst, accumulate)
+                }
+                candle_core::DType::F64 => {
+                    column_product::<f64, T>(isa, (m, k), lhs, rhs, dst, accumulate)
+                }
+                _ => false,
+            };
+        }
         match T::DTYPE {
             candle_core::DType::F32 => product::<f32, T>(isa, (m, n, k), lhs, rhs, dst, accumulate),
             candle_core::DType::F64 => product::<f64, T>(isa, (m, n, k), lhs, rhs, dst, accumulate),
@@ -240,6 +253,52 @@ unsafe fn product<K: Kernels, T>(
 thread_local! {
     /// The transposed right operand of the current product (8-byte words, reused).
     static ROWS: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The transposed left operand of a [`column_product`] (8-byte words, reused).
+    static COLUMNS: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `dst (+)= lhs rhs` for a row-major `m x k` `lhs` and a `k x 1` `rhs`, as the one row
+/// `rhs^T lhs^T` with `lhs^T` transposed into the thread's buffer: each output is a lane
+/// of one vector (one vector per 8 or 16 rows) instead of the only lane of a masked one,
+/// and the same in-order chain over `k`.
+///
+/// # Safety
+/// As [`try_small_product`] for an `m x 1` product, `K` is `T`; the CPU has `isa`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn column_product<K: Kernels, T: WithDType>(
+    isa: Isa,
+    (m, k): (usize, usize),
+    lhs: Strided<'_, T>,
+    rhs: Strided<'_, T>,
+    dst: *mut T,
+    accumulate: bool,
+) -> bool {
+    let words = (k * m * std::mem::size_of::<T>()).div_ceil(8);
+    COLUMNS.with(|buffer| {
+        let mut buffer = buffer.borrow_mut();
+        if buffer.len() < words {
+            buffer.resize(words, 0);
+        }
+        let packed = buffer.as_mut_ptr().cast::<K>();
+        K::transpose_into(
+            isa,
+            (m, k),
+            lhs.data.as_ptr().cast(),
+            lhs.row_stride,
+            packed,
+        );
+        let columns = Strided {
+            data: std::slice::from_raw_parts(packed.cast::<T>(), k * m),
+            row_stride: m,
+            col_stride: 1,
+        };
+        let row = Strided {
+            data: rhs.data,
+            row_stride: 0,
+            col_stride: rhs.row_stride,
+        };
+        small_product(isa, (1, m, k), row, columns, dst, accumulate)
+    })
 }
 
 /// Whether the kernel reads the right operand's rows in place: unit column stride, or a
@@ -984,6 +1043,9 @@ mod tests {
             (13, 24, 9),
             (5, 4, 17),
             (2, 3, 1),
+            (10, 1, 40),
+            (33, 1, 7),
+            (2, 1, 1),
         ] {
             // `a` row-major or transposed in memory.
             for a_transposed in [false, true] {
