@@ -7,7 +7,7 @@ mod store;
 pub use custom::{apply_custom_op, CustomOp};
 pub use store::GradStore;
 
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::error::{Error, Result};
 use crate::tensor::{NoGradGuard, Node, Tensor};
@@ -133,11 +133,17 @@ pub fn grad_with_stats(
     let grads = propagate(&order, seeds, options.create_graph, |id| {
         input_index.contains_key(&id)
     })?;
+    let found: HashMap<u64, Tensor> = order
+        .iter()
+        .zip(grads)
+        .filter_map(|(t, g)| Some((t.0.id, g?)))
+        .filter(|(id, _)| input_index.contains_key(id))
+        .collect();
     // `get`, not `remove`: an input listed twice gets its gradient at both positions.
     let grads = inputs
         .iter()
         .enumerate()
-        .map(|(i, t)| match grads.get(&t.0.id).cloned() {
+        .map(|(i, t)| match found.get(&t.0.id).cloned() {
             Some(g) => Ok(Some(g)),
             None if options.allow_unused => Ok(None),
             None if !t.requires_grad() => Err(Error::InputDoesNotRequireGrad {
@@ -169,13 +175,11 @@ pub fn backward(output: &Tensor) -> Result<GradStore> {
         }
     }
     // Leaves are never expanded, so only their gradients need to outlive their use.
-    let mut grads = propagate(&order, seeds, false, |_| false)?;
+    let grads = propagate(&order, seeds, false, |_| false)?;
     let mut store = GradStore::default();
-    for t in &order {
-        if matches!(t.node(), Some(Node::Leaf)) {
-            if let Some(g) = grads.remove(&t.0.id) {
-                store.insert(t, g);
-            }
+    for (t, g) in order.iter().zip(grads) {
+        if let (Some(Node::Leaf), Some(g)) = (t.node(), g) {
+            store.insert(t, g);
         }
     }
     Ok(store)
@@ -272,45 +276,52 @@ fn reaching_nodes(
             }
         }
     }
-    // Only tensors that reach a target were kept; the reversed post-order puts every
-    // tensor before the inputs it was computed from.
+    // Only tensors that reach a target were kept, each once (a tensor is marked in
+    // `reaches` before it is pushed, and an output only starts a search when unmarked);
+    // the reversed post-order puts every tensor before the inputs it was computed from.
     post_order.reverse();
-    let mut seen = HashSet::default();
-    post_order.retain(|t| seen.insert(t.0.id));
     (post_order, reaches.len())
 }
 
-/// Pushes the seed gradients through `order`, accumulating per tensor id. The gradient of
-/// an op's output is dropped once its VJP has run (the order is topological, so nothing
-/// more reaches it), unless `keep(id)`: the caller wants it. Leaves keep theirs. So a
-/// backward pass holds only the gradients still to be pushed, not every one it made.
+/// Pushes the seed gradients through `order` and returns the gradient of each of its
+/// tensors, by position. The gradient of an op's output is dropped once its VJP has run
+/// (the order is topological, so nothing more reaches it), unless `keep(id)`: the caller
+/// wants it. Leaves keep theirs. So a backward pass holds only the gradients still to be
+/// pushed, not every one it made; positions instead of a map keyed by id keep the
+/// bookkeeping to one lookup per edge.
 fn propagate(
     order: &[Tensor],
     seeds: Vec<(Tensor, Tensor)>,
     create_graph: bool,
     keep: impl Fn(u64) -> bool,
-) -> Result<HashMap<u64, Tensor>> {
+) -> Result<Vec<Option<Tensor>>> {
     let _mode = NoGradGuard::set(create_graph);
-    let on_path: HashSet<u64> = order.iter().map(|t| t.0.id).collect();
-    let mut grads: HashMap<u64, Tensor> = HashMap::default();
+    let mut position: HashMap<u64, usize> =
+        HashMap::with_capacity_and_hasher(order.len(), Default::default());
+    position.extend(order.iter().enumerate().map(|(k, t)| (t.0.id, k)));
+    let mut grads: Vec<Option<Tensor>> = vec![None; order.len()];
     for (out, g) in seeds {
-        if on_path.contains(&out.0.id) {
-            accumulate(&mut grads, out.0.id, g)?;
+        if let Some(&k) = position.get(&out.0.id) {
+            accumulate(&mut grads[k], g)?;
         }
     }
-    for t in order {
+    for (k, t) in order.iter().enumerate() {
         let Some(Node::Op { inputs, backward }) = t.node() else {
             continue;
         };
         let g = if keep(t.0.id) {
-            grads.get(&t.0.id).cloned()
+            grads[k].clone()
         } else {
-            grads.remove(&t.0.id)
+            grads[k].take()
         };
         let Some(g) = g else {
             continue;
         };
-        let needs: Vec<bool> = inputs.iter().map(|i| on_path.contains(&i.0.id)).collect();
+        let targets: Vec<Option<usize>> = inputs
+            .iter()
+            .map(|i| position.get(&i.0.id).copied())
+            .collect();
+        let needs: Vec<bool> = targets.iter().map(Option::is_some).collect();
         let ctx = VjpCtx {
             inputs,
             output: t,
@@ -331,9 +342,9 @@ fn propagate(
         if crate::tensor::anomaly::is_anomaly_enabled() {
             check_backward(backward.name(), inputs, t, &input_grads)?;
         }
-        for ((input, need), ig) in inputs.iter().zip(&needs).zip(input_grads) {
-            if let (true, Some(ig)) = (need, ig) {
-                accumulate(&mut grads, input.0.id, ig)?;
+        for (target, ig) in targets.into_iter().zip(input_grads) {
+            if let (Some(p), Some(ig)) = (target, ig) {
+                accumulate(&mut grads[p], ig)?;
             }
         }
     }
@@ -357,15 +368,12 @@ fn check_backward(
     Ok(())
 }
 
-fn accumulate(grads: &mut HashMap<u64, Tensor>, id: u64, g: Tensor) -> Result<()> {
-    match grads.remove(&id) {
-        Some(prev) => {
-            grads.insert(id, prev.add(&g)?);
-        }
-        None => {
-            grads.insert(id, g);
-        }
-    }
+/// Adds `g` to the gradient held in `slot`.
+fn accumulate(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
+    *slot = Some(match slot.take() {
+        Some(prev) => prev.add(&g)?,
+        None => g,
+    });
     Ok(())
 }
 
