@@ -179,7 +179,10 @@ impl<M: Module + Parameters + Clone> FunctionalModel<M> {
                 .collect::<Result<Vec<_>>>()?;
             layout.write_buffers(&mut model, &buffers)?;
             // The slots now hold `[T, ...]` tensors: later lists are checked against them.
-            layout = ParamLayout::of(&mut model)?;
+            // Each flat entry got a tensor of its own, so the slots map as before.
+            layout.shapes = initial.iter().map(|t| t.dims().to_vec()).collect();
+            layout.tensors = initial.clone();
+            layout.buffer_tensors = buffers;
         }
         Ok(FunctionalModel {
             model,
