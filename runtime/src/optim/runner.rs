@@ -436,10 +436,9 @@ impl<O: Hyperparameters + OptimizerStep> Optimizer<O> {
 
     /// Commits the states of a computed step (its parameters are the caller's to write).
     pub(crate) fn commit_states(&mut self, pending: PendingStep) {
-        for (i, _, state) in pending.updates {
-            // A snapshot keeps each entry's current value only, not the versions the
-            // step went through.
-            self.states[i] = state.clone();
+        for (i, _, mut state) in pending.updates {
+            state.keep_current_only();
+            self.states[i] = state;
         }
     }
 }

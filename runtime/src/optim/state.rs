@@ -279,6 +279,25 @@ impl State {
         Self::default()
     }
 
+    /// Drops the versions a step left in each entry, keeping the current value, as a
+    /// snapshot ([`Clone`]) would: in place where no other handle holds the entry, else by
+    /// taking the snapshot (which keeps entries that share a tensor shared).
+    pub(crate) fn keep_current_only(&mut self) {
+        let mut shared = false;
+        for entry in self.entries.values_mut() {
+            if let Entry::Tensor(t) = entry {
+                match Arc::get_mut(&mut t.0) {
+                    Some(slot) if slot.0.len() > 1 => *slot = Slot::new(slot.current().clone()),
+                    Some(_) => {}
+                    None => shared = true,
+                }
+            }
+        }
+        if shared {
+            *self = self.clone();
+        }
+    }
+
     /// The tensor entry `key`, created by `init` if it does not exist yet. The handle is
     /// the entry: updating it in place updates the state.
     pub fn get_or_insert_with(
@@ -503,6 +522,36 @@ mod tests {
         let moved = s.map_tensors(|t| t.add(1.0))?;
         moved.get("b")?.mul_(2.0)?;
         assert_eq!(vals(&moved.tensor("a")?), [6.0]);
+        Ok(())
+    }
+
+    /// Dropping a step's versions keeps the current values and what a snapshot keeps:
+    /// shared entries stay shared, and a handle from before no longer reaches the state.
+    #[test]
+    fn keeping_current_values_only_is_a_snapshot() -> Result<()> {
+        let versions = |s: &State, key: &str| match s.entries.get(key) {
+            Some(Entry::Tensor(t)) => t.0 .0.len(),
+            _ => 0,
+        };
+        let mut s = State::new();
+        let m = s.get_or_insert_with("m", || Ok(Tensor::scalar(1.0f64)))?;
+        m.mul_(3.0)?.add_(1.0)?;
+        drop(m);
+        s.increment("step");
+        assert_eq!(versions(&s, "m"), 3);
+        s.keep_current_only();
+        assert_eq!((versions(&s, "m"), vals(&s.tensor("m")?)), (1, vec![4.0]));
+        assert_eq!(s.int("step"), Some(1));
+
+        let a = s.get_or_insert_with("a", || Ok(Tensor::scalar(2.0f64)))?;
+        s.set("b", Clone::clone(&a));
+        a.mul_(5.0)?;
+        s.keep_current_only();
+        assert_eq!(vals(&s.tensor("b")?), [10.0]);
+        s.get("a")?.add_(1.0)?;
+        assert_eq!(vals(&s.tensor("b")?), [11.0]);
+        a.mul_(100.0)?;
+        assert_eq!(vals(&s.tensor("a")?), [11.0]);
         Ok(())
     }
 }
