@@ -281,6 +281,23 @@ fn an_input_listed_twice_gets_its_gradient_at_every_position() {
     assert_eq!(g, vec![dx.clone(), dh.clone(), dx, vec![14.0], dh]);
 }
 
+/// Outputs listed twice, or computed from one another, are seeded once per listing and
+/// each op's VJP runs once: the gradient is that of the outputs' sum.
+#[test]
+fn outputs_listed_twice_or_nested_count_once_per_listing() {
+    let x = t(&[1.0, -2.0, 3.0], &[3]).to_leaf();
+    let a = x.sqr().unwrap().sum_all().unwrap(); // sum x^2
+    let b = a.mul(3.0).unwrap();
+    let g = grad(
+        &[a.clone(), b, a],
+        std::slice::from_ref(&x),
+        GradOptions::default(),
+    )
+    .unwrap();
+    // d/dx (a + 3a + a) = 5 * 2x.
+    assert_eq!(vals(g[0].as_ref().unwrap()), vec![10.0, -20.0, 30.0]);
+}
+
 /// A diffopt over a list that holds one tensor twice steps both copies, each exactly as a
 /// list holding it once would (it used to step the first copy only).
 #[test]
