@@ -179,8 +179,7 @@ where
         .track_higher_grads(options.track_higher_grads);
     fmodel_options.tasks = options.tasks;
     let fmodel = FunctionalModel::new(base, fmodel_options)?;
-    let mut diffopt = DiffOptimizer::from_optimizer(opt, fmodel.fast_params())?;
-    diffopt.set_tasks(options.tasks);
+    let mut diffopt = DiffOptimizer::branch(opt, fmodel.fast_params(), options.tasks)?;
     diffopt.set_frozen(fmodel.frozen())?;
     diffopt.set_mode(options.mode());
     diffopt.set_callback(options.callback.clone());

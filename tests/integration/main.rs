@@ -8,6 +8,7 @@ mod optim_support;
 mod adversarial_ops;
 mod adversarial_optim;
 mod batched;
+mod batched_adversarial;
 mod batched_reparam;
 #[cfg(feature = "candle-nn")]
 mod candle_nn_interop;

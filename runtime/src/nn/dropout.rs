@@ -132,7 +132,9 @@ impl Module for Embedding {
         } else {
             (self.weight.clone(), 1)
         };
-        let (n, d) = (table.dims()[0] / tasks, table.dims()[1]);
+        // Rows per task from the weight itself: a table of zero tasks has no rows to divide.
+        let n = self.weight.dims()[usize::from(batched)];
+        let d = table.dims()[1];
         let mut idx = super::loss::class_indices("Embedding", ids, n)?;
         // Task t's rows start at t * n in the flattened table.
         let per_task = ids.elem_count() / tasks.max(1);

@@ -130,11 +130,13 @@ fn task_axis(op: &'static str, pred: &Tensor, min_rank: usize) -> Result<usize> 
 }
 
 /// Per-task mean squared error: `[T]`, entry `t` is `mse(pred[t], target[t])`. `target`
-/// broadcasts against `pred` `[T, ..]`.
+/// broadcasts against `pred` `[T, ..]` and has at most its rank: a target of higher rank
+/// would move the task axis (each task's target against every task's prediction).
 pub fn mse_per_task(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+    pred.require_float("mse_per_task")?;
     let tasks = task_axis("mse_per_task", pred, 1)?;
     let sq = pred.sub(target)?.sqr()?;
-    if sq.dims()[0] != tasks {
+    if target.rank() > pred.rank() || sq.dims()[0] != tasks {
         return Err(Error::ShapeMismatch {
             op: "mse_per_task",
             expected: format!("a target that keeps the prediction's {tasks} tasks"),

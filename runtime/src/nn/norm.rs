@@ -106,6 +106,7 @@ impl Module for BatchNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let running_mean = self.running_mean.get();
         let batched = super::tasks::batched("BatchNorm", &running_mean, 1)?;
+        x.check_same(&running_mean, "BatchNorm")?;
         let lead = usize::from(batched);
         let cd = 1 + lead;
         let rank_ok = self.ranks.contains(&(x.rank().saturating_sub(lead)));

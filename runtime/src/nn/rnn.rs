@@ -325,6 +325,14 @@ impl Recurrent {
         } else {
             (lead, x.dims()[lead + 1])
         };
+        if x.dims()[seq_dim] == 0 {
+            // PyTorch: "Expected sequence length to be larger than 0 in RNN".
+            return Err(Error::ShapeMismatch {
+                op: "Recurrent",
+                expected: format!("a sequence of at least one step at dim {seq_dim}"),
+                got: x.dims().to_vec(),
+            });
+        }
         let mut states = match initial {
             Some(s) if s.len() == self.cells.len() => s,
             Some(s) => {

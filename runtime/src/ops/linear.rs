@@ -131,6 +131,7 @@ impl Tensor {
     /// in]`, `bias` `[T, out]`; task `t` computes `self[t] weight[t]^T + bias[t]`.
     pub fn linear_tasks(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         self.check_same(weight, "linear_tasks")?;
+        self.require_float("linear_tasks")?;
         let wd = weight.dims();
         let fits = wd.len() == 3
             && self.rank() >= 2
@@ -160,6 +161,19 @@ impl Tensor {
         }
         let mut out_shape = self.dims().to_vec();
         *out_shape.last_mut().expect("rank >= 2") = out;
+        if self.elem_count() == 0 || weight.elem_count() == 0 {
+            // No tasks, rows, inputs or outputs (the rows per task would divide by zero):
+            // each task's output is its bias alone, or empty, as in `linear`.
+            let zeros = super::connected_zeros(&out_shape, self, &[self, weight])?;
+            return match bias {
+                Some(b) => {
+                    let mut shape = vec![1; out_shape.len()];
+                    (shape[0], shape[out_shape.len() - 1]) = (tasks, out);
+                    zeros.add(&b.reshape(&shape)?)
+                }
+                None => Ok(zeros),
+            };
+        }
         let rows = self.elem_count() / (tasks * inp);
         let x3 = self.value().reshape((tasks, rows, inp))?;
         let wt = weight.value().t()?;

@@ -66,6 +66,10 @@ impl Tensor {
     pub fn softmax(&self, dim: usize) -> Result<Tensor> {
         self.require_float("softmax")?;
         check_dim("softmax", self, dim)?;
+        if self.elem_count() == 0 {
+            // candle's max reduction takes no empty tensor; PyTorch gives the empty input.
+            return super::connected_zeros(self.dims(), self, &[self]);
+        }
         let e = shifted(self.value(), dim)?.exp()?;
         let value = e.broadcast_div(&e.sum_keepdim(dim)?)?;
         Tensor::from_op(
@@ -82,6 +86,10 @@ impl Tensor {
     pub fn log_softmax(&self, dim: usize) -> Result<Tensor> {
         self.require_float("log_softmax")?;
         check_dim("log_softmax", self, dim)?;
+        if self.elem_count() == 0 {
+            // candle's max reduction takes no empty tensor; PyTorch gives the empty input.
+            return super::connected_zeros(self.dims(), self, &[self]);
+        }
         let s = shifted(self.value(), dim)?;
         let value = s.broadcast_sub(&s.exp()?.sum_keepdim(dim)?.log()?)?;
         Tensor::from_op(

@@ -23,6 +23,26 @@ pub(crate) fn weight_decay(
     }
 }
 
+/// SGD's `1 - dampening`, except for the tasks of a per-task `momentum` whose value is
+/// exactly 0: torch keeps no buffer there and steps with the gradient itself, undamped,
+/// as each task's own loop does. Per-task momenta that differ all take the momentum
+/// branch (they read as NaN, so `!= 0` holds); a buffer `0 * buf + 1 * g` is then that
+/// gradient. Elsewhere (floats, one value for all tasks) it is `1 - dampening`.
+pub(crate) fn sgd_damping(
+    momentum: impl Into<Scalar>,
+    dampening: impl Into<Scalar>,
+) -> Result<Scalar> {
+    let dampening = dampening.into();
+    match momentum.into() {
+        Scalar::Tensor(m) if m.elem_count() > 1 => {
+            let v = m.value();
+            let moving = Tensor::new(v.ne(0.0)?.to_dtype(v.dtype())?);
+            Ok(1.0 - dampening * Scalar::Tensor(moving))
+        }
+        _ => Ok(1.0 - dampening),
+    }
+}
+
 /// A hyperparameter as a [`Scalar`] (for the ordinary optimizer's `f64` and the twin's
 /// `Scalar` alike), to call `Scalar`'s methods (`pow`, `max_f64`, `recip`) in a step body.
 pub(crate) fn scalar(x: impl Into<Scalar>) -> Scalar {

@@ -330,12 +330,24 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
     /// been changed through [`Optimizer::groups_mut`]). Hyperparameters injected as
     /// tensors ([`Optimizer::inject`]) become this optimizer's overrides.
     pub fn from_optimizer(opt: &Optimizer<O>, params: &[Tensor]) -> Result<Self> {
+        Self::branch(opt, params, None)
+    }
+
+    /// [`DiffOptimizer::from_optimizer`] for a task-batched unroll of `tasks` tasks
+    /// (`params` `[tasks, ...]`): a state of the un-batched parameter's shape is every
+    /// task's state.
+    pub(crate) fn branch(
+        opt: &Optimizer<O>,
+        params: &[Tensor],
+        tasks: Option<usize>,
+    ) -> Result<Self> {
         const OP: &str = "DiffOptimizer::from_optimizer";
         check_count(OP, "parameters", opt.n_params(), params.len())?;
         for (i, (state, p)) in opt.states().iter().zip(params).enumerate() {
-            check_state_shapes(OP, i, p, state)?;
+            check_task_state(OP, tasks, i, p, state)?;
         }
         let mut d = Self::with_groups(params, opt.groups().to_vec())?;
+        d.tasks = tasks;
         let device = d.device.clone();
         d.states = opt
             .states()
@@ -446,6 +458,7 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
     /// [`crate::innerloop`] sets it from [`crate::InnerloopOptions::tasks`]. The built-in
     /// optimizers are elementwise and step all tasks at once unchanged; a gradient
     /// callback sees `[tasks, ...]` gradients (a norm for clipping must be taken per task).
+    /// A per-task override set before a change of the count is an error at the next step.
     pub fn set_tasks(&mut self, tasks: Option<usize>) {
         self.tasks = tasks;
     }
@@ -542,22 +555,38 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
 
     /// The twin of a group as it steps a parameter of rank `rank`: each per-task (`[T]`)
     /// hyperparameter reshaped to `[T, 1, .., 1]` so that it broadcasts against `[T, ...]`.
-    /// `None` when the twin has no per-task hyperparameter.
+    /// `None` when the twin has no per-task hyperparameter. A per-task value set for
+    /// another task count (or none, after [`DiffOptimizer::set_tasks`] changed it) is an
+    /// error: it would broadcast against the parameter's last dim instead.
     fn twin_for_rank(&self, twin: &O::Twin, rank: usize) -> Result<Option<O::Twin>> {
-        let Some(tasks) = self.tasks else {
-            return Ok(None);
-        };
         let mut out: Option<O::Twin> = None;
         for &name in O::FLOAT_NAMES {
-            if let Some(Scalar::Tensor(t)) = twin.get(name) {
-                if t.rank() == 1 && t.dims() == [tasks] {
-                    let mut shape = vec![1; rank.max(1)];
-                    shape[0] = tasks;
-                    let reshaped = Scalar::Tensor(t.reshape(&shape)?);
-                    out.get_or_insert_with(|| twin.clone())
-                        .set(name, reshaped)?;
+            let Some(Scalar::Tensor(t)) = twin.get(name) else {
+                continue;
+            };
+            let tasks = match self.tasks {
+                Some(n) if t.dims() == [n] => n,
+                _ if t.elem_count() == 1 => continue,
+                tasks => {
+                    let expected = match tasks {
+                        Some(n) => format!("one element, or [{n}] (one per task), for \"{name}\""),
+                        None => format!(
+                            "one element for \"{name}\" (a per-task value needs a task-batched \
+                             unroll, see set_tasks)"
+                        ),
+                    };
+                    return Err(Error::ShapeMismatch {
+                        op: "DiffOptimizer::step",
+                        expected,
+                        got: t.dims().to_vec(),
+                    });
                 }
-            }
+            };
+            let mut shape = vec![1; rank.max(1)];
+            shape[0] = tasks;
+            let reshaped = Scalar::Tensor(t.reshape(&shape)?);
+            out.get_or_insert_with(|| twin.clone())
+                .set(name, reshaped)?;
         }
         Ok(out)
     }
@@ -755,23 +784,7 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
                 }
                 let Some(g) = &grads[i] else { continue };
                 check_grad_shape(OP, i, &params[i], g)?;
-                check_state_shapes(OP, i, &params[i], &self.states[i]).or_else(|e| {
-                    // A state branched from an un-batched optimizer is every task's state.
-                    let shared = self.tasks.is_some()
-                        && self.states[i].entries().all(|(_, v)| match v {
-                            StateValue::Tensor(t) => {
-                                t.rank() == 0
-                                    || t.dims() == params[i].dims()
-                                    || t.dims() == &params[i].dims()[1..]
-                            }
-                            _ => true,
-                        });
-                    if shared {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
-                })?;
+                check_task_state(OP, self.tasks, i, &params[i], &self.states[i])?;
                 let rank = params[i].rank();
                 if !by_rank.iter().any(|(r, _)| *r == rank) {
                     by_rank.push((rank, self.twin_for_rank(group_twin, rank)?));
@@ -863,6 +876,32 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
             .collect::<Result<_>>()?;
         Ok(())
     }
+}
+
+/// [`check_state_shapes`], except that in a task-batched unroll a state of the parameter's
+/// shape without its task axis (branched from an un-batched optimizer) is every task's.
+fn check_task_state(
+    op: &'static str,
+    tasks: Option<usize>,
+    i: usize,
+    p: &Tensor,
+    state: &State,
+) -> Result<()> {
+    check_state_shapes(op, i, p, state).or_else(|e| {
+        let shared = tasks.is_some()
+            && p.rank() > 0
+            && state.entries().all(|(_, v)| match v {
+                StateValue::Tensor(t) => {
+                    t.rank() == 0 || t.dims() == p.dims() || t.dims() == &p.dims()[1..]
+                }
+                _ => true,
+            });
+        if shared {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })
 }
 
 /// The value of a scalar, with an error for a tensor that cannot be read.

@@ -75,7 +75,9 @@ impl RmsProp {
         } else {
             square_avg.sqrt()?.add(self.eps)?
         };
-        if self.momentum > 0.0 {
+        // `!= 0` (momentum is never negative): per-task momenta that differ read as NaN,
+        // and every task then takes this branch, where a momentum of 0 steps as the other.
+        if self.momentum != 0.0 {
             let buf = state.get_or_insert_with("momentum_buffer", || p.zeros_like())?;
             buf.mul_(self.momentum)?.addcdiv_(&g, &avg, 1.0)?;
             p.sub_(&buf.mul(self.lr)?)?;

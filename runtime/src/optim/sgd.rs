@@ -1,6 +1,6 @@
 //! Stochastic gradient descent (`torch.optim.SGD`).
 
-use super::common::weight_decay;
+use super::common::{sgd_damping, weight_decay};
 use super::validation::{in_range, require};
 use super::State;
 use crate::error::Result;
@@ -13,8 +13,9 @@ use candle_higher_macros::differentiable_optimizer;
 /// The momentum buffer starts as the first gradient (no dampening on the first step),
 /// then `buf = momentum * buf + (1 - dampening) * g`; the step uses `buf`, or
 /// `g + momentum * buf` with Nesterov. As torch and higher, a momentum whose value is 0
-/// (even a tensor) takes the branch without a buffer. `maximize` is not offered (negate
-/// the loss).
+/// (even a tensor) takes the branch without a buffer; in a task-batched unroll with
+/// per-task momenta of which some are 0, those tasks step with their undamped gradient,
+/// as that branch does. `maximize` is not offered (negate the loss).
 ///
 /// ```
 /// # use candle_higher_runtime::optim::Sgd;
@@ -66,8 +67,8 @@ impl Sgd {
         if self.momentum != 0.0 {
             if state.contains("momentum_buffer") {
                 let buf = state.get("momentum_buffer")?;
-                buf.mul_(self.momentum)?
-                    .add_(&g.mul(1.0 - self.dampening)?)?;
+                let damping = sgd_damping(self.momentum, self.dampening)?;
+                buf.mul_(self.momentum)?.add_(&g.mul(damping)?)?;
             } else {
                 state.set("momentum_buffer", g.clone());
             }
