@@ -2,6 +2,7 @@
 //! looped, or a task-batched chunk) on a few threads and sums their gradient stores in task
 //! order, so the result is bit-identical whatever the thread count.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -67,6 +68,27 @@ fn spin_until(done: impl Fn() -> bool) {
     }
 }
 
+/// Runs task `i` of block `b`. A task that panics is an error of its own, in its place among
+/// the tasks' results, not a panic of the caller: one thread or many, the first error by
+/// task index is the same.
+fn run_task(
+    task: &(impl Fn(usize) -> Result<GradStore> + Sync),
+    i: usize,
+    b: usize,
+) -> Result<GradStore> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task(i))).unwrap_or_else(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Err(Error::InvalidArgument {
+            op: "meta_batch",
+            message: format!("task {i} of block {b} panicked: {what}"),
+        })
+    })
+}
+
 /// How the per-task gradient stores are combined.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Combine {
@@ -82,8 +104,11 @@ pub enum Combine {
 /// the result does not depend on `threads`. Each task builds its own graph (tensors are
 /// `Send + Sync`, grad mode is per thread); `task` typically runs one inner loop from the
 /// shared base model and returns `backward(&meta_loss)`. The first error (by task index)
-/// is returned. The calling thread runs the first block (with `threads = 1`, everything),
-/// the pool's threads the others, each under the caller's grad mode and anomaly detection.
+/// is returned; a task that panics is an error naming it (`InvalidArgument`), with one
+/// thread as with many, and two tasks' gradients for one leaf of different shapes, dtypes
+/// or devices are an error, not a broadcast. Zero tasks give an empty store. The calling
+/// thread runs the first block (with `threads = 1`, everything), the pool's threads the
+/// others, each under the caller's grad mode and anomaly detection.
 /// The pool's threads and the waiting caller spin rather than sleep, the workers for up to
 /// 2 ms after the call returns (until the next meta-batch), so a training loop keeps both
 /// cores warm across its outer steps.
@@ -110,6 +135,18 @@ pub fn meta_batch(
     combine: Combine,
     task: impl Fn(usize) -> Result<GradStore> + Sync,
 ) -> Result<GradStore> {
+    meta_batch_of(0..tasks, threads, combine, task)
+}
+
+/// [`meta_batch`] over the tasks `range` (one rank's share of a larger meta-batch), so that
+/// `task` and a panic's error see the tasks' own indices.
+pub(crate) fn meta_batch_of(
+    range: Range<usize>,
+    threads: usize,
+    combine: Combine,
+    task: impl Fn(usize) -> Result<GradStore> + Sync,
+) -> Result<GradStore> {
+    let (first, tasks) = (range.start, range.len());
     if threads == 0 {
         return Err(Error::InvalidArgument {
             op: "meta_batch",
@@ -119,22 +156,17 @@ pub fn meta_batch(
     let threads = threads.min(tasks.max(1));
     let mut stores: Vec<Result<GradStore>> = Vec::with_capacity(tasks);
     if threads == 1 {
-        stores.extend((0..tasks).map(&task));
+        stores.extend(range.map(|i| run_task(&task, i, 0)));
     } else {
         let per = tasks.div_ceil(threads);
         let task = &task;
         // Every block runs under the caller's grad and anomaly modes, as with one thread.
         let (grad, anomaly) = (is_grad_enabled(), is_anomaly_enabled());
-        // A task that panics is an error of its block, not a panic of the caller.
         let block = move |b: usize| -> Vec<Result<GradStore>> {
             let _modes = (NoGradGuard::set(grad), set_anomaly(anomaly));
-            let run = || (b * per..((b + 1) * per).min(tasks)).map(task).collect();
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|_| {
-                vec![Err(Error::InvalidArgument {
-                    op: "meta_batch",
-                    message: format!("a task of block {b} panicked"),
-                })]
-            })
+            (b * per..((b + 1) * per).min(tasks))
+                .map(|i| run_task(task, first + i, b))
+                .collect()
         };
         let mut blocks: Vec<Vec<Result<GradStore>>> = (0..threads).map(|_| Vec::new()).collect();
         let finished: Vec<AtomicBool> = (1..threads).map(|_| AtomicBool::new(false)).collect();
@@ -166,7 +198,7 @@ pub fn meta_batch(
     }
     let mut total = GradStore::default();
     for store in stores {
-        total.accumulate(&store?)?;
+        total.accumulate_from(&store?, "meta_batch")?;
     }
     if combine == Combine::Mean && tasks > 0 {
         total.scale(1.0 / tasks as f64)?;

@@ -33,6 +33,7 @@ mod optim_fd;
 mod optim_nan;
 mod optim_runtime;
 mod optim_twin;
+mod parallel_adversarial;
 mod parallel_meta_batch;
 mod readme_tour;
 mod unroll_checkpoint;

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::{Tensor, TensorId};
 
 /// Gradients of leaf tensors, as returned by [`crate::backward`]. Stores from several
@@ -34,23 +34,64 @@ impl GradStore {
         self.grads.remove(&leaf.id())
     }
 
-    /// Adds every gradient of `other` into this store (keys missing here are copied).
+    /// Adds every gradient of `other` into this store (keys missing here are copied). A
+    /// gradient whose shape, dtype or device is not that of the one stored for its leaf is an
+    /// error (not a broadcast), and a failing call changes nothing.
     pub fn accumulate(&mut self, other: &GradStore) -> Result<()> {
-        for (id, g) in &other.grads {
-            let sum = match self.grads.get(id) {
-                Some(prev) => prev.add(g)?,
-                None => g.clone(),
-            };
-            self.grads.insert(*id, sum);
+        self.accumulate_from(other, "GradStore::accumulate")
+    }
+
+    /// [`GradStore::accumulate`], with `op` naming the caller in errors. Every sum is
+    /// computed before any is stored; of several mismatched leaves, the one with the
+    /// smallest id is reported (the same on every run, unlike the map's order).
+    pub(crate) fn accumulate_from(&mut self, other: &GradStore, op: &'static str) -> Result<()> {
+        let mismatch = other
+            .grads
+            .iter()
+            .filter_map(|(id, g)| self.grads.get(id).map(|prev| (*id, prev, g)))
+            .filter(|(_, prev, g)| {
+                prev.dims() != g.dims()
+                    || prev.dtype() != g.dtype()
+                    || !prev.device().same_device(g.device())
+            })
+            .min_by_key(|(id, _, _)| *id);
+        if let Some((_, prev, g)) = mismatch {
+            if prev.dims() != g.dims() {
+                return Err(Error::ShapeMismatch {
+                    op,
+                    expected: format!(
+                        "{:?}, the shape of the gradient stored for this leaf",
+                        prev.dims()
+                    ),
+                    got: g.dims().to_vec(),
+                });
+            }
+            prev.check_same(g, op)?;
         }
+        let sums = other
+            .grads
+            .iter()
+            .map(|(id, g)| {
+                let sum = match self.grads.get(id) {
+                    Some(prev) => prev.add(g)?,
+                    None => g.clone(),
+                };
+                Ok((*id, sum))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.grads.extend(sums);
         Ok(())
     }
 
-    /// Multiplies every gradient by `factor` (an average over tasks: `1 / n`).
+    /// Multiplies every gradient by `factor` (an average over tasks: `1 / n`); a failing
+    /// call (anomaly detection finding a NaN) changes nothing.
     pub fn scale(&mut self, factor: f64) -> Result<()> {
-        for g in self.grads.values_mut() {
-            *g = g.affine(factor, 0.0)?;
-        }
+        let scaled = self
+            .grads
+            .iter()
+            .map(|(id, g)| Ok((*id, g.affine(factor, 0.0)?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.grads.extend(scaled);
         Ok(())
     }
 

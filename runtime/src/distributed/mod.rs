@@ -84,17 +84,20 @@ fn host_all_reduce_sum<C: Communicator + ?Sized>(
     comm: &C,
     buffer: &candle_core::Tensor,
 ) -> Result<candle_core::Tensor> {
+    const OP: &str = "all_reduce_sum";
     let size = comm.size();
     let n = buffer.elem_count();
     let gathered = comm.all_gather_bytes(&wire::tensor_bytes(buffer)?)?;
     let summed = match buffer.dtype() {
         DType::F32 => {
-            let all = wire::decode_f32(&gathered, "all_reduce_sum")?;
+            let all = wire::decode_f32(&gathered, OP)?;
+            check_gathered(OP, all.len(), n, size)?;
             candle_core::Tensor::from_vec(sum_in_rank_order(&all, n, size), n, &Device::Cpu)?
         }
         // f64, and the half types summed in f64 (their bytes are sent as f64).
         dtype if dtype.is_float() => {
-            let all = wire::decode_f64(&gathered, "all_reduce_sum")?;
+            let all = wire::decode_f64(&gathered, OP)?;
+            check_gathered(OP, all.len(), n, size)?;
             candle_core::Tensor::from_vec(sum_in_rank_order(&all, n, size), n, &Device::Cpu)?
                 .to_dtype(dtype)?
         }
@@ -143,6 +146,40 @@ impl Communicator for SingleProcess {
     }
 }
 
+/// An all-gather must return `per_rank` values from each of `size` ranks (at least one): a
+/// reply of another length (a communicator that cut it short) is an error, not an index out
+/// of bounds.
+fn check_gathered(op: &'static str, got: usize, per_rank: usize, size: usize) -> Result<()> {
+    if size == 0 || Some(got) != per_rank.checked_mul(size) {
+        return Err(Error::Communication {
+            op,
+            message: format!(
+                "the all-gather returned {got} values, not {per_rank} from each of {size} ranks"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Every rank's `words` (the same count on every rank), concatenated in rank order. The
+/// first collective of every call: a communicator whose rank is not below its size is an
+/// error here.
+fn gather_words(comm: &dyn Communicator, op: &'static str, words: &[u64]) -> Result<Vec<u64>> {
+    if comm.rank() >= comm.size() {
+        return Err(Error::Communication {
+            op,
+            message: format!(
+                "the communicator is rank {} of {}",
+                comm.rank(),
+                comm.size()
+            ),
+        });
+    }
+    let all = wire::decode_u64(&comm.all_gather_bytes(&wire::u64_bytes(words))?, op)?;
+    check_gathered(op, all.len(), words.len(), comm.size())?;
+    Ok(all)
+}
+
 fn sum_in_rank_order<T: Copy + std::ops::AddAssign>(all: &[T], n: usize, size: usize) -> Vec<T> {
     let mut out = all[..n].to_vec();
     for r in 1..size {
@@ -174,10 +211,11 @@ fn unsupported(dtype: DType) -> Error {
 pub fn task_share(tasks: usize, rank: usize, size: usize) -> Range<usize> {
     let size = size.max(1);
     let (base, extra) = (tasks / size, tasks % size);
-    let start = rank * base + rank.min(extra);
+    // Saturating: a rank past `size` gets an empty range, not an overflow.
+    let start = rank.saturating_mul(base).saturating_add(rank.min(extra));
     let len = if rank < extra { base + 1 } else { base };
     let start = start.min(tasks);
-    start..(start + len).min(tasks)
+    start..start.saturating_add(len).min(tasks)
 }
 
 /// A tensor's dtype and shape as words, for comparing layouts across ranks.
@@ -211,31 +249,35 @@ fn describe(t: &Tensor) -> String {
 /// (`what` names them: "parameter", "buffer"), plus a `local_problem` each rank may have
 /// found on its own. On any disagreement every rank returns the same
 /// [`Error::RankMismatch`], naming the first rank that differs and, on that rank, the
-/// difference itself. `note` is one more word sent along; every rank's note is returned,
-/// in rank order.
+/// difference itself. `notes` are three more words sent along; every rank's notes are
+/// returned, in rank order.
 fn check_layout(
     comm: &dyn Communicator,
     op: &'static str,
     what: &str,
     tensors: &[&Tensor],
     local_problem: Option<String>,
-    note: u64,
-) -> Result<Vec<u64>> {
+    notes: [u64; 3],
+) -> Result<Vec<[u64; 3]>> {
     let words = layout_words(tensors);
     let mine = [
         fingerprint(&words),
         u64::from(local_problem.is_some()),
-        note,
+        notes[0],
+        notes[1],
+        notes[2],
     ];
-    let all = wire::decode_u64(&comm.all_gather_bytes(&wire::u64_bytes(&mine))?, op)?;
-    let root = all[0];
-    let first_bad = (0..comm.size()).find(|&r| all[3 * r] != root || all[3 * r + 1] != 0);
+    let all = gather_words(comm, op, &mine)?;
+    let ranks: Vec<&[u64]> = all.chunks(mine.len()).collect();
+    let first_bad = ranks.iter().position(|w| w[0] != ranks[0][0] || w[1] != 0);
     let Some(rank) = first_bad else {
-        return Ok(all.chunks(3).map(|c| c[2]).collect());
+        return Ok(ranks.iter().map(|w| [w[2], w[3], w[4]]).collect());
     };
     // Rare path: one more collective, so that the disagreeing rank can say what differs.
     let root_words = wire::decode_u64(&comm.broadcast_bytes(&wire::u64_bytes(&words))?, op)?;
-    let detail = if rank != comm.rank() {
+    let detail = if rank != comm.rank() && ranks[rank][1] != 0 {
+        format!("see rank {rank}'s error for the problem it found")
+    } else if rank != comm.rank() {
         format!("see rank {rank}'s error for the {what} that differs")
     } else if let Some(problem) = local_problem {
         problem
@@ -320,7 +362,7 @@ fn unflatten(
 /// rank). Returns constants (no gradient), on each tensor's device.
 pub fn broadcast_tensors(comm: &dyn Communicator, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
     let refs: Vec<&Tensor> = tensors.iter().collect();
-    check_layout(comm, "broadcast_tensors", "tensor", &refs, None, 0)?;
+    check_layout(comm, "broadcast_tensors", "tensor", &refs, None, [0; 3])?;
     broadcast_checked(comm, tensors)
 }
 
@@ -349,9 +391,9 @@ pub fn broadcast_model<M: Parameters + Clone>(
     let buffers: Vec<Tensor> = model.named_buffers()?.into_iter().map(|(_, b)| b).collect();
     let all: Vec<Tensor> = params.iter().chain(&buffers).cloned().collect();
     let param_refs: Vec<&Tensor> = params.iter().collect();
-    check_layout(comm, OP, "parameter", &param_refs, None, 0)?;
+    check_layout(comm, OP, "parameter", &param_refs, None, [0; 3])?;
     let buffer_refs: Vec<&Tensor> = buffers.iter().collect();
-    check_layout(comm, OP, "buffer", &buffer_refs, None, 0)?;
+    check_layout(comm, OP, "buffer", &buffer_refs, None, [0; 3])?;
     let values = broadcast_checked(comm, &all)?;
     if comm.rank() == 0 {
         return Ok(());
@@ -377,38 +419,75 @@ pub fn broadcast_model<M: Parameters + Clone>(
 
 /// Gives every rank rank 0's outer-optimizer state (moment estimates, step counters, ...),
 /// its tensors placed on `device`. The hyperparameters are not sent: build the optimizer
-/// the same way on every rank. Different parameter counts are [`Error::RankMismatch`] on
-/// every rank, and no optimizer is changed. Entries that share one tensor (an in-place
-/// update through one reaches the other) still share one on every rank.
+/// the same way on every rank. Different parameter counts, optimizer types, parameter
+/// groups or hyperparameters, and a state that rank 0 cannot send or a rank cannot read,
+/// are [`Error::RankMismatch`] on every rank, and no optimizer is changed. Entries that
+/// share one tensor (an in-place update through one reaches the other) still share one on
+/// every rank.
 pub fn broadcast_optimizer_state<O: Hyperparameters + OptimizerStep>(
     comm: &dyn Communicator,
     optimizer: &mut Optimizer<O>,
     device: &Device,
 ) -> Result<()> {
     const OP: &str = "broadcast_optimizer_state";
-    let n = optimizer.n_params() as u64;
-    let all = wire::decode_u64(&comm.all_gather_bytes(&wire::u64_bytes(&[n]))?, OP)?;
-    if let Some(rank) = (0..comm.size()).find(|&r| all[r] != all[0]) {
-        return Err(Error::RankMismatch {
-            op: OP,
-            rank,
-            what: format!(
+    let type_name = std::any::type_name::<O>();
+    let mut groups = Vec::new();
+    for g in optimizer.groups() {
+        groups.push(g.params.len() as u64);
+        groups.extend(g.params.iter().map(|&p| p as u64));
+        groups.extend(
+            O::FLOAT_NAMES
+                .iter()
+                .map(|name| g.hyperparameters.float(name).map_or(u64::MAX, f64::to_bits)),
+        );
+    }
+    let mine = [
+        optimizer.n_params() as u64,
+        fingerprint(&type_name.bytes().map(u64::from).collect::<Vec<_>>()),
+        fingerprint(&groups),
+    ];
+    let all = gather_words(comm, OP, &mine)?;
+    let ranks: Vec<&[u64]> = all.chunks(mine.len()).collect();
+    if let Some(rank) = ranks.iter().position(|w| *w != ranks[0]) {
+        let what = if ranks[rank][0] != ranks[0][0] {
+            format!(
                 "the optimizer holds {} parameters on rank 0, {} on rank {rank}",
-                all[0], all[rank]
-            ),
-        });
+                ranks[0][0], ranks[rank][0]
+            )
+        } else if ranks[rank][1] != ranks[0][1] {
+            format!("rank {rank}'s optimizer is of another type (this rank's is {type_name})")
+        } else {
+            format!(
+                "rank {rank}'s optimizer has other parameter groups or hyperparameters; build \
+                 it the same way on every rank"
+            )
+        };
+        return Err(Error::RankMismatch { op: OP, rank, what });
     }
-    let bytes = if comm.rank() == 0 {
-        wire::encode_states(optimizer.states())?
-    } else {
-        Vec::new()
+    let encoded = (comm.rank() == 0).then(|| wire::encode_states(optimizer.states()));
+    let sent = match &encoded {
+        Some(Ok(bytes)) => bytes.as_slice(),
+        _ => &[],
     };
-    let bytes = comm.broadcast_bytes(&bytes)?;
-    if comm.rank() == 0 {
-        return Ok(());
+    let bytes = comm.broadcast_bytes(sent)?;
+    let received = match encoded {
+        Some(result) => result.map(|_| None),
+        None => wire::decode_states(&bytes, device).map(Some),
+    };
+    // Whether each rank could send or read the states: a failure on one rank is an error on
+    // every rank, not a success on rank 0 only.
+    let ok = gather_words(comm, OP, &[u64::from(received.is_ok())])?;
+    if let Some(rank) = ok.iter().position(|&w| w != 1) {
+        let what = match received {
+            Err(e) if rank == comm.rank() => format!("the optimizer state: {e}"),
+            _ => format!("see rank {rank}'s error for the optimizer state it could not handle"),
+        };
+        return Err(Error::RankMismatch { op: OP, rank, what });
     }
-    let states = wire::decode_states(&bytes, device)?;
-    optimizer.set_states(states)
+    match received? {
+        Some(states) => optimizer.set_states(states),
+        None => Ok(()),
+    }
 }
 
 /// Sums a gradient store over all ranks: the gradients of `params` (every rank passes its
@@ -426,26 +505,64 @@ pub fn all_reduce_grads(
     params: &[Tensor],
     grads: &GradStore,
 ) -> Result<GradStore> {
-    const OP: &str = "all_reduce_grads";
+    reduce_grads(comm, "all_reduce_grads", params, grads, None, [0, 0])
+}
+
+/// [`all_reduce_grads`] as `op`, with a problem this rank found before (its tasks failed)
+/// and two words of the call that every rank must agree on ([`meta_batch`]'s task count and
+/// combine): both go with the layout check, so that they cost no collective of their own
+/// and every rank returns the same error.
+fn reduce_grads(
+    comm: &dyn Communicator,
+    op: &'static str,
+    params: &[Tensor],
+    grads: &GradStore,
+    earlier_problem: Option<String>,
+    call: [u64; 2],
+) -> Result<GradStore> {
     let local: Vec<Option<&Tensor>> = params.iter().map(|p| grads.get(p)).collect();
-    let problem = params
-        .iter()
-        .zip(&local)
-        .enumerate()
-        .find_map(|(i, (p, g))| {
-            g.filter(|g| g.dims() != p.dims() || g.dtype() != p.dtype())
-                .map(|g| {
-                    format!(
-                        "the gradient of parameter {i} is {} but the parameter is {}",
-                        describe(g),
-                        describe(p)
-                    )
-                })
-        });
+    let problem = earlier_problem.or_else(|| {
+        params
+            .iter()
+            .zip(&local)
+            .enumerate()
+            .find_map(|(i, (p, g))| {
+                g.filter(|g| g.dims() != p.dims() || g.dtype() != p.dtype())
+                    .map(|g| {
+                        format!(
+                            "the gradient of parameter {i} is {} but the parameter is {}",
+                            describe(g),
+                            describe(p)
+                        )
+                    })
+            })
+    });
     let refs: Vec<&Tensor> = params.iter().collect();
     let complete = u64::from(local.iter().all(Option::is_some));
-    let notes = check_layout(comm, OP, "parameter", &refs, problem, complete)?;
-    let present: Vec<usize> = if notes.iter().all(|&c| c == 1) {
+    let notes = check_layout(
+        comm,
+        op,
+        "parameter",
+        &refs,
+        problem,
+        [complete, call[0], call[1]],
+    )?;
+    if let Some(rank) = notes.iter().position(|n| n[1..] != notes[0][1..]) {
+        let combine = |n: &[u64; 3]| if n[2] == 1 { "Mean" } else { "Sum" };
+        return Err(Error::RankMismatch {
+            op,
+            rank,
+            what: format!(
+                "a meta-batch of {} tasks (Combine::{}) on rank 0, of {} (Combine::{}) on rank \
+                 {rank}",
+                notes[0][1],
+                combine(&notes[0]),
+                notes[rank][1],
+                combine(&notes[rank])
+            ),
+        });
+    }
+    let present: Vec<usize> = if notes.iter().all(|n| n[0] == 1) {
         (0..params.len()).collect() // the common case: no more messages
     } else {
         // Which parameters have a gradient somewhere: one bit each, OR-ed over ranks.
@@ -456,7 +573,7 @@ pub fn all_reduce_grads(
                 mask[i / 64] |= 1 << (i % 64);
             }
         }
-        let gathered = wire::decode_u64(&comm.all_gather_bytes(&wire::u64_bytes(&mask))?, OP)?;
+        let gathered = gather_words(comm, op, &mask)?;
         let any =
             |i: usize| (0..comm.size()).any(|r| gathered[r * words + i / 64] >> (i % 64) & 1 == 1);
         (0..params.len()).filter(|&i| any(i)).collect()
@@ -485,9 +602,10 @@ pub fn all_reduce_grads(
 /// `tasks`. Every rank gets the same store, equal (to rounding: the tasks are added in the
 /// same order, grouped by rank) to what one process computes over the whole meta-batch.
 ///
-/// An error in one rank's task is not seen by the others, which would wait in the
-/// all-reduce; it is returned here, so end the program on it (with MPI, returning an
-/// error from `main` makes `mpirun` stop every rank).
+/// An error in one rank's share (a task that fails or panics, 0 threads) is sent along with
+/// the all-reduce's layout check: every rank returns [`Error::RankMismatch`] naming that
+/// rank, whose own message holds the error. So are ranks given different `tasks` or
+/// `combine`.
 pub fn meta_batch(
     comm: &dyn Communicator,
     params: &[Tensor],
@@ -497,9 +615,15 @@ pub fn meta_batch(
     task: impl Fn(usize) -> Result<GradStore> + Sync,
 ) -> Result<GradStore> {
     let share = task_share(tasks, comm.rank(), comm.size());
-    let start = share.start;
-    let local = parallel::meta_batch(share.len(), threads, Combine::Sum, |i| task(start + i))?;
-    let mut total = all_reduce_grads(comm, params, &local)?;
+    let (local, failed) = match parallel::meta_batch_of(share, threads, Combine::Sum, task) {
+        Ok(local) => (local, None),
+        Err(e) => (
+            GradStore::default(),
+            Some(format!("its share of the tasks failed: {e}")),
+        ),
+    };
+    let call = [tasks as u64, u64::from(combine == Combine::Mean)];
+    let mut total = reduce_grads(comm, "meta_batch", params, &local, failed, call)?;
     if combine == Combine::Mean && tasks > 0 {
         total.scale(1.0 / tasks as f64)?;
     }

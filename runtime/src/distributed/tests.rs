@@ -2,7 +2,8 @@
 //! shared memory), so that they are tested without MPI; `tests/mpi.rs` runs them under
 //! `mpirun -np 2`.
 
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use candle_core::{DType, Device};
 
@@ -10,6 +11,49 @@ use super::*;
 use crate::nn::{self, VarBuilder};
 use crate::optim::{Adam, Scalar, Sgd, State};
 use crate::{backward, innerloop, InitialWeights, InnerloopOptions};
+
+/// A barrier that gives up: a rank left waiting in a collective that another rank skipped
+/// gets an error after this long, so a deadlock fails its test instead of hanging it.
+const GIVE_UP: Duration = Duration::from_secs(60);
+
+struct Barrier {
+    size: usize,
+    /// Threads waiting, and the generation (barriers passed so far).
+    state: Mutex<(usize, u64)>,
+    passed: Condvar,
+}
+
+impl Barrier {
+    fn new(size: usize) -> Self {
+        Barrier {
+            size,
+            state: Mutex::new((0, 0)),
+            passed: Condvar::new(),
+        }
+    }
+
+    fn wait(&self) -> Result<()> {
+        let mut state = self.state.lock().unwrap();
+        let generation = state.1;
+        state.0 += 1;
+        if state.0 == self.size {
+            *state = (0, generation + 1);
+            self.passed.notify_all();
+            return Ok(());
+        }
+        let (_state, wait) = self
+            .passed
+            .wait_timeout_while(state, GIVE_UP, |s| s.1 == generation)
+            .unwrap();
+        if wait.timed_out() {
+            return Err(Error::Communication {
+                op: "ThreadRank",
+                message: "deadlock: the other ranks never reached this collective".into(),
+            });
+        }
+        Ok(())
+    }
+}
 
 /// Ranks as threads: every collective writes into a shared slot per rank between barriers.
 struct ThreadRank {
@@ -30,16 +74,16 @@ impl Communicator for ThreadRank {
         if self.rank == 0 {
             self.slots.lock().unwrap()[0] = bytes.to_vec();
         }
-        self.barrier.wait();
+        self.barrier.wait()?;
         let out = self.slots.lock().unwrap()[0].clone();
-        self.barrier.wait();
+        self.barrier.wait()?;
         Ok(out)
     }
     fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<u8>> {
         self.slots.lock().unwrap()[self.rank] = bytes.to_vec();
-        self.barrier.wait();
+        self.barrier.wait()?;
         let out = self.slots.lock().unwrap().concat();
-        self.barrier.wait();
+        self.barrier.wait()?;
         Ok(out)
     }
 }
@@ -520,4 +564,370 @@ fn single_process_is_the_identity() {
             g.get(p).unwrap().to_vec_f64().unwrap()
         );
     }
+}
+
+/// Each gradient's bits, by parameter (`None`: no gradient).
+fn grad_bits(store: &GradStore, params: &[Tensor]) -> Vec<Option<Vec<u64>>> {
+    params
+        .iter()
+        .map(|p| {
+            store.get(p).map(|g| {
+                g.to_vec_f64()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect()
+            })
+        })
+        .collect()
+}
+
+/// Whether `e` is a `RankMismatch` of `op` naming `rank`, and its message.
+fn mismatch_of(e: &Error, op: &str, rank: usize) -> (bool, String) {
+    let named = matches!(e, Error::RankMismatch { op: o, rank: r, .. } if *o == op && *r == rank);
+    (named, e.to_string())
+}
+
+#[test]
+fn a_task_that_fails_or_panics_on_one_rank_is_an_error_on_every_rank() {
+    let model = mlp(3);
+    let params = model.parameters().unwrap();
+    // 7 tasks on 3 ranks: shares 0..3, 3..5, 5..7, so task 4 runs on rank 1. Before, rank 1
+    // returned its error and the others waited in the all-reduce for ever.
+    for threads in [1, 2] {
+        for panics in [false, true] {
+            let errors = on_ranks(3, |comm| {
+                let err = meta_batch(comm, &params, 7, threads, Combine::Mean, |i| {
+                    if i == 4 {
+                        assert!(!panics, "task 4 panics");
+                        return Err(Error::InvalidArgument {
+                            op: "task",
+                            message: "task 4 failed".into(),
+                        });
+                    }
+                    maml_task(&model, i)
+                })
+                .unwrap_err();
+                mismatch_of(&err, "meta_batch", 1)
+            });
+            for (rank, (named, msg)) in errors.iter().enumerate() {
+                assert!(named, "{threads} threads, rank {rank}: {msg}");
+            }
+            let want = if panics {
+                "task 4 of block"
+            } else {
+                "task 4 failed"
+            };
+            assert!(errors[1].1.contains(want), "{}", errors[1].1);
+            assert!(!panics || errors[1].1.contains("task 4 panics"));
+            assert!(
+                errors[0].1.contains("see rank 1's error"),
+                "{}",
+                errors[0].1
+            );
+        }
+    }
+    // 0 threads on one rank is that rank's error, on every rank.
+    let errors = on_ranks(2, |comm| {
+        let threads = if comm.rank() == 1 { 0 } else { 1 };
+        let err = meta_batch(comm, &params, 4, threads, Combine::Sum, |i| {
+            maml_task(&model, i)
+        })
+        .unwrap_err();
+        mismatch_of(&err, "meta_batch", 1)
+    });
+    assert!(errors.iter().all(|(named, _)| *named), "{errors:?}");
+    assert!(errors[1].1.contains("0 threads"), "{}", errors[1].1);
+}
+
+#[test]
+fn ranks_given_another_task_count_or_combine_are_an_error_on_every_rank() {
+    let model = mlp(3);
+    let params = model.parameters().unwrap();
+    // Before, each rank took its share of its own count and divided by its own: the ranks'
+    // stores silently differed.
+    for (tasks, combine, want) in [
+        (8, Combine::Mean, "of 8 (Combine::Mean) on rank 1"),
+        (7, Combine::Sum, "of 7 (Combine::Sum) on rank 1"),
+    ] {
+        let errors = on_ranks(2, |comm| {
+            let (t, c) = if comm.rank() == 1 {
+                (tasks, combine)
+            } else {
+                (7, Combine::Mean)
+            };
+            let err = meta_batch(comm, &params, t, 1, c, |i| maml_task(&model, i)).unwrap_err();
+            mismatch_of(&err, "meta_batch", 1)
+        });
+        for (named, msg) in &errors {
+            assert!(named, "{msg}");
+            assert!(
+                msg.contains("a meta-batch of 7 tasks (Combine::Mean) on rank 0")
+                    && msg.contains(want),
+                "{msg}"
+            );
+        }
+    }
+}
+
+#[test]
+fn one_rank_gives_the_bits_of_one_process_even_for_missing_parameters() {
+    let model = mlp(3);
+    let params = model.parameters().unwrap();
+    // Task i gives gradients only for the parameters j with (i + j) % 3 != 0: every parameter
+    // lacks some tasks' gradients.
+    let task = |i: usize| -> Result<GradStore> {
+        let mut g = maml_task(&model, i)?;
+        for (j, p) in params.iter().enumerate() {
+            if (i + j).is_multiple_of(3) {
+                g.remove(p);
+            }
+        }
+        Ok(g)
+    };
+    for combine in [Combine::Sum, Combine::Mean] {
+        let want = grad_bits(&parallel::meta_batch(5, 1, combine, task).unwrap(), &params);
+        for threads in [1, 2, 5] {
+            let single = meta_batch(&SingleProcess, &params, 5, threads, combine, task).unwrap();
+            assert_eq!(grad_bits(&single, &params), want, "{threads} threads");
+            let ranks = on_ranks(1, |comm| {
+                grad_bits(
+                    &meta_batch(comm, &params, 5, threads, combine, task).unwrap(),
+                    &params,
+                )
+            });
+            assert_eq!(ranks[0], want, "{threads} threads, one simulated rank");
+        }
+        // On 2 ranks: the same bits on both, whatever the thread count.
+        let two = |threads: usize| {
+            on_ranks(2, |comm| {
+                grad_bits(
+                    &meta_batch(comm, &params, 5, threads, combine, task).unwrap(),
+                    &params,
+                )
+            })
+        };
+        let one_thread = two(1);
+        assert_eq!(one_thread[0], one_thread[1]);
+        assert_eq!(two(3), one_thread);
+    }
+}
+
+#[test]
+fn a_nan_gradient_reaches_every_rank_alike_and_no_store_changes() {
+    let got = on_ranks(3, |comm| {
+        let p = Tensor::zeros(&[3], DType::F64, &Device::Cpu)
+            .unwrap()
+            .to_leaf();
+        let r = comm.rank() as f64;
+        let values = match comm.rank() {
+            1 => [f64::NAN, 1.0, f64::INFINITY],
+            2 => [1.0, -0.0, f64::NEG_INFINITY],
+            _ => [r, 2.0, 3.0],
+        };
+        let mut grads = GradStore::default();
+        grads.insert(&p, Tensor::from_slice(&values, &[3], &Device::Cpu).unwrap());
+        let before = grad_bits(&grads, std::slice::from_ref(&p));
+        let out = all_reduce_grads(comm, std::slice::from_ref(&p), &grads).unwrap();
+        assert_eq!(grad_bits(&grads, std::slice::from_ref(&p)), before);
+        out.get(&p).unwrap().to_vec_f64().unwrap()
+    });
+    for g in &got {
+        assert_eq!(
+            g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            got[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        // NaN + ..., 0 + 1 + -0, 3 + inf - inf.
+        assert!(g[0].is_nan() && g[2].is_nan(), "{g:?}");
+        assert_eq!(g[1], 3.0);
+    }
+}
+
+#[test]
+fn a_gradient_of_another_dtype_on_one_rank_is_an_error_on_every_rank() {
+    let errors = on_ranks(3, |comm| {
+        let p = Tensor::zeros(&[2], DType::F64, &Device::Cpu)
+            .unwrap()
+            .to_leaf();
+        let mut grads = GradStore::default();
+        let dtype = if comm.rank() == 2 {
+            DType::F32
+        } else {
+            DType::F64
+        };
+        grads.insert(&p, Tensor::zeros(&[2], dtype, &Device::Cpu).unwrap());
+        let err = all_reduce_grads(comm, &[p], &grads).unwrap_err();
+        mismatch_of(&err, "all_reduce_grads", 2)
+    });
+    assert!(errors.iter().all(|(named, _)| *named), "{errors:?}");
+    assert!(
+        errors[2]
+            .1
+            .contains("is [2] f32 but the parameter is [2] f64"),
+        "{}",
+        errors[2].1
+    );
+}
+
+#[test]
+fn another_buffer_layout_is_an_error_on_every_rank_and_changes_no_model() {
+    // The same parameters; rank 1's model has no running statistics.
+    let errors = on_ranks(3, |comm| {
+        let vb = VarBuilder::new(comm.rank() as u64, DType::F64, &Device::Cpu);
+        let mut model = nn::seq().add(nn::linear(2, 3, vb.pp("0")).unwrap());
+        if comm.rank() != 1 {
+            let config = nn::BatchNormConfig {
+                affine: false,
+                ..Default::default()
+            };
+            model = model.add(nn::batch_norm1d(3, config, vb.pp("1")).unwrap());
+            with_statistics(&mut model, comm.rank() as f64);
+        }
+        let buffers = |m: &nn::Sequential| -> Vec<Tensor> {
+            m.named_buffers()
+                .unwrap()
+                .into_iter()
+                .map(|(_, b)| b)
+                .collect()
+        };
+        let before = (
+            values(&model.parameters().unwrap()),
+            values(&buffers(&model)),
+        );
+        let err = broadcast_model(comm, &mut model).unwrap_err();
+        let after = (
+            values(&model.parameters().unwrap()),
+            values(&buffers(&model)),
+        );
+        assert_eq!(after, before, "rank {}: the model changed", comm.rank());
+        mismatch_of(&err, "broadcast_model", 1)
+    });
+    assert!(errors.iter().all(|(named, _)| *named), "{errors:?}");
+    assert!(
+        errors[1].1.contains("2 buffers on rank 0, 0 here"),
+        "{}",
+        errors[1].1
+    );
+}
+
+/// An optimizer after one step of its own, so that it has a state to compare.
+fn stepped<O: crate::optim::DifferentiableOptimizer>(
+    opt: O,
+    model: &nn::Sequential,
+) -> Optimizer<O> {
+    let mut model = model.clone();
+    let mut opt = Optimizer::new(opt, model.parameters().unwrap().len()).unwrap();
+    let g = maml_task(&model, 0).unwrap();
+    opt.step_module(&mut model, &g).unwrap();
+    opt
+}
+
+/// Every state's entries as keys and bits, to compare before and after.
+fn state_bits(states: &[State]) -> Vec<Vec<(String, Vec<u64>)>> {
+    states
+        .iter()
+        .map(|s| {
+            s.entries()
+                .map(|(k, v)| {
+                    let bits = match v {
+                        crate::optim::StateValue::Tensor(t) => t
+                            .to_vec_f64()
+                            .unwrap()
+                            .iter()
+                            .map(|x| x.to_bits())
+                            .collect(),
+                        crate::optim::StateValue::Int(n) => vec![n as u64],
+                        crate::optim::StateValue::Scalar(s) => vec![s.value().to_bits()],
+                    };
+                    (k.to_string(), bits)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// `broadcast_optimizer_state` from rank 0's trained Adam (lr 0.01) to rank 1's trained
+/// `theirs`: each rank's error, and whether rank 1's state is unchanged.
+fn broadcast_into<O: crate::optim::DifferentiableOptimizer>(
+    theirs: O,
+) -> Vec<(bool, String, bool)> {
+    let model = mlp(2);
+    on_ranks(2, |comm| {
+        let (err, unchanged) = if comm.rank() == 1 {
+            let mut opt = stepped(theirs.clone(), &model);
+            let before = state_bits(opt.states());
+            let err = broadcast_optimizer_state(comm, &mut opt, &Device::Cpu).unwrap_err();
+            (err, state_bits(opt.states()) == before)
+        } else {
+            let mut opt = stepped(Adam::new(0.01), &model);
+            let err = broadcast_optimizer_state(comm, &mut opt, &Device::Cpu).unwrap_err();
+            (err, true)
+        };
+        let (named, msg) = mismatch_of(&err, "broadcast_optimizer_state", 1);
+        (named, msg, unchanged)
+    })
+}
+
+#[test]
+fn optimizers_of_another_type_or_hyperparameters_are_an_error_on_every_rank() {
+    // Before, only the parameter count was compared: rank 1 took rank 0's Adam moments into
+    // its SGD (or into its Adam of another learning rate), and the ranks' steps silently
+    // differed.
+    let other_type = broadcast_into(Sgd::new(0.1));
+    let other_lr = broadcast_into(Adam::new(0.02));
+    for (errors, want) in [
+        (&other_type, "rank 1's optimizer is of another type"),
+        (&other_lr, "other parameter groups or hyperparameters"),
+    ] {
+        for (named, msg, unchanged) in errors {
+            assert!(*named && msg.contains(want), "{msg}");
+            assert!(*unchanged, "rank 1's state changed");
+        }
+    }
+}
+
+#[test]
+fn a_state_rank_0_cannot_send_is_an_error_on_every_rank() {
+    // Rank 0's state holds an f8 tensor, a dtype the wire cannot carry. Before, rank 0 sent
+    // it as f64 values (or hung in candle's f8 conversion) and returned Ok, and rank 1 failed
+    // on its own on the unknown dtype code.
+    let got = on_ranks(2, |comm| {
+        let mut opt = Optimizer::new(Adam::new(0.01), 1).unwrap();
+        let mut state = State::new();
+        if comm.rank() == 0 {
+            let f8 = candle_core::Tensor::from_vec(vec![1.0f64, 2.0], 2, &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F8E4M3)
+                .unwrap();
+            state.set("exp_avg", Tensor::new(f8));
+        } else {
+            state.set_int("step", 5);
+        }
+        opt.set_states(vec![state]).unwrap();
+        let err = broadcast_optimizer_state(comm, &mut opt, &Device::Cpu).unwrap_err();
+        let (named, msg) = mismatch_of(&err, "broadcast_optimizer_state", 0);
+        (named, msg, opt.states()[0].int("step"))
+    });
+    for (named, msg, _) in &got {
+        assert!(named, "{msg}");
+    }
+    assert!(
+        got[0].1.contains("F8E4M3 tensors are not supported"),
+        "{}",
+        got[0].1
+    );
+    assert!(got[1].1.contains("see rank 0's error"), "{}", got[1].1);
+    assert_eq!(got[1].2, Some(5), "rank 1's state changed");
+}
+
+#[test]
+fn task_shares_of_ranks_past_the_size_are_empty_not_an_overflow() {
+    assert_eq!(task_share(10, usize::MAX, 3), 10..10);
+    assert_eq!(
+        task_share(usize::MAX, usize::MAX, 2),
+        usize::MAX..usize::MAX
+    );
+    assert_eq!(task_share(usize::MAX, 1, 2).len(), usize::MAX / 2);
+    assert_eq!(task_share(5, 7, 0), 5..5);
+    assert_eq!(task_share(5, 0, 0), 0..5);
 }

@@ -77,8 +77,17 @@ pub(super) fn decode_f32(bytes: &[u8], op: &'static str) -> Result<Vec<f32>> {
 }
 
 /// A tensor's values, flattened: f32 and f64 as themselves, every other dtype as f64 (exact
-/// for all of candle's dtypes but i64 beyond 2^53).
+/// for all of candle's dtypes but i64 beyond 2^53). A dtype that [`dtype_from_code`] cannot
+/// read back (candle's f8 and smaller floats) is an error on the sending side, before any
+/// conversion.
 pub(super) fn tensor_bytes(t: &candle_core::Tensor) -> Result<Vec<u8>> {
+    if dtype_from_code(dtype_code(t.dtype())).is_none() {
+        return Err(Error::UnsupportedDType {
+            op: "distributed",
+            dtype: t.dtype(),
+            expected: "the wire carries u8, u32, i16, i32, i64, bf16, f16, f32 and f64",
+        });
+    }
     let flat = t.flatten_all()?;
     Ok(match t.dtype() {
         DType::F32 => flat
