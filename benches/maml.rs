@@ -15,6 +15,9 @@
 //!   5 inner steps), one and two threads; `ours-batched` runs it as task-batched chunks
 //!   of `OMNIGLOT_CHUNK` tasks; two threads split the meta-batch (`parallel::meta_batch`),
 //!   each running the library's kernels on one thread;
+//! - two threads against one on MAML sine at meta-batches of 1 to 200 tasks (`scaling`),
+//!   with the fixed cost per block and cost per task fitted to the one-thread times, and
+//!   at 25 tasks beside a busy thread (more runnable threads than cores);
 //! - the cost of one inner step at step 1 and at step 1000 of an unroll, memory per
 //!   unrolled step, and test-mode memory over 1000 steps.
 //!
@@ -28,7 +31,7 @@
 //! (prints `RESULT seconds peak_mib`; `TASKS` changes the meta-batch, for measuring
 //! the fixed and per-task costs; `CHUNK` the tasks per batched inner loop).
 //! Workers run with mimalloc's default settings unless the environment sets
-//! `MIMALLOC_PURGE_DELAY` (see `purge_delay`). Options: `--quick` (fewer iterations), `--only sine|omniglot|unroll`,
+//! `MIMALLOC_PURGE_DELAY` (see `purge_delay`). Options: `--quick` (fewer iterations), `--only sine|omniglot|scaling|unroll`,
 //! `--no-anchor`, `--slow-anchors` (adds JAX on the CNN, minutes per meta-iteration).
 
 use std::process::Command;
@@ -842,8 +845,13 @@ fn driver(args: &[String]) {
             }
         }
     }
-    print_table(&rows);
-    write_json(&rows);
+    if !rows.is_empty() {
+        print_table(&rows);
+        write_json(&rows);
+    }
+    if wants("scaling") {
+        split_scaling(launches, quick);
+    }
     if wants("unroll") {
         if let Some(o) = run_worker(1, &["unroll".to_string(), "1000".to_string()]) {
             println!(
@@ -862,6 +870,119 @@ fn driver(args: &[String]) {
             );
         }
     }
+}
+
+/// Meta-batch sizes of the two-thread scaling table.
+const SCALING_TASKS: [usize; 6] = [1, 13, 25, 50, 100, 200];
+
+/// MAML sine at one inner step, task-batched, on one thread and on two threads that split
+/// the meta-batch, for each of `SCALING_TASKS`: the speed-up of the split, and the fixed
+/// cost per block `F` and cost per task `w` of a least-squares line through the one-thread
+/// times up to 50 tasks (`t = F + w T`), which bound what a split can gain: the larger of
+/// two blocks takes at least `F + w ceil(T/2)`; and the same at 25 tasks beside a busy
+/// thread. Printed, and written to `target/bench-results/maml-scaling.json`.
+fn split_scaling(launches: usize, quick: bool) {
+    let time = |tasks: usize, threads: usize| {
+        // About a quarter of a second of meta-iterations per launch.
+        let iters = if quick {
+            20
+        } else {
+            (60_000 / (tasks + 10)).clamp(60, 2000)
+        };
+        let a = ["sine", "batched", "1", &iters.to_string(), "20"]
+            .map(String::from)
+            .into_iter()
+            .chain([threads.to_string(), tasks.to_string()])
+            .collect::<Vec<_>>();
+        run_ours(launches, threads, &a).map(|o| o[0])
+    };
+    let mut points: Vec<(usize, f64, f64)> = Vec::new();
+    for tasks in SCALING_TASKS {
+        if let (Some(one), Some(two)) = (time(tasks, 1), time(tasks, 2)) {
+            points.push((tasks, one, two));
+        }
+    }
+    // The same at 25 tasks with a thread of this process busy beside the workers: the cores
+    // are oversubscribed, as on a machine running other work.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        })
+    };
+    let beside_busy = (time(META_BATCH, 1), time(META_BATCH, 2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = busy.join();
+    if points.len() < 2 {
+        return;
+    }
+    // The line is fitted where the target lies (up to twice the benchmark's meta-batch):
+    // larger batches leave the caches, and their cost per task grows.
+    let fitted: Vec<_> = points.iter().filter(|p| p.0 <= 2 * META_BATCH).collect();
+    let n = fitted.len() as f64;
+    let mean_t = fitted.iter().map(|p| p.0 as f64).sum::<f64>() / n;
+    let mean_s = fitted.iter().map(|p| p.1).sum::<f64>() / n;
+    let (sxy, sxx) = fitted.iter().fold((0.0, 0.0), |(sxy, sxx), p| {
+        let dx = p.0 as f64 - mean_t;
+        (sxy + dx * (p.1 - mean_s), sxx + dx * dx)
+    });
+    let w = sxy / sxx;
+    let f = mean_s - w * mean_t;
+    println!(
+        "MAML sine, 1 step, batched: two threads that split the meta-batch against one \
+         (one-thread fit up to 50 tasks: F = {:.4} ms per block, w = {:.5} ms per task)",
+        f * 1e3,
+        w * 1e3
+    );
+    println!("| tasks | one thread (ms) | two threads (ms) | speed-up | model: one thread / (F + w ceil(T/2)) |");
+    println!("|---|---|---|---|---|");
+    for &(tasks, one, two) in &points {
+        let bound = one / (f + w * tasks.div_ceil(2) as f64).max(one / 2.0);
+        println!(
+            "| {tasks} | {:.4} | {:.4} | {:.2}x | {:.2}x |",
+            one * 1e3,
+            two * 1e3,
+            one / two,
+            bound
+        );
+    }
+    if let (Some(one), Some(two)) = beside_busy {
+        println!(
+            "| {META_BATCH}, beside a busy thread | {:.4} | {:.4} | {:.2}x | - |",
+            one * 1e3,
+            two * 1e3,
+            one / two
+        );
+    }
+    let values: Vec<serde_json::Value> = points
+        .iter()
+        .map(|&(tasks, one, two)| {
+            serde_json::json!({
+                "workload": "maml_sine",
+                "variant": "ours-batched",
+                "inner_steps": 1,
+                "tasks": tasks,
+                "seconds_one_thread": one,
+                "seconds_two_threads": two,
+            })
+        })
+        .collect();
+    write_results(
+        "maml-scaling.json",
+        &serde_json::json!({
+            "fixed_seconds_per_block": f,
+            "seconds_per_task": w,
+            "rows": values,
+            "beside_a_busy_thread": {
+                "tasks": META_BATCH,
+                "seconds_one_thread": beside_busy.0,
+                "seconds_two_threads": beside_busy.1,
+            },
+        }),
+    );
 }
 
 /// One line per (workload, inner steps, threads): each variant's seconds per
@@ -929,13 +1050,18 @@ fn write_json(rows: &[Row]) {
             })
         })
         .collect();
+    write_results("maml.json", &serde_json::Value::Array(values));
+}
+
+/// Writes `value` to `target/bench-results/<name>`.
+fn write_results(name: &str, value: &serde_json::Value) {
     let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench-results"));
     let written = std::fs::create_dir_all(dir).and_then(|()| {
-        let text = serde_json::to_string_pretty(&values).unwrap_or_default();
-        std::fs::write(dir.join("maml.json"), text)
+        let text = serde_json::to_string_pretty(value).unwrap_or_default();
+        std::fs::write(dir.join(name), text)
     });
     match written {
-        Ok(()) => println!("(wrote {})", dir.join("maml.json").display()),
-        Err(e) => eprintln!("could not write maml.json: {e}"),
+        Ok(()) => println!("(wrote {})", dir.join(name).display()),
+        Err(e) => eprintln!("could not write {name}: {e}"),
     }
 }
