@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::autograd::GradStore;
 use crate::error::{Error, Result};
+use crate::nn::{task_batch, task_scope};
 use crate::tensor::anomaly::{is_anomaly_enabled, set_anomaly};
 use crate::tensor::{is_grad_enabled, NoGradGuard};
 
@@ -121,7 +122,8 @@ pub enum Combine {
 /// thread as with many, and two tasks' gradients for one leaf of different shapes, dtypes
 /// or devices are an error, not a broadcast. Zero tasks give an empty store. The calling
 /// thread runs the first block (with `threads = 1`, everything), the pool's threads the
-/// others, each under the caller's grad mode and anomaly detection.
+/// others, each under the caller's grad mode, anomaly detection and
+/// [`crate::nn::task_scope`].
 /// The pool's threads and the waiting caller spin rather than sleep, the workers for up to
 /// 2 ms after the call returns (until the next meta-batch), so a training loop keeps both
 /// cores warm across its outer steps; after 50 us they yield the core between checks, so
@@ -174,10 +176,15 @@ pub(crate) fn meta_batch_of(
     } else {
         let per = tasks.div_ceil(threads);
         let task = &task;
-        // Every block runs under the caller's grad and anomaly modes, as with one thread.
-        let (grad, anomaly) = (is_grad_enabled(), is_anomaly_enabled());
+        // Every block runs under the caller's grad and anomaly modes and task scope, as
+        // with one thread.
+        let (grad, anomaly, scope) = (is_grad_enabled(), is_anomaly_enabled(), task_batch());
         let block = move |b: usize| -> Vec<Result<GradStore>> {
-            let _modes = (NoGradGuard::set(grad), set_anomaly(anomaly));
+            let _modes = (
+                NoGradGuard::set(grad),
+                set_anomaly(anomaly),
+                task_scope(scope),
+            );
             (b * per..((b + 1) * per).min(tasks))
                 .map(|i| run_task(task, first + i, b))
                 .collect()

@@ -167,3 +167,26 @@ fn blocks_run_under_the_callers_grad_and_anomaly_modes() -> Result<()> {
     assert_eq!(seen(2)?, vec![(true, false); 4]);
     Ok(())
 }
+
+/// A meta-batch started inside a task scope runs every task in it, on whichever thread, as
+/// with one thread; the pool's threads leave it afterwards.
+#[test]
+fn blocks_run_under_the_callers_task_scope() -> Result<()> {
+    use candle_higher::nn::{task_batch, task_scope};
+    use std::sync::Mutex;
+    let seen = |threads: usize| -> Result<Vec<Option<usize>>> {
+        let scopes = Mutex::new(vec![Some(0); 4]);
+        meta_batch(4, threads, Combine::Sum, |i| {
+            scopes.lock().unwrap()[i] = task_batch();
+            Ok(GradStore::default())
+        })?;
+        Ok(scopes.into_inner().unwrap())
+    };
+    for threads in [1, 2, 4] {
+        assert_eq!(seen(threads)?, vec![None; 4], "{threads} threads");
+        let _scope = task_scope(Some(3));
+        assert_eq!(seen(threads)?, vec![Some(3); 4], "{threads} threads");
+    }
+    assert_eq!(seen(2)?, vec![None; 4]);
+    Ok(())
+}
