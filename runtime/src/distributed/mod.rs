@@ -496,7 +496,8 @@ pub fn broadcast_optimizer_state<O: Hyperparameters + OptimizerStep>(
 /// added in rank order, so every rank gets the same bits on every run. A parameter with a
 /// gradient on some rank but not on this one counts zeros here; one with a gradient on no
 /// rank has none in the result. The result is keyed by this rank's `params`, ready for
-/// [`Optimizer::step`].
+/// [`Optimizer::step`]; gradients of leaves not in `params` (a learned hyperparameter kept
+/// outside the model, say) are not summed and not returned: list them in `params`.
 ///
 /// Ranks with different parameter layouts, or a gradient whose shape or dtype is not its
 /// parameter's, are [`Error::RankMismatch`] on every rank.
