@@ -17,10 +17,14 @@ use candle_higher::{
     InnerloopOptions, Parameters, Result, Tensor,
 };
 
-use crate::common::{randn, rng, uniform, F64};
+use crate::common::{assert_batched_same, randn, rng, uniform, F64};
 
 /// Agreement required between the batched and the looped unroll (relative to max(1, |x|)).
 const EXACT: f64 = 1e-12;
+
+fn assert_same(what: &str, got: &Tensor, want: &Tensor) {
+    assert_batched_same(what, got, want, EXACT);
+}
 
 type LossFn = fn(&Tensor, &Tensor) -> Result<Tensor>;
 
@@ -226,20 +230,6 @@ where
         meta: grads(&q, &xs),
         lr: (setup.per_task_lr && setup.track).then(|| grads(&q, &[lr_leaf]).remove(0)),
     }
-}
-
-fn assert_same(what: &str, got: &Tensor, want: &Tensor) {
-    assert_eq!(got.dims(), want.dims(), "{what}: shapes");
-    let (g, w) = (got.to_vec_f64().unwrap(), want.to_vec_f64().unwrap());
-    let scale = w.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-    let diff = g
-        .iter()
-        .zip(&w)
-        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
-    assert!(
-        diff <= EXACT * scale,
-        "{what}: batched and looped differ by {diff:e} (scale {scale:e})"
-    );
 }
 
 /// Runs both ways and compares everything; returns the looped outcome for extra checks.

@@ -21,10 +21,14 @@ use candle_higher::{
     GradOptions, InitialWeights, InnerloopOptions, Tensor,
 };
 
-use crate::common::{device, dtype, from_f64, randn, rng, t};
+use crate::common::{assert_batched_same, device, dtype, from_f64, randn, rng, t};
 
 /// Agreement required between the batched and the looped unroll (relative to max(1, |x|)).
 const EXACT: f64 = 1e-12;
+
+fn assert_same(what: &str, got: &Tensor, want: &Tensor) {
+    assert_batched_same(what, got, want, EXACT);
+}
 
 fn vb(seed: u64) -> VarBuilder {
     VarBuilder::new(seed, dtype(), &device())
@@ -52,20 +56,6 @@ fn adam(n: usize) -> Optimizer<Adam> {
 
 fn stack(ts: &[Tensor]) -> Tensor {
     Tensor::stack(ts, 0).unwrap()
-}
-
-fn assert_same(what: &str, got: &Tensor, want: &Tensor) {
-    assert_eq!(got.dims(), want.dims(), "{what}: shapes");
-    let (g, w) = (got.to_vec_f64().unwrap(), want.to_vec_f64().unwrap());
-    let scale = w.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-    let diff = g
-        .iter()
-        .zip(&w)
-        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
-    assert!(
-        diff <= EXACT * scale,
-        "{what}: batched and looped differ by {diff:e} (scale {scale:e})"
-    );
 }
 
 fn grads(loss: &Tensor, xs: &[Tensor]) -> Vec<Tensor> {

@@ -17,10 +17,14 @@ use candle_higher::{
 };
 use rand::Rng;
 
-use crate::common::{device, randn, rng, uniform, F64};
+use crate::common::{assert_batched_same, device, randn, rng, uniform, F64};
 
 /// Agreement required between the batched and the looped unroll (relative to max(1, |x|)).
 const EXACT: f64 = 1e-12;
+
+fn assert_same(what: &str, got: &Tensor, want: &Tensor) {
+    assert_batched_same(what, got, want, EXACT);
+}
 
 /// Per task a support and a query set.
 struct Data {
@@ -136,20 +140,6 @@ fn batched<O: DifferentiableOptimizer>(
         fast: fmodel.fast_params().to_vec(),
         meta: meta_grads(&q, &model.parameters().unwrap()),
     }
-}
-
-fn assert_same(what: &str, got: &Tensor, want: &Tensor) {
-    assert_eq!(got.dims(), want.dims(), "{what}: shapes");
-    let (g, w) = (got.to_vec_f64().unwrap(), want.to_vec_f64().unwrap());
-    let scale = w.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-    let diff = g
-        .iter()
-        .zip(&w)
-        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
-    assert!(
-        diff <= EXACT * scale,
-        "{what}: batched and looped differ by {diff:e} (scale {scale:e})"
-    );
 }
 
 fn max_abs(t: &Tensor) -> f64 {

@@ -296,3 +296,19 @@ pub(crate) fn close(a: f64, b: f64, tol: f64) -> bool {
 
 /// The f64 dtype, for brevity.
 pub(crate) const F64: DType = DType::F64;
+
+/// Asserts that a task-batched result equals the loop over tasks: same shape, and every
+/// entry within `exact` of the looped one, relative to the looped tensor's largest entry.
+pub(crate) fn assert_batched_same(what: &str, got: &Tensor, want: &Tensor, exact: f64) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shapes");
+    let (g, w) = (got.to_vec_f64().unwrap(), want.to_vec_f64().unwrap());
+    let scale = w.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    let diff = g
+        .iter()
+        .zip(&w)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        diff <= exact * scale,
+        "{what}: batched and looped differ by {diff:e} (scale {scale:e})"
+    );
+}
