@@ -13,8 +13,8 @@ use candle_higher::nn::{
 };
 use candle_higher::optim::{Adam, Optimizer, Overrides, Sgd};
 use candle_higher::{
-    grad, innerloop, DifferentiableOptimizer, Error, FunctionalModel, GradOptions, InitialWeights,
-    InnerloopOptions, Parameters, Result, Tensor,
+    innerloop, DifferentiableOptimizer, Error, FunctionalModel, InitialWeights, InnerloopOptions,
+    Parameters, Result, Tensor,
 };
 
 use crate::common::{assert_batched_same, randn, rng, uniform, F64};
@@ -117,16 +117,7 @@ fn targets<M: nn::Module + Parameters + Clone>(
 }
 
 fn grads(loss: &Tensor, xs: &[Tensor]) -> Vec<Tensor> {
-    let opts = GradOptions {
-        allow_unused: true,
-        ..GradOptions::default()
-    };
-    grad(std::slice::from_ref(loss), xs, opts)
-        .unwrap()
-        .into_iter()
-        .zip(xs)
-        .map(|(g, x)| g.unwrap_or_else(|| x.zeros_like().unwrap()))
-        .collect()
+    crate::common::grads_or_zeros(loss, xs)
 }
 
 fn looped<M, O>(model: &M, opt: &Optimizer<O>, data: &Data, setup: Setup) -> Outcome

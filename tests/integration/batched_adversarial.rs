@@ -17,8 +17,8 @@ use candle_higher::optim::{
     Overrides, RmsProp, Rprop, Sgd, StateValue, StepOptions,
 };
 use candle_higher::{
-    grad, innerloop, DType, DifferentiableOptimizer, Error, FunctionalModel, FunctionalOptions,
-    GradOptions, InitialWeights, InnerloopOptions, Tensor,
+    innerloop, DType, DifferentiableOptimizer, Error, FunctionalModel, FunctionalOptions,
+    InitialWeights, InnerloopOptions, Tensor,
 };
 
 use crate::common::{assert_batched_same, device, dtype, from_f64, randn, rng, t};
@@ -59,16 +59,7 @@ fn stack(ts: &[Tensor]) -> Tensor {
 }
 
 fn grads(loss: &Tensor, xs: &[Tensor]) -> Vec<Tensor> {
-    grad(
-        std::slice::from_ref(loss),
-        xs,
-        GradOptions::default().allow_unused(true),
-    )
-    .unwrap()
-    .into_iter()
-    .zip(xs)
-    .map(|(g, x)| g.unwrap_or_else(|| x.zeros_like().unwrap()))
-    .collect()
+    crate::common::grads_or_zeros(loss, xs)
 }
 
 /// Everything a failed step must leave alone: the time, the fast weights' handles, the

@@ -12,8 +12,7 @@ use candle_higher::nn::{
 };
 use candle_higher::optim::{Adam, Optimizer, Sgd};
 use candle_higher::{
-    grad, innerloop, DifferentiableOptimizer, Error, GradOptions, InitialWeights, InnerloopOptions,
-    Parameters, Tensor,
+    innerloop, DifferentiableOptimizer, Error, InitialWeights, InnerloopOptions, Parameters, Tensor,
 };
 use rand::Rng;
 
@@ -49,16 +48,7 @@ struct Outcome {
 }
 
 fn meta_grads(loss: &Tensor, xs: &[Tensor]) -> Vec<Tensor> {
-    grad(
-        std::slice::from_ref(loss),
-        xs,
-        GradOptions::default().allow_unused(true),
-    )
-    .unwrap()
-    .into_iter()
-    .zip(xs)
-    .map(|(g, x)| g.unwrap_or_else(|| x.zeros_like().unwrap()))
-    .collect()
+    crate::common::grads_or_zeros(loss, xs)
 }
 
 fn options(first_order: bool, eval_query: bool) -> (InnerloopOptions, bool) {

@@ -312,3 +312,17 @@ pub(crate) fn assert_batched_same(what: &str, got: &Tensor, want: &Tensor, exact
         "{what}: batched and looped differ by {diff:e} (scale {scale:e})"
     );
 }
+
+/// The gradients of `loss` with respect to each of `xs`, zeros where it does not reach one.
+pub(crate) fn grads_or_zeros(loss: &Tensor, xs: &[Tensor]) -> Vec<Tensor> {
+    grad(
+        std::slice::from_ref(loss),
+        xs,
+        GradOptions::default().allow_unused(true),
+    )
+    .unwrap()
+    .into_iter()
+    .zip(xs)
+    .map(|(g, x)| g.unwrap_or_else(|| x.zeros_like().unwrap()))
+    .collect()
+}
