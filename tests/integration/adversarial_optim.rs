@@ -1449,6 +1449,138 @@ fn a_failing_forward_with_puts_batch_norm_statistics_back() {
     assert_eq!(buffers(&f), before);
 }
 
+/// A linear layer from `inputs` to 3 features and a batch norm (which updates its running
+/// statistics), then, when `fail`, a last layer that fails on the shape (it wants 4).
+fn batch_norm_stage(seed: u64, inputs: usize, fail: bool) -> nn::Sequential {
+    let vb = nn::VarBuilder::new(seed, DType::F64, &crate::common::device());
+    let stage = nn::seq()
+        .add(nn::linear(inputs, 3, vb.pp("0")).unwrap())
+        .add(nn::batch_norm1d(3, nn::BatchNormConfig::default(), vb.pp("1")).unwrap());
+    if fail {
+        stage.add(nn::linear(4, 1, vb.pp("2")).unwrap())
+    } else {
+        stage
+    }
+}
+
+fn buffer_bits<M: Parameters + Clone>(m: &M) -> Vec<(String, Bits)> {
+    m.named_buffers()
+        .unwrap()
+        .iter()
+        .map(|(n, t)| (n.clone(), bits(t)))
+        .collect()
+}
+
+#[test]
+fn a_failing_forward_puts_batch_norm_statistics_back() {
+    let (x, _) = data();
+    // The base model itself, an fmodel of it, and a task-batched fmodel of it.
+    let net = batch_norm_stage(3, 2, true);
+    let before = buffer_bits(&net);
+    assert!(net.forward(&x).is_err());
+    assert_eq!(buffer_bits(&net), before, "Sequential");
+
+    let f = FunctionalModel::new(&net, FunctionalOptions::default()).unwrap();
+    assert!(f.forward(&x).is_err());
+    assert!(Module::forward(&f, &x).is_err());
+    assert_eq!(buffer_bits(f.model()), before, "fmodel");
+
+    let batched = FunctionalModel::new(&net, FunctionalOptions::default().tasks(2)).unwrap();
+    let before_batched = buffer_bits(batched.model());
+    let xs = Tensor::stack(&[x.clone(), x.mul(2.0).unwrap()], 0).unwrap();
+    assert!(batched.forward(&xs).is_err());
+    assert_eq!(
+        buffer_bits(batched.model()),
+        before_batched,
+        "task-batched fmodel"
+    );
+
+    // The statistics do move on a pass that succeeds (so the checks above can fail).
+    let ok = batch_norm_stage(3, 2, false);
+    assert_eq!(buffer_bits(&ok), before);
+    ok.forward(&x).unwrap();
+    assert_ne!(buffer_bits(&ok), before);
+}
+
+/// Two sequentials with a batch norm each, run in a hand-written forward.
+#[derive(Clone)]
+struct TwoStages {
+    first: nn::Sequential,
+    second: nn::Sequential,
+    /// Whether the forward catches the second stage's error and returns the first's output.
+    recover: bool,
+    /// Whether the forward panics after the first stage instead of running the second.
+    panic: bool,
+}
+
+impl Parameters for TwoStages {
+    fn visit(&mut self, v: &mut Visitor<'_>) -> Result<()> {
+        v.module("first", &mut self.first)?;
+        v.module("second", &mut self.second)
+    }
+}
+
+impl Module for TwoStages {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        nn::restore_buffers_on_error(|| {
+            let h = self.first.forward(x)?;
+            if self.panic {
+                panic!("a layer panicked");
+            }
+            match self.second.forward(&h) {
+                Err(_) if self.recover => Ok(h),
+                other => other,
+            }
+        })
+    }
+}
+
+#[test]
+fn buffer_writes_are_undone_per_call_and_on_panic() {
+    let (x, _) = data();
+    let mut model = TwoStages {
+        first: batch_norm_stage(3, 2, false),
+        second: batch_norm_stage(5, 3, true),
+        recover: false,
+        panic: false,
+    };
+    let before = buffer_bits(&model);
+    let first_moved = {
+        let copy = model.first.clone();
+        copy.forward(&x).unwrap();
+        buffer_bits(&copy)
+    };
+    // The second stage fails after both batch norms ran: both are put back.
+    assert!(model.forward(&x).is_err());
+    assert_eq!(buffer_bits(&model), before);
+
+    // Recovered inside the forward: the failed stage's writes are undone, the first
+    // stage's (which succeeded, in a pass that succeeded) stand.
+    model.recover = true;
+    model.forward(&x).unwrap();
+    let after = buffer_bits(&model);
+    let values = |b: &[(String, Bits)]| b.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        values(&after[..2]),
+        values(&first_moved),
+        "first stage updated"
+    );
+    assert_eq!(after[2..], before[2..], "second stage put back");
+
+    // A panic after the first stage's batch norm ran: it is put back as the panic unwinds.
+    model.recover = false;
+    model.panic = true;
+    let before = buffer_bits(&model);
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.forward(&x)));
+    assert!(caught.is_err());
+    assert_eq!(buffer_bits(&model), before);
+    // And the journal is closed: a later pass that succeeds keeps its writes.
+    model.panic = false;
+    model.recover = true;
+    model.forward(&x).unwrap();
+    assert_ne!(buffer_bits(&model), before);
+}
+
 /// A model whose parameter walk fails, after showing its parameters, while `poisoned` is
 /// set: `update_params` rejects any new weights then, having written its slots.
 #[derive(Clone)]

@@ -353,48 +353,43 @@ impl<M: Module + Parameters + Clone> FunctionalModel<M> {
     }
 
     /// Runs the model with the latest fast weights. In training mode, layers with buffers
-    /// (batch norm) update this fmodel's copy of them. A task-batched fmodel runs it
-    /// inside a [`crate::nn::task_scope`].
+    /// (batch norm) update this fmodel's copy of them; a pass that fails puts them back
+    /// ([`crate::nn::restore_buffers_on_error`]). A task-batched fmodel runs it inside a
+    /// [`crate::nn::task_scope`].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _scope = self
             .options
             .tasks
             .map(|tasks| crate::nn::task_scope(Some(tasks)));
-        self.model.forward(x)
+        crate::nn::restore_buffers_on_error(|| self.model.forward(x))
     }
 
     /// Records `params` as the next time ([`FunctionalModel::update_params`]) and runs the
     /// model with them (higher's `fmodel(x, params=params)`). If the forward pass fails,
     /// the fmodel is put back as it was: its time, weights and buffers.
     pub fn forward_with(&mut self, params: Vec<Tensor>, x: &Tensor) -> Result<Tensor> {
-        let saved = self.snapshot()?;
+        let saved = self.snapshot();
         self.update_params(params)?;
         self.forward(x).inspect_err(|_| self.restore(saved))
     }
 
     /// What [`FunctionalModel::forward_with`] may change: the history (only its latest
-    /// time, when tracking), and the buffers when the model has any.
-    fn snapshot(&mut self) -> Result<Snapshot> {
+    /// time, when tracking). The forward pass puts back the buffers itself.
+    fn snapshot(&self) -> Snapshot {
         let history = if self.options.track_higher_grads {
             None
         } else {
             Some(self.history.clone())
         };
-        let buffers = if self.layout.buffer_names.is_empty() {
-            None
-        } else {
-            Some(self.layout.read_buffers(&mut self.model)?)
-        };
-        Ok(Snapshot {
+        Snapshot {
             len: self.history.len(),
             history,
             first: self.first,
             dropped: self.dropped.clone(),
-            buffers,
-        })
+        }
     }
 
-    /// Puts back a [`Snapshot`]; the model's slots get the weights and buffers it held.
+    /// Puts back a [`Snapshot`]; the model's slots get the weights it held.
     fn restore(&mut self, saved: Snapshot) {
         match saved.history {
             Some(history) => self.history = history,
@@ -406,9 +401,6 @@ impl<M: Module + Parameters + Clone> FunctionalModel<M> {
         // The same walk just succeeded in `update_params`; should it fail now, the history
         // is still right, and the caller gets the forward pass's error.
         let _ = self.layout.write(&mut self.model, &latest);
-        if let Some(buffers) = saved.buffers {
-            let _ = self.layout.write_buffers(&mut self.model, &buffers);
-        }
     }
 
     /// Drops the history and graph before the latest time and continues from there
@@ -510,7 +502,6 @@ struct Snapshot {
     history: Option<Vec<Vec<Tensor>>>,
     first: usize,
     dropped: Option<String>,
-    buffers: Option<Vec<Tensor>>,
 }
 
 /// `tasks` contiguous copies of `t` stacked on a new leading axis (no graph).
@@ -538,7 +529,8 @@ pub(crate) fn count_op_nodes(roots: &[&Tensor]) -> usize {
 }
 
 impl<M: Module + Parameters + Clone> Module for FunctionalModel<M> {
+    /// [`FunctionalModel::forward`]: in the fmodel's task scope, buffers put back on failure.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.model.forward(x)
+        FunctionalModel::forward(self, x)
     }
 }

@@ -44,7 +44,9 @@ pub use loss_with::{
     binary_cross_entropy_with_logits_with, cross_entropy_with, mse_with, nll_with, one_hot,
     soft_cross_entropy, Reduction,
 };
-pub use module::{walk, Buffer, Entry, Module, ParamInfo, Parameters, VisitFn, Visitor};
+pub use module::{
+    restore_buffers_on_error, walk, Buffer, Entry, Module, ParamInfo, Parameters, VisitFn, Visitor,
+};
 pub use norm::{batch_norm1d, batch_norm2d, layer_norm, BatchNorm, BatchNormConfig, LayerNorm};
 pub use reparam::{weight_dropout, weight_norm, WeightDropout, WeightNorm};
 pub use rnn::{

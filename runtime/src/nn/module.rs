@@ -1,7 +1,8 @@
 //! The `Module` trait, parameter visiting (`Parameters`, `Visitor`), and `Buffer`.
 
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use crate::error::{Error, Result};
 use crate::tensor::{Tensor, TensorId};
@@ -29,44 +30,111 @@ impl<F: Fn(&Tensor) -> Result<Tensor>> Module for F {
 /// running statistics. Listed by [`Parameters::named_buffers`], saved to safetensors, and
 /// copied (not shared) when the module is cloned: a cloned model has its own statistics.
 ///
-/// A buffer never carries a graph: [`Buffer::set`] stores a detached value.
-pub struct Buffer(RwLock<Tensor>);
+/// A buffer never carries a graph: [`Buffer::set`] stores a detached value. Inside
+/// [`restore_buffers_on_error`] (every `Sequential` and `FunctionalModel` forward pass runs
+/// there), a failing pass puts back the values it replaced.
+pub struct Buffer(Arc<RwLock<Tensor>>);
 
 impl Buffer {
     /// A buffer holding `value` (detached).
     pub fn new(value: Tensor) -> Self {
-        Buffer(RwLock::new(value.detach()))
+        Buffer(Arc::new(RwLock::new(value.detach())))
     }
 
     /// The current value.
     pub fn get(&self) -> Tensor {
-        match self.0.read() {
-            Ok(t) => t.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        read_slot(&self.0)
     }
 
     /// Replaces the value (detached).
     pub fn set(&self, value: &Tensor) {
-        let value = value.detach();
-        match self.0.write() {
-            Ok(mut t) => *t = value,
-            Err(poisoned) => *poisoned.into_inner() = value,
+        if JOURNAL_DEPTH.get() > 0 {
+            let old = self.get();
+            JOURNAL.with_borrow_mut(|j| j.push((self.0.clone(), old)));
         }
+        write_slot(&self.0, value.detach());
     }
 
     fn get_mut(&mut self) -> &mut Tensor {
-        match self.0.get_mut() {
+        // The slot is shared only with a journal of a pass that is still running (which
+        // cannot walk the model it runs); a walk then gets a slot of its own.
+        if Arc::get_mut(&mut self.0).is_none() {
+            self.0 = Arc::new(RwLock::new(self.get()));
+        }
+        let slot = Arc::get_mut(&mut self.0).expect("the slot was just made unique");
+        match slot.get_mut() {
             Ok(t) => t,
             Err(poisoned) => poisoned.into_inner(),
         }
     }
 }
 
+fn read_slot(slot: &RwLock<Tensor>) -> Tensor {
+    match slot.read() {
+        Ok(t) => t.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
+}
+
+fn write_slot(slot: &RwLock<Tensor>, value: Tensor) {
+    match slot.write() {
+        Ok(mut t) => *t = value,
+        Err(poisoned) => *poisoned.into_inner() = value,
+    }
+}
+
+thread_local! {
+    /// How many [`restore_buffers_on_error`] calls are running on this thread.
+    static JOURNAL_DEPTH: Cell<usize> = const { Cell::new(0) };
+    /// The buffers written inside them, oldest first, with the values they replaced.
+    static JOURNAL: RefCell<Vec<(Arc<RwLock<Tensor>>, Tensor)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` (a forward pass) so that, if it fails or panics, every [`Buffer`] it wrote
+/// holds its value from before the call again: a batch norm's running statistics are not
+/// left updated by a pass whose later layer failed. Calls nest: each undoes only its own
+/// writes, and the writes of a call that succeeded stand unless an enclosing call fails.
+/// `Sequential` and `FunctionalModel` forward passes run inside it; call it around a
+/// hand-written model's forward to give it the same guarantee.
+pub fn restore_buffers_on_error<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    /// Undoes the writes after `start` unless the pass succeeded, also on a panic.
+    struct Undo {
+        start: usize,
+        succeeded: bool,
+    }
+    impl Drop for Undo {
+        fn drop(&mut self) {
+            JOURNAL_DEPTH.set(JOURNAL_DEPTH.get() - 1);
+            let outermost = JOURNAL_DEPTH.get() == 0;
+            let undo = JOURNAL.with_borrow_mut(|j| {
+                if self.succeeded {
+                    if outermost {
+                        j.clear();
+                    }
+                    Vec::new()
+                } else {
+                    j.split_off(self.start)
+                }
+            });
+            for (slot, old) in undo.into_iter().rev() {
+                write_slot(&slot, old);
+            }
+        }
+    }
+    let mut undo = Undo {
+        start: JOURNAL.with_borrow(Vec::len),
+        succeeded: false,
+    };
+    JOURNAL_DEPTH.set(JOURNAL_DEPTH.get() + 1);
+    let out = f();
+    undo.succeeded = out.is_ok();
+    out
+}
+
 impl Clone for Buffer {
     /// A new buffer with the same value: the clone's updates do not reach the original.
     fn clone(&self) -> Self {
-        Buffer(RwLock::new(self.get()))
+        Buffer::new(self.get())
     }
 }
 

@@ -119,21 +119,24 @@ impl Module for Sequential {
     /// The layers in order, except that a ReLU followed by a max pool runs as the pool
     /// followed by the ReLU: the same values and derivatives of every order (max and ReLU
     /// commute exactly, ties and NaN included), on a tensor a quarter the size for 2 x 2
-    /// windows.
+    /// windows. A pass that fails puts back the buffers it wrote
+    /// ([`super::restore_buffers_on_error`]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = x.clone();
-        let mut rest = self.layers.as_slice();
-        while let Some((layer, tail)) = rest.split_first() {
-            let pool = tail
-                .first()
-                .and_then(|next| next.as_any().downcast_ref::<MaxPool2d>());
-            let relu = layer.as_any().downcast_ref::<Activation>() == Some(&Activation::Relu);
-            (y, rest) = match pool {
-                Some(pool) if relu => (pool.forward(&y)?.relu()?, &tail[1..]),
-                _ => (layer.forward(&y)?, tail),
-            };
-        }
-        Ok(y)
+        super::restore_buffers_on_error(|| {
+            let mut y = x.clone();
+            let mut rest = self.layers.as_slice();
+            while let Some((layer, tail)) = rest.split_first() {
+                let pool = tail
+                    .first()
+                    .and_then(|next| next.as_any().downcast_ref::<MaxPool2d>());
+                let relu = layer.as_any().downcast_ref::<Activation>() == Some(&Activation::Relu);
+                (y, rest) = match pool {
+                    Some(pool) if relu => (pool.forward(&y)?.relu()?, &tail[1..]),
+                    _ => (layer.forward(&y)?, tail),
+                };
+            }
+            Ok(y)
+        })
     }
 }
 
