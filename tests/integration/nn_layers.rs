@@ -669,3 +669,46 @@ fn relu_then_max_pool_in_sequential_is_exact() {
         assert!(fused[0].iter().any(|v| v.is_nan()), "the inputs hold NaN");
     }
 }
+
+/// A linear layer and a batch norm: the statistics a wrapper's forward must update.
+fn linear_batch_norm(seed: u64) -> nn::Sequential {
+    let vb = vb(seed);
+    nn::seq()
+        .add(nn::linear(2, 3, vb.pp("0")).unwrap())
+        .add(nn::batch_norm1d(3, nn::BatchNormConfig::default(), vb.pp("1")).unwrap())
+}
+
+fn buffer_values<M: Parameters + Clone>(m: &M) -> Vec<Vec<f64>> {
+    m.named_buffers()
+        .unwrap()
+        .iter()
+        .map(|(_, t)| t.to_vec_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn reparametrized_layers_update_the_wrapped_layers_buffers() {
+    // Weight norm and weight dropout run a copy of the layer with the weights replaced;
+    // the copy's batch norm must write the layer's own statistics.
+    let x = input(&[5, 2], 0.3);
+    let plain = linear_batch_norm(40);
+    let before = buffer_values(&plain);
+    plain.forward(&x).unwrap();
+    let moved = buffer_values(&plain);
+    assert_ne!(moved, before);
+
+    // Dropout with p = 0 runs the raw weights unchanged: the same statistics, bit for bit.
+    let dropped = nn::weight_dropout(linear_batch_norm(40), &["0.weight"], 0.0, vb(41)).unwrap();
+    dropped.forward(&x).unwrap();
+    assert_eq!(buffer_values(&dropped), moved);
+
+    // Weight norm recomputes the weight as g v / ||v||: the statistics to rounding.
+    let normed = nn::weight_norm(linear_batch_norm(40), "0.weight").unwrap();
+    assert_eq!(buffer_values(&normed), before);
+    normed.forward(&x).unwrap();
+    for (got, want) in buffer_values(&normed).iter().zip(&moved) {
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= 1e-12 * w.abs().max(1.0), "{g} vs {w}");
+        }
+    }
+}

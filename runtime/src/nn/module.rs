@@ -54,19 +54,6 @@ impl Buffer {
         }
         write_slot(&self.0, value.detach());
     }
-
-    fn get_mut(&mut self) -> &mut Tensor {
-        // The slot is shared only with a journal of a pass that is still running (which
-        // cannot walk the model it runs); a walk then gets a slot of its own.
-        if Arc::get_mut(&mut self.0).is_none() {
-            self.0 = Arc::new(RwLock::new(self.get()));
-        }
-        let slot = Arc::get_mut(&mut self.0).expect("the slot was just made unique");
-        match slot.get_mut() {
-            Ok(t) => t,
-            Err(poisoned) => poisoned.into_inner(),
-        }
-    }
 }
 
 fn read_slot(slot: &RwLock<Tensor>) -> Tensor {
@@ -132,10 +119,34 @@ pub fn restore_buffers_on_error<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 }
 
 impl Clone for Buffer {
-    /// A new buffer with the same value: the clone's updates do not reach the original.
+    /// A new buffer with the same value: the clone's updates do not reach the original
+    /// (except in [`clone_sharing_buffers`]).
     fn clone(&self) -> Self {
-        Buffer::new(self.get())
+        if SHARE_ON_CLONE.get() {
+            Buffer(self.0.clone())
+        } else {
+            Buffer::new(self.get())
+        }
     }
+}
+
+thread_local! {
+    /// Set while [`clone_sharing_buffers`] clones.
+    static SHARE_ON_CLONE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A clone of `module` whose buffers are `module`'s own slots, not copies: for a wrapper
+/// that runs a re-weighted copy of its layer (weight norm, weight dropout), so that the
+/// copy's batch norms update the layer's statistics.
+pub(crate) fn clone_sharing_buffers<L: Clone>(module: &L) -> L {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            SHARE_ON_CLONE.set(self.0);
+        }
+    }
+    let _reset = Reset(SHARE_ON_CLONE.replace(true));
+    module.clone()
 }
 
 impl std::fmt::Debug for Buffer {
@@ -223,10 +234,17 @@ impl<'a> Visitor<'a> {
         }
     }
 
-    /// Shows a buffer.
+    /// Shows a buffer. A value the callback puts in its place is stored as by
+    /// [`Buffer::set`] (detached).
     pub fn buffer(&mut self, name: &str, buffer: &mut Buffer) -> Result<()> {
         let full = self.full(name);
-        (self.f)(&full, Entry::Buffer(buffer.get_mut()))
+        let mut value = buffer.get();
+        let id = value.id();
+        let out = (self.f)(&full, Entry::Buffer(&mut value));
+        if value.id() != id {
+            buffer.set(&value);
+        }
+        out
     }
 
     /// Shows a train/eval flag (layers that behave differently in training).

@@ -27,13 +27,13 @@ fn find_param<L: Parameters + Clone>(op: &'static str, module: &L, name: &str) -
     })
 }
 
-/// A clone of `module` with the named slots replaced.
+/// A clone of `module` with the named slots replaced, sharing `module`'s buffers.
 fn with_replaced<L: Parameters + Clone>(
     module: &L,
     names: &[String],
     values: &[Tensor],
 ) -> Result<L> {
-    let mut m = module.clone();
+    let mut m = super::module::clone_sharing_buffers(module);
     walk(&mut m, &mut |n, e| {
         if let Entry::Param(t) = e {
             if let Some(i) = names.iter().position(|x| x == n) {
