@@ -15,9 +15,12 @@
 //!   that N ranks return the meta-gradient that one process computes over the whole batch.
 //!
 //! Every call here is collective: all ranks make it, in the same order. What can disagree
-//! between ranks (parameter counts, shapes, dtypes, a gradient of the wrong shape on one rank)
-//! is compared first, and then every rank returns the same [`Error::RankMismatch`], so no rank
-//! is left waiting in a collective that the others skipped.
+//! between ranks (parameter counts, names, shapes, dtypes, frozen flags, a gradient of the
+//! wrong shape on one rank) is compared first, and then every rank returns
+//! [`Error::RankMismatch`] naming the first rank that differs and what differs there, so no
+//! rank is left waiting in a collective that the others skipped. What fails on one rank only
+//! (a task of its share, a state it cannot send or read) is sent along the same way: that
+//! rank returns its own error, the others [`Error::RankMismatch`] with its text.
 
 use std::ops::Range;
 
@@ -72,8 +75,10 @@ pub trait Communicator {
         host_all_reduce_sum(self, buffer)
     }
 
-    /// Rank 0's 1-D tensor on every rank; the others pass a tensor of the same dtype and
-    /// length (its values are ignored).
+    /// Rank 0's 1-D tensor on every rank, exactly (integer dtypes bit for bit: an `i64`
+    /// step counter or index above 2^53 included); the others pass a tensor of the same
+    /// dtype and length (its values are ignored). The default sends the values' bytes
+    /// through [`Communicator::broadcast_bytes`], each integer dtype as itself.
     fn broadcast(&self, buffer: &candle_core::Tensor) -> Result<candle_core::Tensor> {
         host_broadcast(self, buffer)
     }
@@ -85,6 +90,10 @@ fn host_all_reduce_sum<C: Communicator + ?Sized>(
     buffer: &candle_core::Tensor,
 ) -> Result<candle_core::Tensor> {
     const OP: &str = "all_reduce_sum";
+    if !buffer.dtype().is_float() {
+        // The same on every rank (the layouts are compared first): no rank sends alone.
+        return Err(unsupported(buffer.dtype()));
+    }
     let size = comm.size();
     let n = buffer.elem_count();
     let gathered = comm.all_gather_bytes(&wire::tensor_bytes(buffer)?)?;
@@ -218,15 +227,92 @@ pub fn task_share(tasks: usize, rank: usize, size: usize) -> Range<usize> {
     start..start.saturating_add(len).min(tasks)
 }
 
-/// A tensor's dtype and shape as words, for comparing layouts across ranks.
-fn layout_words(tensors: &[&Tensor]) -> Vec<u64> {
-    let mut words = vec![tensors.len() as u64];
-    for t in tensors {
+/// One tensor as [`check_layout`] compares it across ranks: always its dtype and shape; its
+/// name and whether it requires grad where the call gives them (a model's parameters).
+#[derive(Clone, Copy)]
+struct Item<'a> {
+    tensor: &'a Tensor,
+    name: Option<&'a str>,
+    requires_grad: Option<bool>,
+}
+
+impl<'a> Item<'a> {
+    /// A tensor compared by dtype and shape only.
+    fn plain(tensor: &'a Tensor) -> Self {
+        Item {
+            tensor,
+            name: None,
+            requires_grad: None,
+        }
+    }
+}
+
+/// No name, in [`layout_words`].
+const NO_NAME: u64 = u64::MAX;
+
+/// The items as words, for comparing layouts across ranks: the count, then per item its
+/// dtype, rank, dims, requires-grad word (0: not compared, 1: frozen, 2: requires grad) and
+/// name (its byte count, or [`NO_NAME`], then its bytes packed 8 to a word).
+fn layout_words(items: &[Item<'_>]) -> Vec<u64> {
+    let mut words = vec![items.len() as u64];
+    for item in items {
+        let t = item.tensor;
         words.push(wire::dtype_code(t.dtype()));
         words.push(t.rank() as u64);
         words.extend(t.dims().iter().map(|&d| d as u64));
+        words.push(item.requires_grad.map_or(0, |r| 1 + u64::from(r)));
+        match item.name {
+            None => words.push(NO_NAME),
+            Some(name) => {
+                words.push(name.len() as u64);
+                words.extend(name.as_bytes().chunks(8).map(|c| {
+                    let mut w = [0u8; 8];
+                    w[..c.len()].copy_from_slice(c);
+                    u64::from_le_bytes(w)
+                }));
+            }
+        }
     }
     words
+}
+
+/// One item of rank 0's [`layout_words`], read back.
+struct RootItem {
+    dtype: u64,
+    dims: Vec<usize>,
+    requires_grad: u64,
+    name: Option<String>,
+}
+
+/// Reads the item at `*at` of `words`, moving `at` past it; `None` where the words end early.
+fn read_item(words: &[u64], at: &mut usize) -> Option<RootItem> {
+    let mut next = || {
+        let w = words.get(*at).copied();
+        *at += 1;
+        w
+    };
+    let dtype = next()?;
+    let rank = usize::try_from(next()?).ok()?;
+    let dims = (0..rank.min(words.len()))
+        .map(|_| next().map(|d| d as usize))
+        .collect::<Option<Vec<_>>>()?;
+    let requires_grad = next()?;
+    let name = match next()? {
+        NO_NAME => None,
+        len => {
+            let len = usize::try_from(len).ok()?;
+            let packed = words.get(*at..*at + len.div_ceil(8))?;
+            *at += packed.len();
+            let bytes: Vec<u8> = packed.iter().flat_map(|w| w.to_le_bytes()).collect();
+            Some(String::from_utf8_lossy(&bytes[..len]).into_owned())
+        }
+    };
+    Some(RootItem {
+        dtype,
+        dims,
+        requires_grad,
+        name,
+    })
 }
 
 fn fingerprint(words: &[u64]) -> u64 {
@@ -241,25 +327,83 @@ fn fingerprint(words: &[u64]) -> u64 {
     h
 }
 
+/// [`fingerprint`] of a text.
+fn fingerprint_text(text: &str) -> u64 {
+    fingerprint(&text.bytes().map(u64::from).collect::<Vec<_>>())
+}
+
 fn describe(t: &Tensor) -> String {
     format!("{:?} {}", t.dims(), t.dtype().as_str())
 }
 
-/// Checks that every rank holds tensors of the same count, dtypes and shapes as rank 0
-/// (`what` names them: "parameter", "buffer"), plus a `local_problem` each rank may have
-/// found on its own. On any disagreement every rank returns the same
-/// [`Error::RankMismatch`], naming the first rank that differs and, on that rank, the
-/// difference itself. `notes` are three more words sent along; every rank's notes are
-/// returned, in rank order.
+/// The longest description of a problem that a rank sends to the others (longer ones are
+/// cut): bounds what a rank allocates for a reply.
+const MAX_TEXT: usize = 4096;
+
+/// Every rank's `mine` (a description of its problem, "" for none), in rank order. Two
+/// collectives (the lengths, then the texts padded to the longest), made only on the path
+/// where some rank failed, by every rank.
+fn all_gather_texts(comm: &dyn Communicator, op: &'static str, mine: &str) -> Result<Vec<String>> {
+    let mut cut = mine.len().min(MAX_TEXT);
+    while !mine.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mine = &mine.as_bytes()[..cut];
+    let lengths = gather_words(comm, op, &[mine.len() as u64])?;
+    let malformed = |message: String| Error::Communication { op, message };
+    let lengths = lengths
+        .iter()
+        .map(|&n| usize::try_from(n).ok().filter(|&n| n <= MAX_TEXT))
+        .collect::<Option<Vec<usize>>>()
+        .ok_or_else(|| malformed(format!("a rank's message length is not at most {MAX_TEXT}")))?;
+    let width = lengths.iter().copied().max().unwrap_or(0);
+    let mut padded = mine.to_vec();
+    padded.resize(width, 0);
+    let all = comm.all_gather_bytes(&padded)?;
+    check_gathered(op, all.len(), width, comm.size())?;
+    Ok(lengths
+        .iter()
+        .enumerate()
+        .map(|(r, &n)| String::from_utf8_lossy(&all[r * width..r * width + n]).into_owned())
+        .collect())
+}
+
+/// The error of every rank that did not fail itself when the ranks in `bad` (at least one)
+/// failed or differ: [`Error::RankMismatch`] naming the first, with its description and
+/// those of the others.
+fn mismatch(op: &'static str, bad: &[usize], texts: &[String]) -> Error {
+    let text = |r: usize| match texts.get(r) {
+        Some(t) if !t.is_empty() => t.as_str(),
+        _ => "(no description)",
+    };
+    let mut what = text(bad[0]).to_string();
+    for &r in &bad[1..] {
+        what.push_str(&format!("; rank {r}: {}", text(r)));
+    }
+    Error::RankMismatch {
+        op,
+        rank: bad[0],
+        what,
+    }
+}
+
+/// Checks that every rank holds items of the same count, dtypes and shapes (and names and
+/// requires-grad flags, where given) as rank 0 (`what` names them: "parameter", "buffer"),
+/// plus a `local_problem` each rank may have found on its own. On any disagreement every
+/// rank returns [`Error::RankMismatch`] naming the first rank that failed or differs, with
+/// what that rank found (the difference from rank 0's layout, or its problem) and what the
+/// other bad ranks found. A caller whose rank had a `local_problem` may return its own error
+/// instead, after this returns. `notes` are three more words sent along; every rank's notes
+/// are returned, in rank order.
 fn check_layout(
     comm: &dyn Communicator,
     op: &'static str,
     what: &str,
-    tensors: &[&Tensor],
+    items: &[Item<'_>],
     local_problem: Option<String>,
     notes: [u64; 3],
 ) -> Result<Vec<[u64; 3]>> {
-    let words = layout_words(tensors);
+    let words = layout_words(items);
     let mine = [
         fingerprint(&words),
         u64::from(local_problem.is_some()),
@@ -269,50 +413,64 @@ fn check_layout(
     ];
     let all = gather_words(comm, op, &mine)?;
     let ranks: Vec<&[u64]> = all.chunks(mine.len()).collect();
-    let first_bad = ranks.iter().position(|w| w[0] != ranks[0][0] || w[1] != 0);
-    let Some(rank) = first_bad else {
+    let differs = |r: usize| ranks[r][0] != ranks[0][0];
+    let bad: Vec<usize> = (0..ranks.len())
+        .filter(|&r| differs(r) || ranks[r][1] != 0)
+        .collect();
+    if bad.is_empty() {
         return Ok(ranks.iter().map(|w| [w[2], w[3], w[4]]).collect());
-    };
-    // Rare path: one more collective, so that the disagreeing rank can say what differs.
-    let root_words = wire::decode_u64(&comm.broadcast_bytes(&wire::u64_bytes(&words))?, op)?;
-    let detail = if rank != comm.rank() && ranks[rank][1] != 0 {
-        format!("see rank {rank}'s error for the problem it found")
-    } else if rank != comm.rank() {
-        format!("see rank {rank}'s error for the {what} that differs")
-    } else if let Some(problem) = local_problem {
-        problem
-    } else {
-        compare_layout(what, &root_words, tensors)
-    };
-    Err(Error::RankMismatch {
-        op,
-        rank,
-        what: detail,
-    })
+    }
+    // Rare path: rank 0's layout for the ranks that differ to compare with, then every bad
+    // rank's description for all.
+    let mut text = local_problem.unwrap_or_default();
+    if (0..ranks.len()).any(differs) {
+        let root_words = wire::decode_u64(&comm.broadcast_bytes(&wire::u64_bytes(&words))?, op)?;
+        if text.is_empty() && differs(comm.rank()) {
+            text = compare_layout(what, &root_words, items, comm.rank());
+        }
+    }
+    let texts = all_gather_texts(comm, op, &text)?;
+    Err(mismatch(op, &bad, &texts))
 }
 
-/// What differs between rank 0's layout words and the local tensors.
-fn compare_layout(what: &str, root_words: &[u64], tensors: &[&Tensor]) -> String {
-    let root_count = root_words.first().copied().unwrap_or(0) as usize;
-    if root_count != tensors.len() {
-        return format!("{root_count} {what}s on rank 0, {} here", tensors.len());
+/// What differs between rank 0's layout words and the local items (on rank `me`).
+fn compare_layout(what: &str, root_words: &[u64], items: &[Item<'_>], me: usize) -> String {
+    let root_count = root_words.first().copied().unwrap_or(0);
+    if root_count != items.len() as u64 {
+        return format!(
+            "{root_count} {what}s on rank 0, {} on rank {me}",
+            items.len()
+        );
     }
     let mut at = 1;
-    for (i, t) in tensors.iter().enumerate() {
-        let dtype = root_words.get(at).copied().unwrap_or(u64::MAX);
-        let rank = root_words.get(at + 1).copied().unwrap_or(0) as usize;
-        let dims: Vec<usize> = root_words
-            .get(at + 2..at + 2 + rank)
-            .unwrap_or(&[])
-            .iter()
-            .map(|&d| d as usize)
-            .collect();
-        at += 2 + rank;
-        if dtype != wire::dtype_code(t.dtype()) || dims != t.dims() {
-            let root_dtype = wire::dtype_from_code(dtype).map_or("?", |d| d.as_str());
+    for (i, item) in items.iter().enumerate() {
+        let Some(root) = read_item(root_words, &mut at) else {
+            break;
+        };
+        let t = item.tensor;
+        if let (Some(root_name), Some(name)) = (&root.name, item.name) {
+            if root_name != name {
+                return format!("{what} {i} is {root_name:?} on rank 0, {name:?} on rank {me}");
+            }
+        }
+        let label = item
+            .name
+            .map_or_else(|| format!("{what} {i}"), |n| format!("{what} {n:?}"));
+        if root.dtype != wire::dtype_code(t.dtype()) || root.dims != t.dims() {
+            let root_dtype = wire::dtype_from_code(root.dtype).map_or("?", |d| d.as_str());
             return format!(
-                "{what} {i} is {dims:?} {root_dtype} on rank 0, {} here",
+                "{label} is {:?} {root_dtype} on rank 0, {} on rank {me}",
+                root.dims,
                 describe(t)
+            );
+        }
+        let grad = |w: u64| if w == 2 { "requires grad" } else { "is frozen" };
+        let mine = item.requires_grad.map_or(0, |r| 1 + u64::from(r));
+        if root.requires_grad != mine && root.requires_grad != 0 && mine != 0 {
+            return format!(
+                "{label} {} on rank 0 but {} on rank {me}",
+                grad(root.requires_grad),
+                grad(mine)
             );
         }
     }
@@ -320,7 +478,10 @@ fn compare_layout(what: &str, root_words: &[u64], tensors: &[&Tensor]) -> String
 }
 
 /// Flattens `tensors` into one 1-D buffer per dtype (dtypes in a fixed order, tensors in
-/// list order within each) and returns, per dtype, the buffer and the indices it holds.
+/// list order within each) and returns, per dtype, the buffer and the indices it holds. A
+/// buffer is on the device of its first tensor: tensors of one dtype on several devices (a
+/// placement that may differ between ranks) are not an error on one rank only, which would
+/// leave the others waiting in the collective.
 fn flatten_by_dtype(tensors: &[Tensor]) -> Result<Vec<(Vec<usize>, candle_core::Tensor)>> {
     let mut dtypes: Vec<DType> = tensors.iter().map(Tensor::dtype).collect();
     dtypes.sort_by_key(|d| wire::dtype_code(*d));
@@ -331,16 +492,18 @@ fn flatten_by_dtype(tensors: &[Tensor]) -> Result<Vec<(Vec<usize>, candle_core::
             let members: Vec<usize> = (0..tensors.len())
                 .filter(|&i| tensors[i].dtype() == dtype)
                 .collect();
+            let device = tensors[members[0]].device();
             let parts = members
                 .iter()
-                .map(|&i| tensors[i].value().flatten_all())
+                .map(|&i| tensors[i].value().flatten_all()?.to_device(device))
                 .collect::<candle_core::Result<Vec<_>>>()?;
             Ok((members, candle_core::Tensor::cat(&parts, 0)?))
         })
         .collect()
 }
 
-/// Splits buffers made by [`flatten_by_dtype`] back into tensors shaped like `like`.
+/// Splits buffers made by [`flatten_by_dtype`] back into tensors shaped like `like`, each on
+/// its `like`'s device.
 fn unflatten(
     buffers: &[(Vec<usize>, candle_core::Tensor)],
     like: &[Tensor],
@@ -350,19 +513,21 @@ fn unflatten(
         let mut offset = 0;
         for &i in members {
             let n = like[i].elem_count();
-            out[i] = Some(buffer.narrow(0, offset, n)?.reshape(like[i].dims())?);
+            let part = buffer.narrow(0, offset, n)?.reshape(like[i].dims())?;
+            out[i] = Some(part.to_device(like[i].device())?);
             offset += n;
         }
     }
     Ok(out.into_iter().flatten().collect())
 }
 
-/// Rank 0's values of `tensors` on every rank, one broadcast per dtype. Every rank must pass
-/// tensors of the same count, dtypes and shapes (else [`Error::RankMismatch`] on every
-/// rank). Returns constants (no gradient), on each tensor's device.
+/// Rank 0's values of `tensors` on every rank, one broadcast per dtype, exactly (integers
+/// too, bit for bit). Every rank must pass tensors of the same count, dtypes and shapes
+/// (else [`Error::RankMismatch`] on every rank). Returns constants (no gradient), on each
+/// tensor's device.
 pub fn broadcast_tensors(comm: &dyn Communicator, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
-    let refs: Vec<&Tensor> = tensors.iter().collect();
-    check_layout(comm, "broadcast_tensors", "tensor", &refs, None, [0; 3])?;
+    let items: Vec<Item<'_>> = tensors.iter().map(Item::plain).collect();
+    check_layout(comm, "broadcast_tensors", "tensor", &items, None, [0; 3])?;
     broadcast_checked(comm, tensors)
 }
 
@@ -378,22 +543,69 @@ fn broadcast_checked(comm: &dyn Communicator, tensors: &[Tensor]) -> Result<Vec<
 }
 
 /// Gives every rank rank 0's base model: its parameters (trainable ones stay leaves that
-/// require grad, frozen ones stay constants) and its buffers (batch-norm statistics). Call it
-/// once before training, on every rank, after building the model the same way everywhere:
-/// different parameter counts, shapes or dtypes are [`Error::RankMismatch`] on every rank,
-/// and no model is changed. Rank 0's model is left untouched (same tensors).
+/// require grad, frozen ones stay constants) and its buffers (batch-norm statistics, step
+/// counters: integers arrive bit for bit). Call it once before training, on every rank,
+/// after building the model the same way everywhere: different parameter or buffer counts,
+/// names, shapes or dtypes, a parameter frozen on some ranks only, and layers in training
+/// mode on some ranks and in evaluation mode on others, are [`Error::RankMismatch`] on every
+/// rank, naming the parameter, and no model is changed. A model that cannot list its
+/// parameters or buffers on one rank is that rank's own error there and
+/// [`Error::RankMismatch`] on the others. Rank 0's model is left untouched (same tensors).
 pub fn broadcast_model<M: Parameters + Clone>(
     comm: &dyn Communicator,
     model: &mut M,
 ) -> Result<()> {
     const OP: &str = "broadcast_model";
-    let params = model.parameters()?;
-    let buffers: Vec<Tensor> = model.named_buffers()?.into_iter().map(|(_, b)| b).collect();
+    // Listed before any collective, and a failure goes with the first check: a rank that
+    // returned here would leave the others waiting in it.
+    let listed = model
+        .param_infos()
+        .and_then(|params| Ok((params, model.named_buffers()?, training_words(model)?)));
+    let (infos, named_buffers, training, failed) = match listed {
+        Ok((params, buffers, training)) => (params, buffers, training, None),
+        Err(e) => (Vec::new(), Vec::new(), [0; 3], Some(e)),
+    };
+    let problem = failed
+        .as_ref()
+        .map(|e| format!("its model's parameters or buffers could not be listed: {e}"));
+    let items: Vec<Item<'_>> = infos
+        .iter()
+        .map(|p| Item {
+            tensor: &p.tensor,
+            name: Some(&p.name),
+            requires_grad: Some(!p.frozen),
+        })
+        .collect();
+    let checked = check_layout(comm, OP, "parameter", &items, problem, [0; 3]);
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    checked?;
+    let items: Vec<Item<'_>> = named_buffers
+        .iter()
+        .map(|(name, b)| Item {
+            tensor: b,
+            name: Some(name),
+            requires_grad: None,
+        })
+        .collect();
+    let notes = check_layout(comm, OP, "buffer", &items, None, training)?;
+    if let Some(rank) = notes.iter().position(|n| *n != notes[0]) {
+        let what = if notes[rank][1..] == notes[0][1..] {
+            format!("other layers are in training mode on rank {rank} than on rank 0")
+        } else {
+            let (r0, r) = (&notes[0], &notes[rank]);
+            format!(
+                "layers in training mode: {} of {} on rank 0, {} of {} on rank {rank}",
+                r0[1], r0[2], r[1], r[2]
+            )
+        };
+        let what = format!("{what}; call `train()` or `eval()` alike on every rank");
+        return Err(Error::RankMismatch { op: OP, rank, what });
+    }
+    let params: Vec<Tensor> = infos.into_iter().map(|p| p.tensor).collect();
+    let buffers: Vec<Tensor> = named_buffers.into_iter().map(|(_, b)| b).collect();
     let all: Vec<Tensor> = params.iter().chain(&buffers).cloned().collect();
-    let param_refs: Vec<&Tensor> = params.iter().collect();
-    check_layout(comm, OP, "parameter", &param_refs, None, [0; 3])?;
-    let buffer_refs: Vec<&Tensor> = buffers.iter().collect();
-    check_layout(comm, OP, "buffer", &buffer_refs, None, [0; 3])?;
     let values = broadcast_checked(comm, &all)?;
     if comm.rank() == 0 {
         return Ok(());
@@ -417,14 +629,32 @@ pub fn broadcast_model<M: Parameters + Clone>(
     Ok(())
 }
 
+/// A model's train/eval flags as [`check_layout`]'s notes: a fingerprint of every flag with
+/// its layer's name, how many are set (training mode), and how many there are.
+fn training_words<M: Parameters + Clone>(model: &M) -> Result<[u64; 3]> {
+    let (mut words, mut set, mut flags) = (Vec::new(), 0, 0);
+    crate::nn::walk(&mut model.clone(), &mut |name, entry| {
+        if let crate::nn::Entry::Training(flag) = entry {
+            words.extend(name.bytes().map(u64::from));
+            words.push(u64::MAX - u64::from(*flag));
+            set += u64::from(*flag);
+            flags += 1;
+        }
+        Ok(())
+    })?;
+    Ok([fingerprint(&words), set, flags])
+}
+
 /// Gives every rank rank 0's outer-optimizer state (moment estimates, step counters, ...),
-/// its tensors placed on `device`. The hyperparameters are not sent: build the optimizer
-/// the same way on every rank. Different parameter counts, optimizer types, parameter
-/// groups or hyperparameters, and a state that rank 0 cannot send or a rank cannot read,
-/// are [`Error::RankMismatch`] on every rank, and no optimizer is changed. Entries that
-/// share one tensor (an in-place update through one reaches the other) still share one on
-/// every rank.
-pub fn broadcast_optimizer_state<O: Hyperparameters + OptimizerStep>(
+/// its tensors placed on `device`, exactly (integer tensors bit for bit). The
+/// hyperparameters are not sent: build the optimizer the same way on every rank. Different
+/// parameter counts, optimizer types, parameter groups or hyperparameters (every field,
+/// flags such as `amsgrad` too, compared by their `Debug` text) are [`Error::RankMismatch`]
+/// on every rank. A state that rank 0 cannot send or a rank cannot read is that rank's own
+/// error there and [`Error::RankMismatch`] on the others. On any error no optimizer is
+/// changed. Entries that share one tensor (an in-place update through one reaches the
+/// other) still share one on every rank.
+pub fn broadcast_optimizer_state<O: Hyperparameters + OptimizerStep + std::fmt::Debug>(
     comm: &dyn Communicator,
     optimizer: &mut Optimizer<O>,
     device: &Device,
@@ -440,10 +670,14 @@ pub fn broadcast_optimizer_state<O: Hyperparameters + OptimizerStep>(
                 .iter()
                 .map(|name| g.hyperparameters.float(name).map_or(u64::MAX, f64::to_bits)),
         );
+        // The fields that are not floats (Adam's `amsgrad`, SGD's `nesterov`) change the
+        // step as much; `Debug` (which `#[differentiable_optimizer]` derives) shows them
+        // all, each float to the bit.
+        groups.push(fingerprint_text(&format!("{:?}", g.hyperparameters)));
     }
     let mine = [
         optimizer.n_params() as u64,
-        fingerprint(&type_name.bytes().map(u64::from).collect::<Vec<_>>()),
+        fingerprint_text(type_name),
         fingerprint(&groups),
     ];
     let all = gather_words(comm, OP, &mine)?;
@@ -475,14 +709,26 @@ pub fn broadcast_optimizer_state<O: Hyperparameters + OptimizerStep>(
         None => wire::decode_states(&bytes, device).map(Some),
     };
     // Whether each rank could send or read the states: a failure on one rank is an error on
-    // every rank, not a success on rank 0 only.
+    // every rank, not a success on rank 0 only. The rank that failed keeps its own error; a
+    // rank that could not read what rank 0 could not send has no failure of its own.
     let ok = gather_words(comm, OP, &[u64::from(received.is_ok())])?;
-    if let Some(rank) = ok.iter().position(|&w| w != 1) {
-        let what = match received {
-            Err(e) if rank == comm.rank() => format!("the optimizer state: {e}"),
-            _ => format!("see rank {rank}'s error for the optimizer state it could not handle"),
+    let bad: Vec<usize> = if ok[0] != 1 {
+        vec![0]
+    } else {
+        (0..ok.len()).filter(|&r| ok[r] != 1).collect()
+    };
+    if !bad.is_empty() {
+        let own = received.err().filter(|_| bad.contains(&comm.rank()));
+        let text = match &own {
+            Some(e) if comm.rank() == 0 => format!("it could not send its optimizer state: {e}"),
+            Some(e) => format!("it could not read rank 0's optimizer state: {e}"),
+            None => String::new(),
         };
-        return Err(Error::RankMismatch { op: OP, rank, what });
+        let texts = all_gather_texts(comm, OP, &text);
+        if let Some(e) = own {
+            return Err(e);
+        }
+        return Err(mismatch(OP, &bad, &texts?));
     }
     match received? {
         Some(states) => optimizer.set_states(states),
@@ -499,8 +745,8 @@ pub fn broadcast_optimizer_state<O: Hyperparameters + OptimizerStep>(
 /// [`Optimizer::step`]; gradients of leaves not in `params` (a learned hyperparameter kept
 /// outside the model, say) are not summed and not returned: list them in `params`.
 ///
-/// Ranks with different parameter layouts, or a gradient whose shape or dtype is not its
-/// parameter's, are [`Error::RankMismatch`] on every rank.
+/// Ranks with different parameter layouts, or a gradient whose shape, dtype or device is not
+/// its parameter's, are [`Error::RankMismatch`] on every rank.
 pub fn all_reduce_grads(
     comm: &dyn Communicator,
     params: &[Tensor],
@@ -528,23 +774,32 @@ fn reduce_grads(
             .zip(&local)
             .enumerate()
             .find_map(|(i, (p, g))| {
-                g.filter(|g| g.dims() != p.dims() || g.dtype() != p.dtype())
-                    .map(|g| {
-                        format!(
-                            "the gradient of parameter {i} is {} but the parameter is {}",
-                            describe(g),
-                            describe(p)
-                        )
-                    })
+                let g = (*g)?;
+                if g.dims() != p.dims() || g.dtype() != p.dtype() {
+                    Some(format!(
+                        "the gradient of parameter {i} is {} but the parameter is {}",
+                        describe(g),
+                        describe(p)
+                    ))
+                } else if !g.device().same_device(p.device()) {
+                    // It would fail the optimizer's step on this rank only.
+                    Some(format!(
+                        "the gradient of parameter {i} is on {:?} but the parameter on {:?}",
+                        g.device().location(),
+                        p.device().location()
+                    ))
+                } else {
+                    None
+                }
             })
     });
-    let refs: Vec<&Tensor> = params.iter().collect();
+    let items: Vec<Item<'_>> = params.iter().map(Item::plain).collect();
     let complete = u64::from(local.iter().all(Option::is_some));
     let notes = check_layout(
         comm,
         op,
         "parameter",
-        &refs,
+        &items,
         problem,
         [complete, call[0], call[1]],
     )?;
@@ -604,9 +859,12 @@ fn reduce_grads(
 /// same order, grouped by rank) to what one process computes over the whole meta-batch.
 ///
 /// An error in one rank's share (a task that fails or panics, 0 threads) is sent along with
-/// the all-reduce's layout check: every rank returns [`Error::RankMismatch`] naming that
-/// rank, whose own message holds the error. So are ranks given different `tasks` or
-/// `combine`.
+/// the all-reduce's layout check, so that no rank is left waiting: that rank returns its own
+/// error, unchanged (a task's [`Error::NonFinite`] stays one; a panic is the
+/// [`Error::InvalidArgument`] of [`crate::parallel::meta_batch`]), and every other rank
+/// returns [`Error::RankMismatch`] naming the first rank that failed, with its error's text
+/// (and those of the others that failed). Ranks given different `tasks` or `combine` are
+/// [`Error::RankMismatch`] on every rank.
 pub fn meta_batch(
     comm: &dyn Communicator,
     params: &[Tensor],
@@ -618,13 +876,19 @@ pub fn meta_batch(
     let share = task_share(tasks, comm.rank(), comm.size());
     let (local, failed) = match parallel::meta_batch_of(share, threads, Combine::Sum, task) {
         Ok(local) => (local, None),
-        Err(e) => (
-            GradStore::default(),
-            Some(format!("its share of the tasks failed: {e}")),
-        ),
+        Err(e) => (GradStore::default(), Some(e)),
     };
+    let problem = failed
+        .as_ref()
+        .map(|e| format!("its share of the tasks failed: {e}"));
     let call = [tasks as u64, u64::from(combine == Combine::Mean)];
-    let mut total = reduce_grads(comm, "meta_batch", params, &local, failed, call)?;
+    let reduced = reduce_grads(comm, "meta_batch", params, &local, problem, call);
+    // After the collectives that tell the other ranks: the caller here can match on what
+    // went wrong (skip a batch on `NonFinite`) as it would on one process.
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let mut total = reduced?;
     if combine == Combine::Mean && tasks > 0 {
         total.scale(1.0 / tasks as f64)?;
     }

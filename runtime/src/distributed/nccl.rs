@@ -17,7 +17,8 @@ use crate::error::{Error, Result};
 /// an `MpiCommunicator`) sends NCCL's unique id from rank 0 and carries the small host-side
 /// messages (layout checks, optimizer state); the gradient buffers of
 /// [`super::all_reduce_grads`] and the parameters of [`super::broadcast_model`] stay on the
-/// GPU and go through NCCL (f32 and f64; other dtypes take the host path). NCCL reduces each
+/// GPU and go through NCCL (f32 and f64, a buffer on another device through this rank's GPU;
+/// other dtypes take the host path, integers bit for bit). NCCL reduces each
 /// element once and copies the result, so every rank gets the same bits; the order of the
 /// sum is NCCL's, which can differ from one process's task order by rounding.
 ///
@@ -33,6 +34,8 @@ use crate::error::{Error, Result};
 pub struct NcclCommunicator {
     comm: Comm,
     bootstrap: Box<dyn Communicator>,
+    /// This rank's GPU, where every NCCL collective runs.
+    device: Device,
 }
 
 /// NCCL's unique id is 128 bytes.
@@ -98,11 +101,28 @@ impl NcclCommunicator {
             Id::uninit(internal),
         )
         .map_err(|e| nccl_error(OP, e))?;
-        Ok(NcclCommunicator { comm, bootstrap })
+        Ok(NcclCommunicator {
+            comm,
+            bootstrap,
+            device: device.clone(),
+        })
     }
 
-    fn on_gpu(buffer: &candle_core::Tensor) -> bool {
-        buffer.device().is_cuda() && matches!(buffer.dtype(), DType::F32 | DType::F64)
+    /// Whether a buffer goes through NCCL: by its dtype only, which every rank has checked
+    /// to be the same, never by its device, which may differ between ranks (a rank that
+    /// took the host path while the others waited in NCCL would hang them).
+    fn through_nccl(buffer: &candle_core::Tensor) -> bool {
+        matches!(buffer.dtype(), DType::F32 | DType::F64)
+    }
+
+    /// `kind` on `buffer`, on this rank's GPU, the result back on `buffer`'s device.
+    fn run(&self, buffer: &candle_core::Tensor, kind: Kind) -> Result<candle_core::Tensor> {
+        let op = NcclOp {
+            comm: &self.comm,
+            kind,
+        };
+        let out = buffer.to_device(&self.device)?.apply_op1_no_bwd(&op)?;
+        Ok(out.to_device(buffer.device())?)
     }
 }
 
@@ -133,25 +153,17 @@ impl Communicator for NcclCommunicator {
     }
 
     fn all_reduce_sum(&self, buffer: &candle_core::Tensor) -> Result<candle_core::Tensor> {
-        if !Self::on_gpu(buffer) {
+        if !Self::through_nccl(buffer) {
             return super::host_all_reduce_sum(self, buffer);
         }
-        let op = NcclOp {
-            comm: &self.comm,
-            kind: Kind::AllReduceSum,
-        };
-        Ok(buffer.apply_op1_no_bwd(&op)?)
+        self.run(buffer, Kind::AllReduceSum)
     }
 
     fn broadcast(&self, buffer: &candle_core::Tensor) -> Result<candle_core::Tensor> {
-        if !Self::on_gpu(buffer) {
+        if !Self::through_nccl(buffer) {
             return super::host_broadcast(self, buffer);
         }
-        let op = NcclOp {
-            comm: &self.comm,
-            kind: Kind::BroadcastFromRank0,
-        };
-        Ok(buffer.apply_op1_no_bwd(&op)?)
+        self.run(buffer, Kind::BroadcastFromRank0)
     }
 }
 

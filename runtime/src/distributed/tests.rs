@@ -287,14 +287,17 @@ fn a_rank_with_another_layout_is_an_error_on_every_rank() {
                 "rank {rank}: {msg}"
             );
         }
+        // Every rank says what differs: the model's broadcast by name, the list by position.
+        assert!(
+            broadcast
+                .contains("parameter \"0.weight\" is [8, 1] f64 on rank 0, [9, 1] f64 on rank 1"),
+            "rank {rank}: {broadcast}"
+        );
+        assert!(
+            reduce.contains("parameter 0 is [8, 1] f64 on rank 0, [9, 1] f64 on rank 1"),
+            "rank {rank}: {reduce}"
+        );
     }
-    assert!(
-        errors[1]
-            .0
-            .contains("parameter 0 is [8, 1] f64 on rank 0, [9, 1] f64 here"),
-        "{}",
-        errors[1].0
-    );
 
     // A different count: rank 2 lacks the last layer.
     let errors = on_ranks(3, |comm| {
@@ -305,13 +308,11 @@ fn a_rank_with_another_layout_is_an_error_on_every_rank() {
             .to_string()
     });
     assert!(
-        errors.iter().all(|m| m.contains("rank 2 disagrees")),
+        errors
+            .iter()
+            .all(|m| m.contains("rank 2 disagrees")
+                && m.contains("4 tensors on rank 0, 2 on rank 2")),
         "{errors:?}"
-    );
-    assert!(
-        errors[2].contains("4 tensors on rank 0, 2 here"),
-        "{}",
-        errors[2]
     );
 }
 
@@ -608,36 +609,92 @@ fn a_task_that_fails_or_panics_on_one_rank_is_an_error_on_every_rank() {
                     maml_task(&model, i)
                 })
                 .unwrap_err();
-                mismatch_of(&err, "meta_batch", 1)
+                // Rank 1 keeps its error (a panic: `parallel::meta_batch`'s, naming the
+                // task); the others are told which rank failed, and why.
+                let own = match &err {
+                    Error::InvalidArgument { op, .. } => {
+                        *op == if panics { "meta_batch" } else { "task" }
+                    }
+                    _ => false,
+                };
+                let (named, msg) = mismatch_of(&err, "meta_batch", 1);
+                (own, named, msg)
             });
-            for (rank, (named, msg)) in errors.iter().enumerate() {
-                assert!(named, "{threads} threads, rank {rank}: {msg}");
-            }
             let want = if panics {
                 "task 4 of block"
             } else {
                 "task 4 failed"
             };
-            assert!(errors[1].1.contains(want), "{}", errors[1].1);
-            assert!(!panics || errors[1].1.contains("task 4 panics"));
-            assert!(
-                errors[0].1.contains("see rank 1's error"),
-                "{}",
-                errors[0].1
-            );
+            for (rank, (own, named, msg)) in errors.iter().enumerate() {
+                let case = format!("{threads} threads, rank {rank}: {msg}");
+                assert_eq!((*own, *named), (rank == 1, rank != 1), "{case}");
+                assert!(msg.contains(want), "{case}");
+                assert!(!panics || msg.contains("task 4 panics"), "{case}");
+            }
         }
     }
-    // 0 threads on one rank is that rank's error, on every rank.
+    // 0 threads on one rank is that rank's own error, and a mismatch naming it elsewhere.
     let errors = on_ranks(2, |comm| {
         let threads = if comm.rank() == 1 { 0 } else { 1 };
         let err = meta_batch(comm, &params, 4, threads, Combine::Sum, |i| {
             maml_task(&model, i)
         })
         .unwrap_err();
-        mismatch_of(&err, "meta_batch", 1)
+        let own = matches!(
+            err,
+            Error::InvalidArgument {
+                op: "meta_batch",
+                ..
+            }
+        );
+        let (named, msg) = mismatch_of(&err, "meta_batch", 1);
+        (own, named, msg)
     });
-    assert!(errors.iter().all(|(named, _)| *named), "{errors:?}");
-    assert!(errors[1].1.contains("0 threads"), "{}", errors[1].1);
+    assert!(errors[1].0 && errors[0].1, "{errors:?}");
+    assert!(
+        errors.iter().all(|e| e.2.contains("0 threads")),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn each_rank_whose_tasks_fail_keeps_its_own_error_and_the_others_name_it() {
+    let model = mlp(3);
+    let params = model.parameters().unwrap();
+    // 7 tasks on 3 ranks: task 4 runs on rank 1, task 6 on rank 2. Before, every rank
+    // returned `RankMismatch`: a caller could not tell a NaN loss (skip the batch) from a
+    // shape bug, as it can on one process.
+    let errors = on_ranks(3, |comm| {
+        meta_batch(comm, &params, 7, 2, Combine::Mean, |i| match i {
+            4 => Err(Error::NonFinite {
+                what: "task 4's query loss".into(),
+            }),
+            6 => Err(Error::ShapeMismatch {
+                op: "task",
+                expected: "[5, 1]".into(),
+                got: vec![5, 2],
+            }),
+            _ => maml_task(&model, i),
+        })
+        .unwrap_err()
+    });
+    assert!(
+        matches!(&errors[1], Error::NonFinite { what } if what == "task 4's query loss"),
+        "{:?}",
+        errors[1]
+    );
+    assert!(
+        matches!(&errors[2], Error::ShapeMismatch { got, .. } if got == &[5, 2]),
+        "{:?}",
+        errors[2]
+    );
+    let (named, msg) = mismatch_of(&errors[0], "meta_batch", 1);
+    assert!(named, "{msg}");
+    assert!(
+        msg.contains("task 4's query loss")
+            && msg.contains("rank 2: its share of the tasks failed"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -802,11 +859,11 @@ fn another_buffer_layout_is_an_error_on_every_rank_and_changes_no_model() {
         assert_eq!(after, before, "rank {}: the model changed", comm.rank());
         mismatch_of(&err, "broadcast_model", 1)
     });
-    assert!(errors.iter().all(|(named, _)| *named), "{errors:?}");
     assert!(
-        errors[1].1.contains("2 buffers on rank 0, 0 here"),
-        "{}",
-        errors[1].1
+        errors
+            .iter()
+            .all(|(named, msg)| *named && msg.contains("2 buffers on rank 0, 0 on rank 1")),
+        "{errors:?}"
     );
 }
 
@@ -848,7 +905,7 @@ fn state_bits(states: &[State]) -> Vec<Vec<(String, Vec<u64>)>> {
 
 /// `broadcast_optimizer_state` from rank 0's trained Adam (lr 0.01) to rank 1's trained
 /// `theirs`: each rank's error, and whether rank 1's state is unchanged.
-fn broadcast_into<O: crate::optim::DifferentiableOptimizer>(
+fn broadcast_into<O: crate::optim::DifferentiableOptimizer + std::fmt::Debug>(
     theirs: O,
 ) -> Vec<(bool, String, bool)> {
     let model = mlp(2);
@@ -875,9 +932,16 @@ fn optimizers_of_another_type_or_hyperparameters_are_an_error_on_every_rank() {
     // differed.
     let other_type = broadcast_into(Sgd::new(0.1));
     let other_lr = broadcast_into(Adam::new(0.02));
+    // A flag that is not a float: before, only the floats were compared, and rank 1 took
+    // plain Adam's state into its AMSGrad.
+    let other_flag = broadcast_into(Adam {
+        amsgrad: true,
+        ..Adam::new(0.01)
+    });
     for (errors, want) in [
         (&other_type, "rank 1's optimizer is of another type"),
         (&other_lr, "other parameter groups or hyperparameters"),
+        (&other_flag, "other parameter groups or hyperparameters"),
     ] {
         for (named, msg, unchanged) in errors {
             assert!(*named && msg.contains(want), "{msg}");
@@ -905,19 +969,24 @@ fn a_state_rank_0_cannot_send_is_an_error_on_every_rank() {
         }
         opt.set_states(vec![state]).unwrap();
         let err = broadcast_optimizer_state(comm, &mut opt, &Device::Cpu).unwrap_err();
+        let own = matches!(err, Error::UnsupportedDType { .. });
         let (named, msg) = mismatch_of(&err, "broadcast_optimizer_state", 0);
-        (named, msg, opt.states()[0].int("step"))
+        (own, named, msg, opt.states()[0].int("step"))
     });
-    for (named, msg, _) in &got {
-        assert!(named, "{msg}");
-    }
+    // Rank 0 keeps its own error; rank 1 is told which rank failed, and why.
+    let (own, _, msg, _) = &got[0];
     assert!(
-        got[0].1.contains("F8E4M3 tensors are not supported"),
-        "{}",
-        got[0].1
+        *own && msg.contains("F8E4M3 tensors are not supported"),
+        "{msg}"
     );
-    assert!(got[1].1.contains("see rank 0's error"), "{}", got[1].1);
-    assert_eq!(got[1].2, Some(5), "rank 1's state changed");
+    let (_, named, msg, step) = &got[1];
+    assert!(named, "{msg}");
+    assert!(
+        msg.contains("it could not send its optimizer state")
+            && msg.contains("F8E4M3 tensors are not supported"),
+        "{msg}"
+    );
+    assert_eq!(*step, Some(5), "rank 1's state changed");
 }
 
 #[test]
@@ -930,4 +999,258 @@ fn task_shares_of_ranks_past_the_size_are_empty_not_an_overflow() {
     assert_eq!(task_share(usize::MAX, 1, 2).len(), usize::MAX / 2);
     assert_eq!(task_share(5, 7, 0), 5..5);
     assert_eq!(task_share(5, 0, 0), 0..5);
+}
+
+/// A linear layer and an i64 buffer (a step counter, an index table).
+#[derive(Clone)]
+struct Counted {
+    linear: nn::Linear,
+    counts: nn::Buffer,
+    /// The rank on which listing the model fails (`visit` returns an error), if any.
+    fails_on: Option<usize>,
+    rank: usize,
+}
+
+impl Counted {
+    fn new(rank: usize, counts: &[i64]) -> Self {
+        let vb = VarBuilder::new(rank as u64, DType::F64, &Device::Cpu);
+        Counted {
+            linear: nn::linear(2, 3, vb.pp("linear")).unwrap(),
+            counts: nn::Buffer::new(
+                Tensor::from_slice(counts, &[counts.len()], &Device::Cpu).unwrap(),
+            ),
+            fails_on: None,
+            rank,
+        }
+    }
+}
+
+impl Parameters for Counted {
+    fn visit(&mut self, v: &mut nn::Visitor<'_>) -> Result<()> {
+        if self.fails_on == Some(self.rank) {
+            return Err(Error::InvalidArgument {
+                op: "Counted::visit",
+                message: "this rank's model is broken".into(),
+            });
+        }
+        v.module("linear", &mut self.linear)?;
+        v.buffer("counts", &mut self.counts)
+    }
+}
+
+fn i64s(t: &Tensor) -> Vec<i64> {
+    t.value().to_vec1::<i64>().unwrap()
+}
+
+#[test]
+fn integer_tensors_cross_the_wire_bit_for_bit() {
+    // Before, every dtype but f32 travelled as f64: 2^53 + 1 arrived as 2^53.
+    let wide = [(1i64 << 53) + 1, i64::MAX, -1, i64::MIN, (1 << 62) + 3];
+    let got = on_ranks(2, |comm| {
+        let mine: Vec<i64> = if comm.rank() == 0 {
+            wide.to_vec()
+        } else {
+            vec![0; 5]
+        };
+        // Plain tensors, one of each integer dtype, at their extremes.
+        let cpu = |t: candle_core::Result<candle_core::Tensor>| Tensor::new(t.unwrap());
+        let tensors = vec![
+            Tensor::from_slice(&mine, &[5], &Device::Cpu).unwrap(),
+            cpu(candle_core::Tensor::new(&[u32::MAX, 1][..], &Device::Cpu)),
+            cpu(candle_core::Tensor::new(&[u8::MAX, 7][..], &Device::Cpu)),
+            cpu(candle_core::Tensor::new(
+                &[i16::MIN, i16::MAX][..],
+                &Device::Cpu,
+            )),
+            cpu(candle_core::Tensor::new(
+                &[i32::MIN, i32::MAX][..],
+                &Device::Cpu,
+            )),
+        ];
+        let tensors: Vec<Tensor> = if comm.rank() == 0 {
+            tensors
+        } else {
+            tensors.iter().map(|t| t.zeros_like().unwrap()).collect()
+        };
+        let back = broadcast_tensors(comm, &tensors).unwrap();
+        let small = (
+            back[1].value().to_vec1::<u32>().unwrap(),
+            back[2].value().to_vec1::<u8>().unwrap(),
+            back[3].value().to_vec1::<i16>().unwrap(),
+            back[4].value().to_vec1::<i32>().unwrap(),
+        );
+        // A model's buffer.
+        let mut model = Counted::new(comm.rank(), &mine);
+        broadcast_model(comm, &mut model).unwrap();
+        let buffer = i64s(&model.named_buffers().unwrap()[0].1);
+        // An optimizer state's tensor (and its counter, an `Int` entry).
+        let mut opt = Optimizer::new(Sgd::new(0.1), 1).unwrap();
+        let mut state = State::new();
+        state.set(
+            "index",
+            Tensor::from_slice(&mine, &[5], &Device::Cpu).unwrap(),
+        );
+        state.set_int("step", mine[1]);
+        opt.set_states(vec![state]).unwrap();
+        broadcast_optimizer_state(comm, &mut opt, &Device::Cpu).unwrap();
+        let s = &opt.states()[0];
+        let index = s.tensor("index").unwrap();
+        assert_eq!(index.dtype(), DType::I64);
+        (i64s(&back[0]), small, buffer, i64s(&index), s.int("step"))
+    });
+    let (plain, small, buffer, index, step) = &got[1];
+    assert_eq!(plain, &wide);
+    assert_eq!(
+        small,
+        &(
+            vec![u32::MAX, 1],
+            vec![u8::MAX, 7],
+            vec![i16::MIN, i16::MAX],
+            vec![i32::MIN, i32::MAX]
+        )
+    );
+    assert_eq!(buffer, &wide);
+    assert_eq!(index, &wide);
+    assert_eq!(*step, Some(i64::MAX));
+}
+
+/// Two linear layers named "0" and `last`: with `last` "2", the parameter names of `mlp`.
+#[derive(Clone)]
+struct Renamed {
+    first: nn::Linear,
+    second: nn::Linear,
+    last: &'static str,
+}
+
+impl Renamed {
+    fn new(seed: u64, last: &'static str) -> Self {
+        let vb = VarBuilder::new(seed, DType::F64, &Device::Cpu);
+        Renamed {
+            first: nn::linear(1, 8, vb.pp("0")).unwrap(),
+            second: nn::linear(8, 1, vb.pp(last)).unwrap(),
+            last,
+        }
+    }
+}
+
+impl Parameters for Renamed {
+    fn visit(&mut self, v: &mut nn::Visitor<'_>) -> Result<()> {
+        v.module("0", &mut self.first)?;
+        v.module(self.last, &mut self.second)
+    }
+}
+
+#[test]
+fn a_parameter_frozen_or_named_otherwise_on_one_rank_is_an_error_on_every_rank() {
+    // Before, only counts, shapes and dtypes were compared: rank 1 kept "2.weight" frozen
+    // while rank 0 trained it, and the ranks' models silently diverged.
+    for (case, want) in [
+        (
+            "frozen",
+            "parameter \"2.weight\" requires grad on rank 0 but is frozen on rank 1",
+        ),
+        (
+            "renamed",
+            "parameter 2 is \"2.weight\" on rank 0, \"out.weight\" on rank 1",
+        ),
+    ] {
+        let errors = on_ranks(3, |comm| {
+            let mut model = mlp(comm.rank() as u64);
+            if comm.rank() == 1 && case == "frozen" {
+                model.set_frozen("2.weight", true).unwrap();
+            }
+            if case == "renamed" {
+                // The same shapes, in the same order: "out" on rank 1 where the others
+                // have "2".
+                let last = if comm.rank() == 1 { "out" } else { "2" };
+                let mut renamed = Renamed::new(comm.rank() as u64, last);
+                let before = values(&renamed.parameters().unwrap());
+                let err = broadcast_model(comm, &mut renamed).unwrap_err();
+                assert_eq!(values(&renamed.parameters().unwrap()), before);
+                return mismatch_of(&err, "broadcast_model", 1);
+            }
+            let before = values(&model.parameters().unwrap());
+            let frozen: Vec<bool> = model
+                .param_infos()
+                .unwrap()
+                .iter()
+                .map(|p| p.frozen)
+                .collect();
+            let err = broadcast_model(comm, &mut model).unwrap_err();
+            assert_eq!(
+                values(&model.parameters().unwrap()),
+                before,
+                "the model changed"
+            );
+            let after: Vec<bool> = model
+                .param_infos()
+                .unwrap()
+                .iter()
+                .map(|p| p.frozen)
+                .collect();
+            assert_eq!(after, frozen);
+            mismatch_of(&err, "broadcast_model", 1)
+        });
+        for (rank, (named, msg)) in errors.iter().enumerate() {
+            assert!(*named && msg.contains(want), "{case}, rank {rank}: {msg}");
+        }
+    }
+}
+
+#[test]
+fn a_model_that_cannot_list_its_parameters_on_one_rank_leaves_no_rank_waiting() {
+    // Before, rank 1 returned its error at once and ranks 0 and 2 waited in the layout
+    // check until the barrier gave up.
+    let started = std::time::Instant::now();
+    let errors = on_ranks(3, |comm| {
+        let mut model = Counted::new(comm.rank(), &[1, 2]);
+        model.fails_on = Some(1);
+        broadcast_model(comm, &mut model).unwrap_err()
+    });
+    assert!(started.elapsed() < GIVE_UP / 2, "a rank waited");
+    assert!(
+        matches!(
+            &errors[1],
+            Error::InvalidArgument {
+                op: "Counted::visit",
+                ..
+            }
+        ),
+        "{:?}",
+        errors[1]
+    );
+    for rank in [0, 2] {
+        let (named, msg) = mismatch_of(&errors[rank], "broadcast_model", 1);
+        assert!(
+            named
+                && msg.contains("could not be listed")
+                && msg.contains("this rank's model is broken"),
+            "rank {rank}: {msg}"
+        );
+    }
+}
+
+#[test]
+fn a_model_in_evaluation_mode_on_one_rank_is_an_error_on_every_rank() {
+    // Before, rank 2 ran its batch norm on the running statistics while the others used
+    // the batch's and updated theirs: the ranks' buffers silently diverged.
+    let errors = on_ranks(3, |comm| {
+        let vb = VarBuilder::new(comm.rank() as u64, DType::F64, &Device::Cpu);
+        let mut model = nn::seq()
+            .add(nn::linear(2, 3, vb.pp("0")).unwrap())
+            .add(nn::batch_norm1d(3, Default::default(), vb.pp("1")).unwrap());
+        if comm.rank() == 2 {
+            model.eval().unwrap();
+        }
+        let before = values(&model.parameters().unwrap());
+        let err = broadcast_model(comm, &mut model).unwrap_err();
+        assert_eq!(values(&model.parameters().unwrap()), before);
+        mismatch_of(&err, "broadcast_model", 2)
+    });
+    for (rank, (named, msg)) in errors.iter().enumerate() {
+        assert!(
+            *named && msg.contains("layers in training mode: 1 of 1 on rank 0, 0 of 1 on rank 2"),
+            "rank {rank}: {msg}"
+        );
+    }
 }

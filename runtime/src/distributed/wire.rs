@@ -49,14 +49,23 @@ fn truncated(op: &'static str, len: usize, unit: usize) -> Error {
     }
 }
 
-pub(super) fn decode_u64(bytes: &[u8], op: &'static str) -> Result<Vec<u64>> {
-    if !bytes.len().is_multiple_of(8) {
-        return Err(truncated(op, bytes.len(), 8));
+/// `bytes` as `N`-byte values read by `from` (a type's `from_le_bytes`).
+fn decode<T, const N: usize>(
+    bytes: &[u8],
+    op: &'static str,
+    from: fn([u8; N]) -> T,
+) -> Result<Vec<T>> {
+    if !bytes.len().is_multiple_of(N) {
+        return Err(truncated(op, bytes.len(), N));
     }
     Ok(bytes
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .chunks_exact(N)
+        .map(|c| from(c.try_into().expect("N bytes")))
         .collect())
+}
+
+pub(super) fn decode_u64(bytes: &[u8], op: &'static str) -> Result<Vec<u64>> {
+    decode(bytes, op, u64::from_le_bytes)
 }
 
 pub(super) fn decode_f64(bytes: &[u8], op: &'static str) -> Result<Vec<f64>> {
@@ -67,19 +76,26 @@ pub(super) fn decode_f64(bytes: &[u8], op: &'static str) -> Result<Vec<f64>> {
 }
 
 pub(super) fn decode_f32(bytes: &[u8], op: &'static str) -> Result<Vec<f32>> {
-    if !bytes.len().is_multiple_of(4) {
-        return Err(truncated(op, bytes.len(), 4));
-    }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-        .collect())
+    decode(bytes, op, f32::from_le_bytes)
 }
 
-/// A tensor's values, flattened: f32 and f64 as themselves, every other dtype as f64 (exact
-/// for all of candle's dtypes but i64 beyond 2^53). A dtype that [`dtype_from_code`] cannot
-/// read back (candle's f8 and smaller floats) is an error on the sending side, before any
-/// conversion.
+/// The values' little-endian bytes.
+macro_rules! le_bytes {
+    ($flat:expr, $t:ty) => {
+        $flat
+            .to_vec1::<$t>()?
+            .into_iter()
+            .flat_map(<$t>::to_le_bytes)
+            .collect()
+    };
+}
+
+/// A tensor's values, flattened: every integer dtype and f32 as itself (bit for bit: an i64
+/// above 2^53 would not survive a float), f64 and the half types as f64 (exact both ways
+/// but for a NaN's payload, and the precision in which the host all-reduce sums
+/// half-precision gradients). A dtype
+/// that [`dtype_from_code`] cannot read back (candle's f8 and smaller floats) is an error on
+/// the sending side, before any conversion.
 pub(super) fn tensor_bytes(t: &candle_core::Tensor) -> Result<Vec<u8>> {
     if dtype_from_code(dtype_code(t.dtype())).is_none() {
         return Err(Error::UnsupportedDType {
@@ -90,18 +106,20 @@ pub(super) fn tensor_bytes(t: &candle_core::Tensor) -> Result<Vec<u8>> {
     }
     let flat = t.flatten_all()?;
     Ok(match t.dtype() {
-        DType::F32 => flat
-            .to_vec1::<f32>()?
-            .into_iter()
-            .flat_map(f32::to_le_bytes)
-            .collect(),
-        _ => flat
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?
-            .into_iter()
-            .flat_map(f64::to_le_bytes)
-            .collect(),
+        DType::U8 => flat.to_vec1::<u8>()?,
+        DType::U32 => le_bytes!(flat, u32),
+        DType::I16 => le_bytes!(flat, i16),
+        DType::I32 => le_bytes!(flat, i32),
+        DType::I64 => le_bytes!(flat, i64),
+        DType::F32 => le_bytes!(flat, f32),
+        _ => le_bytes!(flat.to_dtype(DType::F64)?, f64),
     })
+}
+
+/// A 1-D CPU tensor of `values`.
+fn cpu<T: candle_core::WithDType>(values: Vec<T>) -> candle_core::Result<candle_core::Tensor> {
+    let n = values.len();
+    candle_core::Tensor::from_vec(values, n, &Device::Cpu)
 }
 
 /// The inverse of [`tensor_bytes`]: a 1-D CPU tensor of `n` elements of `dtype`.
@@ -112,11 +130,13 @@ pub(super) fn tensor_from_bytes(
 ) -> Result<candle_core::Tensor> {
     const OP: &str = "broadcast";
     let t = match dtype {
-        DType::F32 => {
-            candle_core::Tensor::from_vec(decode_f32(bytes, OP)?, bytes.len() / 4, &Device::Cpu)?
-        }
-        _ => candle_core::Tensor::from_vec(decode_f64(bytes, OP)?, bytes.len() / 8, &Device::Cpu)?
-            .to_dtype(dtype)?,
+        DType::U8 => cpu(bytes.to_vec())?,
+        DType::U32 => cpu(decode(bytes, OP, u32::from_le_bytes)?)?,
+        DType::I16 => cpu(decode(bytes, OP, i16::from_le_bytes)?)?,
+        DType::I32 => cpu(decode(bytes, OP, i32::from_le_bytes)?)?,
+        DType::I64 => cpu(decode(bytes, OP, i64::from_le_bytes)?)?,
+        DType::F32 => cpu(decode_f32(bytes, OP)?)?,
+        _ => cpu(decode_f64(bytes, OP)?)?.to_dtype(dtype)?,
     };
     if t.elem_count() != n {
         return Err(Error::Communication {
