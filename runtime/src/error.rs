@@ -203,6 +203,17 @@ pub enum Error {
         /// Name, the model's dtype, the other side's dtype.
         mismatched: Vec<(String, candle_core::DType, candle_core::DType)>,
     },
+    /// A file could not be read or written, or does not hold a safetensors file candle can
+    /// read (missing, truncated, corrupt); a failed load changed nothing.
+    #[error("{op}: {path}: {message}")]
+    File {
+        /// The function that failed (`load_safetensors`, `save_safetensors`).
+        op: &'static str,
+        /// The file, as given.
+        path: String,
+        /// What is wrong, with the system's or the format's message.
+        message: String,
+    },
     /// An optimizer hyperparameter outside the range torch.optim accepts (negative
     /// learning rate, `betas` outside `[0, 1)`, NaN, ...), found at construction, when an
     /// override is set, or at a step after the hyperparameters were changed.

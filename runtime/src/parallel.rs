@@ -21,39 +21,112 @@ use crate::tensor::{is_grad_enabled, NoGradGuard};
 /// for at most this long after the last meta-batch.
 const KEEP_WARM: Duration = Duration::from_millis(2);
 
+/// The most threads one meta-batch runs on; a larger `threads` is clamped to it. Every
+/// thread runs its block on a core of its own and spins while it waits, so threads beyond
+/// the cores only slow the others, and since the result does not depend on the count,
+/// clamping changes no result. A fixed number rather than the machine's core count, so
+/// that a program splits its tasks the same way on every machine and a test of 4 threads
+/// runs 4 on a 2-core runner; 256 is above the core count of the machines this runs on.
+pub const MAX_THREADS: usize = 256;
+
 /// A pool of worker threads and the count of meta-batches started on it, which tells a
-/// worker spinning between meta-batches that the next one has begun.
+/// worker spinning between meta-batches that the next one has begun. Dropping it (when
+/// [`meta_batch`] has replaced it and no caller still runs on it) stops and joins its
+/// threads.
 struct Pool {
-    threads: rayon::ThreadPool,
-    started: AtomicU64,
+    /// `None` only while the pool is dropped.
+    threads: Option<rayon::ThreadPool>,
+    /// How many worker threads it has.
+    size: usize,
+    started: Arc<AtomicU64>,
+    handles: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// The worker pools [`meta_batch`] has built, one per size, kept for the whole process: a
-/// thread spawned per call starts with a cold allocator heap and a cold cache (measured:
-/// looped MAML sine, 1 step, took 1.51 ms on two freshly spawned threads against 1.48 ms
-/// on one).
-static POOLS: Mutex<Vec<(usize, Arc<Pool>)>> = Mutex::new(Vec::new());
+impl Pool {
+    /// A pool of `size` worker threads.
+    fn build(size: usize) -> Result<Pool> {
+        let mut handles = Vec::with_capacity(size);
+        let built = rayon::ThreadPoolBuilder::new()
+            .num_threads(size)
+            .thread_name(|i| format!("candle-higher-meta-batch-{i}"))
+            .spawn_handler(|thread| {
+                let mut b = std::thread::Builder::new();
+                if let Some(name) = thread.name() {
+                    b = b.name(name.to_string());
+                }
+                handles.push(b.spawn(move || thread.run())?);
+                Ok(())
+            })
+            .build();
+        match built {
+            Ok(threads) => Ok(Pool {
+                threads: Some(threads),
+                size,
+                started: Arc::new(AtomicU64::new(0)),
+                handles,
+            }),
+            Err(e) => {
+                // rayon has told the threads it started to stop.
+                for h in handles {
+                    let _ = h.join();
+                }
+                Err(Error::InvalidArgument {
+                    op: "meta_batch",
+                    message: format!("could not start {size} worker threads: {e}"),
+                })
+            }
+        }
+    }
 
-/// The pool of `size` worker threads, built at its first use.
-fn pool(size: usize) -> Result<Arc<Pool>> {
-    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, p)) = pools.iter().find(|(n, _)| *n == size) {
+    fn threads(&self) -> &rayon::ThreadPool {
+        self.threads
+            .as_ref()
+            .expect("a pool has its threads until it is dropped")
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Ends the workers' spinning now rather than after KEEP_WARM.
+        self.started.fetch_add(1, Ordering::AcqRel);
+        let on_own_worker = self
+            .threads
+            .as_ref()
+            .is_some_and(|t| t.current_thread_index().is_some());
+        // Dropping rayon's pool tells its threads to stop once their queued work is done.
+        drop(self.threads.take());
+        // A thread cannot join itself; the pool's threads hold no reference to it, so this
+        // only guards against a future change, and the threads still stop on their own.
+        if !on_own_worker {
+            for h in self.handles.drain(..) {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// The worker pool [`meta_batch`] last used. Only one is kept: a training loop calls with
+/// the same thread count every time and keeps its warm threads (a thread spawned per call
+/// starts with a cold allocator heap and a cold cache; measured: looped MAML sine, 1 step,
+/// took 1.51 ms on two freshly spawned threads against 1.48 ms on one), while a sweep over
+/// thread counts keeps the threads of its latest count only, as a resized OpenMP team or
+/// `torch.set_num_threads` does. A caller still running on a replaced pool holds it (an
+/// `Arc`) until it returns.
+static POOL: Mutex<Option<Arc<Pool>>> = Mutex::new(None);
+
+/// A pool of at least `need` and at most `most` worker threads: the last one if it fits,
+/// otherwise a new one of `need` threads that replaces it.
+fn pool(need: usize, most: usize) -> Result<Arc<Pool>> {
+    let mut slot = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = slot.as_ref().filter(|p| (need..=most).contains(&p.size)) {
         return Ok(p.clone());
     }
-    let built = rayon::ThreadPoolBuilder::new()
-        .num_threads(size)
-        .thread_name(|i| format!("candle-higher-meta-batch-{i}"))
-        .build()
-        .map_err(|e| Error::InvalidArgument {
-            op: "meta_batch",
-            message: format!("could not start {size} worker threads: {e}"),
-        })?;
-    let p = Arc::new(Pool {
-        threads: built,
-        started: AtomicU64::new(0),
-    });
-    pools.push((size, p.clone()));
-    Ok(p)
+    let built = Arc::new(Pool::build(need)?);
+    let old = slot.replace(built.clone());
+    drop(slot);
+    // Joins the old pool's threads here unless another caller still runs on it.
+    drop(old);
+    Ok(built)
 }
 
 /// How long a spinning thread keeps its core to itself before it offers it to other threads
@@ -129,6 +202,12 @@ pub enum Combine {
 /// cores warm across its outer steps; after 50 us they yield the core between checks, so
 /// that on busy cores they do not starve the threads they wait for.
 ///
+/// `threads` above [`MAX_THREADS`] is clamped to it, and only the pool of the latest
+/// thread count is kept: a call with another count replaces it (a call with fewer tasks
+/// than threads uses the pool it finds if that is large enough), and the replaced pool's
+/// threads stop once no caller runs on them, so sweeping thread counts leaves the threads
+/// of the last count only.
+///
 /// Keep the CPU kernels single-threaded while tasks run in parallel, or the threads
 /// compete for the cores: `set_cpu_threads(1)` for the library's own, and
 /// `RAYON_NUM_THREADS=1` in the environment for candle's elementwise kernels, whose pool
@@ -169,6 +248,10 @@ pub(crate) fn meta_batch_of(
             message: "0 threads; give at least 1".into(),
         });
     }
+    let threads = threads.min(MAX_THREADS);
+    // A pool of up to `threads - 1` workers serves, even if this call uses fewer (fewer
+    // tasks than threads), so a smaller last meta-batch keeps the loop's warm pool.
+    let most = threads - 1;
     let threads = threads.min(tasks.max(1));
     let mut stores: Vec<Result<GradStore>> = Vec::with_capacity(tasks);
     if threads == 1 {
@@ -191,13 +274,13 @@ pub(crate) fn meta_batch_of(
         };
         let mut blocks: Vec<Vec<Result<GradStore>>> = (0..threads).map(|_| Vec::new()).collect();
         let finished: Vec<AtomicBool> = (1..threads).map(|_| AtomicBool::new(false)).collect();
-        let pool = pool(threads - 1)?;
+        let pool = pool(threads - 1, most)?;
         // Ends the workers' spinning from the last meta-batch (see below).
         let started = pool.started.fetch_add(1, Ordering::AcqRel) + 1;
         // The caller runs the first block; the others run on the pool's warm threads. The
         // caller then spins for them rather than sleeping.
         let (first, rest) = blocks.split_at_mut(1);
-        pool.threads.in_place_scope(|s| {
+        pool.threads().in_place_scope(|s| {
             for ((i, out), finished) in rest.iter_mut().enumerate().zip(&finished) {
                 s.spawn(move |_| {
                     *out = block(i + 1);
@@ -210,9 +293,10 @@ pub(crate) fn meta_batch_of(
         // Each worker spins until the next meta-batch starts (or KEEP_WARM passes), so that
         // it neither sleeps through the caller's outer step nor wakes up cold.
         for _ in 1..threads {
-            let warm = pool.clone();
-            pool.threads.spawn(move || {
-                spin_until(|| warm.started.load(Ordering::Acquire) != started);
+            // Only the counter, not the pool: a pool's own thread never drops it.
+            let warm = pool.started.clone();
+            pool.threads().spawn(move || {
+                spin_until(|| warm.load(Ordering::Acquire) != started);
             });
         }
         stores.extend(blocks.into_iter().flatten());

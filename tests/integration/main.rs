@@ -36,6 +36,7 @@ mod optim_twin;
 mod parallel_adversarial;
 mod parallel_meta_batch;
 mod readme_tour;
+mod robustness;
 mod unroll_checkpoint;
 mod unroll_implicit;
 mod unroll_zero_order;

@@ -1,13 +1,16 @@
 //! Loading named tensors from another library's naming (a candle-nn `VarMap`, a PyTorch
 //! checkpoint): prefix renaming, and non-strict loading that reports what it left out.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use candle_core::DType;
 
-use super::{load_state_dict, ParamLayout, Parameters};
+use super::safetensors::load_vetted;
+use super::{walk, Entry, ParamLayout, Parameters};
 use crate::error::{Error, Result};
+use crate::tensor::TensorId;
 
 /// A renaming of the other side's names to the model's (see [`LoadOptions::rename_with`]).
 type RenameFn = Arc<dyn Fn(&str) -> String + Send + Sync>;
@@ -98,6 +101,7 @@ impl LoadOptions {
     /// one name is an error.
     pub(crate) fn rename_all<'a>(
         &self,
+        op: &'static str,
         names: impl IntoIterator<Item = &'a String>,
         source: &str,
     ) -> Result<HashMap<String, &'a String>> {
@@ -106,7 +110,7 @@ impl LoadOptions {
             let new = self.map_name(name);
             if let Some(other) = renamed.insert(new.clone(), name) {
                 return Err(Error::InvalidArgument {
-                    op: "load_state_dict_with",
+                    op,
                     message: format!(
                         "{source}: {other} and {name} are both renamed to {new}; nothing loaded"
                     ),
@@ -198,32 +202,97 @@ pub(crate) fn named_entries(layout: &ParamLayout) -> Vec<(&String, &crate::Tenso
         .collect()
 }
 
-/// [`load_state_dict`] with renamed source names and, optionally, non-strict matching and
-/// dtype conversion. All-or-nothing as `load_state_dict`: on any error (a mis-shaped or
-/// non-finite tensor, a dtype mismatch without `convert_dtype`, in strict mode a missing
-/// or extra name, or two source names renamed to one) the model is unchanged. Every
-/// trainable parameter becomes a fresh leaf, loaded or kept.
+/// `tensors` without the copies of a tied parameter (or shared buffer) under its later
+/// names, which the model lists under its first name only: PyTorch's `state_dict` holds a
+/// tied weight under every name. A copy whose values differ from the first name's is an
+/// error naming both, since one tensor cannot take two values; a later name present
+/// without the first stays (and is reported as unexpected, the first as missing).
+pub(crate) fn without_tied_copies<'a, M: Parameters>(
+    model: &mut M,
+    tensors: &'a HashMap<String, candle_core::Tensor>,
+    source: &str,
+) -> Result<Cow<'a, HashMap<String, candle_core::Tensor>>> {
+    // Each slot's name, and the first name of the tensor it holds.
+    let mut first: HashMap<TensorId, String> = HashMap::new();
+    let mut aliases: Vec<(String, String)> = Vec::new();
+    walk(model, &mut |name, entry| {
+        let id = match entry {
+            Entry::Param(t) | Entry::Buffer(t) => t.id(),
+            Entry::Training(_) => return Ok(()),
+        };
+        match first.get(&id) {
+            Some(primary) if primary != name => aliases.push((name.to_string(), primary.clone())),
+            Some(_) => {}
+            None => {
+                first.insert(id, name.to_string());
+            }
+        }
+        Ok(())
+    })?;
+    let copies: Vec<&(String, String)> = aliases
+        .iter()
+        .filter(|(alias, primary)| tensors.contains_key(alias) && tensors.contains_key(primary))
+        .collect();
+    if copies.is_empty() {
+        return Ok(Cow::Borrowed(tensors));
+    }
+    let mut kept = tensors.clone();
+    for (alias, primary) in copies {
+        if !same_values(&tensors[primary], &tensors[alias])? {
+            return Err(Error::InvalidArgument {
+                op: "load_state_dict",
+                message: format!(
+                    "{source}: {primary} and {alias} are one tied tensor in the model, but the \
+                     source holds different values for them; nothing loaded"
+                ),
+            });
+        }
+        kept.remove(alias);
+    }
+    Ok(Cow::Owned(kept))
+}
+
+/// Same shape, dtype and elements.
+fn same_values(a: &candle_core::Tensor, b: &candle_core::Tensor) -> Result<bool> {
+    if a.dims() != b.dims() || a.dtype() != b.dtype() {
+        return Ok(false);
+    }
+    if a.elem_count() == 0 {
+        return Ok(true);
+    }
+    let b = b.to_device(a.device())?;
+    Ok(a.ne(&b)?.flatten_all()?.max(0)?.to_scalar::<u8>()? == 0)
+}
+
+/// [`load_state_dict`](super::load_state_dict) with renamed source names and, optionally,
+/// non-strict matching and dtype conversion. All-or-nothing as `load_state_dict`: on any
+/// error (a mis-shaped or non-finite tensor, a dtype mismatch without `convert_dtype`, in
+/// strict mode a missing or extra name, two source names renamed to one, or a tied
+/// parameter given two values) the model is unchanged. Every trainable parameter becomes a
+/// fresh leaf, loaded or kept; only the loaded tensors are checked for NaN and infinities.
 pub fn load_state_dict_with<M: Parameters>(
     model: &mut M,
     tensors: &HashMap<String, candle_core::Tensor>,
     source: &str,
     options: &LoadOptions,
 ) -> Result<LoadReport> {
-    let renamed = options.rename_all(tensors.keys(), source)?;
+    let renamed: HashMap<String, candle_core::Tensor> = options
+        .rename_all("load_state_dict_with", tensors.keys(), source)?
+        .into_iter()
+        .map(|(new, old)| (new, tensors[old].clone()))
+        .collect();
+    let renamed = without_tied_copies(model, &renamed, source)?;
     let layout = ParamLayout::of(model)?;
     let entries = named_entries(&layout);
     let other = renamed
         .iter()
-        .map(|(new, old)| {
-            let t = &tensors[*old];
-            (new.clone(), (t.dims().to_vec(), t.dtype()))
-        })
+        .map(|(name, t)| (name.clone(), (t.dims().to_vec(), t.dtype())))
         .collect();
     let report = options.match_tensors(source, &entries, &other)?;
     let mut complete: HashMap<String, candle_core::Tensor> = report
         .loaded
         .iter()
-        .map(|name| (name.clone(), tensors[renamed[name]].clone()))
+        .map(|name| (name.clone(), renamed[name].clone()))
         .collect();
     for (name, current) in &entries {
         if report.missing.contains(name) {
@@ -232,6 +301,13 @@ pub fn load_state_dict_with<M: Parameters>(
     }
     drop(entries);
     drop(layout);
-    load_state_dict(model, &complete, source)?;
+    // `loaded` is sorted.
+    let from_source = |name: &str| {
+        report
+            .loaded
+            .binary_search_by(|n| n.as_str().cmp(name))
+            .is_ok()
+    };
+    load_vetted(model, &complete, source, &from_source)?;
     Ok(report)
 }

@@ -120,7 +120,7 @@ pub fn restore_buffers_on_error<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 
 impl Clone for Buffer {
     /// A new buffer with the same value: the clone's updates do not reach the original
-    /// (except in [`clone_sharing_buffers`]).
+    /// (except in the copy of a layer that weight norm or weight dropout runs).
     fn clone(&self) -> Self {
         if SHARE_ON_CLONE.get() {
             Buffer(self.0.clone())

@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+use super::load::without_tied_copies;
 use super::{ParamLayout, Parameters};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -22,10 +23,15 @@ pub fn state_dict<M: Parameters + Clone>(
     Ok(map)
 }
 
-/// Writes every parameter and buffer of `model` to a safetensors file, by dotted name.
+/// Writes every parameter and buffer of `model` to a safetensors file, by dotted name. A
+/// file that cannot be written is [`Error::File`], naming it.
 pub fn save_safetensors<M: Parameters + Clone>(model: &M, path: impl AsRef<Path>) -> Result<()> {
-    candle_core::safetensors::save(&state_dict(model)?, path)?;
-    Ok(())
+    let path = path.as_ref();
+    candle_core::safetensors::save(&state_dict(model)?, path).map_err(|e| Error::File {
+        op: "save_safetensors",
+        path: path.display().to_string(),
+        message: format!("cannot write: {e}"),
+    })
 }
 
 /// Loads every parameter and buffer of `model` from a safetensors file, by name.
@@ -33,11 +39,22 @@ pub fn save_safetensors<M: Parameters + Clone>(model: &M, path: impl AsRef<Path>
 /// All names and shapes are checked before anything is replaced: any missing, extra or
 /// mis-shaped tensor gives one [`Error::LoadMismatch`] listing them all, a tensor holding
 /// NaN or an infinity gives [`Error::NonFinite`] naming them, and either way the model is
-/// unchanged. Values are converted to the dtype and device of the tensor they replace;
-/// trainable parameters become fresh leaves, frozen ones stay frozen.
+/// unchanged. Values are converted to the dtype and device of the tensor they replace (as
+/// PyTorch's `load_state_dict` copies them); trainable parameters become fresh leaves,
+/// frozen ones stay frozen. A tied parameter is loaded once, under its first name; the
+/// source may also hold it under its other names (PyTorch's `state_dict` does) with the
+/// same values, and different values there are an error naming both. A file that cannot be
+/// read, or is not a safetensors file (truncated, corrupt), is [`Error::File`], naming it.
 pub fn load_safetensors<M: Parameters>(model: &mut M, path: impl AsRef<Path>) -> Result<()> {
     let path = path.as_ref();
-    let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu)?;
+    let file_error = |message: String| Error::File {
+        op: "load_safetensors",
+        path: path.display().to_string(),
+        message: format!("{message}; nothing loaded"),
+    };
+    let data = std::fs::read(path).map_err(|e| file_error(format!("cannot read: {e}")))?;
+    let tensors = candle_core::safetensors::load_buffer(&data, &candle_core::Device::Cpu)
+        .map_err(|e| file_error(format!("not a safetensors file candle can read: {e}")))?;
     load_state_dict(model, &tensors, &path.display().to_string())
 }
 
@@ -47,6 +64,19 @@ pub fn load_state_dict<M: Parameters>(
     model: &mut M,
     tensors: &HashMap<String, candle_core::Tensor>,
     source: &str,
+) -> Result<()> {
+    let tensors = without_tied_copies(model, tensors, source)?;
+    load_vetted(model, &tensors, source, &|_| true)
+}
+
+/// [`load_state_dict`] of a source that holds each tied tensor once, checking for NaN and
+/// infinities only the tensors whose names `vetted` accepts (the others are the model's
+/// own values, kept by a non-strict load).
+pub(crate) fn load_vetted<M: Parameters>(
+    model: &mut M,
+    tensors: &HashMap<String, candle_core::Tensor>,
+    source: &str,
+    vetted: &dyn Fn(&str) -> bool,
 ) -> Result<()> {
     let layout = ParamLayout::of(model)?;
     let current: Vec<(&String, &Tensor)> = layout
@@ -84,7 +114,7 @@ pub fn load_state_dict<M: Parameters>(
     // NaN or inf weights are never what a checkpoint should hold: refuse them all, by
     // name, before anything is replaced (one pass over the values; loading reads them anyway).
     let mut non_finite = Vec::new();
-    for (name, _) in &current {
+    for (name, _) in current.iter().filter(|(n, _)| vetted(n)) {
         if !crate::tensor::anomaly::all_finite(&tensors[name.as_str()])? {
             non_finite.push(name.to_string());
         }

@@ -51,7 +51,7 @@ pub fn write_varmap<M: Parameters + Clone>(
     let entries = named_entries(&layout);
     let vars = lock(varmap)?;
     let names: Vec<&String> = vars.keys().collect();
-    let renamed = options.rename_all(names, SOURCE)?;
+    let renamed = options.rename_all("write_varmap", names, SOURCE)?;
     let other = renamed
         .iter()
         .map(|(new, old)| {

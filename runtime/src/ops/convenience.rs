@@ -14,13 +14,15 @@ fn check_dim(op: &'static str, t: &Tensor, dim: usize) -> Result<()> {
             message: format!("dimension {dim} out of range for shape {:?}", t.dims()),
         });
     }
-    if t.dims()[dim] == 0 {
-        return Err(Error::InvalidArgument {
-            op,
-            message: format!("dimension {dim} of shape {:?} is empty", t.dims()),
-        });
-    }
     Ok(())
+}
+
+/// The `u32` indices of an arg-reduction over `dim` of an empty tensor whose `dim` is not
+/// empty: as empty as the tensor (candle's reduction takes no empty tensor).
+fn empty_indices(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let mut shape = t.dims().to_vec();
+    shape.remove(dim);
+    Tensor::zeros(&shape, candle_core::DType::U32, t.device())
 }
 
 impl Tensor {
@@ -29,6 +31,10 @@ impl Tensor {
     /// gives its first NaN, as in PyTorch.
     pub fn argmax(&self, dim: usize) -> Result<Tensor> {
         check_dim("argmax", self, dim)?;
+        super::reduce::check_not_empty("argmax", self, dim)?;
+        if self.elem_count() == 0 {
+            return empty_indices(self, dim);
+        }
         nan_first(self.value(), dim, self.value().argmax(dim)?)
     }
 
@@ -37,14 +43,19 @@ impl Tensor {
     /// gives its first NaN, as in PyTorch.
     pub fn argmin(&self, dim: usize) -> Result<Tensor> {
         check_dim("argmin", self, dim)?;
+        super::reduce::check_not_empty("argmin", self, dim)?;
+        if self.elem_count() == 0 {
+            return empty_indices(self, dim);
+        }
         nan_first(self.value(), dim, self.value().argmin(dim)?)
     }
 
     /// The `k` largest values along `dim`, largest first, and their indices
     /// (`torch.topk(k, dim)`): the values are differentiable (the gradient goes to the
     /// selected positions, as a `gather`), the indices are a `u32` constant. `k` must not
-    /// exceed the dimension's size. NaN counts as the largest value, as in PyTorch (its
-    /// order among infinities is unspecified).
+    /// exceed the dimension's size; `k = 0`, or an empty tensor, gives empty results, as in
+    /// PyTorch. NaN counts as the largest value, as in PyTorch (its order among infinities
+    /// is unspecified).
     pub fn topk(&self, k: usize, dim: usize) -> Result<(Tensor, Tensor)> {
         check_dim("topk", self, dim)?;
         let size = self.dims()[dim];
@@ -53,6 +64,13 @@ impl Tensor {
                 op: "topk",
                 message: format!("k = {k} exceeds the size {size} of dimension {dim}"),
             });
+        }
+        if k == 0 || self.elem_count() == 0 {
+            // Nothing to sort (candle's sort takes no empty tensor).
+            let mut shape = self.dims().to_vec();
+            shape[dim] = k;
+            let indices = Tensor::zeros(&shape, candle_core::DType::U32, self.device())?;
+            return Ok((super::connected_zeros(&shape, self, &[self])?, indices));
         }
         let last = self.rank() - 1;
         // NaN sorts as the largest value (PyTorch's topk); candle's sort does not order it.

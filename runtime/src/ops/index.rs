@@ -58,11 +58,12 @@ fn checked_indices(
             size,
         });
     }
-    let v = indices.value();
+    // candle's kernels read contiguous indices only.
+    let v = indices.value().contiguous()?;
     Ok(if v.dtype() == DType::U8 {
         v.to_dtype(DType::U32)?
     } else {
-        v.clone()
+        v
     })
 }
 
@@ -193,7 +194,9 @@ impl Tensor {
         check_indices("index_select", self, indices, dim)?;
         check_index_vector("index_select", indices)?;
         let indices = checked_indices("index_select", indices, dim, self.dims()[dim])?;
-        let value = self.value().index_select(&indices, dim)?;
+        // candle selects from contiguous tensors only (index_add's backward selects from
+        // the broadcast gradient of a sum).
+        let value = self.value().contiguous()?.index_select(&indices, dim)?;
         Tensor::from_op(value, &[self], IndexSelect { indices, dim })
     }
 
@@ -227,8 +230,9 @@ impl Tensor {
     pub fn gather(&self, indices: &Tensor, dim: usize) -> Result<Tensor> {
         check_indices("gather", self, indices, dim)?;
         check_same_except("gather", self, indices.dims(), dim, "indices")?;
-        let indices = checked_indices("gather", indices, dim, self.dims()[dim])?.contiguous()?;
-        let value = self.value().gather(&indices, dim)?;
+        let indices = checked_indices("gather", indices, dim, self.dims()[dim])?;
+        // Likewise for gather (a transpose, or scatter_add's backward).
+        let value = self.value().contiguous()?.gather(&indices, dim)?;
         Tensor::from_op(value, &[self], Gather { indices, dim })
     }
 
@@ -246,8 +250,7 @@ impl Tensor {
                 got: indices.dims().to_vec(),
             });
         }
-        let indices =
-            checked_indices("scatter_add", indices, dim, self.dims()[dim])?.contiguous()?;
+        let indices = checked_indices("scatter_add", indices, dim, self.dims()[dim])?;
         let value = self
             .value()
             .scatter_add(&indices, &source.value().contiguous()?, dim)?;

@@ -39,8 +39,27 @@ pub(crate) fn connected_zeros(
     like: &Tensor,
     inputs: &[&Tensor],
 ) -> Result<Tensor> {
-    let mut out = Tensor::zeros(shape, like.dtype(), like.device())?;
-    for t in inputs {
+    connected_full(shape, 0.0, like, inputs)
+}
+
+/// [`connected_zeros`] holding `value` instead (a logsumexp over no elements is -inf).
+pub(crate) fn connected_full(
+    shape: &[usize],
+    value: f64,
+    like: &Tensor,
+    inputs: &[&Tensor],
+) -> Result<Tensor> {
+    let mut out = if value == 0.0 {
+        Tensor::zeros(shape, like.dtype(), like.device())?
+    } else {
+        Tensor::full(value, shape, like.dtype(), like.device())?
+    };
+    // Only inputs that can get a gradient need the connection (an integer one's sum would
+    // be another dtype).
+    for t in inputs
+        .iter()
+        .filter(|t| t.requires_grad() && t.dtype().is_float())
+    {
         out = out.add(&t.flatten_all()?.narrow(0, 0, 0)?.sum_all()?)?;
     }
     Ok(out)

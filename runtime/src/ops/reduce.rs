@@ -14,6 +14,27 @@ fn check_dims(op: &'static str, t: &Tensor, dims: &[usize]) -> Result<()> {
             message: format!("dimension {d} out of range for shape {:?}", t.dims()),
         });
     }
+    // PyTorch: "dim 1 appears multiple times in the list of dims" (a mean would divide by
+    // its size twice).
+    let repeated = (1..dims.len()).find(|&i| dims[..i].contains(&dims[i]));
+    if let Some(d) = repeated.map(|i| dims[i]) {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!("dimension {d} appears more than once in {dims:?}"),
+        });
+    }
+    Ok(())
+}
+
+/// A reduction with no identity (max, argmax, ...) has no value over an empty `dim`
+/// (PyTorch: "Expected reduction dim 1 to have non-zero size").
+pub(crate) fn check_not_empty(op: &'static str, t: &Tensor, dim: usize) -> Result<()> {
+    if t.dims()[dim] == 0 {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!("dimension {dim} of shape {:?} is empty", t.dims()),
+        });
+    }
     Ok(())
 }
 
@@ -144,10 +165,8 @@ impl Tensor {
     /// Mean over `dims` (floating point tensors only, as PyTorch).
     pub fn mean_dims(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
         self.require_float("mean")?;
-        let n: usize = dims
-            .iter()
-            .map(|&d| self.dims().get(d).copied().unwrap_or(1))
-            .product();
+        check_dims("mean", self, dims)?;
+        let n: usize = dims.iter().map(|&d| self.dims()[d]).product();
         self.sum_dims(dims, keepdim)?.affine(1.0 / n as f64, 0.0)
     }
 
@@ -168,8 +187,19 @@ impl Tensor {
     }
 
     fn extremum(&self, dim: usize, keepdim: bool, max: bool) -> Result<Tensor> {
-        check_dims(if max { "max" } else { "min" }, self, &[dim])?;
+        let op = if max { "max" } else { "min" };
+        check_dims(op, self, &[dim])?;
+        check_not_empty(op, self, dim)?;
         let keep = keepdim_shape(self.dims(), &[dim]);
+        if self.elem_count() == 0 {
+            // Another dim is empty: so is the result (candle's reduction takes no empty
+            // tensor).
+            let mut shape = keep;
+            if !keepdim {
+                shape.remove(dim);
+            }
+            return super::connected_zeros(&shape, self, &[self]);
+        }
         let x = self.value();
         let mut value = if max {
             x.max_keepdim(dim)?

@@ -102,11 +102,28 @@ impl Tensor {
         )
     }
 
-    /// `log(sum(e^x))` along `dim`, keeping it as size 1 when `keepdim`.
+    /// `log(sum(e^x))` along `dim`, keeping it as size 1 when `keepdim`. As in PyTorch, an
+    /// empty `dim` gives -inf (the log of an empty sum), a slice of -inf gives -inf and one
+    /// holding +inf gives +inf.
     pub fn logsumexp(&self, dim: usize, keepdim: bool) -> Result<Tensor> {
         self.require_float("logsumexp")?;
         check_dim("logsumexp", self, dim)?;
+        if self.elem_count() == 0 {
+            // candle's max reduction takes no empty tensor.
+            let mut shape = self.dims().to_vec();
+            if keepdim {
+                shape[dim] = 1;
+            } else {
+                shape.remove(dim);
+            }
+            return super::connected_full(&shape, f64::NEG_INFINITY, self, &[self]);
+        }
         let m = self.value().max_keepdim(dim)?;
+        // Shifted by 0 where the maximum is infinite (PyTorch's rule): `inf - inf` is NaN.
+        let m = m
+            .abs()?
+            .eq(f64::INFINITY)?
+            .where_cond(&m.zeros_like()?, &m)?;
         let s = self.value().broadcast_sub(&m)?;
         let mut value = (s.exp()?.sum_keepdim(dim)?.log()? + m)?;
         if !keepdim {
