@@ -275,15 +275,16 @@ pub enum Error {
         shape: Vec<usize>,
     },
     /// The ranks of a distributed run disagree on something that must be the same on every
-    /// rank (parameter count, a shape or dtype, the optimizer's state count). Every rank
-    /// returns this error from the same call, so none is left waiting.
-    #[error("{op}: rank {rank} disagrees with rank 0: {what}")]
+    /// rank (parameter count, a shape or dtype, the optimizer's state count), or a call
+    /// failed on another rank (that rank returns its own error). Every rank returns from
+    /// the same call, so none is left waiting.
+    #[error("{op}: rank {rank} failed or differs from rank 0: {what}")]
     RankMismatch {
         /// The collective call that found it.
         op: &'static str,
-        /// The first rank that disagrees.
+        /// The first rank that differs or failed.
         rank: usize,
-        /// What differs.
+        /// What differs, or why that rank failed.
         what: String,
     },
     /// A collective operation failed (the communication library reported an error, or what
