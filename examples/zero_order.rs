@@ -73,15 +73,24 @@ fn unroll(p: &Problem, h: &Tensor) -> Result<(f64, Option<Tensor>)> {
     opt.set_overrides(&Overrides::new().set("lr", lr).set("momentum", momentum))?;
     let carry = OptimizerCarry::new(vec![p.w0.clone()], opt);
     let mse = |w: &Tensor, x: &Tensor, y: &Tensor| x.matmul(w)?.sub(y)?.sqr()?.mean_all();
+    // A constant h (the zero-order estimates) is no hyperparameter to differentiate.
+    let hyper = if h.requires_grad() {
+        std::slice::from_ref(h)
+    } else {
+        &[]
+    };
     let out = checkpointed_unroll(
         &carry,
         STEPS,
-        std::slice::from_ref(h),
+        hyper,
         |c, _| c.step(&mse(&c.params[0], &p.x, &p.y)?, None),
         |c| mse(&c.params[0], &p.xv, &p.yv),
         &CheckpointOptions::default(),
     )?;
-    Ok((out.meta_loss.to_scalar_f64()?, out.hyper_grads[0].clone()))
+    Ok((
+        out.meta_loss.to_scalar_f64()?,
+        out.hyper_grads.first().cloned().flatten(),
+    ))
 }
 
 fn norm(v: &[f64]) -> f64 {

@@ -37,6 +37,7 @@ mod parallel_adversarial;
 mod parallel_meta_batch;
 mod readme_tour;
 mod robustness;
+mod unroll_adversarial;
 mod unroll_checkpoint;
 mod unroll_implicit;
 mod unroll_zero_order;

@@ -16,7 +16,7 @@ use crate::autograd::{grad, GradOptions};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-use super::dot;
+use super::{check_differentiable, dot, first_non_finite};
 
 /// How [`implicit_grad`] solves `(dF/dx)^T v = dL/dx`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -38,9 +38,10 @@ pub enum LinearSolver {
 pub struct ImplicitOptions {
     /// The solver.
     pub solver: LinearSolver,
-    /// Stop when `||(dF/dx)^T v - dL/dx|| <= tol * ||dL/dx||`.
+    /// Stop when `||(dF/dx)^T v - dL/dx|| <= tol * ||dL/dx||`; in `[0, 1)` (`v = 0`, a
+    /// zero gradient, meets 1).
     pub tol: f64,
-    /// At most this many products with `(dF/dx)^T`.
+    /// At most this many products with `(dF/dx)^T` (at least 1).
     pub max_iter: usize,
     /// Conjugate gradient only: at a direction of non-positive curvature (a nonconvex inner
     /// problem, such as a ReLU network's), stop and return the iterate so far (truncated CG,
@@ -108,6 +109,15 @@ pub struct ImplicitGrads {
 /// dependence of the outer loss on `theta` is not included: add it. A residual above the
 /// tolerance after `max_iter` products is reported (`converged: false`), not an error.
 ///
+/// Errors: options out of range (`tol` outside `[0, 1)`, `max_iter` 0, a Neumann `alpha`
+/// that is not finite and positive); no solution tensors; `dl_dx` or the condition's output
+/// of another count, shape, dtype or device; a `theta` that does not require grad
+/// ([`Error::InvalidArgument`] naming `theta[i]`) or is not a float; NaN or infinite values
+/// in the solution, `dl_dx` or the condition's output ([`Error::NonFinite`] naming the
+/// tensor); a condition with no path on the tape to `x` (a gradient taken without
+/// `create_graph`); conjugate gradient at a direction of non-positive curvature (unless
+/// truncating). A `theta` listed twice gets its whole gradient at both positions.
+///
 /// ```
 /// # use candle_higher_runtime::{grad, Device, GradOptions, Tensor, Result};
 /// # use candle_higher_runtime::unroll::{implicit_grad, ImplicitOptions};
@@ -135,10 +145,24 @@ pub fn implicit_grad(
 ) -> Result<ImplicitGrads> {
     const OP: &str = "implicit_grad";
     check_options(options)?;
+    if solution.is_empty() {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            message: "no solution tensors; give x*, one tensor per unknown".into(),
+        });
+    }
     check_matching(OP, "dl_dx", solution, dl_dx)?;
+    check_differentiable(OP, "theta", theta)?;
+    check_finite("solution", solution)?;
+    check_finite("dl_dx", dl_dx)?;
     let x: Vec<Tensor> = solution.iter().map(|t| t.detach().to_leaf()).collect();
     let f = condition(&x, theta)?;
     check_matching(OP, "the optimality condition's output", solution, &f)?;
+    if let Some(i) = first_non_finite(&f)? {
+        return Err(Error::NonFinite {
+            what: format!("{OP}: the optimality condition's output {i}, at a finite solution"),
+        });
+    }
     let b: Vec<Tensor> = dl_dx.iter().map(Tensor::detach).collect();
     // (dF/dx)^T u: a vector-Jacobian product of F.
     let product = |u: &[Tensor]| -> Result<Vec<Tensor>> {
@@ -149,6 +173,16 @@ pub fn implicit_grad(
                 .allow_unused(true)
                 .grad_outputs(u.to_vec()),
         )?;
+        if g.iter().all(Option::is_none) {
+            // Whatever u is: no path from F to x on the tape.
+            return Err(Error::InvalidArgument {
+                op: OP,
+                message: "the optimality condition does not depend on the solution on the \
+                          tape, so dF/dx is 0 and the system has no solution; compute F from \
+                          the x it is given (a gradient inside it needs create_graph)"
+                    .into(),
+            });
+        }
         g.into_iter()
             .zip(&x)
             .map(|(g, xi)| g.map_or_else(|| xi.zeros_like(), Ok))
@@ -193,11 +227,15 @@ fn check_options(options: &ImplicitOptions) -> Result<()> {
             message,
         })
     };
-    if !(options.tol.is_finite() && options.tol >= 0.0) {
+    // v = 0 meets a relative tolerance of 1: a zero gradient, reported as converged.
+    if !(options.tol >= 0.0 && options.tol < 1.0) {
         return bad(format!(
-            "tol is {}; give a finite tolerance >= 0",
+            "tol is {}; give a relative tolerance in [0, 1) (v = 0 meets 1)",
             options.tol
         ));
+    }
+    if options.max_iter == 0 {
+        return bad("max_iter is 0; allow at least 1 product".into());
     }
     if let LinearSolver::Neumann { alpha } = options.solver {
         if !(alpha.is_finite() && alpha > 0.0) {
@@ -207,6 +245,16 @@ fn check_options(options: &ImplicitOptions) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// NaN or an infinity in `ts` is [`Error::NonFinite`] naming the tensor.
+fn check_finite(what: &str, ts: &[Tensor]) -> Result<()> {
+    match first_non_finite(ts)? {
+        Some(i) => Err(Error::NonFinite {
+            what: format!("implicit_grad: {what} tensor {i}"),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// One tensor of `got` per tensor of `solution`, with its shape, dtype and device.

@@ -22,6 +22,13 @@ use rand::{Rng, SeedableRng};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
+use super::{epsilon, first_non_finite};
+
+/// `sigma` must be at least this many spacings of an input's dtype at its largest value:
+/// x + sigma eps is rounded to the dtype, and a perturbation of a few spacings is mostly
+/// rounding (below one, none at all: an estimate of exactly 0 with standard error 0).
+const MIN_SPACINGS: f64 = 100.0;
+
 /// Which evolution-strategies estimator [`es_gradient`] uses (see the module doc).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EsMethod {
@@ -81,7 +88,15 @@ fn normal(rng: &mut StdRng) -> f64 {
 ///
 /// `f` gets constant tensors (the inputs perturbed) and returns a one-element tensor; it
 /// may build and use graphs inside (an unrolled inner loop), nothing is differentiated
-/// through it. Each coordinate's noise is drawn in f64.
+/// through it. Each coordinate's noise is drawn in f64, and `x + sigma eps` is rounded to
+/// each input's dtype.
+///
+/// Errors ([`Error::InvalidArgument`] unless said): `sigma` not finite and positive, or
+/// below 100 spacings of an input's dtype at its largest value (the perturbation would be
+/// mostly rounding: in f32 at `|x|` up to 1, `sigma >= 1.2e-5`); fewer than 2 samples; no
+/// inputs; an integer input ([`Error::UnsupportedDType`]); NaN or infinite inputs, or an
+/// `f` value that is ([`Error::NonFinite`] naming the input or the sample); an `f` of
+/// several elements ([`Error::NonScalarOutput`]); `f`'s own errors, as they are.
 ///
 /// ```
 /// # use candle_higher_runtime::{Device, Tensor, Result};
@@ -114,12 +129,44 @@ pub fn es_gradient(
             options.samples
         ));
     }
+    if x.is_empty() {
+        return bad("no inputs; give at least one tensor to perturb".into());
+    }
+    for t in x {
+        if !t.dtype().is_float() {
+            return Err(Error::UnsupportedDType {
+                op: OP,
+                dtype: t.dtype(),
+                expected: "floating point inputs (x + sigma eps would be rounded to integers)",
+            });
+        }
+    }
+    if let Some(i) = first_non_finite(x)? {
+        return Err(Error::NonFinite {
+            what: format!("{OP}: input {i}"),
+        });
+    }
     let base: Vec<Vec<f64>> = x
         .iter()
         .map(|t| t.detach().to_vec_f64())
         .collect::<Result<_>>()?;
+    for (t, b) in x.iter().zip(&base) {
+        let largest = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let spacing = epsilon(t.dtype()) * largest;
+        if options.sigma < MIN_SPACINGS * spacing {
+            return bad(format!(
+                "sigma is {}, below {MIN_SPACINGS} spacings of {:?} values at |x| up to \
+                 {largest} (they are {spacing:e} apart there): x + sigma eps would be mostly \
+                 rounding; use sigma >= {:e}, or convert the inputs to f64",
+                options.sigma,
+                t.dtype(),
+                MIN_SPACINGS * spacing
+            ));
+        }
+    }
     let mut evaluations = 0;
-    let mut eval = |values: &[Vec<f64>]| -> Result<f64> {
+    // `sample` None is the baseline f(x); `side` the sign of the perturbation.
+    let mut eval = |values: &[Vec<f64>], sample: Option<usize>, side: f64| -> Result<f64> {
         let inputs: Vec<Tensor> = x
             .iter()
             .zip(values)
@@ -133,10 +180,21 @@ pub fn es_gradient(
             });
         }
         evaluations += 1;
-        y.to_scalar_f64()
+        let y = y.to_scalar_f64()?;
+        if !y.is_finite() {
+            let at = match sample {
+                None => "the baseline f(x)".to_string(),
+                Some(s) if side > 0.0 => format!("sample {s} (x + sigma eps)"),
+                Some(s) => format!("sample {s} (x - sigma eps)"),
+            };
+            return Err(Error::NonFinite {
+                what: format!("{OP}: f is {y} at {at}"),
+            });
+        }
+        Ok(y)
     };
     let baseline = match options.method {
-        EsMethod::Forward => eval(&base)?,
+        EsMethod::Forward => eval(&base, None, 0.0)?,
         EsMethod::Naive | EsMethod::Antithetic => 0.0,
     };
     let sigma = options.sigma;
@@ -149,16 +207,18 @@ pub fn es_gradient(
             .map(|(b, e)| b.iter().zip(e).map(|(b, e)| b + sign * sigma * e).collect())
             .collect()
     };
-    for _ in 0..options.samples {
+    for sample in 0..options.samples {
         let eps: Vec<Vec<f64>> = base
             .iter()
             .map(|b| (0..b.len()).map(|_| normal(&mut rng)).collect())
             .collect();
+        let at = Some(sample);
         let weight = match options.method {
-            EsMethod::Naive => eval(&shifted(&eps, 1.0))? / sigma,
-            EsMethod::Forward => (eval(&shifted(&eps, 1.0))? - baseline) / sigma,
+            EsMethod::Naive => eval(&shifted(&eps, 1.0), at, 1.0)? / sigma,
+            EsMethod::Forward => (eval(&shifted(&eps, 1.0), at, 1.0)? - baseline) / sigma,
             EsMethod::Antithetic => {
-                (eval(&shifted(&eps, 1.0))? - eval(&shifted(&eps, -1.0))?) / (2.0 * sigma)
+                let up = eval(&shifted(&eps, 1.0), at, 1.0)?;
+                (up - eval(&shifted(&eps, -1.0), at, -1.0)?) / (2.0 * sigma)
             }
         };
         for ((s, q), e) in sum.iter_mut().zip(sum_sq.iter_mut()).zip(&eps) {
