@@ -131,12 +131,12 @@ pub enum Error {
         /// How many parameter groups the optimizer has.
         groups: usize,
     },
-    /// A replacement list of parameters or buffers has the wrong length.
+    /// A list of parameters, buffers, gradients or optimizer states has the wrong length.
     #[error("{op}: expected {expected} {what}, got {got}")]
     ParamCount {
         /// The function that rejected the list.
         op: &'static str,
-        /// "parameters" or "buffers".
+        /// What the list holds: "parameters", "buffers", "gradients", "states", ...
         what: &'static str,
         /// How many the model has (tied ones once).
         expected: usize,

@@ -1679,8 +1679,15 @@ fn diffopt_on_another_fmodel_is_a_count_error() -> Result<()> {
     let l = g.forward(&x)?.sqr()?.mean_all()?;
     let e = d.step(&mut g, &l).unwrap_err();
     assert!(
-        matches!(&e, Error::InvalidArgument { op: "DiffOptimizer::step", message }
-            if message.contains("expected 2 parameters, got 4")),
+        matches!(
+            &e,
+            Error::ParamCount {
+                op: "DiffOptimizer::step",
+                what: "parameters",
+                expected: 2,
+                got: 4
+            }
+        ),
         "{e}"
     );
     assert_eq!(

@@ -66,11 +66,19 @@ pub(crate) fn check_groups<'a>(
     Ok(())
 }
 
-pub(crate) fn check_count(op: &'static str, what: &str, expected: usize, got: usize) -> Result<()> {
+/// [`Error::ParamCount`] unless a list of `what` has the `expected` length.
+pub(crate) fn check_count(
+    op: &'static str,
+    what: &'static str,
+    expected: usize,
+    got: usize,
+) -> Result<()> {
     if expected != got {
-        return Err(Error::InvalidArgument {
+        return Err(Error::ParamCount {
             op,
-            message: format!("expected {expected} {what}, got {got}"),
+            what,
+            expected,
+            got,
         });
     }
     Ok(())
