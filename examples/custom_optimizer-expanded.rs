@@ -1,6 +1,6 @@
 //! Teaches: what `#[differentiable_optimizer]` generates for `custom_optimizer.rs`, by hand
-//! and simplified (absolute `::candle_higher::__private::` paths shortened, the macro's
-//! `Clone::clone(&self.lr)` written `self.lr.clone()`). It compiles and runs the same way.
+//! and simplified (absolute `::candle_higher::__private::` paths shortened). It compiles
+//! and runs the same way.
 //! The exact expansion is pinned by the snapshots in `macros/snapshots/`.
 //!
 //! Run: `cargo run --example custom_optimizer-expanded`

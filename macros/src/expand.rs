@@ -280,6 +280,9 @@ fn impl_block(args: &Args, item: &ItemImpl) -> syn::Result<TokenStream> {
     if let Some(Err(e)) = validate.map(ast::validate_signature) {
         errors.push(e);
     }
+    if let Some(validate) = validate {
+        valid::validate_body(validate, &mut errors);
+    }
     let func = ast::step_fn(item);
     if let Some(func) = func {
         valid::step_signature(func, &mut errors);
@@ -322,20 +325,22 @@ fn step_impls(
     let p = quote!(#krate::__private);
     let attrs = &step.func.attrs;
     // The user's own signature (validated), so the names it imports stay used and
-    // type errors point at their tokens.
+    // type errors point at their tokens. The lints allowed fire on one form only: the
+    // clones of `f64`s the twin needs, and conversions to `Scalar` (`self.lr.into()`),
+    // which the twin's `Scalar`s make identities.
     let sig = &step.func.sig;
     quote! {
         #[automatically_derived]
         impl #p::OptimizerStep for #ident {
             #(#attrs)*
-            #[allow(clippy::clone_on_copy)]
+            #[allow(clippy::clone_on_copy, clippy::useless_conversion)]
             #sig #body
             #validate
         }
         #[automatically_derived]
         impl #p::OptimizerStep for #twin {
             #(#attrs)*
-            #[allow(clippy::clone_on_copy)]
+            #[allow(clippy::clone_on_copy, clippy::useless_conversion)]
             #sig #body
             #validate
         }

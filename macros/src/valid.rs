@@ -219,10 +219,30 @@ pub(crate) fn body(step: &Step<'_>, errors: &mut Errors) {
         step,
         errors: Errors::default(),
         entries: BTreeSet::new(),
-        hyper: crate::rewrite::derived_names(&step.func.block, &|i| i == "self"),
+        hyper: crate::rewrite::derived_names(&step.func.block, None),
+        scopes: Vec::new(),
     };
     walker.visit_block(&step.func.block);
     errors.extend(walker.errors.0);
+}
+
+/// `fn validate` is emitted unchanged for both forms; its `self.lr` is a `Scalar` in the
+/// twin, which compares with floats but lacks `f64`'s other methods.
+pub(crate) fn validate_body(func: &syn::ImplItemFn, errors: &mut Errors) {
+    struct Methods<'e>(&'e mut Errors);
+    impl<'ast> Visit<'ast> for Methods<'_> {
+        fn visit_expr_method_call(&mut self, m: &'ast ExprMethodCall) {
+            self.0.extend(f64_method_on_hyperparameter(m));
+            visit::visit_expr_method_call(self, m);
+        }
+        fn visit_macro(&mut self, mac: &'ast syn::Macro) {
+            for e in crate::rewrite::macro_exprs(mac).unwrap_or_default() {
+                Visit::visit_expr(self, &e);
+            }
+        }
+        fn visit_item(&mut self, _: &'ast syn::Item) {}
+    }
+    Methods(errors).visit_block(&func.block);
 }
 
 struct Body<'a> {
@@ -233,18 +253,24 @@ struct Body<'a> {
     entries: BTreeSet<String>,
     /// Locals computed from a hyperparameter: `Scalar`s in the twin.
     hyper: BTreeSet<String>,
+    /// The names bound in each enclosing scope (blocks, match arms, `if let`, `for`), to
+    /// tell the gradient from a local that shadows it (`let mut grad = grad.clone();`).
+    scopes: Vec<Vec<String>>,
 }
 
 impl<'ast> Visit<'ast> for Body<'_> {
     fn visit_expr_method_call(&mut self, m: &'ast ExprMethodCall) {
-        let grad = grad_in_place(m, self.step);
+        let grad = grad_in_place(m, self.step).filter(|_| !self.grad_shadowed());
         let hyper = hyperparameter_in_place(m);
         if let Some(e) = grad.or(hyper) {
             self.errors.push(e);
         } else if let Some(e) = unsupported_in_place(m) {
             self.errors.push(e);
         }
-        if let Some(e) = leaves_graph(&m.method, m) {
+        // `state.value("k")` reads an entry (its tensor stays in the graph); the graph
+        // exits `Tensor::value()` and `Scalar::value()` take no argument.
+        let reads_an_entry = m.method == "value" && !m.args.is_empty();
+        if let Some(e) = leaves_graph(&m.method, m).filter(|_| !reads_an_entry) {
             self.errors.push(e);
         }
         if let Some(e) = recomputes_loss(&m.method, m) {
@@ -253,6 +279,13 @@ impl<'ast> Visit<'ast> for Body<'_> {
         if let Some(e) = float_only_method(m, &self.hyper) {
             self.errors.push(e);
         }
+        let more = [
+            depends_on_recording(&m.method, m),
+            (m.method == "to_vec" && m.turbofish.is_some()).then(|| graph_exit(&m.method, m)),
+            f64_method_on_hyperparameter(m),
+            hyperparameter_as_float_argument(m, &self.hyper),
+        ];
+        self.errors.extend(more.into_iter().flatten());
         self.visit_expr(&m.receiver);
         let init_arg = (m.method == "get_or_insert_with" || m.method == "scalar_or_insert_with")
             .then(|| m.args.last())
@@ -276,6 +309,12 @@ impl<'ast> Visit<'ast> for Body<'_> {
                     self.errors.push(e);
                 }
                 if let Some(e) = float_function(p, c, &self.hyper) {
+                    self.errors.push(e);
+                }
+                if let Some(e) = depends_on_recording(&last.ident, c) {
+                    self.errors.push(e);
+                }
+                if let Some(e) = tensor_from_hyperparameter(p, c, &self.hyper) {
                     self.errors.push(e);
                 }
             }
@@ -310,13 +349,87 @@ impl<'ast> Visit<'ast> for Body<'_> {
         visit::visit_expr_cast(self, c);
     }
 
+    fn visit_expr_try(&mut self, t: &'ast syn::ExprTry) {
+        // `grad.to_vec()?` is `Tensor::to_vec` (a slice's `to_vec` is not fallible).
+        if let Expr::MethodCall(m) = ast::strip(&t.expr) {
+            if m.method == "to_vec" && m.turbofish.is_none() {
+                self.errors.push(graph_exit(&m.method, m));
+            }
+        }
+        visit::visit_expr_try(self, t);
+    }
+
+    fn visit_expr_match(&mut self, m: &'ast syn::ExprMatch) {
+        if from_hyperparameter(&m.expr, &self.hyper) && !converts_flag(&m.expr) {
+            for arm in &m.arms {
+                self.errors.extend(float_pattern(&arm.pat));
+            }
+        }
+        visit::visit_expr_match(self, m);
+    }
+
+    fn visit_expr_let(&mut self, l: &'ast syn::ExprLet) {
+        if from_hyperparameter(&l.expr, &self.hyper) && !converts_flag(&l.expr) {
+            self.errors.extend(float_pattern(&l.pat));
+        }
+        visit::visit_expr_let(self, l);
+    }
+
+    fn visit_block(&mut self, b: &'ast syn::Block) {
+        self.scopes.push(Vec::new());
+        visit::visit_block(self, b);
+        self.scopes.pop();
+    }
+
+    fn visit_arm(&mut self, arm: &'ast syn::Arm) {
+        self.scopes.push(bound_names(&arm.pat));
+        visit::visit_arm(self, arm);
+        self.scopes.pop();
+    }
+
+    fn visit_expr_if(&mut self, i: &'ast syn::ExprIf) {
+        self.visit_expr(&i.cond);
+        self.scopes.push(let_bound_names(&i.cond));
+        self.visit_block(&i.then_branch);
+        self.scopes.pop();
+        if let Some((_, e)) = &i.else_branch {
+            self.visit_expr(e);
+        }
+    }
+
+    fn visit_expr_while(&mut self, w: &'ast syn::ExprWhile) {
+        self.visit_expr(&w.cond);
+        self.scopes.push(let_bound_names(&w.cond));
+        self.visit_block(&w.body);
+        self.scopes.pop();
+    }
+
+    fn visit_expr_for_loop(&mut self, f: &'ast syn::ExprForLoop) {
+        self.visit_expr(&f.expr);
+        self.scopes.push(bound_names(&f.pat));
+        self.visit_block(&f.body);
+        self.scopes.pop();
+    }
+
+    /// Macros whose input is a list of expressions (`vec![..]`, `assert!(..)`,
+    /// `println!(..)`, ...) are checked as the expressions they hold.
+    fn visit_macro(&mut self, mac: &'ast syn::Macro) {
+        for e in crate::rewrite::macro_exprs(mac).unwrap_or_default() {
+            Visit::visit_expr(self, &e);
+        }
+    }
+
     fn visit_local(&mut self, local: &'ast syn::Local) {
         if let Some(e) = float_annotation(local, &self.hyper) {
             self.errors.push(e);
         }
         visit::visit_local(self, local);
-        for name in bound_names(&local.pat) {
-            self.entries.remove(&name);
+        let names = bound_names(&local.pat);
+        for name in &names {
+            self.entries.remove(name);
+        }
+        if let Some(scope) = self.scopes.last_mut() {
+            scope.extend(names);
         }
         if let Some(name) = state_entry_binding(local, &self.step.state) {
             self.entries.insert(name.to_string());
@@ -329,10 +442,16 @@ impl<'ast> Visit<'ast> for Body<'_> {
 }
 
 impl Body<'_> {
+    /// Whether a local named like the gradient parameter is in scope here.
+    fn grad_shadowed(&self) -> bool {
+        let grad = self.step.grad.to_string();
+        self.scopes.iter().flatten().any(|n| *n == grad)
+    }
+
     fn check_assignment(&mut self, left: &Expr, whole: &dyn quote::ToTokens) {
         match ast::root(left) {
             Some(r) if r == "self" => self.errors.push(assigns_hyperparameter(whole)),
-            Some(r) if *r == self.step.grad => self.errors.push(error(
+            Some(r) if *r == self.step.grad && !self.grad_shadowed() => self.errors.push(error(
                 whole,
                 format!(
                     "the gradient `{r}` is read-only in a step; compute a new tensor instead: `let g = {r}.add(..)?;`"
@@ -354,9 +473,7 @@ impl Body<'_> {
 /// Whether an expression is computed from a hyperparameter (`self`, or a local derived
 /// from it).
 fn from_hyperparameter(e: &Expr, hyper: &BTreeSet<String>) -> bool {
-    crate::rewrite::mentions(quote::quote!(#e).into_iter(), &|i| {
-        i == "self" || hyper.contains(&i.to_string())
-    })
+    crate::rewrite::flows_from_hyperparameter(e, hyper)
 }
 
 fn is_primitive_float(ty: &Type) -> bool {
@@ -370,9 +487,7 @@ fn float_annotation(local: &syn::Local, hyper: &BTreeSet<String>) -> Option<syn:
         return None;
     };
     let init = local.init.as_ref()?;
-    let converts_flag = matches!(ast::strip(&init.expr), Expr::Call(c)
-        if matches!(ast::strip(&c.func), Expr::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == "from")));
-    (is_primitive_float(&t.ty) && !converts_flag && from_hyperparameter(&init.expr, hyper)).then(|| {
+    (is_primitive_float(&t.ty) && !converts_flag(&init.expr) && from_hyperparameter(&init.expr, hyper)).then(|| {
         let (pat, ty) = (&t.pat, &t.ty);
         error(
             ty,
@@ -380,6 +495,171 @@ fn float_annotation(local: &syn::Local, hyper: &BTreeSet<String>) -> Option<syn:
                 "a hyperparameter's value typed as `{}`; in the differentiable twin it is a `Scalar` (possibly a tensor the meta-gradient reaches): drop the annotation, `let {} = ..;`, and use `Scalar`'s arithmetic, comparisons and methods (abs, max, min, clamp, sqrt, powf, powi, exp, ln)",
                 quote::quote!(#ty),
                 quote::quote!(#pat)
+            ),
+        )
+    })
+}
+
+/// `f64::from(self.n)`: an integer flag converted, an `f64` in both forms.
+fn converts_flag(e: &Expr) -> bool {
+    matches!(ast::strip(e), Expr::Call(c)
+        if matches!(ast::strip(&c.func), Expr::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == "from")))
+}
+
+/// A float literal in a pattern on a hyperparameter (`match self.momentum { 0.0 => .. }`):
+/// the ordinary form compiles, the twin's `Scalar` has no literal patterns (and a tensor
+/// equal to 0 would match no `Scalar::Float(0.0)` pattern).
+fn float_pattern(pat: &Pat) -> Option<syn::Error> {
+    fn has_float(tokens: proc_macro2::TokenStream) -> bool {
+        tokens.into_iter().any(|t| match t {
+            proc_macro2::TokenTree::Literal(l) => {
+                matches!(syn::Lit::new(l), syn::Lit::Float(_))
+            }
+            proc_macro2::TokenTree::Group(g) => has_float(g.stream()),
+            _ => false,
+        })
+    }
+    has_float(quote::quote!(#pat)).then(|| {
+        error(
+            pat,
+            "a float pattern on a hyperparameter, which is a `Scalar` in the differentiable twin (no literal patterns match it); compare instead: `if self.momentum == 0.0 { .. } else { .. }`",
+        )
+    })
+}
+
+/// The names `if let` / `while let` conditions bind (let chains included).
+fn let_bound_names(cond: &Expr) -> Vec<String> {
+    struct Lets(Vec<String>);
+    impl<'ast> Visit<'ast> for Lets {
+        fn visit_expr_let(&mut self, l: &'ast syn::ExprLet) {
+            self.0.extend(bound_names(&l.pat));
+            visit::visit_expr_let(self, l);
+        }
+        fn visit_expr_closure(&mut self, _: &'ast ExprClosure) {}
+        fn visit_block(&mut self, _: &'ast syn::Block) {}
+    }
+    let mut lets = Lets(Vec::new());
+    lets.visit_expr(cond);
+    lets.0
+}
+
+/// Whether the step records a graph differs between the two forms: the ordinary optimizer
+/// steps detached parameters under `no_grad`, the twin records (unless in test mode). A
+/// branch on it would take different paths.
+fn depends_on_recording(name: &syn::Ident, tokens: &dyn quote::ToTokens) -> Option<syn::Error> {
+    ["requires_grad", "is_leaf", "is_grad_enabled"]
+        .contains(&name.to_string().as_str())
+        .then(|| {
+            error(
+                tokens,
+                format!(
+                    "`{name}` differs between the two forms: the ordinary optimizer steps detached parameters under `no_grad`, the differentiable twin records a graph; branch on flags or hyperparameters instead (parameters that are frozen or have no gradient never reach the step)"
+                ),
+            )
+        })
+}
+
+/// `f64` methods that `Scalar` does not have (and integers do not either, so a receiver
+/// `self.x` with one of them is a float hyperparameter).
+const F64_ONLY_METHODS: &[&str] = &[
+    "is_nan",
+    "is_finite",
+    "is_infinite",
+    "is_normal",
+    "is_subnormal",
+    "is_sign_positive",
+    "is_sign_negative",
+    "floor",
+    "ceil",
+    "round",
+    "trunc",
+    "fract",
+    "mul_add",
+    "log2",
+    "log10",
+    "cbrt",
+    "hypot",
+    "sin",
+    "cos",
+    "tan",
+    "asin",
+    "acos",
+    "atan",
+    "atan2",
+    "sinh",
+    "cosh",
+    "asinh",
+    "acosh",
+    "atanh",
+    "exp2",
+    "exp_m1",
+    "ln_1p",
+    "to_degrees",
+    "to_radians",
+    "copysign",
+    "total_cmp",
+    "to_bits",
+];
+
+/// `self.lr.is_finite()` and friends: an `f64` method that the twin's `Scalar` lacks.
+fn f64_method_on_hyperparameter(m: &ExprMethodCall) -> Option<syn::Error> {
+    let on_field = matches!(ast::strip(&m.receiver), Expr::Field(_))
+        && ast::root(&m.receiver).is_some_and(|r| r == "self");
+    let name = m.method.to_string();
+    (on_field && F64_ONLY_METHODS.contains(&name.as_str())).then(|| {
+        error(
+            &m.method,
+            format!(
+                "`{name}` is a method of `f64`, but a hyperparameter is a `Scalar` in the differentiable twin, which has arithmetic, comparisons with floats and `abs`, `max`, `min`, `clamp`, `sqrt`, `powf`, `powi`, `exp`, `ln`, `tanh`, `recip`: write a test as a comparison (`self.lr >= 0.0`) or the formula with these"
+            ),
+        )
+    })
+}
+
+/// `1e-8_f64.max(self.eps)`: an `f64` method that takes the hyperparameter as a plain
+/// float; `Scalar` has the method with the operands the other way round.
+fn hyperparameter_as_float_argument(
+    m: &ExprMethodCall,
+    hyper: &BTreeSet<String>,
+) -> Option<syn::Error> {
+    let float_receiver = matches!(ast::strip(&m.receiver),
+        Expr::Lit(l) if matches!(l.lit, syn::Lit::Float(_)));
+    let swappable = ["max", "min"].iter().any(|n| m.method == n);
+    let arg = m.args.iter().find(|a| from_hyperparameter(a, hyper))?;
+    (float_receiver && swappable).then(|| {
+        let (receiver, method) = (&m.receiver, &m.method);
+        error(
+            m,
+            format!(
+                "`f64::{method}` takes a plain float, but `{}` is a hyperparameter, a `Scalar` in the differentiable twin; put it first: `{}.{method}({})`",
+                quote::quote!(#arg),
+                quote::quote!(#arg),
+                quote::quote!(#receiver)
+            ),
+        )
+    })
+}
+
+/// `Tensor::full_scalar(self.lr, ..)`: a constructor that takes plain floats, given a
+/// hyperparameter.
+fn tensor_from_hyperparameter(
+    p: &syn::ExprPath,
+    c: &ExprCall,
+    hyper: &BTreeSet<String>,
+) -> Option<syn::Error> {
+    let segments: Vec<&syn::Ident> = p.path.segments.iter().map(|s| &s.ident).collect();
+    let [.., ty, name] = segments.as_slice() else {
+        return None;
+    };
+    let constructor = ["full_scalar", "full", "scalar", "from_vec", "from_slice"]
+        .iter()
+        .any(|n| *name == n);
+    let arg = c.args.iter().find(|a| from_hyperparameter(a, hyper))?;
+    (*ty == "Tensor" && constructor).then(|| {
+        error(
+            arg,
+            format!(
+                "`Tensor::{name}` takes plain floats, but this is a hyperparameter, a `Scalar` in the differentiable twin (possibly a tensor the meta-gradient must reach); multiply instead: `p.ones_like()?.mul(self.lr)?` for the parameter's shape, `Tensor::full_scalar(1.0, dtype, device)?.mul(self.lr)?` for a scalar"
             ),
         )
     })
@@ -413,10 +693,22 @@ fn float_only_method(m: &ExprMethodCall, hyper: &BTreeSet<String>) -> Option<syn
     let (name, instead) = FLOAT_ONLY_METHODS
         .iter()
         .find(|(name, _)| m.method == name)?;
+    // `self.beta.powf(self.gamma)`: a `Scalar`'s `powf`, not a tensor's.
+    let on_scalar = *name == "powf" && from_hyperparameter(&m.receiver, hyper);
     m.args
         .iter()
         .find(|a| from_hyperparameter(a, hyper))
         .map(|arg| {
+            let instead = if on_scalar {
+                let x = &m.receiver;
+                format!(
+                    "`({} * {}.ln()).exp()` (for a positive base), which both `f64` and `Scalar` compute",
+                    quote::quote!(#arg),
+                    quote::quote!(#x)
+                )
+            } else {
+                instead.to_string()
+            };
             error(
                 arg,
                 format!(
@@ -499,11 +791,17 @@ fn assigns_hyperparameter(tokens: &dyn quote::ToTokens) -> syn::Error {
 /// in-place method would mutate storage the graph has recorded.
 fn unsupported_in_place(m: &ExprMethodCall) -> Option<syn::Error> {
     let name = m.method.to_string();
+    // torch's names for supported methods.
+    let torch = match name.as_str() {
+        "copy_" => " (torch's `copy_` is `set_`)",
+        "fill_" => " (torch's `fill_(v)` is `zero_()?.add_(v)`)",
+        _ => "",
+    };
     (ast::is_in_place(&m.method) && !IN_PLACE.contains(&name.as_str())).then(|| {
         error(
             &m.method,
             format!(
-                "`{name}` has no differentiable twin; use one of the supported in-place methods ({}), or an out-of-place op bound back to the name: `x = x.op(..)?;`",
+                "`{name}` has no differentiable twin; use one of the supported in-place methods ({}){torch}, or an out-of-place op bound back to the name: `x = x.op(..)?;`",
                 IN_PLACE.join(", ")
             ),
         )
@@ -513,14 +811,18 @@ fn unsupported_in_place(m: &ExprMethodCall) -> Option<syn::Error> {
 /// Reading a value out of the graph (or cutting it) makes the twin's meta-gradient
 /// silently miss that path, unlike the ordinary form, which has no graph to miss.
 fn leaves_graph(name: &syn::Ident, tokens: &dyn quote::ToTokens) -> Option<syn::Error> {
-    LEAVES_GRAPH.contains(&name.to_string().as_str()).then(|| {
-        error(
-            tokens,
-            format!(
-                "`{name}` leaves the graph, so the differentiable twin would not see this path; keep the computation on tensors and `Scalar`s (branch on flags, the step counter or comparisons such as `self.momentum != 0.0`)"
-            ),
-        )
-    })
+    LEAVES_GRAPH
+        .contains(&name.to_string().as_str())
+        .then(|| graph_exit(name, tokens))
+}
+
+fn graph_exit(name: &syn::Ident, tokens: &dyn quote::ToTokens) -> syn::Error {
+    error(
+        tokens,
+        format!(
+            "`{name}` leaves the graph, so the differentiable twin would not see this path; keep the computation on tensors and `Scalar`s (branch on flags, the step counter or comparisons such as `self.momentum != 0.0`)"
+        ),
+    )
 }
 
 /// The step receives the gradient; recomputing a loss or a gradient inside it would run

@@ -24,6 +24,7 @@ mod half_precision;
 mod inject_hyperparams;
 mod innerloop_golden;
 mod linear_op;
+mod macro_adversary;
 mod new_user;
 mod nn_layers;
 mod ops_elementwise;

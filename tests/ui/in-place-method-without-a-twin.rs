@@ -10,6 +10,7 @@ impl Sgd {
     fn step(&self, p: &mut Tensor, grad: &Tensor, state: &mut State) -> Result<()> {
         let buf = state.get_or_insert_with("buf", || p.zeros_like())?;
         buf.exp_()?;
+        p.copy_(&buf)?;
         p.sub_(&grad.mul(self.lr)?)?;
         Ok(())
     }

@@ -109,30 +109,36 @@ impl Scalar {
         self.max(other)
     }
 
-    /// The larger of `self` and `other` (`f64::max`); the gradient follows the winner, and
-    /// `self` wins ties.
+    /// The larger of `self` and `other` (`f64::max`: a NaN loses to a number); the
+    /// gradient follows the winner, and `self` wins ties.
     pub fn max(&self, other: impl Into<Scalar>) -> Scalar {
         let other = other.into();
-        if self.value() >= other.value() {
+        let (a, b) = (self.value(), other.value());
+        if a >= b || b.is_nan() {
             self.clone()
         } else {
             other
         }
     }
 
-    /// The smaller of `self` and `other` (`f64::min`); the gradient follows the winner, and
-    /// `self` wins ties.
+    /// The smaller of `self` and `other` (`f64::min`: a NaN loses to a number); the
+    /// gradient follows the winner, and `self` wins ties.
     pub fn min(&self, other: impl Into<Scalar>) -> Scalar {
         let other = other.into();
-        if self.value() <= other.value() {
+        let (a, b) = (self.value(), other.value());
+        if a <= b || b.is_nan() {
             self.clone()
         } else {
             other
         }
     }
 
-    /// `self` limited to `[min, max]` (`f64::clamp`); the gradient follows the value chosen.
+    /// `self` limited to `[min, max]` (`f64::clamp`, NaN stays NaN); the gradient follows
+    /// the value chosen.
     pub fn clamp(&self, min: impl Into<Scalar>, max: impl Into<Scalar>) -> Scalar {
+        if self.value().is_nan() {
+            return self.clone();
+        }
         self.max(min).min(max)
     }
 
@@ -379,12 +385,18 @@ mod tests {
     /// same results, and compound assignment works on both.
     #[test]
     fn float_methods_and_compound_assignment_match_f64() {
-        for x in [-1.5f64, 0.0, 2.0] {
+        let same = |a: f64, b: f64| a == b || (a.is_nan() && b.is_nan());
+        for x in [-1.5f64, 0.0, 2.0, f64::NAN] {
             for s in [Scalar::Float(x), Scalar::Tensor(Tensor::scalar(x))] {
+                assert!(same(read(&s.max(f64::NAN)), x.max(f64::NAN)), "{x}");
+                assert!(same(read(&s.min(f64::NAN)), x.min(f64::NAN)), "{x}");
+                assert!(same(read(&s.max(0.5)), x.max(0.5)), "{x}");
+                assert!(same(read(&s.min(0.5)), x.min(0.5)), "{x}");
+                assert!(same(read(&s.clamp(-1.0, 1.0)), x.clamp(-1.0, 1.0)), "{x}");
+                if x.is_nan() {
+                    continue;
+                }
                 assert_eq!(read(&s.abs()), x.abs());
-                assert_eq!(read(&s.max(0.5)), x.max(0.5));
-                assert_eq!(read(&s.min(0.5)), x.min(0.5));
-                assert_eq!(read(&s.clamp(-1.0, 1.0)), x.clamp(-1.0, 1.0));
                 assert_eq!(read(&s.tanh()), x.tanh());
                 let (mut a, mut b) = (s.clone(), x);
                 a *= 0.5;
