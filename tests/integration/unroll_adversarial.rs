@@ -18,8 +18,8 @@ use candle_higher::unroll::{
     EsMethod, EsOptions, ImplicitOptions, OptimizerCarry, UnrollGrads,
 };
 use candle_higher::{
-    grad, innerloop, DType, Error, GradOptions, GradStore, InnerloopOptions, Result, State,
-    StateValue, StepOptions, Tensor, TensorId,
+    grad, innerloop, DType, Error, GradOptions, GradStore, Hyperparameters, InnerloopOptions,
+    OptimizerStep, Result, State, StateValue, StepOptions, Tensor, TensorId,
 };
 
 use crate::common::{device, randn, rng};
@@ -1698,13 +1698,29 @@ fn diffopt_on_another_fmodel_is_a_count_error() -> Result<()> {
     Ok(())
 }
 
+/// The ids of `model`'s parameter tensors: a step that changed nothing leaves the same ones.
+fn param_ids<M: Parameters + Clone>(model: &M) -> Result<Vec<TensorId>> {
+    Ok(model.parameters()?.iter().map(Tensor::id).collect())
+}
+
+/// `model` holds the parameter tensors `ids` and `opt` has no state: a failed step's mark.
+fn assert_untouched<M: Parameters + Clone, O: Hyperparameters + OptimizerStep>(
+    model: &M,
+    ids: &[TensorId],
+    opt: &Optimizer<O>,
+) -> Result<()> {
+    assert_eq!(param_ids(model)?, ids);
+    assert!(opt.states().iter().all(State::is_empty));
+    Ok(())
+}
+
 /// `step_module` with a store holding no gradient of the model (a detached inner loop's
 /// meta-loss) is `NoGradient`; the model and the optimizer are unchanged.
 #[test]
 fn step_module_without_gradients_changes_nothing() -> Result<()> {
     let mut model = small_model(1);
     let mut opt = Optimizer::new(Adam::new(0.1), 2)?;
-    let ids: Vec<TensorId> = model.parameters()?.iter().map(Tensor::id).collect();
+    let ids = param_ids(&model)?;
     let e = opt
         .step_module(&mut model, &GradStore::default())
         .unwrap_err();
@@ -1718,16 +1734,7 @@ fn step_module_without_gradients_changes_nothing() -> Result<()> {
         ),
         "{e}"
     );
-    assert_eq!(
-        model
-            .parameters()?
-            .iter()
-            .map(Tensor::id)
-            .collect::<Vec<_>>(),
-        ids
-    );
-    assert!(opt.states().iter().all(State::is_empty));
-    Ok(())
+    assert_untouched(&model, &ids, &opt)
 }
 
 /// `step_module` with a gradient of another shape or dtype than its parameter (a store
@@ -1737,7 +1744,7 @@ fn step_module_with_a_mis_shaped_or_mis_typed_gradient() -> Result<()> {
     let mut model = small_model(1);
     let mut opt = Optimizer::new(Adam::new(0.1), 2)?;
     let params = model.parameters()?;
-    let ids: Vec<TensorId> = params.iter().map(Tensor::id).collect();
+    let ids = param_ids(&model)?;
     let mut store = GradStore::default();
     store.insert(&params[0], f64s(&[1.0], &[1]));
     let e = opt.step_module(&mut model, &store).unwrap_err();
@@ -1749,16 +1756,7 @@ fn step_module_with_a_mis_shaped_or_mis_typed_gradient() -> Result<()> {
     store.insert(&params[1], params[1].ones_like()?.to_dtype(DType::F32)?);
     let e = opt.step_module(&mut model, &store).unwrap_err();
     assert!(matches!(&e, Error::DTypeMismatch { .. }), "{e}");
-    assert_eq!(
-        model
-            .parameters()?
-            .iter()
-            .map(Tensor::id)
-            .collect::<Vec<_>>(),
-        ids
-    );
-    assert!(opt.states().iter().all(State::is_empty));
-    Ok(())
+    assert_untouched(&model, &ids, &opt)
 }
 
 /// The base model's buffers (batch-norm running statistics) are the base model's: an inner
