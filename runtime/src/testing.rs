@@ -198,11 +198,13 @@ pub fn check_optimizer<O: DifferentiableOptimizer>(
 ///
 /// Hyperparameters whose value is exactly 0 are skipped (torch's branches treat 0 as
 /// "off", e.g. momentum or weight decay, so their derivative is not defined there).
-/// Returns the first disagreement with its numbers.
+/// Returns the first disagreement with its numbers; `steps = 0`, or an `rtol` that is
+/// negative, NaN or infinite, is [`CheckFailure::Error`] with [`Error::InvalidArgument`].
 pub fn check_optimizer_with<O: DifferentiableOptimizer>(
     optimizer: O,
     options: CheckOptions,
 ) -> Result<CheckReport, CheckFailure> {
+    check_options(&options)?;
     let problem = Problem::new(options.seed)?;
     let steps = options.steps;
 
@@ -309,6 +311,22 @@ pub fn check_optimizer_with<O: DifferentiableOptimizer>(
         shapes: problem.init.iter().map(|p| p.dims().to_vec()).collect(),
         hypergradients,
         skipped,
+    })
+}
+
+/// No steps would check nothing (every derivative is 0 on both sides), and a NaN or
+/// infinite `rtol` would pass every derivative.
+fn check_options(options: &CheckOptions) -> Result<(), Error> {
+    let message = if options.steps == 0 {
+        "steps is 0: a trajectory of no steps checks nothing; take at least one".to_string()
+    } else if !(options.rtol.is_finite() && options.rtol >= 0.0) {
+        format!("rtol {}: expected a finite number >= 0", options.rtol)
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidArgument {
+        op: "check_optimizer",
+        message,
     })
 }
 

@@ -7,6 +7,7 @@ mod optim_support;
 
 mod adversarial_ops;
 mod adversarial_optim;
+mod autograd_adversarial;
 mod batched;
 mod batched_adversarial;
 mod batched_reparam;

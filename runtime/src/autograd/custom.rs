@@ -61,11 +61,28 @@ pub trait CustomOp: Send + Sync + 'static {
 /// Applies a [`CustomOp`] to `inputs`: its forward on their values, recorded (when grad
 /// mode is on, an input requires grad and the output is a float tensor) so that `grad`
 /// and `backward` run its [`CustomOp::vjp`]. The vjp's results are checked against the
-/// inputs (count, shapes, dtypes) and a mismatch is an error naming the op.
+/// inputs (count, shapes, dtypes) and a mismatch is an error naming the op, as is a panic
+/// in `forward` or `vjp` ([`Error::InvalidArgument`]).
 pub fn apply_custom_op<O: CustomOp>(op: O, inputs: &[&Tensor]) -> Result<Tensor> {
     let values: Vec<&candle_core::Tensor> = inputs.iter().map(|t| &t.0.value).collect();
-    let value = op.forward(&values)?;
+    let value = unwind_to_error(op.name(), "forward", || op.forward(&values))?;
     Tensor::from_op(value, inputs, Custom(Arc::new(op)))
+}
+
+/// Runs `f`, a user's forward or vjp; a panic in it is an error naming the op (as
+/// `meta_batch` reports a task that panics), so it cannot unwind through `grad`.
+fn unwind_to_error<T>(op: &'static str, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Err(Error::InvalidArgument {
+            op,
+            message: format!("the custom op's {what} panicked: {message}"),
+        })
+    })
 }
 
 struct Custom<O>(Arc<O>);
@@ -77,7 +94,7 @@ impl<O: CustomOp> Backward for Custom<O> {
 
     fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
         let op = self.0.name();
-        let grads = self.0.vjp(ctx.inputs, ctx.output, ctx.grad)?;
+        let grads = unwind_to_error(op, "vjp", || self.0.vjp(ctx.inputs, ctx.output, ctx.grad))?;
         if grads.len() != ctx.inputs.len() {
             return Err(Error::InvalidArgument {
                 op,

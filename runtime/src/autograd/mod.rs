@@ -113,6 +113,13 @@ pub fn grad_with_stats(
     inputs: &[Tensor],
     options: GradOptions,
 ) -> Result<(Vec<Option<Tensor>>, GradStats)> {
+    if inputs.is_empty() {
+        // torch.autograd.grad: "grad requires non-empty inputs".
+        return Err(Error::InvalidArgument {
+            op: "grad",
+            message: "no inputs: list at least one tensor to differentiate with respect to".into(),
+        });
+    }
     for t in inputs {
         check_float_leaf("grad", t)?;
     }
@@ -322,6 +329,12 @@ fn propagate(
             .map(|i| position.get(&i.0.id).copied())
             .collect();
         let needs: Vec<bool> = targets.iter().map(Option::is_some).collect();
+        if !needs.contains(&true) {
+            // Only an input of `grad` lies on the path with none of its own inputs on it:
+            // its gradient is the answer, and its VJP (a custom op's may fail) is not run,
+            // as torch's engine skips nodes that lead to no input.
+            continue;
+        }
         let ctx = VjpCtx {
             inputs,
             output: t,

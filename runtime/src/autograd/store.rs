@@ -83,9 +83,16 @@ impl GradStore {
         Ok(())
     }
 
-    /// Multiplies every gradient by `factor` (an average over tasks: `1 / n`); a failing
-    /// call (anomaly detection finding a NaN) changes nothing.
+    /// Multiplies every gradient by `factor` (an average over tasks: `1 / n`). A factor
+    /// that is NaN or infinite is an error, and a failing call (anomaly detection finding
+    /// a NaN) changes nothing.
     pub fn scale(&mut self, factor: f64) -> Result<()> {
+        if !factor.is_finite() {
+            return Err(Error::InvalidArgument {
+                op: "GradStore::scale",
+                message: format!("factor {factor}: expected a finite number"),
+            });
+        }
         let scaled = self
             .grads
             .iter()
