@@ -20,7 +20,14 @@ use crate::error::{Error, Result};
 pub fn device_from_env() -> Result<Device> {
     match std::env::var("CANDLE_HIGHER_DEVICE") {
         Ok(spec) => parse_device(&spec),
-        Err(_) => Ok(Device::Cpu),
+        Err(std::env::VarError::NotPresent) => Ok(Device::Cpu),
+        // Not the CPU silently: the user asked for some device.
+        Err(std::env::VarError::NotUnicode(v)) => Err(Error::InvalidArgument {
+            op: "device",
+            message: format!(
+                "CANDLE_HIGHER_DEVICE is not valid unicode ({v:?}); expected cpu, cuda:N or metal:N"
+            ),
+        }),
     }
 }
 

@@ -27,6 +27,7 @@ mod innerloop_golden;
 mod linear_op;
 mod macro_adversary;
 mod new_user;
+mod nn_adversarial;
 mod nn_layers;
 mod ops_elementwise;
 mod ops_nn;

@@ -14,9 +14,9 @@ use crate::tensor::Tensor;
 pub struct ConvConfig {
     /// Zeros added on every side of each spatial dim.
     pub padding: usize,
-    /// Step between windows.
+    /// Step between windows; positive.
     pub stride: usize,
-    /// Spacing between kernel elements.
+    /// Spacing between kernel elements; positive.
     pub dilation: usize,
     /// Channel groups; `in` and `out` channels must both be divisible by it.
     pub groups: usize,
@@ -55,8 +55,18 @@ pub struct Conv1d {
     pub config: ConvConfig,
 }
 
-fn conv_params(vb: &VarBuilder, shape: &[usize], bias: bool) -> Result<(Tensor, Option<Tensor>)> {
-    let fan_in: usize = shape[1..].iter().product();
+fn conv_params(
+    op: &'static str,
+    vb: &VarBuilder,
+    shape: &[usize],
+    bias: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let fan_in = crate::ops::shape::checked_elem_count(&shape[1..]).ok_or_else(|| {
+        Error::InvalidArgument {
+            op,
+            message: format!("a weight of shape {shape:?} has more than usize::MAX elements"),
+        }
+    })?;
     let weight = vb.kaiming_uniform("weight", shape, fan_in)?;
     let bound = super::var_builder::fan_in_bound(fan_in);
     let bias = bias
@@ -65,7 +75,21 @@ fn conv_params(vb: &VarBuilder, shape: &[usize], bias: bool) -> Result<(Tensor, 
     Ok((weight, bias))
 }
 
-fn check_groups(op: &'static str, i: usize, o: usize, cfg: &ConvConfig) -> Result<()> {
+/// The checks of a convolution's construction: a positive kernel, stride and dilation (torch
+/// raises for them at the first forward), and groups that divide both channel counts.
+fn check_config(op: &'static str, i: usize, o: usize, k: usize, cfg: &ConvConfig) -> Result<()> {
+    for (name, v) in [
+        ("kernel_size", k),
+        ("stride", cfg.stride),
+        ("dilation", cfg.dilation),
+    ] {
+        if v == 0 {
+            return Err(Error::InvalidArgument {
+                op,
+                message: format!("{name} {v} must be positive"),
+            });
+        }
+    }
     if cfg.groups == 0 || !i.is_multiple_of(cfg.groups) || !o.is_multiple_of(cfg.groups) {
         return Err(Error::InvalidArgument {
             op,
@@ -87,14 +111,14 @@ pub fn conv2d(
     config: ConvConfig,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    check_groups("conv2d", in_channels, out_channels, &config)?;
+    check_config("conv2d", in_channels, out_channels, kernel_size, &config)?;
     let shape = [
         out_channels,
         in_channels / config.groups,
         kernel_size,
         kernel_size,
     ];
-    let (weight, bias) = conv_params(&vb, &shape, true)?;
+    let (weight, bias) = conv_params("conv2d", &vb, &shape, true)?;
     Ok(Conv2d {
         weight,
         bias,
@@ -110,9 +134,9 @@ pub fn conv1d(
     config: ConvConfig,
     vb: VarBuilder,
 ) -> Result<Conv1d> {
-    check_groups("conv1d", in_channels, out_channels, &config)?;
+    check_config("conv1d", in_channels, out_channels, kernel_size, &config)?;
     let shape = [out_channels, in_channels / config.groups, kernel_size];
-    let (weight, bias) = conv_params(&vb, &shape, true)?;
+    let (weight, bias) = conv_params("conv1d", &vb, &shape, true)?;
     Ok(Conv1d {
         weight,
         bias,

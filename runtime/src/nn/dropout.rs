@@ -22,6 +22,8 @@ impl SeededRng {
     pub(crate) fn dropout_mask(&self, like: &Tensor, p: f64) -> Result<Tensor> {
         // The mask's 1/(1-p) would be truncated in an integer dtype.
         like.require_float("dropout")?;
+        // `p` is a public field of the layers: an edit after construction is checked here.
+        check_p("dropout", p)?;
         let mut rng = match self.0.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
@@ -65,7 +67,7 @@ pub(crate) fn check_p(op: &'static str, p: f64) -> Result<()> {
 /// continues from the same state.
 #[derive(Clone)]
 pub struct Dropout {
-    /// Drop probability.
+    /// Drop probability, in `[0, 1]` (checked at each forward).
     pub p: f64,
     /// Training mode.
     pub training: bool,
@@ -89,7 +91,9 @@ pub fn dropout(p: f64, vb: VarBuilder) -> Result<Dropout> {
 }
 
 impl Module for Dropout {
+    /// `p` is checked at every call, in eval mode too (as torch's `F.dropout`).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        check_p("dropout", self.p)?;
         if !self.training || self.p == 0.0 {
             return Ok(x.clone());
         }

@@ -9,14 +9,41 @@ use crate::tensor::{no_grad, Tensor};
 /// `affine = true`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BatchNormConfig {
-    /// Added to the variance.
+    /// Added to the variance; finite and `>= 0`.
     pub eps: f64,
-    /// Running statistics move by `running = (1 - momentum) running + momentum batch`;
-    /// `momentum = 1` keeps the last batch's statistics (as MAML's reference code uses).
-    /// PyTorch's `momentum = None` (cumulative average) is not provided.
+    /// In `[0, 1]`. Running statistics move by
+    /// `running = (1 - momentum) running + momentum batch`; `momentum = 1` keeps the last
+    /// batch's statistics (as MAML's reference code uses). PyTorch's `momentum = None` (cumulative average) is not provided.
     pub momentum: f64,
     /// Learnable per-channel scale (`weight`) and shift (`bias`).
     pub affine: bool,
+}
+
+impl BatchNormConfig {
+    /// `eps` finite and `>= 0`, `momentum` in `[0, 1]` (torch checks neither; a negative
+    /// `eps` or a `momentum` past 1 gives NaN or diverging statistics, not an error).
+    fn check(&self) -> Result<()> {
+        let (eps, m) = (self.eps, self.momentum);
+        check_eps("BatchNorm", eps)?;
+        if !(0.0..=1.0).contains(&m) {
+            return Err(Error::InvalidArgument {
+                op: "BatchNorm",
+                message: format!("momentum {m} is not in [0, 1]"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `eps` finite and `>= 0`: it is added to a variance under a square root.
+fn check_eps(op: &'static str, eps: f64) -> Result<()> {
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!("eps {eps} must be finite and >= 0"),
+        });
+    }
+    Ok(())
 }
 
 impl Default for BatchNormConfig {
@@ -61,6 +88,7 @@ fn batch_norm(
     vb: &VarBuilder,
     ranks: &'static [usize],
 ) -> Result<BatchNorm> {
+    config.check()?;
     let (weight, bias) = if config.affine {
         (
             Some(vb.ones("weight", &[num_features])?),
@@ -104,6 +132,8 @@ impl Module for BatchNorm {
     /// keeps them; weight and bias then `[T, C]`): `x` is `[T, N, C, ..]`, and each task
     /// is normalised with its own statistics and updates its own buffers.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // The config is public: an edit after construction is checked here.
+        self.config.check()?;
         let running_mean = self.running_mean.get();
         let batched = super::tasks::batched("BatchNorm", &running_mean, 1)?;
         x.check_same(&running_mean, "BatchNorm")?;
@@ -197,13 +227,20 @@ pub struct LayerNorm {
     pub weight: Option<Tensor>,
     /// Shift, shape `normalized_shape`, if elementwise-affine.
     pub bias: Option<Tensor>,
-    /// Added to the variance.
+    /// Added to the variance; finite and `>= 0`.
     pub eps: f64,
     normalized_shape: Vec<usize>,
 }
 
-/// `nn.LayerNorm(normalized_shape)` with affine parameters and `eps = 1e-5`.
+/// `nn.LayerNorm(normalized_shape)` with affine parameters and `eps = 1e-5`;
+/// `normalized_shape` has at least one dim, as torch asks.
 pub fn layer_norm(normalized_shape: &[usize], vb: VarBuilder) -> Result<LayerNorm> {
+    if normalized_shape.is_empty() {
+        return Err(Error::InvalidArgument {
+            op: "LayerNorm",
+            message: "normalized_shape [] must have at least one dim".into(),
+        });
+    }
     Ok(LayerNorm {
         weight: Some(vb.ones("weight", normalized_shape)?),
         bias: Some(vb.zeros("bias", normalized_shape)?),
@@ -216,6 +253,7 @@ impl Module for LayerNorm {
     /// Task-batched when the weight has a leading task axis `[T, ..normalized_shape]`:
     /// then `x` is `[T, .., ..normalized_shape]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        check_eps("LayerNorm", self.eps)?;
         let k = self.normalized_shape.len();
         if x.rank() < k || x.dims()[x.rank() - k..] != self.normalized_shape[..] {
             return Err(Error::ShapeMismatch {
@@ -292,6 +330,7 @@ impl BatchNorm {
         ranks: &'static [usize],
     ) -> Result<BatchNorm> {
         const OP: &str = "BatchNorm::from_tensors";
+        config.check()?;
         if running_mean.rank() != 1 {
             return Err(Error::ShapeMismatch {
                 op: OP,

@@ -61,7 +61,23 @@ fn cell(
     vb: &VarBuilder,
     suffix: &str,
 ) -> Result<RecurrentCell> {
-    let g = kind.gates() * hidden;
+    if hidden == 0 {
+        // torch's nn.RNN: "hidden_size must be greater than zero"; the cells follow it.
+        return Err(Error::InvalidArgument {
+            op: "RecurrentCell",
+            message: "hidden size (0) must be positive, as in PyTorch".into(),
+        });
+    }
+    let g = kind
+        .gates()
+        .checked_mul(hidden)
+        .ok_or_else(|| Error::InvalidArgument {
+            op: "RecurrentCell",
+            message: format!(
+                "{} gates of hidden size {hidden} pass usize::MAX",
+                kind.gates()
+            ),
+        })?;
     let b = super::var_builder::fan_in_bound(hidden);
     Ok(RecurrentCell {
         kind,
@@ -126,9 +142,9 @@ impl RecurrentCell {
             return Err(Error::InvalidArgument {
                 op: "RecurrentCell",
                 message: format!(
-                    "a {:?} cell's state {} a cell state c",
+                    "a {:?} cell's state {} cell state c",
                     self.kind,
-                    if lstm { "needs" } else { "has no" }
+                    if lstm { "needs a" } else { "has no" }
                 ),
             });
         }

@@ -4,7 +4,7 @@ use candle_core::{DType, Device};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// Creates the parameters of layers: dtype, device, a seed, and a dotted name prefix
@@ -77,6 +77,30 @@ impl VarBuilder {
         StdRng::seed_from_u64(h)
     }
 
+    /// An error naming the parameter `name`.
+    fn bad(&self, name: &str, message: String) -> Error {
+        Error::InvalidArgument {
+            op: "VarBuilder",
+            message: format!("parameter \"{}\": {message}", self.path(name)),
+        }
+    }
+
+    /// `n` values from `f`, for a parameter of `shape`: an error, not a panic or an abort,
+    /// for a shape whose element count passes `usize::MAX` or cannot be allocated.
+    fn values(&self, name: &str, shape: &[usize], f: impl FnMut() -> f64) -> Result<Vec<f64>> {
+        let n = crate::ops::shape::checked_elem_count(shape).ok_or_else(|| {
+            self.bad(
+                name,
+                format!("shape {shape:?} has more than usize::MAX elements"),
+            )
+        })?;
+        let mut data = Vec::new();
+        data.try_reserve_exact(n)
+            .map_err(|e| self.bad(name, format!("shape {shape:?} cannot be allocated: {e}")))?;
+        data.extend(std::iter::repeat_with(f).take(n));
+        Ok(data)
+    }
+
     fn leaf(&self, data: Vec<f64>, shape: &[usize]) -> Result<Tensor> {
         let t = Tensor::from_vec(data, shape, &Device::Cpu)?
             .to_dtype(self.dtype)?
@@ -84,27 +108,37 @@ impl VarBuilder {
         Ok(t.to_leaf())
     }
 
-    /// Uniform on `[lo, hi)`.
+    /// Uniform on `[lo, hi)` (`lo` everywhere when `lo == hi`); the bounds must be finite
+    /// with `lo <= hi`, as torch's `uniform_` asks.
     pub fn uniform(&self, name: &str, shape: &[usize], lo: f64, hi: f64) -> Result<Tensor> {
+        if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+            let why = format!("uniform bounds [{lo}, {hi}) must be finite with lo <= hi");
+            return Err(self.bad(name, why));
+        }
         let mut rng = self.rng(name);
-        let n: usize = shape.iter().product();
-        let data = (0..n)
-            .map(|_| if lo < hi { rng.gen_range(lo..hi) } else { lo })
-            .collect();
+        let data = self.values(name, shape, || {
+            if lo < hi {
+                rng.gen_range(lo..hi)
+            } else {
+                lo
+            }
+        })?;
         self.leaf(data, shape)
     }
 
-    /// Normal with the given mean and standard deviation (Box-Muller).
+    /// Normal with the given mean and standard deviation (Box-Muller); both finite and
+    /// `std >= 0`, as torch's `normal_` asks.
     pub fn normal(&self, name: &str, shape: &[usize], mean: f64, std: f64) -> Result<Tensor> {
+        if !(mean.is_finite() && std.is_finite() && std >= 0.0) {
+            let why = format!("normal mean {mean} and std {std} must be finite with std >= 0");
+            return Err(self.bad(name, why));
+        }
         let mut rng = self.rng(name);
-        let n: usize = shape.iter().product();
-        let data = (0..n)
-            .map(|_| {
-                let u1: f64 = 1.0 - rng.gen::<f64>();
-                let u2: f64 = rng.gen::<f64>();
-                mean + std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-            })
-            .collect();
+        let data = self.values(name, shape, || {
+            let u1: f64 = 1.0 - rng.gen::<f64>();
+            let u2: f64 = rng.gen::<f64>();
+            mean + std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        })?;
         self.leaf(data, shape)
     }
 
@@ -117,9 +151,8 @@ impl VarBuilder {
 
     /// A constant fill, as a leaf.
     pub fn constant(&self, name: &str, shape: &[usize], value: f64) -> Result<Tensor> {
-        let _ = name;
-        let n: usize = shape.iter().product();
-        self.leaf(vec![value; n], shape)
+        let data = self.values(name, shape, || value)?;
+        self.leaf(data, shape)
     }
 
     /// Zeros, as a leaf.
