@@ -26,6 +26,9 @@ use candle_higher::{Result, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+#[path = "common/args.rs"]
+mod args;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -130,11 +133,6 @@ fn unroll(
     }
 }
 
-fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
-    let i = args.iter().position(|a| a == name)?;
-    args.get(i + 1)?.parse().ok()
-}
-
 /// Runs each configuration in a child process and prints a table of the lines they report.
 fn bench(quick: bool) -> std::result::Result<(), Box<dyn std::error::Error>> {
     let exe = std::env::current_exe()?;
@@ -172,15 +170,18 @@ fn bench(quick: bool) -> std::result::Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--bench" || a == "--quick") {
-        return bench(args.iter().any(|a| a == "--quick"));
+    let args = args::Args::parse(
+        &["steps", "outer", "checkpoints", "mode"],
+        &["bench", "quick", "report"],
+    )?;
+    if args.has("bench") || args.has("quick") {
+        return bench(args.has("quick"));
     }
-    let steps: usize = arg(&args, "--steps").unwrap_or(10_000);
-    let outer: usize = arg(&args, "--outer").unwrap_or(3);
-    let checkpoints: Option<usize> = arg(&args, "--checkpoints");
-    let mode: String = arg(&args, "--mode").unwrap_or_else(|| "checkpointed".into());
-    let report = args.iter().any(|a| a == "--report");
+    let steps: usize = args.get("steps", 10_000)?;
+    let outer: usize = args.get("outer", 3)?;
+    let checkpoints: Option<usize> = args.get_opt("checkpoints")?;
+    let mode: String = args.get("mode", "checkpointed".to_string())?;
+    let report = args.has("report");
     let p = problem()?;
     let start_rss = status_mib("VmRSS:");
     let mut log_lr = Tensor::scalar(0.01f32.ln()).to_leaf();

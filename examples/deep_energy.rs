@@ -16,6 +16,9 @@ use candle_higher::{backward, DType, DiffOptimizer, Result, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+#[path = "common/args.rs"]
+mod args;
+
 const BATCH: usize = 128;
 
 fn target(x: f32) -> f32 {
@@ -55,16 +58,9 @@ fn predict(energy: &Sequential, x: &Tensor, steps: usize) -> Result<Tensor> {
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str, default: usize| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let iters = flag("--iters", 1500);
-    let steps = flag("--inner-steps", 10);
+    let args = args::Args::parse(&["iters", "inner-steps"], &[])?;
+    let iters = args.get("iters", 1500)?;
+    let steps = args.get("inner-steps", 10)?;
 
     let vb = VarBuilder::new(0, DType::F32, &candle_higher::device_from_env()?);
     let mut energy = seq()

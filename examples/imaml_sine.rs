@@ -26,6 +26,9 @@ use candle_higher::{grad, no_grad, GradOptions, Result, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+#[path = "common/args.rs"]
+mod args;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -221,24 +224,15 @@ fn meta_test(theta: &[Tensor], tasks: &[[(Tensor, Tensor); 2]]) -> Result<[f64; 
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let iters: usize = flag("--iters").and_then(|v| v.parse().ok()).unwrap_or(1000);
-    let inner_steps: usize = flag("--inner-steps")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(40);
-    let prox_lr: f64 = flag("--prox-lr")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.005);
-    let lambda: f64 = flag("--lambda")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20.0);
-    let cg_iters: usize = flag("--cg-iters").and_then(|v| v.parse().ok()).unwrap_or(5);
+    let args = args::Args::parse(
+        &["iters", "inner-steps", "prox-lr", "lambda", "cg-iters"],
+        &[],
+    )?;
+    let iters: usize = args.get("iters", 1000)?;
+    let inner_steps: usize = args.get("inner-steps", 40)?;
+    let prox_lr: f64 = args.get("prox-lr", 0.005)?;
+    let lambda: f64 = args.get("lambda", 20.0)?;
+    let cg_iters: usize = args.get("cg-iters", 5)?;
 
     let mut maml = init(0)?;
     let mut imaml = init(0)?;

@@ -24,6 +24,9 @@ use candle_higher::{
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+#[path = "common/args.rs"]
+mod args;
+
 const META_BATCH: usize = 10;
 const K: usize = 10;
 const INITIAL_LR: f64 = 0.01;
@@ -161,18 +164,11 @@ fn evaluate(
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str, default: usize| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let iters = flag("--iters", 10000);
-    let inner_steps = flag("--inner-steps", 1);
-    let lrs_only = args.iter().any(|a| a == "--lrs-only");
-    let per_element = args.iter().any(|a| a == "--per-element");
+    let args = args::Args::parse(&["iters", "inner-steps"], &["lrs-only", "per-element"])?;
+    let iters = args.get("iters", 10000)?;
+    let inner_steps = args.get("inner-steps", 1)?;
+    let lrs_only = args.has("lrs-only");
+    let per_element = args.has("per-element");
 
     let mut rng = StdRng::seed_from_u64(3);
     let mut model = mlp(0)?;

@@ -46,6 +46,9 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+#[path = "common/args.rs"]
+mod args;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -324,32 +327,30 @@ fn evaluate(model: &Sequential, inner_opt: &Optimizer<Sgd>, tasks: &[Task]) -> R
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str, default: usize| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let iters = flag("--iters", 30);
-    let meta_batch = flag("--meta-batch", 4);
-    let ways = flag("--ways", 5);
-    let shots = flag("--shots", 1);
-    let eval_tasks = flag("--eval-tasks", 20);
-    let looped = args.iter().any(|a| a == "--looped");
-    let chunk = flag("--chunk", 4).max(1);
-    let source = match args.iter().position(|a| a == "--omniglot") {
-        Some(i) => {
-            let path = args
-                .get(i + 1)
-                .map(String::as_str)
-                .unwrap_or("omniglot.npy");
-            omniglot(path).map_err(|message| Error::InvalidArgument {
-                op: "maml_fewshot --omniglot",
-                message,
-            })?
-        }
+    let args = args::Args::parse(
+        &[
+            "iters",
+            "meta-batch",
+            "ways",
+            "shots",
+            "eval-tasks",
+            "chunk",
+            "omniglot",
+        ],
+        &["looped"],
+    )?;
+    let iters = args.get("iters", 30)?;
+    let meta_batch = args.get("meta-batch", 4)?;
+    let ways = args.get("ways", 5)?;
+    let shots = args.get("shots", 1)?;
+    let eval_tasks = args.get("eval-tasks", 20)?;
+    let looped = args.has("looped");
+    let chunk = args.get("chunk", 4usize)?.max(1);
+    let source = match args.get_opt::<String>("omniglot")? {
+        Some(path) => omniglot(&path).map_err(|message| Error::InvalidArgument {
+            op: "maml_fewshot --omniglot",
+            message,
+        })?,
         None => Source::Synthetic,
     };
     if let Source::Omniglot { train, test } = &source {

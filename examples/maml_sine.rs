@@ -37,6 +37,9 @@ use rand::{Rng, SeedableRng};
 #[path = "common/plot.rs"]
 mod plot;
 
+#[path = "common/args.rs"]
+mod args;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -150,22 +153,11 @@ fn meta_test(
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str, default: usize| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let iters = flag("--iters", 2000);
-    let looped = args.iter().any(|a| a == "--looped");
-    let inner_steps = flag("--inner-steps", 1);
-    let plot = args
-        .iter()
-        .position(|a| a == "--plot")
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| "maml_sine.png".to_string());
+    let args = args::Args::parse(&["iters", "inner-steps", "plot"], &["looped"])?;
+    let iters = args.get("iters", 2000)?;
+    let looped = args.has("looped");
+    let inner_steps = args.get("inner-steps", 1)?;
+    let plot = args.get("plot", "maml_sine.png".to_string())?;
 
     let mut rng = StdRng::seed_from_u64(7);
     let mut model = mlp(0)?;

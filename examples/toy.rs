@@ -21,6 +21,9 @@ use candle_higher::{
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+#[path = "common/args.rs"]
+mod args;
+
 const W0: f64 = 0.940106003613106;
 const STEPS: usize = 5;
 
@@ -99,7 +102,7 @@ fn unroll(
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
-    let use_golden = std::env::args().any(|a| a == "--golden");
+    let use_golden = args::Args::parse(&[], &["golden"])?.has("golden");
     let (xs, reference) = if use_golden {
         let (x, json) = golden()?;
         (x, Some(json))
