@@ -1,6 +1,8 @@
 //! Meta-batches across processes, under `mpirun -np 2` on one machine: 2 ranks give the
 //! meta-gradient that one process computes over the whole meta-batch (1e-12 relative, f64)
-//! and the same parameters after 5 outer steps, on both ranks bit for bit.
+//! and the same parameters after 5 outer steps, on both ranks bit for bit; rank 0's model and
+//! optimizer state reach every rank (the state as constants on the device asked for), and
+//! models or injected learning rates that differ are an error on every rank.
 //!
 //! `cargo test --features mpi --test mpi` starts this binary under `mpirun -np 2` itself
 //! (`MPIRUN` names another launcher); without the feature it prints that it was skipped.
@@ -83,7 +85,7 @@ fn launch() {
 mod ranks {
     use candle_higher::distributed::{self, Communicator, MpiCommunicator};
     use candle_higher::nn::{self, Parameters, Sequential, VarBuilder};
-    use candle_higher::optim::{Adam, Optimizer, Sgd};
+    use candle_higher::optim::{Adam, Optimizer, Scalar, Sgd, StateValue};
     use candle_higher::parallel::{self, Combine};
     use candle_higher::{
         backward, innerloop, DType, Device, Error, GradStore, InitialWeights, InnerloopOptions,
@@ -154,6 +156,19 @@ mod ranks {
         Ok(all.chunks(bytes.len()).all(|c| c == bytes.as_slice()))
     }
 
+    /// Every tensor of the optimizer's states, in parameter and key order.
+    fn state_tensors(opt: &Optimizer<Adam>) -> Vec<Tensor> {
+        opt.states()
+            .iter()
+            .flat_map(|s| {
+                s.entries().filter_map(|(_, v)| match v {
+                    StateValue::Tensor(t) | StateValue::Scalar(Scalar::Tensor(t)) => Some(t),
+                    _ => None,
+                })
+            })
+            .collect()
+    }
+
     fn grads_of(params: &[Tensor], grads: &GradStore) -> Vec<Tensor> {
         params
             .iter()
@@ -201,6 +216,30 @@ mod ranks {
             identical_on_every_rank(&comm, &model.parameters()?)?,
             "broadcast_model"
         );
+        // Every rank's states, rank 0's included, are constants on the device asked for.
+        let states = state_tensors(&opt);
+        assert!(!states.is_empty(), "rank 0's Adam has moments");
+        for t in &states {
+            assert!(
+                t.device().same_device(&Device::Cpu) && !t.requires_grad(),
+                "rank {rank}: a state tensor is not a constant on the CPU"
+            );
+        }
+        assert!(
+            identical_on_every_rank(&comm, &states)?,
+            "broadcast_optimizer_state"
+        );
+
+        // A learning rate injected on one rank only is an error on every rank, naming it.
+        let mut inner = Optimizer::new(Sgd::new(0.05), model.parameters()?.len())?;
+        if rank == 1 {
+            inner.inject("lr", &Tensor::full_scalar(0.05, DType::F64, &Device::Cpu)?)?;
+        }
+        match distributed::broadcast_optimizer_state(&comm, &mut inner, &Device::Cpu) {
+            Err(Error::RankMismatch { rank: 1, what, .. })
+                if what.contains("\"lr\" is injected") => {}
+            other => panic!("rank {rank}: expected a mismatch of rank 1's lr, got {other:?}"),
+        }
 
         // The single-process reference: the same model and optimizer, the whole meta-batch.
         let mut reference = model.clone();

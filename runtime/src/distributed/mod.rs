@@ -646,14 +646,27 @@ fn training_words<M: Parameters + Clone>(model: &M) -> Result<[u64; 3]> {
 }
 
 /// Gives every rank rank 0's outer-optimizer state (moment estimates, step counters, ...),
-/// its tensors placed on `device`, exactly (integer tensors bit for bit). The
-/// hyperparameters are not sent: build the optimizer the same way on every rank. Different
-/// parameter counts, optimizer types, parameter groups or hyperparameters (every field,
-/// flags such as `amsgrad` too, compared by their `Debug` text) are [`Error::RankMismatch`]
-/// on every rank. A state that rank 0 cannot send or a rank cannot read is that rank's own
-/// error there and [`Error::RankMismatch`] on the others. On any error no optimizer is
-/// changed. Entries that share one tensor (an in-place update through one reaches the
-/// other) still share one on every rank.
+/// exactly (integer tensors bit for bit), its tensors placed on `device` on every rank, rank
+/// 0 included, and in the same form everywhere: constants, in entries of their own (an
+/// in-place update through a handle taken before the call reaches none of them), entries
+/// that shared one tensor (an in-place update through one reaches the other) still sharing
+/// one.
+///
+/// The hyperparameters are not sent: build the optimizer the same way on every rank.
+/// Different parameter counts, optimizer types, parameter groups or hyperparameters (every
+/// field, flags such as `amsgrad` too, compared by their `Debug` text) and different tensors
+/// given by [`Optimizer::inject`] (injected on some ranks only, of another value or dtype, or
+/// requiring grad on some ranks only; `inject` keeps its one element as a 0-dim tensor, so
+/// `[1]` and `[]` are the same) are [`Error::RankMismatch`] on every rank, naming the first
+/// rank that differs and the group or hyperparameter that differs there.
+/// Injected tensors are compared, not broadcast: the optimizer holds the caller's own tensor
+/// (a learned learning rate that the meta-gradient reaches), which a copy from rank 0 would
+/// cut off; to start every rank from rank 0's value, broadcast the tensor
+/// ([`broadcast_tensors`]) and inject the result on every rank.
+///
+/// A state that rank 0 cannot send or a rank cannot read or place on `device` is that rank's
+/// own error there and [`Error::RankMismatch`] on the others. On any error no optimizer is
+/// changed.
 pub fn broadcast_optimizer_state<O: Hyperparameters + OptimizerStep + std::fmt::Debug>(
     comm: &dyn Communicator,
     optimizer: &mut Optimizer<O>,
@@ -661,19 +674,22 @@ pub fn broadcast_optimizer_state<O: Hyperparameters + OptimizerStep + std::fmt::
 ) -> Result<()> {
     const OP: &str = "broadcast_optimizer_state";
     let type_name = std::any::type_name::<O>();
+    let settings = optimizer_settings(optimizer);
     let mut groups = Vec::new();
     for g in optimizer.groups() {
-        groups.push(g.params.len() as u64);
-        groups.extend(g.params.iter().map(|&p| p as u64));
+        // The floats to the bit (their text rounds a NaN's payload).
         groups.extend(
             O::FLOAT_NAMES
                 .iter()
                 .map(|name| g.hyperparameters.float(name).map_or(u64::MAX, f64::to_bits)),
         );
-        // The fields that are not floats (Adam's `amsgrad`, SGD's `nesterov`) change the
-        // step as much; `Debug` (which `#[differentiable_optimizer]` derives) shows them
-        // all, each float to the bit.
-        groups.push(fingerprint_text(&format!("{:?}", g.hyperparameters)));
+    }
+    // Each group's parameters, floats and `Debug` text (the fields that are not floats,
+    // Adam's `amsgrad`, SGD's `nesterov`, change the step as much; `Debug`, which
+    // `#[differentiable_optimizer]` derives, shows them all), and the injected tensors.
+    for (what, value) in settings.iter().flatten() {
+        groups.push(fingerprint_text(what));
+        groups.push(fingerprint_text(value));
     }
     let mine = [
         optimizer.n_params() as u64,
@@ -682,21 +698,42 @@ pub fn broadcast_optimizer_state<O: Hyperparameters + OptimizerStep + std::fmt::
     ];
     let all = gather_words(comm, OP, &mine)?;
     let ranks: Vec<&[u64]> = all.chunks(mine.len()).collect();
-    if let Some(rank) = ranks.iter().position(|w| *w != ranks[0]) {
-        let what = if ranks[rank][0] != ranks[0][0] {
-            format!(
+    // What rank `rank` of a different size or type says; `None` when only its groups or
+    // hyperparameters differ.
+    let size_or_type = |rank: usize| {
+        if ranks[rank][0] != ranks[0][0] {
+            Some(format!(
                 "the optimizer holds {} parameters on rank 0, {} on rank {rank}",
                 ranks[0][0], ranks[rank][0]
-            )
+            ))
         } else if ranks[rank][1] != ranks[0][1] {
-            format!("rank {rank}'s optimizer is of another type (this rank's is {type_name})")
+            Some(format!(
+                "rank {rank}'s optimizer is of another type (this rank's is {type_name})"
+            ))
         } else {
-            format!(
-                "rank {rank}'s optimizer has other parameter groups or hyperparameters; build \
-                 it the same way on every rank"
-            )
+            None
+        }
+    };
+    if let Some(rank) = ranks.iter().position(|w| *w != ranks[0]) {
+        if let Some(what) = size_or_type(rank) {
+            return Err(Error::RankMismatch { op: OP, rank, what });
+        }
+        // Rare path, taken by every rank alike (the words are the same everywhere): rank 0's
+        // settings for the ranks that differ to compare with, then each of those ranks' words
+        // for all.
+        let bad: Vec<usize> = (0..ranks.len()).filter(|&r| ranks[r] != ranks[0]).collect();
+        let lists: Vec<&[(String, String)]> = settings.iter().map(Vec::as_slice).collect();
+        let root = comm.broadcast_bytes(&wire::encode_text_pairs(&lists))?;
+        let me = comm.rank();
+        let text = if !bad.contains(&me) {
+            String::new()
+        } else if let Some(what) = size_or_type(me) {
+            what
+        } else {
+            compare_settings(&root, &settings, me)
         };
-        return Err(Error::RankMismatch { op: OP, rank, what });
+        let texts = all_gather_texts(comm, OP, &text)?;
+        return Err(mismatch(OP, &bad, &texts));
     }
     let encoded = (comm.rank() == 0).then(|| wire::encode_states(optimizer.states()));
     let sent = match &encoded {
@@ -704,24 +741,38 @@ pub fn broadcast_optimizer_state<O: Hyperparameters + OptimizerStep + std::fmt::
         _ => &[],
     };
     let bytes = comm.broadcast_bytes(sent)?;
-    let received = match encoded {
-        Some(result) => result.map(|_| None),
-        None => wire::decode_states(&bytes, device).map(Some),
+    let not_sent = matches!(encoded, Some(Err(_)));
+    // Rank 0 places its own states on `device` as the other ranks place what they read.
+    let (received, failed_to) = match encoded {
+        Some(Err(e)) => (Err(e), "send its optimizer state"),
+        Some(Ok(_)) => (
+            place_states(optimizer.states(), device),
+            "place its optimizer state on the device",
+        ),
+        None => (
+            wire::decode_states(&bytes, device),
+            "read rank 0's optimizer state",
+        ),
     };
-    // Whether each rank could send or read the states: a failure on one rank is an error on
-    // every rank, not a success on rank 0 only. The rank that failed keeps its own error; a
-    // rank that could not read what rank 0 could not send has no failure of its own.
-    let ok = gather_words(comm, OP, &[u64::from(received.is_ok())])?;
-    let bad: Vec<usize> = if ok[0] != 1 {
+    // Whether each rank could send, read and place the states: a failure on one rank is an
+    // error on every rank, not a success on the others only. The rank that failed keeps its
+    // own error; a rank that could not read what rank 0 could not send has no failure of its
+    // own.
+    let status = match &received {
+        Ok(_) => STATE_OK,
+        Err(_) if not_sent => STATE_NOT_SENT,
+        Err(_) => STATE_FAILED,
+    };
+    let ok = gather_words(comm, OP, &[status])?;
+    let bad: Vec<usize> = if ok[0] == STATE_NOT_SENT {
         vec![0]
     } else {
-        (0..ok.len()).filter(|&r| ok[r] != 1).collect()
+        (0..ok.len()).filter(|&r| ok[r] != STATE_OK).collect()
     };
     if !bad.is_empty() {
         let own = received.err().filter(|_| bad.contains(&comm.rank()));
         let text = match &own {
-            Some(e) if comm.rank() == 0 => format!("it could not send its optimizer state: {e}"),
-            Some(e) => format!("it could not read rank 0's optimizer state: {e}"),
+            Some(e) => format!("it could not {failed_to}: {e}"),
             None => String::new(),
         };
         let texts = all_gather_texts(comm, OP, &text);
@@ -730,10 +781,156 @@ pub fn broadcast_optimizer_state<O: Hyperparameters + OptimizerStep + std::fmt::
         }
         return Err(mismatch(OP, &bad, &texts?));
     }
-    match received? {
-        Some(states) => optimizer.set_states(states),
-        None => Ok(()),
+    optimizer.set_states(received?)
+}
+
+/// [`broadcast_optimizer_state`]'s status word: this rank's states are ready.
+const STATE_OK: u64 = 1;
+/// ... this rank failed (to read or place them).
+const STATE_FAILED: u64 = 0;
+/// ... rank 0 could not encode its states and sent nothing.
+const STATE_NOT_SENT: u64 = 2;
+
+/// `states` with every tensor a constant on `device`, as [`wire::decode_states`] gives them
+/// to the ranks that receive them: entries of their own, shared ones still shared.
+fn place_states(
+    states: &[crate::optim::State],
+    device: &Device,
+) -> Result<Vec<crate::optim::State>> {
+    states
+        .iter()
+        .map(|s| s.map_tensors(|t| Ok(Tensor::new(t.value().to_device(device)?))))
+        .collect()
+}
+
+/// What the ranks' optimizers must agree on beyond their size and type, as (what, value)
+/// texts that name a difference: the groups (their count, and per group its parameters,
+/// every float, and its `Debug` text), then the tensors of [`Optimizer::inject`] by name.
+fn optimizer_settings<O: Hyperparameters + OptimizerStep + std::fmt::Debug>(
+    optimizer: &Optimizer<O>,
+) -> [Vec<(String, String)>; 2] {
+    let groups = optimizer.groups();
+    let mut facts = vec![(
+        "the number of parameter groups".to_string(),
+        groups.len().to_string(),
+    )];
+    for (g, group) in groups.iter().enumerate() {
+        facts.push((
+            format!("parameter group {g}'s parameter list"),
+            format!("{:?}", group.params),
+        ));
+        for name in O::FLOAT_NAMES {
+            let value = group.hyperparameters.float(name);
+            facts.push((
+                format!("hyperparameter {name:?} of parameter group {g}"),
+                value.map_or_else(|| "unset".to_string(), |v| format!("{v:?}")),
+            ));
+        }
+        facts.push((
+            format!("parameter group {g}"),
+            format!("{:?}", group.hyperparameters),
+        ));
     }
+    let mut injected: Vec<(String, String)> = optimizer
+        .injected()
+        .entries()
+        .map(|(name, values)| {
+            let shown: Vec<String> = values.iter().map(describe_scalar).collect();
+            (name.to_string(), shown.join(", "))
+        })
+        .collect();
+    // The order of `inject` calls for different names changes nothing.
+    injected.sort();
+    [facts, injected]
+}
+
+/// A hyperparameter's value as [`optimizer_settings`] compares it: a float exactly (Rust's
+/// shortest text that reads back to the same f64); a tensor's values likewise, with its
+/// dtype, its shape if it has dimensions, and whether it requires grad.
+fn describe_scalar(value: &crate::optim::Scalar) -> String {
+    let t = match value {
+        crate::optim::Scalar::Float(v) => return format!("{v:?}"),
+        crate::optim::Scalar::Tensor(t) => t,
+    };
+    let flat = t.value().flatten_all();
+    let values = if t.dtype().is_float() {
+        flat.and_then(|f| f.to_dtype(DType::F64)?.to_vec1::<f64>())
+            .map(|v| v.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>())
+    } else {
+        flat.and_then(|f| f.to_dtype(DType::I64)?.to_vec1::<i64>())
+            .map(|v| v.iter().map(i64::to_string).collect::<Vec<_>>())
+    };
+    let values = match values {
+        Ok(v) if v.len() == 1 => v[0].clone(),
+        Ok(v) => format!("[{}]", v.join(", ")),
+        Err(e) => format!("(unreadable: {e})"),
+    };
+    let shape = if t.rank() > 0 {
+        format!(" {:?}", t.dims())
+    } else {
+        String::new()
+    };
+    let grad = if t.requires_grad() {
+        "requires grad"
+    } else {
+        "constant"
+    };
+    format!("{values} ({}{shape}, {grad})", t.dtype().as_str())
+}
+
+/// What differs between rank 0's [`optimizer_settings`] (as `root_bytes`) and `mine` (on
+/// rank `me`), in words that name the group or hyperparameter.
+fn compare_settings(root_bytes: &[u8], mine: &[Vec<(String, String)>; 2], me: usize) -> String {
+    const SAME_WAY: &str = "build the optimizer the same way on every rank";
+    let fallback =
+        format!("rank {me}'s optimizer has other parameter groups or hyperparameters; {SAME_WAY}");
+    let root = match wire::decode_text_pairs(root_bytes) {
+        Ok(lists) if lists.len() == 2 => lists,
+        _ => return fallback,
+    };
+    let (root_facts, root_injected) = (&root[0], &root[1]);
+    let [facts, injected] = mine;
+    for ((root_what, root_value), (what, value)) in root_facts.iter().zip(facts) {
+        if root_what != what {
+            break;
+        }
+        if root_value != value {
+            return format!("{what} is {root_value} on rank 0, {value} on rank {me}; {SAME_WAY}");
+        }
+    }
+    if root_facts != facts {
+        return fallback;
+    }
+    let value_of = |list: &[(String, String)], name: &str| {
+        list.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+    };
+    let mut names: Vec<&str> = root_injected
+        .iter()
+        .chain(injected)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    for name in names {
+        let what = match (value_of(root_injected, name), value_of(injected, name)) {
+            (Some(r), Some(m)) if r == m => continue,
+            (Some(r), Some(m)) => format!(
+                "hyperparameter {name:?} is injected (Optimizer::inject) as {r} on rank 0, \
+                 {m} on rank {me}"
+            ),
+            (Some(r), None) => format!(
+                "hyperparameter {name:?} is injected (Optimizer::inject) as {r} on rank 0 but \
+                 not on rank {me}"
+            ),
+            (None, Some(m)) => format!(
+                "hyperparameter {name:?} is injected (Optimizer::inject) as {m} on rank {me} \
+                 but not on rank 0"
+            ),
+            (None, None) => continue,
+        };
+        return format!("{what}; inject the same tensor on every rank");
+    }
+    fallback
 }
 
 /// Sums a gradient store over all ranks: the gradients of `params` (every rank passes its

@@ -940,8 +940,12 @@ fn optimizers_of_another_type_or_hyperparameters_are_an_error_on_every_rank() {
     });
     for (errors, want) in [
         (&other_type, "rank 1's optimizer is of another type"),
-        (&other_lr, "other parameter groups or hyperparameters"),
-        (&other_flag, "other parameter groups or hyperparameters"),
+        (
+            &other_lr,
+            "hyperparameter \"lr\" of parameter group 0 is 0.01 on rank 0, 0.02 on rank 1",
+        ),
+        (&other_flag, "amsgrad: false"),
+        (&other_flag, "amsgrad: true"),
     ] {
         for (named, msg, unchanged) in errors {
             assert!(*named && msg.contains(want), "{msg}");
@@ -1252,5 +1256,335 @@ fn a_model_in_evaluation_mode_on_one_rank_is_an_error_on_every_rank() {
             *named && msg.contains("layers in training mode: 1 of 1 on rank 0, 0 of 1 on rank 2"),
             "rank {rank}: {msg}"
         );
+    }
+}
+
+/// Every tensor of a state (entries and scalar entries), by key.
+fn state_tensors(state: &State) -> Vec<(String, Tensor)> {
+    state
+        .entries()
+        .filter_map(|(k, v)| match v {
+            crate::optim::StateValue::Tensor(t) => Some((k.to_string(), t)),
+            crate::optim::StateValue::Scalar(Scalar::Tensor(t)) => Some((k.to_string(), t)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn rank_0_places_its_optimizer_state_on_the_device_as_the_other_ranks_do() {
+    // Before, rank 0 kept its states as they were (on whatever device, a leaf that requires
+    // grad, entries that handles taken before the call still reached) while every other rank
+    // received constants on `device`. Rank 0 now goes through the same placement: with
+    // Device::Cpu here, a CUDA `device` moves its CPU states there.
+    for size in [1, 2, 3] {
+        let got = on_ranks(size, |comm| {
+            let mut opt = Optimizer::new(Adam::new(0.01), 2).unwrap();
+            let mut state = State::new();
+            if comm.rank() == 0 {
+                let leaf = Tensor::from_slice(&[1.5f64, -2.0], &[2], &Device::Cpu)
+                    .unwrap()
+                    .to_leaf();
+                state.set("exp_avg", leaf);
+                let shared = state.get("exp_avg").unwrap();
+                state.set("alias", shared);
+                state.set_scalar("mu", Scalar::Tensor(Tensor::scalar(0.25f64).to_leaf()));
+                state.set_int("step", 3);
+            } else {
+                state.set_int("step", 9);
+            }
+            opt.set_states(vec![state, State::new()]).unwrap();
+            let before = opt.states()[0].get("exp_avg").ok();
+            broadcast_optimizer_state(comm, &mut opt, &Device::Cpu).unwrap();
+            let s = &opt.states()[0];
+            for (key, t) in state_tensors(s) {
+                assert!(
+                    t.device().same_device(&Device::Cpu),
+                    "rank {}: {key}",
+                    comm.rank()
+                );
+                assert!(
+                    !t.requires_grad(),
+                    "rank {}: {key} requires grad",
+                    comm.rank()
+                );
+            }
+            let (a, b) = (s.get("exp_avg").unwrap(), s.get("alias").unwrap());
+            assert!(
+                a.same_entry(&b),
+                "rank {}: the shared entry split",
+                comm.rank()
+            );
+            if let Some(before) = before {
+                // Rank 0's entries are its own now: an update through the old handle misses.
+                assert!(!before.same_entry(&a), "rank 0 kept its entry");
+                before.mul_(10.0).unwrap();
+            }
+            state_bits(opt.states())
+        });
+        for bits in &got {
+            assert_eq!(bits, &got[0], "size {size}");
+        }
+        assert_eq!(
+            got[0][0],
+            vec![
+                (
+                    "alias".to_string(),
+                    vec![1.5f64.to_bits(), (-2.0f64).to_bits()]
+                ),
+                (
+                    "exp_avg".to_string(),
+                    vec![1.5f64.to_bits(), (-2.0f64).to_bits()]
+                ),
+                ("mu".to_string(), vec![0.25f64.to_bits()]),
+                ("step".to_string(), vec![3]),
+            ]
+        );
+    }
+    // One process: the same contract.
+    let mut opt = Optimizer::new(Sgd::new(0.1), 1).unwrap();
+    let mut state = State::new();
+    state.set(
+        "momentum_buffer",
+        Tensor::from_slice(&[4.0f64], &[1], &Device::Cpu)
+            .unwrap()
+            .to_leaf(),
+    );
+    opt.set_states(vec![state]).unwrap();
+    broadcast_optimizer_state(&SingleProcess, &mut opt, &Device::Cpu).unwrap();
+    let t = opt.states()[0].tensor("momentum_buffer").unwrap();
+    assert!(t.device().same_device(&Device::Cpu) && !t.requires_grad());
+    assert_eq!(t.to_vec_f64().unwrap(), vec![4.0]);
+}
+
+/// `broadcast_optimizer_state` on `size` ranks of SGD (lr 0.1, 2 parameters, a step count
+/// of its rank in its first state) after `setup` on each: each rank's result as its
+/// message (`None`: Ok), whether it is a `RankMismatch` naming `bad`, and whether its
+/// injected tensors, and its states, are as before.
+fn broadcast_injected(
+    size: usize,
+    bad: usize,
+    setup: impl Fn(usize, &mut Optimizer<Sgd>) + Sync,
+) -> Vec<(Option<String>, bool, bool, bool)> {
+    on_ranks(size, |comm| {
+        let mut opt = Optimizer::new(Sgd::new(0.1), 2).unwrap();
+        let mut state = State::new();
+        state.set_int("step", comm.rank() as i64);
+        opt.set_states(vec![state, State::new()]).unwrap();
+        setup(comm.rank(), &mut opt);
+        let injected = |opt: &Optimizer<Sgd>| {
+            opt.injected()
+                .entries()
+                .map(|(n, v)| (n.to_string(), v.iter().map(describe_scalar).collect()))
+                .collect::<Vec<(String, Vec<String>)>>()
+        };
+        let (states, tensors) = (state_bits(opt.states()), injected(&opt));
+        let result = broadcast_optimizer_state(comm, &mut opt, &Device::Cpu);
+        let same_tensors = injected(&opt) == tensors;
+        let same_states = state_bits(opt.states()) == states;
+        match result {
+            Ok(()) => (None, false, same_tensors, same_states),
+            Err(e) => {
+                let (named, msg) = mismatch_of(&e, "broadcast_optimizer_state", bad);
+                (Some(msg), named, same_tensors, same_states)
+            }
+        }
+    })
+}
+
+fn lr(value: f64, dtype: DType) -> Tensor {
+    Tensor::full_scalar(value, dtype, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn injected_tensors_that_differ_between_ranks_are_an_error_on_every_rank() {
+    // Before, the injected tensors were neither compared nor sent: every case below
+    // returned Ok on every rank (`inject` writes the tensor's value into the group's float,
+    // and each case keeps the floats equal), and the ranks' inner loops stepped with
+    // different learning rates, or reached the meta-gradient on some ranks only.
+    let only_rank_1 = broadcast_injected(2, 1, |rank, opt| {
+        if rank == 1 {
+            opt.inject("lr", &lr(0.1, DType::F64)).unwrap();
+        }
+    });
+    let only_rank_0 = broadcast_injected(2, 1, |rank, opt| {
+        if rank == 0 {
+            opt.inject("lr", &lr(0.1, DType::F64)).unwrap();
+        }
+    });
+    let other_value = broadcast_injected(2, 1, |rank, opt| {
+        opt.inject("lr", &lr(0.1 * (1 + rank) as f64, DType::F64))
+            .unwrap();
+        opt.groups_mut()[0].hyperparameters.lr = 0.1; // the same float on every rank
+    });
+    let other_dtype = broadcast_injected(2, 1, |rank, opt| {
+        let dtype = if rank == 0 { DType::F64 } else { DType::F32 };
+        opt.inject("lr", &lr(0.5, dtype)).unwrap();
+    });
+    let requires_grad_on_rank_0 = broadcast_injected(2, 1, |rank, opt| {
+        let t = lr(0.1, DType::F64);
+        let t = if rank == 0 { t.to_leaf() } else { t };
+        opt.inject("lr", &t).unwrap();
+    });
+    // Three ranks, the last one odd: the first that differs is named on every rank.
+    let rank_2_momentum = broadcast_injected(3, 2, |rank, opt| {
+        opt.inject("lr", &lr(0.1, DType::F64)).unwrap();
+        if rank == 2 {
+            opt.inject("momentum", &lr(0.0, DType::F64)).unwrap();
+        }
+    });
+    let injected = "is injected (Optimizer::inject) as";
+    for (case, want) in [
+        (
+            &only_rank_1,
+            format!(
+                "hyperparameter \"lr\" {injected} 0.1 (f64, constant) on rank 1 but not on rank 0"
+            ),
+        ),
+        (
+            &only_rank_0,
+            format!(
+                "hyperparameter \"lr\" {injected} 0.1 (f64, constant) on rank 0 but not on rank 1"
+            ),
+        ),
+        (
+            &other_value,
+            format!(
+                "hyperparameter \"lr\" {injected} 0.1 (f64, constant) on rank 0, 0.2 (f64, \
+                 constant) on rank 1"
+            ),
+        ),
+        (
+            &other_dtype,
+            format!(
+                "hyperparameter \"lr\" {injected} 0.5 (f64, constant) on rank 0, 0.5 (f32, \
+                 constant) on rank 1"
+            ),
+        ),
+        (
+            &requires_grad_on_rank_0,
+            format!(
+                "hyperparameter \"lr\" {injected} 0.1 (f64, requires grad) on rank 0, 0.1 \
+                 (f64, constant) on rank 1"
+            ),
+        ),
+        (
+            &rank_2_momentum,
+            format!(
+                "hyperparameter \"momentum\" {injected} 0.0 (f64, constant) on rank 2 but not \
+                 on rank 0"
+            ),
+        ),
+    ] {
+        for (rank, (msg, named, same_tensors, same_states)) in case.iter().enumerate() {
+            let msg = msg.as_deref().unwrap_or("Ok");
+            assert!(
+                *named && msg.contains(&want),
+                "rank {rank}: {msg}\nwant: {want}"
+            );
+            assert!(
+                *same_tensors && *same_states,
+                "rank {rank}'s optimizer changed: {msg}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_same_injected_tensors_on_every_rank_are_no_mismatch() {
+    // The same value, given as [] or [1] (`inject` keeps one element as a scalar), and names
+    // injected in another order.
+    let got = broadcast_injected(2, 0, |rank, opt| {
+        let lr1 = Tensor::from_slice(&[0.05f64], &[1], &Device::Cpu).unwrap();
+        let lr0 = lr(0.05, DType::F64);
+        let momentum = lr(0.9, DType::F64);
+        if rank == 0 {
+            opt.inject("lr", &lr0).unwrap();
+            opt.inject("momentum", &momentum).unwrap();
+        } else {
+            opt.inject("momentum", &momentum).unwrap();
+            opt.inject("lr", &lr1).unwrap();
+        }
+    });
+    for (rank, (msg, _, same_tensors, _)) in got.iter().enumerate() {
+        assert_eq!(msg, &None, "rank {rank}");
+        assert!(*same_tensors, "rank {rank}'s injected tensors changed");
+    }
+}
+
+#[test]
+fn groups_that_differ_between_ranks_name_what_differs() {
+    let model = mlp(2);
+    let n = model.parameters().unwrap().len();
+    let errors = on_ranks(2, |comm| {
+        let mut opt = if comm.rank() == 0 {
+            Optimizer::new(Sgd::new(0.1), n).unwrap()
+        } else {
+            let groups = vec![
+                crate::optim::ParamGroup::new(vec![0, 1], Sgd::new(0.1)),
+                crate::optim::ParamGroup::new((2..n).collect(), Sgd::new(0.1)),
+            ];
+            Optimizer::with_groups(n, groups).unwrap()
+        };
+        broadcast_optimizer_state(comm, &mut opt, &Device::Cpu)
+            .unwrap_err()
+            .to_string()
+    });
+    for e in &errors {
+        assert!(
+            e.contains("the number of parameter groups is 1 on rank 0, 2 on rank 1"),
+            "{e}"
+        );
+    }
+}
+
+/// A rank whose broadcasts arrive cut in half (a state it cannot read).
+struct CutBroadcasts<'a>(&'a ThreadRank);
+
+impl Communicator for CutBroadcasts<'_> {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn size(&self) -> usize {
+        self.0.size()
+    }
+    fn broadcast_bytes(&self, bytes: &[u8]) -> Result<Vec<u8>> {
+        let mut out = self.0.broadcast_bytes(bytes)?;
+        out.truncate(out.len() / 2);
+        Ok(out)
+    }
+    fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<u8>> {
+        self.0.all_gather_bytes(bytes)
+    }
+}
+
+#[test]
+fn a_state_one_rank_cannot_read_is_an_error_on_every_rank() {
+    let got = on_ranks(3, |comm| {
+        let mut opt = Optimizer::new(Sgd::new(0.1), 1).unwrap();
+        let mut state = State::new();
+        state.set_int("step", comm.rank() as i64 + 5);
+        opt.set_states(vec![state]).unwrap();
+        let err = if comm.rank() == 1 {
+            broadcast_optimizer_state(&CutBroadcasts(comm), &mut opt, &Device::Cpu)
+        } else {
+            broadcast_optimizer_state(comm, &mut opt, &Device::Cpu)
+        }
+        .unwrap_err();
+        let own = matches!(err, Error::Communication { .. });
+        let (named, msg) = mismatch_of(&err, "broadcast_optimizer_state", 1);
+        (own, named, msg, opt.states()[0].int("step"))
+    });
+    for (rank, (own, named, msg, step)) in got.iter().enumerate() {
+        if rank == 1 {
+            assert!(*own && msg.contains("malformed optimizer state"), "{msg}");
+        } else {
+            assert!(*named, "rank {rank}: {msg}");
+            assert!(
+                msg.contains("it could not read rank 0's optimizer state"),
+                "{msg}"
+            );
+        }
+        assert_eq!(*step, Some(rank as i64 + 5), "rank {rank}'s state changed");
     }
 }

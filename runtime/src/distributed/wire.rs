@@ -327,3 +327,48 @@ pub(super) fn decode_states(bytes: &[u8], device: &Device) -> Result<Vec<State>>
     }
     Ok(states)
 }
+
+fn put_text(out: &mut Vec<u8>, text: &str) {
+    put_u64(out, text.len() as u64);
+    out.extend_from_slice(text.as_bytes());
+}
+
+/// Lists of (what, value) texts: per list a count, then per pair both texts, each as its
+/// byte count and bytes. What [`decode_text_pairs`] reads.
+pub(super) fn encode_text_pairs(lists: &[&[(String, String)]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_u64(&mut out, lists.len() as u64);
+    for list in lists {
+        put_u64(&mut out, list.len() as u64);
+        for (what, value) in *list {
+            put_text(&mut out, what);
+            put_text(&mut out, value);
+        }
+    }
+    out
+}
+
+/// The inverse of [`encode_text_pairs`], with a typed error if the bytes are cut short or
+/// malformed.
+pub(super) fn decode_text_pairs(bytes: &[u8]) -> Result<Vec<Vec<(String, String)>>> {
+    let mut r = Reader { bytes, at: 0 };
+    let text = |r: &mut Reader<'_>| -> Result<String> {
+        let n = r.len()?;
+        Ok(String::from_utf8_lossy(r.take(n)?).into_owned())
+    };
+    let lists = r.len()?;
+    let mut out = Vec::new();
+    for _ in 0..lists {
+        let pairs = r.len()?;
+        let mut list = Vec::new();
+        for _ in 0..pairs {
+            let what = text(&mut r)?;
+            list.push((what, text(&mut r)?));
+        }
+        out.push(list);
+    }
+    if r.at != bytes.len() {
+        return Err(malformed(format!("{} bytes left over", bytes.len() - r.at)));
+    }
+    Ok(out)
+}
