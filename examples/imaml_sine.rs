@@ -171,7 +171,8 @@ fn maml_grads(theta: &[Tensor], task: &[(Tensor, Tensor); 2]) -> Result<Vec<Tens
     grads(&mse(&fast, xq, yq)?, theta, false)
 }
 
-/// iMAML's meta-gradient for one task, with the CG residual and iterations.
+/// iMAML's meta-gradient for one task, with the CG residual and iterations and the norm of
+/// the optimality condition at the inner solution (how far the 40 steps are from solving it).
 fn imaml_grads(
     theta: &[Tensor],
     task: &[(Tensor, Tensor); 2],
@@ -179,7 +180,7 @@ fn imaml_grads(
     prox_lr: f64,
     lambda: f64,
     cg_iters: usize,
-) -> Result<(Vec<Tensor>, f64, usize)> {
+) -> Result<(Vec<Tensor>, f64, usize, f64)> {
     let [(xs, ys), (xq, yq)] = task;
     let x_star = prox_solve(theta, xs, ys, inner_steps, prox_lr, lambda)?;
     let dl_dx = grads(&mse(&x_star, xq, yq)?, &x_star, false)?;
@@ -207,7 +208,7 @@ fn imaml_grads(
         .zip(theta)
         .map(|(g, t)| g.map_or_else(|| t.zeros_like(), Ok))
         .collect::<Result<_>>()?;
-    Ok((g, out.residual, out.iterations))
+    Ok((g, out.residual, out.iterations, out.condition_norm))
 }
 
 fn meta_test(theta: &[Tensor], tasks: &[[(Tensor, Tensor); 2]]) -> Result<[f64; 4]> {
@@ -241,6 +242,7 @@ fn main() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(7);
     let (mut maml_secs, mut imaml_secs) = (0.0, 0.0);
     let (mut residuals, mut cg_total, mut skipped) = (0.0, 0, 0usize);
+    let mut condition_norms = 0.0;
     for it in 0..iters {
         let tasks: Vec<[(Tensor, Tensor); 2]> = (0..META_BATCH)
             .map(|_| {
@@ -259,7 +261,8 @@ fn main() -> Result<()> {
         }
         let t1 = std::time::Instant::now();
         for task in &tasks {
-            let (g, res, n) = imaml_grads(&imaml, task, inner_steps, prox_lr, lambda, cg_iters)?;
+            let (g, res, n, f_norm) =
+                imaml_grads(&imaml, task, inner_steps, prox_lr, lambda, cg_iters)?;
             cg_total += n;
             // A solve that ended no better than v = 0 (residual >= 1), or an inner loop that
             // failed (residual NaN), gives no usable gradient.
@@ -268,6 +271,7 @@ fn main() -> Result<()> {
                 continue;
             }
             residuals += res;
+            condition_norms += f_norm;
             // Clip the task's meta-gradient to norm 10: where the Hessian is nearly singular
             // (a negative eigenvalue near -lambda), v is huge.
             let norm = g
@@ -290,11 +294,14 @@ fn main() -> Result<()> {
         }
     }
     let solves = (iters * META_BATCH).max(1) as f64;
+    let used = (solves - skipped as f64).max(1.0);
     println!(
         "trained {iters} meta-iterations: MAML {maml_secs:.1} s, iMAML {imaml_secs:.1} s \
-         ({inner_steps} proximal steps of lr {prox_lr}, lambda {lambda}, CG: mean relative residual {:.2e}, \
-         {:.1} Hessian-vector products per task, {skipped} of {} solves skipped)",
-        residuals / (solves - skipped as f64).max(1.0),
+         ({inner_steps} proximal steps of lr {prox_lr}, lambda {lambda}, mean |F(x*, theta)| {:.2e}; \
+         CG: mean relative residual {:.2e}, {:.1} Hessian-vector products per task, \
+         {skipped} of {} solves skipped)",
+        condition_norms / used,
+        residuals / used,
         cg_total as f64 / solves,
         iters * META_BATCH
     );

@@ -45,13 +45,23 @@ pub enum Error {
         /// Right operand's device.
         rhs: String,
     },
-    /// `grad` was asked for the gradient of a non-scalar output without `grad_outputs`.
-    #[error("grad: output {index} has shape {shape:?}; a non-scalar output needs grad_outputs")]
+    /// A function that differentiates (or estimates the gradient of) a one-element value got
+    /// one of several elements: an output of `grad` without `grad_outputs`, the output of
+    /// `backward`, the meta-loss of `checkpointed_unroll` or `plain_unroll`, the value of
+    /// `es_gradient`'s `f`.
+    #[error("{op}: {what} has shape {shape:?}; {hint}")]
     NonScalarOutput {
-        /// Position of the output.
+        /// The function that needed one element (`grad`, `backward`, `checkpointed_unroll`,
+        /// `plain_unroll`, `es_gradient`).
+        op: &'static str,
+        /// What has several elements, in words (`output 1`, `the meta-loss`, `f's value`).
+        what: String,
+        /// Position of the output among `grad`'s outputs; 0 where there is only one.
         index: usize,
         /// Its shape.
         shape: Vec<usize>,
+        /// What to do instead, in that function.
+        hint: &'static str,
     },
     /// `grad` was asked for an input that the outputs do not depend on.
     #[error("grad: input {index} (shape {shape:?}) is not reached from the outputs; set allow_unused to get None")]

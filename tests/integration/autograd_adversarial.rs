@@ -217,9 +217,31 @@ fn one_element_outputs_of_any_rank_are_scalars_and_empty_ones_are_not() {
         .to_leaf();
     let ye = e.sqr().unwrap();
     match grad(&[ye], &[e], GradOptions::default()) {
-        Err(Error::NonScalarOutput { index: 0, shape }) => assert_eq!(shape, vec![0]),
+        Err(Error::NonScalarOutput {
+            index: 0, shape, ..
+        }) => assert_eq!(shape, vec![0]),
         other => panic!("{other:?}"),
     }
+}
+
+/// The non-scalar error names the function that was called and what to do there: `grad`
+/// takes grad_outputs, `backward` has none to take.
+#[test]
+fn non_scalar_output_messages_name_grad_and_backward() {
+    let x = t(&[1.0, 2.0], &[2]).to_leaf();
+    let y = x.sqr().unwrap();
+    let msg = grad(std::slice::from_ref(&y), &[x], GradOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.starts_with("grad: output 0 has shape [2];") && msg.contains("grad_outputs"),
+        "{msg}"
+    );
+    let msg = backward(&y).unwrap_err().to_string();
+    assert!(
+        msg.starts_with("backward: the output has shape [2];") && msg.contains("sum_all"),
+        "{msg}"
+    );
 }
 
 /// 0-size inputs get 0-size gradients.

@@ -280,7 +280,9 @@ fn zero_steps_never_call_the_step() -> Result<()> {
     Ok(())
 }
 
-/// A meta-loss of several elements is `NonScalarOutput` with its shape, in both unrolls.
+/// A meta-loss of several elements is `NonScalarOutput` with its shape, in both unrolls;
+/// the message names the unroll and says to reduce the meta-loss (there is no
+/// `grad_outputs` to give).
 #[test]
 fn non_scalar_meta_loss_is_typed() {
     let lr = leaf(0.9);
@@ -308,6 +310,16 @@ fn non_scalar_meta_loss_is_typed() {
         matches!(&plain, Err(Error::NonScalarOutput { shape, .. }) if shape == &[3]),
         "{plain:?}"
     );
+    for (r, op) in [(ck, "checkpointed_unroll"), (plain, "plain_unroll")] {
+        let msg = r.unwrap_err().to_string();
+        assert!(
+            msg.starts_with(&format!("{op}: the meta-loss has shape [3];"))
+                && msg.contains("meta_loss")
+                && msg.contains("sum_all")
+                && !msg.contains("grad_outputs"),
+            "{msg}"
+        );
+    }
 }
 
 /// A one-element meta-loss of rank 2 ([1, 1]) is a scalar loss: the same gradients.
@@ -1458,6 +1470,28 @@ fn es_nan_function_value_is_non_finite() {
         },
     );
     non_finite(&r, &["es_gradient", "baseline"]);
+}
+
+/// An `f` of several elements is `NonScalarOutput` naming es_gradient and f, with the
+/// advice to reduce its value (there is no `grad_outputs` to give).
+#[test]
+fn es_non_scalar_function_value_names_es_gradient() {
+    let r = es_gradient(
+        |x| Ok(x[0].clone()),
+        &[f64s(&[1.0, 2.0], &[2])],
+        &es(0.1, 10),
+    );
+    assert!(
+        matches!(&r, Err(Error::NonScalarOutput { shape, .. }) if shape == &[2]),
+        "{r:?}"
+    );
+    let msg = r.unwrap_err().to_string();
+    assert!(
+        msg.starts_with("es_gradient: f's value has shape [2];")
+            && msg.contains("sum_all")
+            && !msg.contains("grad_outputs"),
+        "{msg}"
+    );
 }
 
 /// f's own error comes back unchanged, and f is not called again.

@@ -1,6 +1,7 @@
 //! Implicit differentiation (`unroll::implicit_grad`): the ridge-regression hypergradient
 //! against its closed form, agreement with a long differentiated unroll on a strongly
-//! convex problem, both solvers, and what is reported when a solve fails.
+//! convex problem, both solvers, what is reported when a solve fails, and the norm of the
+//! optimality condition at exact and wrong solutions.
 
 use candle_higher::unroll::{implicit_grad, ImplicitOptions, LinearSolver};
 use candle_higher::{grad, Error, GradOptions, Result, Tensor};
@@ -147,6 +148,8 @@ fn ridge_hypergradient_matches_closed_form() -> Result<()> {
             options.solver
         );
         assert!(out.converged && out.residual <= 1e-12, "{out:?}");
+        // x* from a direct solve: |A^T (A x* - y) + lam x*| is rounding.
+        assert!(out.condition_norm < 1e-10, "{out:?}");
         if options.solver == LinearSolver::ConjugateGradient {
             // CG on a 5x5 SPD system: at most 5 directions, plus the residual check.
             assert!(out.iterations <= 6 + 2, "{} iterations", out.iterations);
@@ -206,6 +209,8 @@ fn implicit_agrees_with_a_long_unroll() -> Result<()> {
             &options,
         )?;
         assert!(out.converged, "{out:?}");
+        // 300 steps contracting by about 0.5 each: the gradient at x_T is rounding.
+        assert!(out.condition_norm < 1e-10, "{out:?}");
         let got = out.grads[0].as_ref().unwrap().to_vec_f64()?;
         let scale = unrolled.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         assert!(scale > 1e-3);
@@ -341,5 +346,56 @@ fn bad_inputs_are_typed_errors() -> Result<()> {
         "{truncated:?}"
     );
     assert_eq!(truncated.v[0].to_vec_f64()?, [0.0, 0.0]);
+    Ok(())
+}
+
+/// The quadratic g(a, c) = a^T H a / 2 - theta^T a + 2 (c - 1)^2, H = [[2, 1], [1, 3]], in
+/// two unknown tensors: F = (H a - theta, 4 (c - 1)), taken through the tape. At theta =
+/// (1, -2) the solution is a* = (1, -1) (H a* = (2 - 1, 1 - 3)), c* = 1, and
+/// condition_norm is 0 to rounding. At a = (2, 0), c = 4, not a solution, F = ((4, 2) -
+/// (1, -2), 12) = (3, 4, 12), whose 2-norm over both tensors is sqrt(9 + 16 + 144) = 13:
+/// reported, and the gradient still computed.
+#[test]
+fn condition_norm_is_the_norm_of_the_condition_at_the_given_solution() -> Result<()> {
+    let h = Tensor::from_slice(&[2.0, 1.0, 1.0, 3.0], &[2, 2], &crate::common::device())?;
+    let theta = col(&[1.0, -2.0]).to_leaf();
+    let condition = |x: &[Tensor], th: &[Tensor]| -> Result<Vec<Tensor>> {
+        let (a, c) = (&x[0], &x[1]);
+        let g = a
+            .mul(&h.matmul(a)?)?
+            .sum_all()?
+            .affine(0.5, 0.0)?
+            .sub(&th[0].mul(a)?.sum_all()?)?
+            .add(&c.affine(1.0, -1.0)?.sqr()?.affine(2.0, 0.0)?)?;
+        Ok(grad(&[g], x, GradOptions::create_graph())?
+            .into_iter()
+            .map(Option::unwrap)
+            .collect())
+    };
+    // L = sum(a) + c: dL/dtheta = -(dF/dtheta)^T v = v_a = H^-1 (1, 1) = (2, 1) / 5.
+    let dl_dx = [col(&[1.0, 1.0]), Tensor::scalar(1.0f64)];
+    let at = |a: &[f64], c: f64| {
+        implicit_grad(
+            condition,
+            &[col(a), Tensor::scalar(c)],
+            std::slice::from_ref(&theta),
+            &dl_dx,
+            &ImplicitOptions::default(),
+        )
+    };
+    let exact = at(&[1.0, -1.0], 1.0)?;
+    assert!(exact.condition_norm < 1e-10, "{exact:?}");
+    let g = exact.grads[0].as_ref().unwrap().to_vec_f64()?;
+    assert!(
+        (g[0] - 0.4).abs() < 1e-12 && (g[1] - 0.2).abs() < 1e-12,
+        "{g:?}"
+    );
+    let wrong = at(&[2.0, 0.0], 4.0)?;
+    assert!(
+        (wrong.condition_norm - 13.0).abs() < 1e-12,
+        "{}",
+        wrong.condition_norm
+    );
+    assert!(wrong.converged && wrong.grads[0].is_some(), "{wrong:?}");
     Ok(())
 }

@@ -123,7 +123,7 @@ pub fn grad_with_stats(
     for t in inputs {
         check_float_leaf("grad", t)?;
     }
-    let seeds = seeds(outputs, options.grad_outputs.as_deref())?;
+    let seeds = seeds("grad", outputs, options.grad_outputs.as_deref())?;
     let input_index: HashMap<u64, usize> = inputs
         .iter()
         .enumerate()
@@ -170,7 +170,7 @@ pub fn grad_with_stats(
 /// it depends on (`loss.backward()` without the in-place accumulation). The graph is not
 /// consumed: `backward` can run again, and so can `grad`.
 pub fn backward(output: &Tensor) -> Result<GradStore> {
-    let seeds = seeds(std::slice::from_ref(output), None)?;
+    let seeds = seeds("backward", std::slice::from_ref(output), None)?;
     let (order, _) = reaching_nodes(
         std::slice::from_ref(output),
         |t| matches!(t.node(), Some(Node::Leaf)),
@@ -205,8 +205,13 @@ fn check_float_leaf(op: &'static str, t: &Tensor) -> Result<()> {
     })
 }
 
-/// The initial output gradients: `grad_outputs`, or ones for single-element outputs.
-fn seeds(outputs: &[Tensor], grad_outputs: Option<&[Tensor]>) -> Result<Vec<(Tensor, Tensor)>> {
+/// The initial output gradients: `grad_outputs`, or ones for single-element outputs. `op`
+/// (`grad` or `backward`, which has no `grad_outputs`) names the caller in errors.
+fn seeds(
+    op: &'static str,
+    outputs: &[Tensor],
+    grad_outputs: Option<&[Tensor]>,
+) -> Result<Vec<(Tensor, Tensor)>> {
     if let Some(go) = grad_outputs {
         if go.len() != outputs.len() {
             return Err(Error::GradOutputsLength {
@@ -233,10 +238,24 @@ fn seeds(outputs: &[Tensor], grad_outputs: Option<&[Tensor]>) -> Result<Vec<(Ten
                     g.clone()
                 }
                 None if out.elem_count() == 1 => out.ones_like()?,
-                None => {
+                None if op == "backward" => {
                     return Err(Error::NonScalarOutput {
+                        op,
+                        what: "the output".into(),
                         index: i,
                         shape: out.dims().to_vec(),
+                        hint: "backward needs a one-element output: reduce it with sum_all or \
+                               mean_all, or weight it with grad's grad_outputs",
+                    })
+                }
+                None => {
+                    return Err(Error::NonScalarOutput {
+                        op,
+                        what: format!("output {i}"),
+                        index: i,
+                        shape: out.dims().to_vec(),
+                        hint: "a non-scalar output needs grad_outputs (one tensor of its \
+                               shape), or reduce it to one element with sum_all or mean_all",
                     })
                 }
             };

@@ -315,12 +315,17 @@ fn pull_back(
     Ok((g, hyper_grads))
 }
 
-/// The meta-loss's one value; a meta-loss of several elements is [`Error::NonScalarOutput`].
-fn meta_loss_value(loss: &Tensor) -> Result<f64> {
+/// The meta-loss's one value; a meta-loss of several elements is [`Error::NonScalarOutput`]
+/// naming `op`, the unroll.
+fn meta_loss_value(op: &'static str, loss: &Tensor) -> Result<f64> {
     if loss.elem_count() != 1 {
         return Err(Error::NonScalarOutput {
+            op,
+            what: "the meta-loss".into(),
             index: 0,
             shape: loss.dims().to_vec(),
+            hint: "the meta_loss closure must return one element: reduce its tensor with \
+                   sum_all or mean_all",
         });
     }
     loss.to_scalar_f64()
@@ -521,7 +526,7 @@ pub fn checkpointed_unroll<C: Carry>(
         checkpoints.push(carry.clone());
     }
     let loss = meta_loss(&carry)?;
-    let value = meta_loss_value(&loss)?;
+    let value = meta_loss_value(OP, &loss)?;
     if !value.is_finite() {
         // Search from the last checkpoint that is finite.
         let mut k = checkpoints.len() - 1;
@@ -601,7 +606,7 @@ pub fn plain_unroll<C: Carry>(
         carry = step(&carry, t)?;
     }
     let loss = meta_loss(&carry)?;
-    let value = meta_loss_value(&loss)?;
+    let value = meta_loss_value(OP, &loss)?;
     if !value.is_finite() {
         return Err(non_finite_meta_loss(OP, value, &start, 0, steps, &mut step));
     }

@@ -12,6 +12,8 @@
 //! is the gradient of an inner objective (computed with `create_graph`), `dF/dx` is its
 //! Hessian and the products are Hessian-vector products.
 
+use candle_core::DType;
+
 use crate::autograd::{grad, GradOptions};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -95,8 +97,19 @@ pub struct ImplicitGrads {
     pub residual: f64,
     /// Products with `(dF/dx)^T` the solver made.
     pub iterations: usize,
-    /// Whether the residual reached the tolerance.
+    /// Whether the residual reached the tolerance: the linear solve converged. How well the
+    /// given solution solves the inner problem is [`condition_norm`](Self::condition_norm).
     pub converged: bool,
+    /// `||F(x*, theta)||`, the 2-norm of the optimality condition at the given solution over
+    /// all its tensors (summed in f64), in the units of `F`. The implicit function theorem
+    /// holds at a root of `F`: near 0 (the rounding of `F`'s dtype) `x*` solves the inner
+    /// problem and `grads` is its meta-gradient. A large value means that it does not (an
+    /// inner loop stopped early or diverged): `grads` is then the derivative at a point that
+    /// is not the solution (wrong, unless `dF/dx` and `dF/dtheta` do not depend on `x`, by an
+    /// amount that grows with the distance to it; for the gradient of a `mu`-strongly convex
+    /// objective, the true solution is within `condition_norm / mu`). It is reported, not checked (as in
+    /// TorchOpt and jaxopt): compare it with the inner solver's own tolerance.
+    pub condition_norm: f64,
 }
 
 /// The meta-gradient `dL/dtheta` through the solution `solution` of an inner problem whose
@@ -107,7 +120,9 @@ pub struct ImplicitGrads {
 /// `condition` is called once, on fresh leaves with the values of `solution`; it must be
 /// differentiable in `x` and in `theta` (a gradient inside it needs `create_graph`). A direct
 /// dependence of the outer loss on `theta` is not included: add it. A residual above the
-/// tolerance after `max_iter` products is reported (`converged: false`), not an error.
+/// tolerance after `max_iter` products is reported (`converged: false`), not an error; so is
+/// a solution that does not satisfy the condition (`condition_norm`, `||F(x*, theta)||`,
+/// well above 0): the gradient is computed at the point given, whatever it is.
 ///
 /// Errors: options out of range (`tol` outside `[0, 1)`, `max_iter` 0, a Neumann `alpha`
 /// that is not finite and positive); no solution tensors; `dl_dx` or the condition's output
@@ -124,16 +139,24 @@ pub struct ImplicitGrads {
 /// # fn main() -> Result<()> {
 /// // x*(theta) = argmin (x - theta)^2 / 2 + x^2 / 2 = theta / 2; L = x*, so dL/dtheta = 1/2.
 /// let theta = Tensor::scalar(3.0f64).to_leaf();
-/// let x_star = Tensor::scalar(1.5f64);
-/// let out = implicit_grad(
-///     |x, th| Ok(vec![x[0].sub(&th[0])?.add(&x[0])?]), // the gradient of the objective
-///     &[x_star],
-///     &[theta],
-///     &[Tensor::scalar(1.0f64)],
-///     &ImplicitOptions::default(),
-/// )?;
+/// // F(x, theta) = 2 x - theta, the gradient of the objective.
+/// let condition = |x: &[Tensor], th: &[Tensor]| -> Result<Vec<Tensor>> {
+///     Ok(vec![x[0].sub(&th[0])?.add(&x[0])?])
+/// };
+/// let at = |x: f64| {
+///     implicit_grad(
+///         condition,
+///         &[Tensor::scalar(x)],
+///         &[theta.clone()],
+///         &[Tensor::scalar(1.0f64)],
+///         &ImplicitOptions::default(),
+///     )
+/// };
+/// let out = at(1.5)?; // x* = theta / 2
 /// assert!((out.grads[0].as_ref().unwrap().to_scalar_f64()? - 0.5).abs() < 1e-12);
-/// assert!(out.converged);
+/// assert!(out.converged && out.condition_norm == 0.0);
+/// // x = 2 is not the solution: |F(2, 3)| = 1 is reported, not refused.
+/// assert_eq!(at(2.0)?.condition_norm, 1.0);
 /// # Ok(()) }
 /// ```
 pub fn implicit_grad(
@@ -163,6 +186,13 @@ pub fn implicit_grad(
             what: format!("{OP}: the optimality condition's output {i}, at a finite solution"),
         });
     }
+    let condition_norm = {
+        let f64s: Vec<Tensor> = f
+            .iter()
+            .map(|t| t.detach().to_dtype(DType::F64))
+            .collect::<Result<_>>()?;
+        dot(&f64s, &f64s)?.sqrt()
+    };
     let b: Vec<Tensor> = dl_dx.iter().map(Tensor::detach).collect();
     // (dF/dx)^T u: a vector-Jacobian product of F.
     let product = |u: &[Tensor]| -> Result<Vec<Tensor>> {
@@ -217,6 +247,7 @@ pub fn implicit_grad(
         residual,
         iterations,
         converged: residual <= options.tol,
+        condition_norm,
     })
 }
 

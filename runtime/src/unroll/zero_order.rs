@@ -175,8 +175,12 @@ pub fn es_gradient(
         let y = f(&inputs)?;
         if y.elem_count() != 1 {
             return Err(Error::NonScalarOutput {
+                op: OP,
+                what: "f's value".into(),
                 index: 0,
                 shape: y.dims().to_vec(),
+                hint: "f must return one element (the gradient of a scalar function is \
+                       estimated): reduce its value with sum_all or mean_all",
             });
         }
         evaluations += 1;
