@@ -1689,3 +1689,37 @@ fn integer_tensor_hyperparameters_convert_or_are_rejected() {
         "{err}"
     );
 }
+
+#[test]
+fn a_loss_of_several_elements_is_refused_by_the_step_that_got_it() {
+    // Unreduced squared errors, [4, 3]: with or without a graph, in full and first-order
+    // modes, the step names itself (not `grad`, whose grad_outputs it does not take) and
+    // changes nothing.
+    let (x, y) = data();
+    for first_order in [false, true] {
+        let inner = Optimizer::new(Sgd::new(0.1), 2).unwrap();
+        let options = InnerloopOptions::new().first_order(first_order);
+        let (mut fmodel, mut diffopt) = innerloop(&model(), &inner, options).unwrap();
+        let (time, fast) = (fmodel.time(), params_bits(fmodel.fast_params()));
+        let per_element = fmodel.forward(&x).unwrap().sub(&y).unwrap().sqr().unwrap();
+        for loss in [per_element.clone(), per_element.detach()] {
+            match err_of(diffopt.step(&mut fmodel, &loss)) {
+                Error::NonScalarOutput { op, shape, .. } => {
+                    assert_eq!(op, "DiffOptimizer::step");
+                    assert_eq!(shape, vec![4, 3]);
+                }
+                other => panic!("first_order {first_order}: {other:?}"),
+            }
+            assert_eq!(fmodel.time(), time);
+            assert_eq!(params_bits(fmodel.fast_params()), fast);
+        }
+        let message = err_of(diffopt.step(&mut fmodel, &per_element)).to_string();
+        assert!(message.contains("sum_all"), "{message}");
+        assert!(!message.contains("grad_outputs"), "{message}");
+        // The reduced loss steps as usual.
+        diffopt
+            .step(&mut fmodel, &per_element.mean_all().unwrap())
+            .unwrap();
+        assert_eq!(fmodel.time(), time + 1);
+    }
+}

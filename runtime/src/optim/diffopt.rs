@@ -711,6 +711,17 @@ impl<O: DifferentiableOptimizer> DiffOptimizer<O> {
         params: &[Tensor],
         trainable: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
+        if loss.elem_count() != 1 {
+            return Err(Error::NonScalarOutput {
+                op: "DiffOptimizer::step",
+                what: "the loss".into(),
+                index: 0,
+                shape: loss.dims().to_vec(),
+                hint: "the step differentiates one value: reduce the loss with sum_all or \
+                       mean_all (a task-batched loss too: the sum over tasks keeps each \
+                       task's gradient its own)",
+            });
+        }
         let idx: Vec<usize> = (0..params.len())
             .filter(|&i| trainable[i] && params[i].requires_grad())
             .collect();
