@@ -165,6 +165,39 @@ pub enum Error {
         /// The replacement's shape.
         got: Vec<usize>,
     },
+    /// A replacement parameter or buffer has another dtype than the tensor it replaces.
+    #[error("{op}: {what} {position} ({name}) has dtype {expected:?}, the replacement has dtype {got:?}")]
+    ParamDType {
+        /// The function that rejected the list.
+        op: &'static str,
+        /// What the list holds: "parameter" or "buffer".
+        what: &'static str,
+        /// The tensor's position in the list.
+        position: usize,
+        /// Its dotted name.
+        name: String,
+        /// The model's dtype.
+        expected: candle_core::DType,
+        /// The replacement's dtype.
+        got: candle_core::DType,
+    },
+    /// A replacement parameter or buffer lives on another device than the tensor it
+    /// replaces.
+    #[error("{op}: {what} {position} ({name}) is on {expected}, the replacement is on {got}")]
+    ParamDevice {
+        /// The function that rejected the list.
+        op: &'static str,
+        /// What the list holds: "parameter" or "buffer".
+        what: &'static str,
+        /// The tensor's position in the list.
+        position: usize,
+        /// Its dotted name.
+        name: String,
+        /// The model's device.
+        expected: String,
+        /// The replacement's device.
+        got: String,
+    },
     /// A frozen parameter was given a new tensor.
     #[error("{op}: {name} is frozen; pass its current tensor unchanged")]
     FrozenParameter {

@@ -7,7 +7,7 @@
 use std::process::Command;
 
 use candle_higher::nn::{self, BatchNormConfig, ConvConfig, Module, Parameters, Reduction};
-use candle_higher::{parse_device, DType, Error, Tensor};
+use candle_higher::{parse_device, DType, Error, Tensor, TensorId};
 
 use crate::common::{device, t};
 
@@ -810,4 +810,525 @@ fn recurrent_cells_with_sizes_past_usize_max_are_errors() {
         m.contains("weight_ih_l0") && m.contains("usize::MAX"),
         "{m}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Replacing parameters and buffers
+
+fn f64s(data: &[f64], shape: &[usize]) -> Tensor {
+    Tensor::from_slice(data, shape, &device()).unwrap()
+}
+
+/// `[linear 2 -> 3, batch norm 3, linear 3 -> 1]`: parameters `0.weight`, `0.bias`,
+/// `1.weight`, `1.bias`, `2.weight`, `2.bias`; buffers `1.running_mean`, `1.running_var`.
+fn net() -> nn::Sequential {
+    let vb = vb(3);
+    nn::seq()
+        .add(nn::linear(2, 3, vb.pp("0")).unwrap())
+        .add(nn::batch_norm1d(3, BatchNormConfig::default(), vb.pp("1")).unwrap())
+        .add(nn::linear(3, 1, vb.pp("2")).unwrap())
+}
+
+/// Each parameter's and buffer's name, id, frozen flag and values.
+fn listing<M: Parameters + Clone>(m: &M) -> Vec<(String, TensorId, bool, Vec<f64>)> {
+    let params = m.named_parameters().unwrap();
+    let buffers = m.named_buffers().unwrap();
+    params
+        .into_iter()
+        .chain(buffers)
+        .map(|(n, t)| (n, t.id(), t.requires_grad(), vals(&t)))
+        .collect()
+}
+
+/// A replacement of another dtype is `ParamDType` naming the parameter (or buffer) and its
+/// position, wherever it is in the list; on another device, `ParamDevice` (checked where
+/// the suites run off the CPU). Nothing changes.
+#[test]
+fn set_parameters_names_the_replacement_of_another_dtype_or_device() {
+    let mut model = net();
+    let before = listing(&model);
+    let named = model.named_parameters().unwrap();
+    let params: Vec<Tensor> = named.iter().map(|(_, t)| t.clone()).collect();
+    for (i, (name, p)) in named.iter().enumerate() {
+        let mut list = params.clone();
+        list[i] = p.to_dtype(DType::F32).unwrap().to_leaf();
+        match model.set_parameters(&list) {
+            Err(Error::ParamDType {
+                op: "set_parameters",
+                what: "parameter",
+                position,
+                name: n,
+                expected: DType::F64,
+                got: DType::F32,
+            }) => assert_eq!((position, &n), (i, name)),
+            other => panic!("{i}: {other:?}"),
+        }
+        assert_eq!(listing(&model), before, "{name}");
+    }
+    let mut list = params.clone();
+    list[1] = list[1].to_dtype(DType::F32).unwrap();
+    assert_eq!(
+        model.set_parameters(&list).unwrap_err().to_string(),
+        "set_parameters: parameter 1 (0.bias) has dtype F64, the replacement has dtype F32"
+    );
+    let named_buffers = model.named_buffers().unwrap();
+    let buffers: Vec<Tensor> = named_buffers.iter().map(|(_, t)| t.clone()).collect();
+    for (i, (name, b)) in named_buffers.iter().enumerate() {
+        let mut list = buffers.clone();
+        list[i] = b.to_dtype(DType::F32).unwrap();
+        match model.set_buffers(&list) {
+            Err(Error::ParamDType {
+                op: "set_buffers",
+                what: "buffer",
+                position,
+                name: n,
+                ..
+            }) => assert_eq!((position, &n), (i, name)),
+            other => panic!("{i}: {other:?}"),
+        }
+        assert_eq!(listing(&model), before, "{name}");
+    }
+    // A wrong shape still comes first, as `ParamShape`.
+    let mut list = params.clone();
+    list[2] = f64s(&[0.0; 4], &[4]).to_dtype(DType::F32).unwrap();
+    match model.set_parameters(&list) {
+        Err(Error::ParamShape { name, .. }) => assert_eq!(name, "1.weight"),
+        other => panic!("{other:?}"),
+    }
+    if !device().is_cpu() {
+        let cpu = candle_higher::Device::Cpu;
+        for (i, (name, p)) in named.iter().enumerate() {
+            let mut list = params.clone();
+            list[i] = p.to_device(&cpu).unwrap().to_leaf();
+            match model.set_parameters(&list) {
+                Err(Error::ParamDevice {
+                    op: "set_parameters",
+                    what: "parameter",
+                    position,
+                    name: n,
+                    expected,
+                    got,
+                }) => {
+                    assert_eq!((position, &n), (i, name));
+                    assert_eq!(got, "Cpu");
+                    assert_ne!(expected, got);
+                }
+                other => panic!("{i}: {other:?}"),
+            }
+        }
+        let mut list = buffers.clone();
+        list[1] = list[1].to_device(&cpu).unwrap();
+        match model.set_buffers(&list) {
+            Err(Error::ParamDevice {
+                position: 1, name, ..
+            }) => {
+                assert_eq!(name, "1.running_var")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(listing(&model), before);
+    }
+}
+
+/// `FunctionalModel::update_params` and `write_back_params` check their lists the same
+/// way: a weight of another dtype is named with its position.
+#[test]
+fn update_params_and_write_back_name_the_weight_of_another_dtype() {
+    let mut model = net();
+    let mut fmodel =
+        candle_higher::FunctionalModel::new(&model, candle_higher::FunctionalOptions::default())
+            .unwrap();
+    let mut list = fmodel.fast_params().to_vec();
+    list[4] = list[4].to_dtype(DType::F32).unwrap().to_leaf();
+    match fmodel.update_params(list) {
+        Err(Error::ParamDType {
+            op: "update_params",
+            position: 4,
+            name,
+            ..
+        }) => assert_eq!(name, "2.weight"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fmodel.time(), 0);
+    // A base model whose bias is now f32: writing back names it.
+    let mut params = model.parameters().unwrap();
+    params[3] = params[3].to_dtype(DType::F32).unwrap().to_leaf();
+    let mut base = net();
+    base.visit(&mut nn::Visitor::new(&mut |n, e| {
+        if let (nn::Entry::Param(t), "1.bias") = (e, n) {
+            *t = params[3].clone();
+        }
+        Ok(())
+    }))
+    .unwrap();
+    let before = listing(&base);
+    match fmodel.write_back_params(&mut base) {
+        Err(Error::ParamDType {
+            op: "write_back_params",
+            position: 3,
+            name,
+            expected: DType::F32,
+            got: DType::F64,
+            ..
+        }) => assert_eq!(name, "1.bias"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(listing(&base), before);
+    // The model itself was never touched.
+    let _ = &mut model;
+}
+
+/// How a [`Fickle`] model shows its fields on one walk.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Show {
+    /// Flag `t0`, `a`, `ra`, `b`, `rb`, `c`, `rc`, flag `t1`.
+    All,
+    /// Another parameter and buffer before all the others.
+    ExtraFirst,
+    /// Another parameter and buffer after all the others.
+    ExtraLast,
+    /// Without `b` and `rb`.
+    DropMiddle,
+    /// An error from `visit` after `t0`, `a` and `ra`.
+    FailAfterA,
+}
+
+/// A hand-written model with a buggy `visit`: its `n`-th walk shows the fields as
+/// `script[n]` says, all of them once the script is done. Every parameter and buffer has
+/// shape `[2]`, so a shifted write fits. `c` may be tied to `a`.
+#[derive(Clone)]
+struct Fickle {
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    extra: Tensor,
+    ra: nn::Buffer,
+    rb: nn::Buffer,
+    rc: nn::Buffer,
+    rextra: nn::Buffer,
+    t0: bool,
+    t1: bool,
+    walks: usize,
+    script: Vec<Show>,
+}
+
+impl Parameters for Fickle {
+    fn visit(&mut self, v: &mut nn::Visitor<'_>) -> candle_higher::Result<()> {
+        let show = self.script.get(self.walks).copied().unwrap_or(Show::All);
+        self.walks += 1;
+        if show == Show::ExtraFirst {
+            v.param("extra", &mut self.extra)?;
+            v.buffer("rextra", &mut self.rextra)?;
+        }
+        v.training(&mut self.t0)?;
+        v.param("a", &mut self.a)?;
+        v.buffer("ra", &mut self.ra)?;
+        if show == Show::FailAfterA {
+            return Err(Error::InvalidArgument {
+                op: "Fickle::visit",
+                message: "failed part-way".into(),
+            });
+        }
+        if show != Show::DropMiddle {
+            v.param("b", &mut self.b)?;
+            v.buffer("rb", &mut self.rb)?;
+        }
+        v.param("c", &mut self.c)?;
+        v.buffer("rc", &mut self.rc)?;
+        v.training(&mut self.t1)?;
+        if show == Show::ExtraLast {
+            v.param("extra", &mut self.extra)?;
+            v.buffer("rextra", &mut self.rextra)?;
+        }
+        Ok(())
+    }
+}
+
+impl Module for Fickle {
+    fn forward(&self, x: &Tensor) -> candle_higher::Result<Tensor> {
+        x.mul(&self.a)?.add(&self.b)?.mul(&self.c)
+    }
+}
+
+fn fickle(tied: bool) -> Fickle {
+    let leaf = |v: f64| f64s(&[v, -v], &[2]).to_leaf();
+    let a = leaf(1.0);
+    Fickle {
+        c: if tied { a.clone() } else { leaf(3.0) },
+        a,
+        b: leaf(2.0),
+        extra: leaf(4.0),
+        ra: nn::Buffer::new(f64s(&[5.0, 5.0], &[2])),
+        rb: nn::Buffer::new(f64s(&[6.0, 6.0], &[2])),
+        rc: nn::Buffer::new(f64s(&[7.0, 7.0], &[2])),
+        rextra: nn::Buffer::new(f64s(&[8.0, 8.0], &[2])),
+        t0: true,
+        t1: false,
+        walks: 0,
+        script: Vec::new(),
+    }
+}
+
+/// Every field of a [`Fickle`], read without walking it: each tensor's id, frozen flag
+/// and values (parameters, then buffers), and the two flags.
+type Fields = (Vec<(TensorId, bool, Vec<f64>)>, [bool; 2]);
+
+fn fields(m: &Fickle) -> Fields {
+    let buffers = [&m.ra, &m.rb, &m.rc, &m.rextra].map(nn::Buffer::get);
+    let tensors = [&m.a, &m.b, &m.c, &m.extra]
+        .into_iter()
+        .chain(&buffers)
+        .map(|t| (t.id(), t.requires_grad(), vals(t)))
+        .collect();
+    (tensors, [m.t0, m.t1])
+}
+
+/// The error of a write into a `Fickle` whose walk shows `show`.
+fn assert_visit_error(show: Show, err: &Error, case: &str) {
+    match (show, err) {
+        (Show::FailAfterA, Error::InvalidArgument { op, .. }) => {
+            assert_eq!(*op, "Fickle::visit", "{case}")
+        }
+        (_, Error::InvalidArgument { op, message }) => {
+            assert_eq!(*op, "Parameters::visit", "{case}");
+            assert!(
+                message.contains("slots, but") || message.contains("no longer holds"),
+                "{case}: {message}"
+            );
+            assert!(
+                !message.contains("could not be put back"),
+                "{case}: {message}"
+            );
+        }
+        _ => panic!("{case}: {err:?}"),
+    }
+}
+
+const FICKLE: [Show; 4] = [
+    Show::ExtraFirst,
+    Show::ExtraLast,
+    Show::DropMiddle,
+    Show::FailAfterA,
+];
+
+/// The walk that writes shows other slots than the walk that listed them (or fails
+/// part-way): `set_parameters` and `set_buffers` put back what they wrote, whatever the
+/// walk that puts back shows (all the fields, or the same as the write), tied slots
+/// included. Before, the slots seen before the mismatch (shifted ones included) kept the
+/// new tensors.
+#[test]
+fn set_parameters_and_set_buffers_leave_a_model_with_a_changing_visit_as_it_was() {
+    for show in FICKLE {
+        for script in [
+            vec![Show::All, show],
+            vec![Show::All, show, show],
+            vec![show, Show::All],
+        ] {
+            for tied in [false, true] {
+                if show == Show::FailAfterA && script[0] == show {
+                    continue; // the first walk fails: nothing to list
+                }
+                let case = format!("{script:?}, tied {tied}");
+                let mut m = fickle(tied);
+                m.script = script.clone();
+                // The lists are made from what the first walk shows, as `set_parameters`
+                // sees it.
+                let n = m.parameters().unwrap().len();
+                let nb = m.named_buffers().unwrap().len();
+                let before = fields(&m);
+                let params: Vec<Tensor> = (0..n)
+                    .map(|i| f64s(&[10.0 + i as f64, 0.0], &[2]).to_leaf())
+                    .collect();
+                let err = m.set_parameters(&params).unwrap_err();
+                assert_visit_error(show, &err, &case);
+                assert_eq!(fields(&m), before, "set_parameters: {case}");
+                m.walks = 0;
+                let buffers: Vec<Tensor> = (0..nb)
+                    .map(|i| f64s(&[20.0 + i as f64, 0.0], &[2]))
+                    .collect();
+                let err = m.set_buffers(&buffers).unwrap_err();
+                assert_visit_error(show, &err, &case);
+                assert_eq!(fields(&m), before, "set_buffers: {case}");
+            }
+        }
+    }
+}
+
+/// The same for writing an fmodel's weights and buffers back into a base model whose
+/// `visit` changes between walks.
+#[test]
+fn write_back_into_a_model_with_a_changing_visit_leaves_it_as_it_was() {
+    let model = fickle(false);
+    let fmodel =
+        candle_higher::FunctionalModel::new(&model, candle_higher::FunctionalOptions::default())
+            .unwrap();
+    for show in FICKLE {
+        let mut base = fickle(false);
+        base.script = vec![Show::All, show];
+        let before = fields(&base);
+        let err = fmodel.write_back_params(&mut base).unwrap_err();
+        assert_visit_error(show, &err, &format!("{show:?}"));
+        assert_eq!(fields(&base), before, "write_back_params: {show:?}");
+        base.walks = 0;
+        let err = fmodel.write_back_buffers(&mut base).unwrap_err();
+        assert_visit_error(show, &err, &format!("{show:?}"));
+        assert_eq!(fields(&base), before, "write_back_buffers: {show:?}");
+    }
+}
+
+/// `train`/`eval` and `set_frozen` on a model whose `visit` fails part-way: the flags and
+/// slots already changed are put back (a tied parameter is not left half frozen).
+#[test]
+fn train_and_set_frozen_put_back_what_a_failing_visit_changed() {
+    let mut m = fickle(true);
+    m.script = vec![Show::FailAfterA];
+    let before = fields(&m);
+    let err = m.eval().unwrap_err();
+    assert_visit_error(Show::FailAfterA, &err, "eval");
+    assert_eq!(fields(&m), before, "eval");
+    // The first walk finds `a`; the second, which replaces it, fails after it.
+    m.walks = 0;
+    m.script = vec![Show::All, Show::FailAfterA];
+    let err = m.set_frozen("a", true).unwrap_err();
+    assert_visit_error(Show::FailAfterA, &err, "set_frozen");
+    assert_eq!(fields(&m), before, "set_frozen");
+    assert_eq!(m.a.id(), m.c.id());
+    // With a visit that works, both tied slots are frozen together.
+    m.set_frozen("a", true).unwrap();
+    assert!(!m.a.requires_grad() && m.a.id() == m.c.id());
+}
+
+/// The rule of `set_parameters`: the tensors are used as they are. A constant freezes a
+/// trainable parameter, a leaf keeps (or makes) it trainable, as in higher's
+/// `update_params` and `torch.func.functional_call` (not torch's `load_state_dict`).
+#[test]
+fn set_parameters_uses_the_given_tensors_frozen_flags_included() {
+    let mut model = net();
+    let params = model.parameters().unwrap();
+    let constants: Vec<Tensor> = params.iter().map(Tensor::detach).collect();
+    model.set_parameters(&constants).unwrap();
+    assert!(model.param_infos().unwrap().iter().all(|p| p.frozen));
+    let ids: Vec<TensorId> = model.parameters().unwrap().iter().map(Tensor::id).collect();
+    assert_eq!(ids, constants.iter().map(Tensor::id).collect::<Vec<_>>());
+    let leaves: Vec<Tensor> = constants.iter().map(Tensor::to_leaf).collect();
+    model.set_parameters(&leaves).unwrap();
+    assert!(model.param_infos().unwrap().iter().all(|p| !p.frozen));
+}
+
+// ---------------------------------------------------------------------------------------
+// Dropout's generator when a forward fails
+
+/// `[dropout 0.5, linear 3 -> 2]`.
+fn dropout_net() -> nn::Sequential {
+    let vb = vb(21);
+    nn::seq()
+        .add(nn::dropout(0.5, vb.pp("0")).unwrap())
+        .add(nn::linear(3, 2, vb.pp("1")).unwrap())
+}
+
+/// A pass that fails after the dropout drew its mask (the next layer rejects the input's
+/// shape or dtype) leaves the generator as it was: the retried pass gives what a first
+/// attempt gives, and the pass after it what a second gives. Before, the failed pass had
+/// used up a mask.
+#[test]
+fn a_failed_forward_does_not_advance_the_dropout_generator() {
+    let x = f64s(
+        &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 1.0, 2.0, 3.0],
+        &[4, 3],
+    );
+    let fresh = dropout_net();
+    let first = vals(&fresh.forward(&x).unwrap());
+    let second = vals(&fresh.forward(&x).unwrap());
+    assert_ne!(first, second);
+    for bad in [ones(&[4, 5]), x.to_dtype(DType::F32).unwrap()] {
+        let model = dropout_net();
+        assert!(model.forward(&bad).is_err());
+        assert!(model.forward(&bad).is_err());
+        assert_eq!(vals(&model.forward(&x).unwrap()), first, "{bad:?}");
+        assert_eq!(vals(&model.forward(&x).unwrap()), second, "{bad:?}");
+    }
+    // A lone dropout given an integer input draws nothing either.
+    let d = nn::dropout(0.5, vb(22)).unwrap();
+    let fresh = d.clone();
+    assert!(matches!(
+        d.forward(&ids_u32(&[1, 2, 3], &[3])),
+        Err(Error::UnsupportedDType { .. })
+    ));
+    assert_eq!(
+        vals(&d.forward(&x).unwrap()),
+        vals(&fresh.forward(&x).unwrap())
+    );
+}
+
+/// The same through a `FunctionalModel`, whose forward passes undo a failed pass's draws.
+#[test]
+fn a_failed_fmodel_forward_does_not_advance_the_dropout_generator() {
+    let x = ones(&[4, 3]);
+    let options = candle_higher::FunctionalOptions::default();
+    let fresh = candle_higher::FunctionalModel::new(&dropout_net(), options).unwrap();
+    let first = vals(&fresh.forward(&x).unwrap());
+    let fmodel = candle_higher::FunctionalModel::new(&dropout_net(), options).unwrap();
+    assert!(fmodel.forward(&ones(&[4, 5])).is_err());
+    assert_eq!(vals(&fmodel.forward(&x).unwrap()), first);
+}
+
+/// Weight dropout: a forward whose wrapped layer rejects the input, and `sample_masks`
+/// failing on its second raw weight (edited to an integer tensor), leave the generator as
+/// it was: the next masks are a first attempt's.
+#[test]
+fn a_failed_weight_dropout_forward_does_not_advance_its_generator() {
+    let vb = vb(31);
+    let wd = nn::weight_dropout(
+        nn::linear(3, 2, vb.pp("0")).unwrap(),
+        &["weight", "bias"],
+        0.5,
+        vb,
+    )
+    .unwrap();
+    let fresh = wd.clone();
+    let x = ones(&[4, 3]);
+    assert!(wd.forward(&ones(&[4, 5])).is_err());
+    assert_eq!(
+        vals(&wd.forward(&x).unwrap()),
+        vals(&fresh.forward(&x).unwrap())
+    );
+    let mut wd = fresh.clone();
+    let fresh_masks: Vec<Vec<f64>> = fresh.sample_masks().unwrap().iter().map(vals).collect();
+    let bias = wd.raw[1].clone();
+    wd.raw[1] = ids_u32(&[1, 2], &[2]);
+    assert!(matches!(
+        wd.sample_masks(),
+        Err(Error::UnsupportedDType { .. })
+    ));
+    wd.raw[1] = bias;
+    let masks: Vec<Vec<f64>> = wd.sample_masks().unwrap().iter().map(vals).collect();
+    assert_eq!(masks, fresh_masks);
+}
+
+/// A dropout inside a layer that weight norm or weight dropout wraps advances at each
+/// forward, as the same layer unwrapped does (the wrapper runs a copy of the layer; the
+/// copy used to draw from a copy of the generator, so every forward had the first mask).
+#[test]
+fn a_dropout_inside_a_reparametrized_layer_draws_a_new_mask_at_each_forward() {
+    let layer = || {
+        let vb = vb(41);
+        nn::seq()
+            .add(nn::linear(3, 4, vb.pp("0")).unwrap())
+            .add(nn::dropout(0.5, vb.pp("1")).unwrap())
+    };
+    let x = ones(&[5, 3]);
+    let plain = layer();
+    let want: Vec<Vec<f64>> = (0..3).map(|_| vals(&plain.forward(&x).unwrap())).collect();
+    assert_ne!(want[0], want[1]);
+    // p = 0: the wrapper runs the layer with its own weights.
+    let wd = nn::weight_dropout(layer(), &["0.weight"], 0.0, vb(42)).unwrap();
+    let got: Vec<Vec<f64>> = (0..3).map(|_| vals(&wd.forward(&x).unwrap())).collect();
+    assert_eq!(got, want);
+    // Weight norm recomputes the weight (equal up to rounding): the zeros move.
+    let wn = nn::weight_norm(layer(), "0.weight").unwrap();
+    let zeros = |v: &[f64]| v.iter().map(|y| *y == 0.0).collect::<Vec<_>>();
+    let got: Vec<Vec<f64>> = (0..3).map(|_| vals(&wn.forward(&x).unwrap())).collect();
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(zeros(g), zeros(w));
+    }
 }

@@ -1,6 +1,6 @@
 //! Dropout with a seeded mask, and Embedding.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -9,12 +9,18 @@ use super::{Module, Parameters, VarBuilder, Visitor};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-/// A seeded generator that layers draw from at each forward; cloning copies its state.
-pub(crate) struct SeededRng(Mutex<StdRng>);
+/// A seeded generator that layers draw from at each forward; cloning copies its state
+/// (except in the copy of a layer that weight norm or weight dropout runs, which shares
+/// it). A draw inside [`super::restore_buffers_on_error`] is undone if the pass fails.
+pub(crate) struct SeededRng(Arc<Mutex<StdRng>>);
 
 impl SeededRng {
     pub(crate) fn new(rng: StdRng) -> Self {
-        SeededRng(Mutex::new(rng))
+        SeededRng(Arc::new(Mutex::new(rng)))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, StdRng> {
+        lock(&self.0)
     }
 
     /// A constant mask with this tensor's shape: `1/(1-p)` with probability `1 - p`, else 0
@@ -24,30 +30,49 @@ impl SeededRng {
         like.require_float("dropout")?;
         // `p` is a public field of the layers: an edit after construction is checked here.
         check_p("dropout", p)?;
-        let mut rng = match self.0.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
         let scale = if p < 1.0 { 1.0 / (1.0 - p) } else { 0.0 };
-        let data: Vec<f64> = (0..like.elem_count())
-            .map(|_| if rng.gen::<f64>() < p { 0.0 } else { scale })
-            .collect();
-        Ok(
-            Tensor::from_vec(data, like.dims(), &candle_core::Device::Cpu)?
-                .to_dtype(like.dtype())?
-                .to_device(like.device())?
-                .detach(),
-        )
+        let (data, before) = {
+            let mut rng = self.lock();
+            let before = rng.clone();
+            let data: Vec<f64> = (0..like.elem_count())
+                .map(|_| if rng.gen::<f64>() < p { 0.0 } else { scale })
+                .collect();
+            (data, before)
+        };
+        let mask = Tensor::from_vec(data, like.dims(), &candle_core::Device::Cpu)
+            .and_then(|m| m.to_dtype(like.dtype()))
+            .and_then(|m| m.to_device(like.device()));
+        match mask {
+            Ok(mask) => {
+                // Undone with the pass this draw is part of, if that pass fails.
+                super::module::journal_undo(|| {
+                    let (rng, before) = (self.0.clone(), before);
+                    move || *lock(&rng) = before
+                });
+                Ok(mask.detach())
+            }
+            Err(e) => {
+                *self.lock() = before;
+                Err(e)
+            }
+        }
+    }
+}
+
+fn lock(rng: &Mutex<StdRng>) -> MutexGuard<'_, StdRng> {
+    match rng.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
     }
 }
 
 impl Clone for SeededRng {
     fn clone(&self) -> Self {
-        let rng = match self.0.lock() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
-        SeededRng::new(rng)
+        if super::module::sharing_on_clone() {
+            SeededRng(self.0.clone())
+        } else {
+            SeededRng::new(self.lock().clone())
+        }
     }
 }
 
@@ -64,7 +89,9 @@ pub(crate) fn check_p(op: &'static str, p: f64) -> Result<()> {
 /// Dropout (`nn.Dropout(p)`): in training mode each element is zeroed with probability
 /// `p` and the rest scaled by `1/(1-p)`; in eval mode it is the identity. Masks come from
 /// a generator seeded by the builder (seed and name), advancing at each forward; a clone
-/// continues from the same state.
+/// continues from the same state. A forward that fails leaves the generator as it was, as
+/// does a failing pass of a `Sequential` or `FunctionalModel` holding the layer (see
+/// [`super::restore_buffers_on_error`]): a retried pass draws the mask the failed one drew.
 #[derive(Clone)]
 pub struct Dropout {
     /// Drop probability, in `[0, 1]` (checked at each forward).
@@ -97,7 +124,7 @@ impl Module for Dropout {
         if !self.training || self.p == 0.0 {
             return Ok(x.clone());
         }
-        x.mul(&self.rng.dropout_mask(x, self.p)?)
+        super::restore_buffers_on_error(|| x.mul(&self.rng.dropout_mask(x, self.p)?))
     }
 }
 

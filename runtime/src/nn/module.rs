@@ -2,6 +2,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::error::{Error, Result};
@@ -48,10 +49,10 @@ impl Buffer {
 
     /// Replaces the value (detached).
     pub fn set(&self, value: &Tensor) {
-        if JOURNAL_DEPTH.get() > 0 {
-            let old = self.get();
-            JOURNAL.with_borrow_mut(|j| j.push((self.0.clone(), old)));
-        }
+        journal_undo(|| {
+            let (slot, old) = (self.0.clone(), self.get());
+            move || write_slot(&slot, old)
+        });
         write_slot(&self.0, value.detach());
     }
 }
@@ -70,19 +71,34 @@ fn write_slot(slot: &RwLock<Tensor>, value: Tensor) {
     }
 }
 
+/// What puts one write of a pass back: a buffer's old value, a dropout generator's old
+/// state.
+type UndoFn = Box<dyn FnOnce()>;
+
 thread_local! {
     /// How many [`restore_buffers_on_error`] calls are running on this thread.
     static JOURNAL_DEPTH: Cell<usize> = const { Cell::new(0) };
-    /// The buffers written inside them, oldest first, with the values they replaced.
-    static JOURNAL: RefCell<Vec<(Arc<RwLock<Tensor>>, Tensor)>> = const { RefCell::new(Vec::new()) };
+    /// The writes made inside them, oldest first, each with what undoes it.
+    static JOURNAL: RefCell<Vec<UndoFn>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Records `undo` for the innermost running [`restore_buffers_on_error`], which runs it if
+/// its pass fails; outside one, nothing is recorded (and `undo` is not built).
+pub(crate) fn journal_undo<U: FnOnce() + 'static>(undo: impl FnOnce() -> U) {
+    if JOURNAL_DEPTH.get() > 0 {
+        let undo: UndoFn = Box::new(undo());
+        JOURNAL.with_borrow_mut(|j| j.push(undo));
+    }
 }
 
 /// Runs `f` (a forward pass) so that, if it fails or panics, every [`Buffer`] it wrote
-/// holds its value from before the call again: a batch norm's running statistics are not
-/// left updated by a pass whose later layer failed. Calls nest: each undoes only its own
+/// holds its value from before the call again, and every dropout generator it drew from
+/// (`Dropout`, `WeightDropout`) is back in its state from before the call: a batch norm's
+/// running statistics are not left updated by a pass whose later layer failed, and a
+/// retried pass draws the masks the failed one drew. Calls nest: each undoes only its own
 /// writes, and the writes of a call that succeeded stand unless an enclosing call fails.
-/// `Sequential` and `FunctionalModel` forward passes run inside it; call it around a
-/// hand-written model's forward to give it the same guarantee.
+/// `Sequential`, `Dropout`, `WeightDropout` and `FunctionalModel` forward passes run inside
+/// it; call it around a hand-written model's forward to give it the same guarantee.
 pub fn restore_buffers_on_error<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     /// Undoes the writes after `start` unless the pass succeeded, also on a panic.
     struct Undo {
@@ -103,8 +119,8 @@ pub fn restore_buffers_on_error<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
                     j.split_off(self.start)
                 }
             });
-            for (slot, old) in undo.into_iter().rev() {
-                write_slot(&slot, old);
+            for undo in undo.into_iter().rev() {
+                undo();
             }
         }
     }
@@ -135,9 +151,16 @@ thread_local! {
     static SHARE_ON_CLONE: Cell<bool> = const { Cell::new(false) };
 }
 
-/// A clone of `module` whose buffers are `module`'s own slots, not copies: for a wrapper
-/// that runs a re-weighted copy of its layer (weight norm, weight dropout), so that the
-/// copy's batch norms update the layer's statistics.
+/// Whether the clone being made is [`clone_sharing_buffers`]'s: then a layer's dropout
+/// generator is shared too, not copied.
+pub(crate) fn sharing_on_clone() -> bool {
+    SHARE_ON_CLONE.get()
+}
+
+/// A clone of `module` whose buffers (and dropout generators) are `module`'s own, not
+/// copies: for a wrapper that runs a re-weighted copy of its layer (weight norm, weight
+/// dropout), so that the copy's batch norms update the layer's statistics and the copy's
+/// dropouts advance the layer's generators.
 pub(crate) fn clone_sharing_buffers<L: Clone>(module: &L) -> L {
     struct Reset(bool);
     impl Drop for Reset {
@@ -416,7 +439,31 @@ pub trait Parameters {
 
     /// Replaces the parameters with `params`, given in the flat order of
     /// [`Parameters::parameters`] (tied parameters once). Checks the length and every
-    /// shape, dtype and device first; on error nothing is replaced.
+    /// shape, dtype and device first ([`Error::ParamCount`], [`Error::ParamShape`],
+    /// [`Error::ParamDType`], [`Error::ParamDevice`], naming the parameter); on error
+    /// nothing is replaced, also when the model's `visit` shows other slots than when the
+    /// list was made.
+    ///
+    /// The tensors are used as they are, frozen flags included: a constant given for a
+    /// trainable parameter freezes it (it no longer requires grad), so pass `t.to_leaf()`
+    /// (or a tensor computed on the tape) to keep a parameter trainable. This is the rule
+    /// of the functional libraries (higher's `update_params`, `torch.func.functional_call`),
+    /// not of torch's `load_state_dict`, which copies values and keeps `requires_grad`.
+    ///
+    /// ```
+    /// use candle_higher_runtime::nn::{self, Parameters, VarBuilder};
+    /// use candle_higher_runtime::{DType, Device, Result};
+    ///
+    /// # fn main() -> Result<()> {
+    /// let mut layer = nn::linear(2, 1, VarBuilder::new(0, DType::F64, &Device::Cpu))?;
+    /// let values: Vec<_> = layer.parameters()?.iter().map(|p| p.detach()).collect();
+    /// layer.set_parameters(&values)?;
+    /// assert!(layer.param_infos()?.iter().all(|p| p.frozen));
+    /// let leaves: Vec<_> = values.iter().map(|v| v.to_leaf()).collect();
+    /// layer.set_parameters(&leaves)?;
+    /// assert!(layer.param_infos()?.iter().all(|p| !p.frozen));
+    /// # Ok(()) }
+    /// ```
     fn set_parameters(&mut self, params: &[Tensor]) -> Result<()>
     where
         Self: Sized,
@@ -427,7 +474,8 @@ pub trait Parameters {
     }
 
     /// Replaces the buffers, in the flat order of [`Parameters::named_buffers`]. Checks
-    /// the length and every shape first.
+    /// the length and every shape, dtype and device first; on error nothing is replaced,
+    /// as for [`Parameters::set_parameters`].
     fn set_buffers(&mut self, buffers: &[Tensor]) -> Result<()>
     where
         Self: Sized,
@@ -438,17 +486,32 @@ pub trait Parameters {
     }
 
     /// Sets every train/eval flag: `true` for training (batch statistics, dropout on),
-    /// `false` for evaluation.
+    /// `false` for evaluation. If `visit` fails part-way, the flags it set are put back.
     fn train(&mut self, training: bool) -> Result<()>
     where
         Self: Sized,
     {
-        walk(self, &mut |_, entry| {
+        let mut old = Vec::new();
+        let out = walk_unnamed(self, &mut |_, entry| {
             if let Entry::Training(flag) = entry {
-                *flag = training;
+                old.push(std::mem::replace(flag, training));
             }
             Ok(())
-        })
+        });
+        if out.is_err() {
+            // In the order they were set: a `visit` that failed once may show them again.
+            let mut k = 0;
+            let _ = walk_unnamed(self, &mut |_, entry| {
+                if let Entry::Training(flag) = entry {
+                    if let Some(&was) = old.get(k) {
+                        *flag = was;
+                    }
+                    k += 1;
+                }
+                Ok(())
+            });
+        }
+        out
     }
 
     /// Evaluation mode: `train(false)`.
@@ -461,30 +524,31 @@ pub trait Parameters {
 
     /// Freezes (`true`) or unfreezes the parameter `name`: a frozen parameter becomes a
     /// constant, an unfrozen one a fresh leaf. Unknown names are an error listing the
-    /// known ones.
+    /// known ones. If `visit` fails part-way, the slots already replaced are put back.
     fn set_frozen(&mut self, name: &str, frozen: bool) -> Result<()>
     where
         Self: Sized,
     {
-        let mut target: Option<TensorId> = None;
+        let mut target: Option<Tensor> = None;
         let mut known = Vec::new();
         walk(self, &mut |n, entry| {
             if let Entry::Param(t) = entry {
                 if n == name {
-                    target = Some(t.id());
+                    target = Some(t.clone());
                 }
                 known.push(n.to_string());
             }
             Ok(())
         })?;
-        let Some(id) = target else {
+        let Some(original) = target else {
             return Err(Error::InvalidArgument {
                 op: "set_frozen",
                 message: format!("no parameter named \"{name}\"; known: {}", known.join(", ")),
             });
         };
+        let id = original.id();
         let mut replacement: Option<Tensor> = None;
-        walk(self, &mut |_, entry| {
+        let out = walk_unnamed(self, &mut |_, entry| {
             if let Entry::Param(t) = entry {
                 if t.id() == id {
                     let new = replacement.get_or_insert_with(|| {
@@ -498,7 +562,19 @@ pub trait Parameters {
                 }
             }
             Ok(())
-        })
+        });
+        if let (Err(_), Some(new)) = (&out, replacement) {
+            // The replacement is a tensor of its own: every slot holding it was replaced.
+            let _ = walk_unnamed(self, &mut |_, entry| {
+                if let Entry::Param(t) = entry {
+                    if t.id() == new.id() {
+                        *t = original.clone();
+                    }
+                }
+                Ok(())
+            });
+        }
+        out
     }
 }
 
@@ -556,6 +632,37 @@ pub(crate) struct ParamLayout {
     pub(crate) buffer_names: Vec<String>,
     pub(crate) buffer_tensors: Vec<Tensor>,
     buffer_slots: Vec<usize>,
+    /// Whether the model's slots still hold `tensors` (and `buffer_tensors`) as listed.
+    listed: Listed,
+}
+
+/// Whether a model's parameter slots (`[0]`) and buffer slots (`[1]`) still hold the
+/// tensors its [`ParamLayout`] listed: true when the layout is made, false once a write
+/// replaced them (a `FunctionalModel` keeps its layout and writes fast weights at every
+/// step). While true, a write checks that each slot it writes holds the tensor listed for
+/// it, so that a `visit` that shows other slots than when it was listed is caught before
+/// a tensor goes into the wrong slot.
+#[derive(Debug)]
+struct Listed([AtomicBool; 2]);
+
+impl Listed {
+    fn new() -> Self {
+        Listed([AtomicBool::new(true), AtomicBool::new(true)])
+    }
+
+    fn get(&self, kind: SlotKind) -> bool {
+        self.0[kind as usize].load(Ordering::Relaxed)
+    }
+
+    fn clear(&self, kind: SlotKind) {
+        self.0[kind as usize].store(false, Ordering::Relaxed);
+    }
+}
+
+impl Clone for Listed {
+    fn clone(&self) -> Self {
+        Listed([SlotKind::Param, SlotKind::Buffer].map(|kind| AtomicBool::new(self.get(kind))))
+    }
 }
 
 impl ParamLayout {
@@ -568,6 +675,7 @@ impl ParamLayout {
             buffer_names: Vec::new(),
             buffer_tensors: Vec::new(),
             buffer_slots: Vec::new(),
+            listed: Listed::new(),
         };
         let mut index: HashMap<TensorId, usize> = HashMap::new();
         let mut buffer_index: HashMap<TensorId, usize> = HashMap::new();
@@ -599,7 +707,7 @@ impl ParamLayout {
 
     /// Checks a replacement list: length, then each shape, dtype and device.
     pub(crate) fn check(&self, op: &'static str, params: &[Tensor]) -> Result<()> {
-        check_list(op, &self.names, &self.tensors, params, "parameters")
+        check_list(op, &self.names, &self.tensors, params, SlotKind::Param)
     }
 
     pub(crate) fn check_buffers(&self, op: &'static str, buffers: &[Tensor]) -> Result<()> {
@@ -608,45 +716,99 @@ impl ParamLayout {
             &self.buffer_names,
             &self.buffer_tensors,
             buffers,
-            "buffers",
+            SlotKind::Buffer,
         )
     }
 
-    /// Writes a checked list into the model's slots.
+    /// Writes a checked list into the model's parameter slots, all or nothing: if the
+    /// model's `visit` fails, shows another number of slots than when the layout was made,
+    /// or (while the slots hold what the layout listed) shows another tensor in a slot,
+    /// the slots written are put back (see [`put_back`]).
     pub(crate) fn write<P: Parameters + ?Sized>(
         &self,
         model: &mut P,
         params: &[Tensor],
     ) -> Result<()> {
-        let mut k = 0;
-        walk_unnamed(model, &mut |_, entry| {
-            if let Entry::Param(t) = entry {
-                if let Some(&i) = self.slots.get(k) {
-                    *t = params[i].clone();
-                }
-                k += 1;
-            }
-            Ok(())
-        })?;
-        self.check_slot_count(k, self.slots.len())
+        self.write_slots(model, SlotKind::Param, params)
     }
 
+    /// [`ParamLayout::write`] for the buffers (stored detached).
     pub(crate) fn write_buffers<P: Parameters + ?Sized>(
         &self,
         model: &mut P,
         buffers: &[Tensor],
     ) -> Result<()> {
+        self.write_slots(model, SlotKind::Buffer, buffers)
+    }
+
+    fn write_slots<P: Parameters + ?Sized>(
+        &self,
+        model: &mut P,
+        kind: SlotKind,
+        values: &[Tensor],
+    ) -> Result<()> {
+        let (names, listed, slots) = match kind {
+            SlotKind::Param => (&self.names, &self.tensors, &self.slots),
+            SlotKind::Buffer => (&self.buffer_names, &self.buffer_tensors, &self.buffer_slots),
+        };
+        // The callers check the list; an unchecked one must not index past its end.
+        if values.len() != listed.len() {
+            return Err(Error::ParamCount {
+                op: "ParamLayout::write",
+                what: kind.plural(),
+                expected: listed.len(),
+                got: values.len(),
+            });
+        }
+        let verify = self.listed.get(kind);
+        // Each slot written, in visit order: the id of its new tensor and its old one.
+        let mut written: Vec<(TensorId, Tensor)> = Vec::new();
         let mut k = 0;
-        walk_unnamed(model, &mut |_, entry| {
-            if let Entry::Buffer(t) = entry {
-                if let Some(&i) = self.buffer_slots.get(k) {
-                    *t = buffers[i].detach();
+        // The first slot that held another tensor than the one listed for it.
+        let mut stray: Option<usize> = None;
+        let walked = walk_unnamed(model, &mut |_, entry| {
+            let Some(t) = kind.slot(entry) else {
+                return Ok(());
+            };
+            let slot = k;
+            k += 1;
+            match slots.get(slot) {
+                Some(&i) if stray.is_none() => {
+                    if verify && t.id() != listed[i].id() {
+                        stray = Some(slot);
+                        // Stops the walk (unless `visit` ignores it; nothing more is
+                        // written then either).
+                        return Err(stray_slot(kind, slot, &names[i]));
+                    }
+                    let new = match kind {
+                        SlotKind::Param => values[i].clone(),
+                        SlotKind::Buffer => values[i].detach(),
+                    };
+                    if new.id() != t.id() {
+                        written.push((new.id(), std::mem::replace(t, new)));
+                    }
                 }
-                k += 1;
+                _ => {}
             }
             Ok(())
-        })?;
-        self.check_slot_count(k, self.buffer_slots.len())
+        });
+        let out = match stray {
+            Some(slot) => Err(stray_slot(kind, slot, &names[slots[slot]])),
+            None => walked.and_then(|()| self.check_slot_count(k, slots.len())),
+        };
+        match out {
+            Ok(()) => {
+                if !written.is_empty() {
+                    self.listed.clear(kind);
+                }
+                Ok(())
+            }
+            Err(e) if put_back(model, kind, written) => Err(e),
+            Err(e) => {
+                self.listed.clear(kind);
+                Err(not_put_back(e))
+            }
+        }
     }
 
     /// Reads the current buffers of `model` in this layout's flat order.
@@ -673,6 +835,7 @@ impl ParamLayout {
             .collect())
     }
 
+    /// A walk of the model saw `got` slots of a kind, the layout `expected`.
     fn check_slot_count(&self, got: usize, expected: usize) -> Result<()> {
         if got != expected {
             return Err(Error::InvalidArgument {
@@ -687,22 +850,120 @@ impl ParamLayout {
     }
 }
 
+/// The kind of slot a [`ParamLayout`] writes.
+#[derive(Clone, Copy, Debug)]
+enum SlotKind {
+    Param = 0,
+    Buffer = 1,
+}
+
+impl SlotKind {
+    /// The entry's tensor, if the entry is of this kind.
+    fn slot(self, entry: Entry<'_>) -> Option<&mut Tensor> {
+        match (self, entry) {
+            (SlotKind::Param, Entry::Param(t)) | (SlotKind::Buffer, Entry::Buffer(t)) => Some(t),
+            _ => None,
+        }
+    }
+
+    fn singular(self) -> &'static str {
+        match self {
+            SlotKind::Param => "parameter",
+            SlotKind::Buffer => "buffer",
+        }
+    }
+
+    fn plural(self) -> &'static str {
+        match self {
+            SlotKind::Param => "parameters",
+            SlotKind::Buffer => "buffers",
+        }
+    }
+}
+
+/// How many walks [`put_back`] makes at most: a `visit` that just failed may fail again.
+const PUT_BACK_WALKS: usize = 3;
+
+/// Puts the old tensors of a failed write back (`written`: for each slot written, in visit
+/// order, the id of the tensor it got and the one it had). Whatever `visit` shows now, a
+/// slot is put back when it holds a tensor that the write put there, matched in order: the
+/// k-th slot holding id `x` gets the old tensor of the next entry with id `x` after the
+/// last one matched, so that slots `visit` adds or leaves out on this walk, and tied slots
+/// (the same new tensor in several slots), each get their own old tensor back. False when
+/// some slot could not be put back.
+fn put_back<P: Parameters + ?Sized>(
+    model: &mut P,
+    kind: SlotKind,
+    written: Vec<(TensorId, Tensor)>,
+) -> bool {
+    let mut pending: Vec<Option<(TensorId, Tensor)>> = written.into_iter().map(Some).collect();
+    for _ in 0..PUT_BACK_WALKS {
+        if pending.iter().all(Option::is_none) {
+            return true;
+        }
+        let mut next = 0;
+        let _ = walk_unnamed(model, &mut |_, entry| {
+            if let Some(t) = kind.slot(entry) {
+                let id = t.id();
+                let found = pending[next..]
+                    .iter()
+                    .position(|w| matches!(w, Some((new, _)) if *new == id));
+                if let Some(j) = found {
+                    if let Some((_, old)) = pending[next + j].take() {
+                        *t = old;
+                    }
+                    next += j + 1;
+                }
+            }
+            Ok(())
+        });
+    }
+    pending.iter().all(Option::is_none)
+}
+
+/// Slot `slot` (in visit order) of a write held another tensor than the one listed there.
+fn stray_slot(kind: SlotKind, slot: usize, name: &str) -> Error {
+    Error::InvalidArgument {
+        op: "Parameters::visit",
+        message: format!(
+            "{} slot {slot} no longer holds {name}, the tensor it held when the model was \
+             listed; visit must show the same fields, themselves (not copies or computed \
+             tensors), in the same order every time",
+            kind.singular()
+        ),
+    }
+}
+
+/// `e`, saying that the model could not be put back as it was.
+fn not_put_back(e: Error) -> Error {
+    match e {
+        Error::InvalidArgument { op, message } => Error::InvalidArgument {
+            op,
+            message: format!("{message}; some slots could not be put back as they were"),
+        },
+        other => other,
+    }
+}
+
+/// Checks a replacement list against the model's tensors: its length, then the shape,
+/// dtype and device of each tensor, the first mismatch reported with its position and
+/// dotted name.
 fn check_list(
     op: &'static str,
     names: &[String],
     current: &[Tensor],
     new: &[Tensor],
-    what: &'static str,
+    kind: SlotKind,
 ) -> Result<()> {
     if new.len() != current.len() {
         return Err(Error::ParamCount {
             op,
-            what,
+            what: kind.plural(),
             expected: current.len(),
             got: new.len(),
         });
     }
-    for ((name, old), t) in names.iter().zip(current).zip(new) {
+    for (position, ((name, old), t)) in names.iter().zip(current).zip(new).enumerate() {
         if old.dims() != t.dims() {
             return Err(Error::ParamShape {
                 op,
@@ -711,7 +972,26 @@ fn check_list(
                 got: t.dims().to_vec(),
             });
         }
-        old.check_same(t, op)?;
+        if old.dtype() != t.dtype() {
+            return Err(Error::ParamDType {
+                op,
+                what: kind.singular(),
+                position,
+                name: name.clone(),
+                expected: old.dtype(),
+                got: t.dtype(),
+            });
+        }
+        if !old.device().same_device(t.device()) {
+            return Err(Error::ParamDevice {
+                op,
+                what: kind.singular(),
+                position,
+                name: name.clone(),
+                expected: format!("{:?}", old.device().location()),
+                got: format!("{:?}", t.device().location()),
+            });
+        }
     }
     Ok(())
 }

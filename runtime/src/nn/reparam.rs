@@ -113,12 +113,15 @@ pub fn weight_dropout<L: Module + Parameters + Clone>(
 }
 
 impl<L: Module + Parameters + Clone> WeightDropout<L> {
-    /// Draws one set of masks (constants, `0` or `1/(1-p)`) from the generator.
+    /// Draws one set of masks (constants, `0` or `1/(1-p)`) from the generator. On error
+    /// (a raw weight that is not floating point) the generator is left as it was.
     pub fn sample_masks(&self) -> Result<Vec<Tensor>> {
-        self.raw
-            .iter()
-            .map(|w| self.rng.dropout_mask(w, self.p))
-            .collect()
+        super::restore_buffers_on_error(|| {
+            self.raw
+                .iter()
+                .map(|w| self.rng.dropout_mask(w, self.p))
+                .collect()
+        })
     }
 
     /// Uses these masks at every forward from now on, one per dropped weight: of the
@@ -176,7 +179,15 @@ impl<L: Module + Parameters + Clone> WeightDropout<L> {
 }
 
 impl<L: Module + Parameters + Clone> Module for WeightDropout<L> {
+    /// A forward that fails (in the wrapped layer too) leaves the generator as it was, and
+    /// the buffers of the wrapped layer (see [`super::restore_buffers_on_error`]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        super::restore_buffers_on_error(|| self.forward_unguarded(x))
+    }
+}
+
+impl<L: Module + Parameters + Clone> WeightDropout<L> {
+    fn forward_unguarded(&self, x: &Tensor) -> Result<Tensor> {
         let weights: Vec<Tensor> = if !self.training || self.p == 0.0 {
             self.raw.clone()
         } else {
@@ -276,9 +287,13 @@ impl<L: Module + Parameters + Clone> WeightNorm<L> {
 }
 
 impl<L: Module + Parameters + Clone> Module for WeightNorm<L> {
+    /// A forward that fails leaves the wrapped layer's buffers and dropout generators as
+    /// they were (see [`super::restore_buffers_on_error`]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let names = [self.name.clone()];
-        with_replaced(&self.module, &names, &[self.weight()?])?.forward(x)
+        super::restore_buffers_on_error(|| {
+            let names = [self.name.clone()];
+            with_replaced(&self.module, &names, &[self.weight()?])?.forward(x)
+        })
     }
 }
 
