@@ -1332,3 +1332,43 @@ fn a_dropout_inside_a_reparametrized_layer_draws_a_new_mask_at_each_forward() {
         assert_eq!(zeros(g), zeros(w));
     }
 }
+
+/// A load whose buffer write meets a walk that shows other slots (whichever walk of the
+/// load it is) changes nothing: before, the parameters it had written stayed.
+#[test]
+fn a_load_that_fails_writing_the_buffers_puts_the_parameters_back() {
+    let dict: std::collections::HashMap<String, candle_higher::candle::Tensor> = [
+        ("a", 11.0),
+        ("b", 12.0),
+        ("c", 13.0),
+        ("ra", 15.0),
+        ("rb", 16.0),
+        ("rc", 17.0),
+    ]
+    .into_iter()
+    .map(|(n, v)| (n.to_string(), f64s(&[v, v], &[2]).value().clone()))
+    .collect();
+    let mut failed = 0;
+    for show in [Show::ExtraFirst, Show::ExtraLast, Show::DropMiddle] {
+        for walks_before in 0..5 {
+            let mut m = fickle(false);
+            m.script = vec![Show::All; walks_before];
+            m.script.push(show);
+            let before = fields(&m);
+            match nn::load_state_dict(&mut m, &dict, "dict") {
+                Ok(()) => assert_ne!(fields(&m), before),
+                Err(e) => {
+                    failed += 1;
+                    let case = format!("{show:?} after {walks_before} walks");
+                    // A listing walk that shows other names is a mismatch with the dict.
+                    if !matches!(e, Error::LoadMismatch { .. }) {
+                        assert_visit_error(show, &e, &case);
+                    }
+                    assert_eq!(fields(&m), before, "{case}");
+                }
+            }
+        }
+    }
+    // Every script fails at some walk of the load: listing, the parameters or the buffers.
+    assert!(failed >= 9, "{failed}");
+}

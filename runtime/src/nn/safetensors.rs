@@ -149,5 +149,10 @@ pub(crate) fn load_vetted<M: Parameters>(
         .map(|(n, old)| convert(n, old))
         .collect::<Result<Vec<_>>>()?;
     layout.write(model, &params)?;
-    layout.write_buffers(model, &buffers)
+    if let Err(e) = layout.write_buffers(model, &buffers) {
+        // The parameters are in: put the listed ones back, so a failed load changes nothing.
+        let _ = layout.write(model, &layout.tensors);
+        return Err(e);
+    }
+    Ok(())
 }
