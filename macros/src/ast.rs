@@ -86,6 +86,7 @@ fn kind(ty: &Type) -> FieldKind {
 /// The step function of an `impl` block and the names the user gave its parameters.
 pub(crate) struct Step<'a> {
     pub(crate) func: &'a ImplItemFn,
+    pub(crate) param: Ident,
     pub(crate) grad: Ident,
     pub(crate) state: Ident,
 }
@@ -108,8 +109,13 @@ pub(crate) fn step<'a>(func: &'a ImplItemFn) -> Option<Step<'a>> {
         },
         FnArg::Receiver(_) => None,
     });
-    let (_param, grad, state) = (names.next()??, names.next()??, names.next()??);
-    Some(Step { func, grad, state })
+    let (param, grad, state) = (names.next()??, names.next()??, names.next()??);
+    Some(Step {
+        func,
+        param,
+        grad,
+        state,
+    })
 }
 
 /// The optional `fn validate(&self) -> Result<()>` beside the step: the hyperparameter

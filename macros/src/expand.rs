@@ -301,8 +301,8 @@ fn impl_block(args: &Args, item: &ItemImpl) -> syn::Result<TokenStream> {
             krate,
             ident,
             &step,
-            &rewrite::body(&step),
-            validate,
+            &rewrite::body(&step, krate),
+            validate.map(|v| rewrite::validate(v, krate)).as_ref(),
         )),
         (result, _) => {
             let error = result.err().map(|e| e.to_compile_error());
@@ -312,8 +312,9 @@ fn impl_block(args: &Args, item: &ItemImpl) -> syn::Result<TokenStream> {
     }
 }
 
-/// The step for both forms, and the user's `fn validate` (unchanged: it only compares
-/// hyperparameters, which a twin's `Scalar`s do by value) beside it in both.
+/// The step for both forms, and the user's `fn validate` (with the step's rewrites: it
+/// mostly compares hyperparameters, which a twin's `Scalar`s do by value) beside it in
+/// both.
 fn step_impls(
     krate: &Path,
     ident: &Ident,
@@ -329,12 +330,14 @@ fn step_impls(
     // clones of `f64`s the twin needs, and conversions to `Scalar` (`self.lr.into()`),
     // which the twin's `Scalar`s make identities.
     let sig = &step.func.sig;
+    let allow = validate.map(|_| quote!(#[allow(clippy::clone_on_copy)]));
     quote! {
         #[automatically_derived]
         impl #p::OptimizerStep for #ident {
             #(#attrs)*
             #[allow(clippy::clone_on_copy, clippy::useless_conversion)]
             #sig #body
+            #allow
             #validate
         }
         #[automatically_derived]
@@ -342,6 +345,7 @@ fn step_impls(
             #(#attrs)*
             #[allow(clippy::clone_on_copy, clippy::useless_conversion)]
             #sig #body
+            #allow
             #validate
         }
         #[automatically_derived]

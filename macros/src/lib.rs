@@ -41,9 +41,16 @@ use proc_macro::TokenStream;
 /// `TwinHyperparameters`. On the `impl` block it emits the step as `OptimizerStep` for
 /// both structs, and `DifferentiableOptimizer` for the optimizer; an optional
 /// `fn validate(&self) -> Result<()>` beside the step (the hyperparameter checks) goes into
-/// both impls unchanged, where the twin's `Scalar`s compare with floats by value. State
-/// tensors alias their entries (`let buf = state.get_or_insert_with(..)?` is the entry, as
-/// in torch), so nothing needs writing back.
+/// both impls with the step's rewrites, where the twin's `Scalar`s compare with floats by
+/// value. State tensors alias their entries (`let buf = state.get_or_insert_with(..)?` is
+/// the entry, as in torch), so nothing needs writing back.
+///
+/// A hyperparameter is an `f64` in one form and a `Scalar` in the other, and both have the
+/// same arithmetic (`self.lr * grad` is a `Result<Tensor>` either way), comparisons and
+/// printing (`{}`, `{:?}`, `{:e}` print the same text). What would read a plain `f64` out
+/// of a `Scalar` (`f64::from(self.lr)`, `self.lr as f64`, `let lr: f64 = self.lr`) is a
+/// compile error at the user's tokens: it would cut a tensor hyperparameter out of the
+/// graph. `f64::from` of an integer or `bool` flag converts as usual.
 ///
 /// Code inside the runtime crate writes `#[differentiable_optimizer(crate = crate)]`.
 #[proc_macro_attribute]

@@ -1,6 +1,6 @@
-//! The one body rewrite that makes one step body compile and behave the same for the
-//! optimizer (`f64` hyperparameters) and for its twin (`Scalar` hyperparameters). It stops
-//! at nested items.
+//! The body rewrite that makes one step body (and `fn validate`) compile and behave the
+//! same for the optimizer (`f64` hyperparameters) and for its twin (`Scalar`
+//! hyperparameters). It stops at nested items.
 //!
 //! **By value.** `f64` is `Copy` and `Scalar` is not, so `self.lr * self.weight_decay`
 //! would move out of `&self` in the twin. Every by-value use of a hyperparameter field
@@ -11,6 +11,11 @@
 //! `self.lr.into()`, and the arguments of `vec![..]` and `dbg!(..)`. Other method
 //! receivers, `&x`, and the left side of assignments are left alone, and so are locals
 //! whose clone would not be the value moved (`&mut` borrows, the state itself).
+//!
+//! **`f64::from`.** `f64::from(x)` with `x` from a hyperparameter calls the runtime's
+//! `Scalar::__f64_from`, which converts what `f64::from` converts (the ordinary form's
+//! `f64`, integer and `bool` flags) and fails for the twin's `Scalar` with a message at the
+//! user's call. Only the types tell `f64::from(self.n)` (a flag) from `f64::from(self.lr)`.
 //!
 //! Nothing is written back to the state: state tensors alias their entries (see
 //! `StateTensor` in the runtime), so an in-place update through any name is the update.
@@ -28,20 +33,32 @@ use crate::ast::{self, Step};
 use crate::valid::bound_names;
 
 /// The rewritten step body, the same for both forms.
-pub(crate) fn body(step: &Step<'_>) -> Block {
-    let mut block = step.func.block.clone();
-    let names = by_value_names(&block, &step.state);
-    ByValue { names }.visit_block_mut(&mut block);
+pub(crate) fn body(step: &Step<'_>, krate: &syn::Path) -> Block {
+    rewritten(&step.func.block, Some(&step.state), krate)
+}
+
+/// `fn validate` with the same rewrites as the step (it has no state), so arithmetic on
+/// hyperparameters and `f64::from` mean there what they mean in the step.
+pub(crate) fn validate(func: &syn::ImplItemFn, krate: &syn::Path) -> syn::ImplItemFn {
+    let mut func = func.clone();
+    func.block = rewritten(&func.block, None, krate);
+    func
+}
+
+fn rewritten(block: &Block, state: Option<&Ident>, krate: &syn::Path) -> Block {
+    let mut block = block.clone();
+    let names = derived_names(&block, state);
+    let hyper = derived_names(&block, None);
+    ByValue {
+        names,
+        hyper,
+        krate,
+    }
+    .visit_block_mut(&mut block);
     block
 }
 
 // ---------------------------------------------------------------- by value
-
-/// Locals whose value may be a `Scalar` in the twin (computed from `self`, transitively)
-/// or that hold a state entry: the names whose by-value uses are cloned.
-fn by_value_names(block: &Block, state: &Ident) -> BTreeSet<String> {
-    derived_names(block, Some(state))
-}
 
 /// The state methods whose value (after `?`, `unwrap`, `expect` or `ok`) is an entry: a
 /// `StateTensor` handle or a `Scalar`, both `Clone` with a clone that behaves as the
@@ -273,11 +290,16 @@ pub(crate) fn mentions(
     })
 }
 
-struct ByValue {
+struct ByValue<'a> {
+    /// Locals whose value may be a `Scalar` in the twin (computed from `self`,
+    /// transitively) or that hold a state entry: the names whose by-value uses are cloned.
     names: BTreeSet<String>,
+    /// Locals computed from a hyperparameter only.
+    hyper: BTreeSet<String>,
+    krate: &'a syn::Path,
 }
 
-impl ByValue {
+impl ByValue<'_> {
     /// `x` for a listed name, or a field path rooted at `self` or at a listed name.
     fn is_target(&self, e: &Expr) -> bool {
         match e {
@@ -302,6 +324,14 @@ impl ByValue {
         }
     }
 
+    fn any_from_hyperparameter(
+        &self,
+        args: &syn::punctuated::Punctuated<Expr, syn::Token![,]>,
+    ) -> bool {
+        args.iter()
+            .any(|a| flows_from_hyperparameter(a, &self.hyper))
+    }
+
     /// A place (receiver, borrowed, assigned): not cloned itself, its sub-expressions are
     /// visited.
     fn place(&mut self, e: &mut Expr) {
@@ -319,7 +349,7 @@ impl ByValue {
     }
 }
 
-impl VisitMut for ByValue {
+impl VisitMut for ByValue<'_> {
     fn visit_expr_mut(&mut self, e: &mut Expr) {
         if self.is_target(e) {
             *e = clone_of(e);
@@ -354,6 +384,19 @@ impl VisitMut for ByValue {
                 self.visit_expr_mut(&mut b.right);
             }
             Expr::Field(_) | Expr::Index(_) => self.place(e),
+            // `f64::from(self.lr)`: an identity on the ordinary form's `f64`, but no
+            // conversion exists for the twin's `Scalar` (it would cut a tensor out of the
+            // graph). The runtime's copy of `f64::from` converts what `f64::from`
+            // converts and says, at the user's call, what to write for a `Scalar`.
+            Expr::Call(c) if is_f64_from(&c.func) && self.any_from_hyperparameter(&c.args) => {
+                // Every token at the user's `f64::from`, so rustc's "required by a bound
+                // introduced by this call" points there and not at the attribute.
+                let span = c.func.span();
+                let krate = self.krate;
+                let krate = respanned(quote!(#krate), span);
+                *c.func = syn::parse_quote_spanned!(span=> #krate::__private::Scalar::__f64_from);
+                visit_mut::visit_expr_call_mut(self, c);
+            }
             _ => visit_mut::visit_expr_mut(self, e),
         }
     }
@@ -416,6 +459,37 @@ fn clone_of(e: &Expr) -> Expr {
         paren_token: syn::token::Paren(span),
         args: std::iter::once(arg).collect(),
     })
+}
+
+/// The tokens with every span set to `span`.
+fn respanned(
+    tokens: proc_macro2::TokenStream,
+    span: proc_macro2::Span,
+) -> proc_macro2::TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut t| {
+            if let TokenTree::Group(g) = &t {
+                let mut group = proc_macro2::Group::new(g.delimiter(), respanned(g.stream(), span));
+                group.set_span(span);
+                t = TokenTree::Group(group);
+            } else {
+                t.set_span(span);
+            }
+            t
+        })
+        .collect()
+}
+
+/// `f64::from` (also as `core::primitive::f64::from` or `std::primitive::f64::from`).
+fn is_f64_from(func: &Expr) -> bool {
+    let Expr::Path(p) = ast::strip(func) else {
+        return false;
+    };
+    let segments: Vec<&Ident> = p.path.segments.iter().map(|s| &s.ident).collect();
+    p.qself.is_none()
+        && matches!(segments.as_slice(), [.., ty, f] if *ty == "f64" && *f == "from")
+        && p.path.segments.iter().all(|s| s.arguments.is_none())
 }
 
 fn is_compound(op: &syn::BinOp) -> bool {

@@ -129,3 +129,52 @@ fn unparsable_arguments_are_an_error() {
     );
     assert!(out.contains("compile_error"), "{out}");
 }
+
+/// `f64::from` of a hyperparameter goes through the runtime's copy (which rejects a
+/// `Scalar`), in the step and in `fn validate`; of anything else it is left alone.
+#[test]
+fn f64_from_of_a_hyperparameter_is_the_runtimes() {
+    let out = expand(
+        quote!(),
+        quote! {
+            impl Warm {
+                fn step(&self, p: &mut Tensor, grad: &Tensor, state: &mut State) -> Result<()> {
+                    let n = self.n;
+                    let k = 2u32;
+                    p.sub_(&grad.mul(f64::from(n) * f64::from(k))?)?;
+                    Ok(())
+                }
+                fn validate(&self) -> Result<()> {
+                    let _ = f64::from(self.n);
+                    Ok(())
+                }
+            }
+        },
+    );
+    // Two forms, each with the step's call and validate's.
+    assert_eq!(out.matches("__f64_from").count(), 4, "{out}");
+    assert_eq!(out.matches("f64 :: from (k)").count(), 2, "{out}");
+}
+
+/// Tensors have no `-=`; the error names the in-place method with the user's operand.
+#[test]
+fn compound_assignment_on_the_parameter_is_an_error() {
+    let out = expand(
+        quote!(),
+        quote! {
+            impl Sgd {
+                fn step(&self, p: &mut Tensor, grad: &Tensor, state: &mut State) -> Result<()> {
+                    *p -= self.lr * grad;
+                    {
+                        // A local named like the parameter is another value.
+                        let mut p = 1.0;
+                        p += 1.0;
+                    }
+                    Ok(())
+                }
+            }
+        },
+    );
+    assert_eq!(out.matches("compile_error").count(), 1, "{out}");
+    assert!(out.contains("p.sub_("), "{out}");
+}

@@ -260,7 +260,7 @@ struct Body<'a> {
 
 impl<'ast> Visit<'ast> for Body<'_> {
     fn visit_expr_method_call(&mut self, m: &'ast ExprMethodCall) {
-        let grad = grad_in_place(m, self.step).filter(|_| !self.grad_shadowed());
+        let grad = grad_in_place(m, self.step).filter(|_| !self.shadowed(&self.step.grad));
         let hyper = hyperparameter_in_place(m);
         if let Some(e) = grad.or(hyper) {
             self.errors.push(e);
@@ -335,6 +335,11 @@ impl<'ast> Visit<'ast> for Body<'_> {
     fn visit_expr_binary(&mut self, b: &'ast syn::ExprBinary) {
         if is_compound_assignment(&b.op) {
             self.check_assignment(&b.left, b);
+            let param = &self.step.param;
+            if ast::root(&b.left).is_some_and(|r| r == param) && !self.shadowed(param) {
+                self.errors
+                    .push(compound_assignment_on_the_parameter(b, param));
+            }
         }
         visit::visit_expr_binary(self, b);
     }
@@ -442,16 +447,16 @@ impl<'ast> Visit<'ast> for Body<'_> {
 }
 
 impl Body<'_> {
-    /// Whether a local named like the gradient parameter is in scope here.
-    fn grad_shadowed(&self) -> bool {
-        let grad = self.step.grad.to_string();
-        self.scopes.iter().flatten().any(|n| *n == grad)
+    /// Whether a local named like this parameter of the step is in scope here.
+    fn shadowed(&self, name: &syn::Ident) -> bool {
+        let name = name.to_string();
+        self.scopes.iter().flatten().any(|n| *n == name)
     }
 
     fn check_assignment(&mut self, left: &Expr, whole: &dyn quote::ToTokens) {
         match ast::root(left) {
             Some(r) if r == "self" => self.errors.push(assigns_hyperparameter(whole)),
-            Some(r) if *r == self.step.grad && !self.grad_shadowed() => self.errors.push(error(
+            Some(r) if *r == self.step.grad && !self.shadowed(&self.step.grad) => self.errors.push(error(
                 whole,
                 format!(
                     "the gradient `{r}` is read-only in a step; compute a new tensor instead: `let g = {r}.add(..)?;`"
@@ -599,6 +604,14 @@ const F64_ONLY_METHODS: &[&str] = &[
     "copysign",
     "total_cmp",
     "to_bits",
+    "log",
+    "sin_cos",
+    "classify",
+    "next_up",
+    "next_down",
+    "round_ties_even",
+    "abs_sub",
+    "to_int_unchecked",
 ];
 
 /// `self.lr.is_finite()` and friends: an `f64` method that the twin's `Scalar` lacks.
@@ -771,6 +784,40 @@ fn grad_in_place(m: &ExprMethodCall, step: &Step<'_>) -> Option<syn::Error> {
             ),
         )
     })
+}
+
+/// `*p -= self.lr * grad`: tensors have no compound assignment (it compiles in neither
+/// form, and rustc reports it once per form); the parameter is updated by an in-place method.
+fn compound_assignment_on_the_parameter(b: &syn::ExprBinary, param: &syn::Ident) -> syn::Error {
+    use syn::BinOp::{AddAssign, DivAssign, MulAssign, SubAssign};
+    let op = &b.op;
+    let method = match b.op {
+        AddAssign(_) => Some("add_"),
+        SubAssign(_) => Some("sub_"),
+        MulAssign(_) => Some("mul_"),
+        DivAssign(_) => Some("div_"),
+        _ => None,
+    };
+    let right = &b.right;
+    let text = quote::quote!(#right).to_string();
+    let operand = match ast::strip(right) {
+        // `self.lr * grad` is a `Result<Tensor>`, as `f64 * &Tensor` is.
+        Expr::Binary(_) => format!("&({text})?"),
+        Expr::Reference(_) => text,
+        _ => format!("&{text}"),
+    };
+    let instead = method.map_or_else(
+        || "an in-place method (`add_`, `sub_`, `mul_`, `div_`, ...)".to_string(),
+        |m| format!("`{param}.{m}({operand})?;`"),
+    );
+    error(
+        b,
+        format!(
+            "compound assignment `{}` on the parameter `{param}`; tensors have no `{}`: update the parameter in place with {instead}",
+            quote::quote!(#op),
+            quote::quote!(#op)
+        ),
+    )
 }
 
 /// Hyperparameters are constants in the ordinary form and possibly tensors in the twin;

@@ -1046,3 +1046,177 @@ case! {
 fn integer_flags_converted_to_floats() {
     faithful::<_, PlainFlagConversions>(FlagConversions { lr: 0.1, n: 3 });
 }
+
+// ------------------------------------------------------------------ hyperparameters beside tensors
+
+case! {
+    HyperparameterOnTheLeft / PlainHyperparameterOnTheLeft {
+        lr: f64, weight_decay: f64, shift: f64, scale: f64
+    }
+    fn step(&self, p: &mut Tensor, grad: &Tensor, _state: &mut State) -> Result<()> {
+        // A hyperparameter on the left of a tensor is a `Result<Tensor>` in both forms, as
+        // `f64 * &Tensor` is; `+ - * /`, a negated one, an owned tensor, a product of floats.
+        let decay = (-self.weight_decay * &*p)?;
+        let mut lr = self.lr;
+        lr *= 0.5;
+        let damped = (self.scale / (grad.sqr()? + 1.0)?)?;
+        let shifted = (self.shift - grad)?;
+        let offset = (self.shift + grad.sign()?)?;
+        p.add_(&decay)?;
+        p.sub_(&(lr * grad)?)?;
+        p.sub_(&damped.mul(&shifted)?.mul(0.01)?)?;
+        p.add_(&(2.0 * self.lr * offset)?.mul(0.001)?)?;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_hyperparameter_on_the_left_of_a_tensor() {
+    faithful::<_, PlainHyperparameterOnTheLeft>(HyperparameterOnTheLeft {
+        lr: 0.1,
+        weight_decay: 0.01,
+        shift: 0.3,
+        scale: 0.7,
+    });
+}
+
+/// The twin keeps a tensor learning rate written on the left on the tape:
+/// p1 = p0 - wd p0 - (lr / 2) g - 0.01 scale (shift - g) / (g^2 + 1) + 0.002 lr (shift + sign g),
+/// so d sum(p1) / d lr = -sum(g) / 2 + 0.002 sum(shift + sign g).
+#[test]
+fn a_tensor_learning_rate_on_the_left_gets_its_gradient() -> Result<()> {
+    use candle_higher::{grad, GradOptions, Hyperparameters};
+    let opt = HyperparameterOnTheLeft {
+        lr: 0.1,
+        weight_decay: 0.01,
+        shift: 0.3,
+        scale: 0.7,
+    };
+    let lr = Tensor::scalar(0.1f64).to_leaf();
+    let mut twin = opt.twin();
+    twin.lr = Scalar::Tensor(lr.clone());
+    let dev = Device::Cpu;
+    let g = Tensor::from_vec(vec![0.5f64, -1.5, 0.0], &[3], &dev)?;
+    let mut p = Tensor::from_vec(vec![1.0f64, 2.0, -3.0], &[3], &dev)?;
+    let mut plain = p.clone();
+    twin.step(&mut p, &g, &mut State::new())?;
+    {
+        let _guard = no_grad();
+        opt.step(&mut plain, &g, &mut State::new())?;
+    }
+    assert_eq!(bits(&p), bits(&plain));
+    let d = grad(&[p.sum_all()?], &[lr], GradOptions::default())?;
+    let d = d[0]
+        .as_ref()
+        .expect("lr reaches the update")
+        .to_scalar_f64()?;
+    let expected = -(0.5 - 1.5 + 0.0) / 2.0 + 0.002 * ((0.3 + 1.0) + (0.3 - 1.0) + 0.3);
+    assert!((d - expected).abs() < 1e-15, "{d} != {expected}");
+    Ok(())
+}
+
+thread_local! {
+    static PRINTED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn record(text: String) {
+    PRINTED.with(|p| p.borrow_mut().push(text));
+}
+
+fn take_printed() -> Vec<String> {
+    PRINTED.with(|p| std::mem::take(&mut *p.borrow_mut()))
+}
+
+case! {
+    PrintsHyperparameters / PlainPrintsHyperparameters { lr: f64, betas: (f64, f64), n: u32 }
+    fn step(&self, p: &mut Tensor, grad: &Tensor, _state: &mut State) -> Result<()> {
+        // Printing reads a hyperparameter's value; it is not a branch on it, and the text
+        // is the same in both forms.
+        let lr = self.lr * 0.5;
+        record(format!(
+            "{} {:.3} {:>12.2e} {:E} {lr} {}",
+            self.lr, self.betas.0, self.lr, self.betas.1, self.n
+        ));
+        record(format!("{:?} {:?} {lr:?}", self.lr, self.betas));
+        record(self.lr.to_string());
+        p.sub_(&grad.mul(lr)?)?;
+        Ok(())
+    }
+}
+
+#[test]
+fn hyperparameters_print_the_same_in_both_forms() -> Result<()> {
+    use candle_higher::Hyperparameters;
+    let opt = PrintsHyperparameters {
+        lr: 0.1,
+        betas: (0.9, 0.999),
+        n: 3,
+    };
+    let dev = Device::Cpu;
+    let g = Tensor::from_vec(vec![0.5f64, -1.5], &[2], &dev)?;
+    let p0 = Tensor::from_vec(vec![1.0f64, 2.0], &[2], &dev)?;
+    let printed = |step: &dyn Fn(&mut Tensor) -> Result<()>| -> Result<Vec<String>> {
+        take_printed();
+        step(&mut p0.clone())?;
+        Ok(take_printed())
+    };
+    let ordinary = printed(&|p| opt.step(p, &g, &mut State::new()))?;
+    assert_eq!(
+        ordinary,
+        [
+            "0.1 0.900      1.00e-1 9.99E-1 0.05 3",
+            "0.1 (0.9, 0.999) 0.05",
+            "0.1"
+        ]
+    );
+    let twin = opt.twin();
+    assert_eq!(printed(&|p| twin.step(p, &g, &mut State::new()))?, ordinary);
+    // Tensors print their values; `Debug` shows that they are tensors.
+    let mut tensors = opt.twin();
+    tensors.lr = Scalar::Tensor(Tensor::scalar(0.1f64).to_leaf());
+    tensors.betas.0 = Scalar::Tensor(Tensor::scalar(0.9f64));
+    let text = printed(&|p| tensors.step(p, &g, &mut State::new()))?;
+    assert_eq!((&text[0], &text[2]), (&ordinary[0], &ordinary[2]));
+    assert!(text[1].starts_with("Tensor("), "{}", text[1]);
+    faithful::<_, PlainPrintsHyperparameters>(opt);
+    Ok(())
+}
+
+case! {
+    ValidatedWithArithmetic / PlainValidatedWithArithmetic { lr: f64, warmup: f64, steps: u32 }
+    fn step(&self, p: &mut Tensor, grad: &Tensor, _state: &mut State) -> Result<()> {
+        p.sub_(&(self.lr * grad)?)?;
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<()> {
+        // Arithmetic on hyperparameters and `f64::from` of a flag, as in the step.
+        if self.lr * self.warmup > 1.0 || f64::from(self.steps) * self.lr > 10.0 {
+            return Err(candle_higher::Error::InvalidArgument {
+                op: "ValidatedWithArithmetic",
+                message: format!("lr {} too large for warmup {}", self.lr, self.warmup),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn validate_computes_with_hyperparameters_in_both_forms() {
+    use candle_higher::Hyperparameters;
+    for (lr, warmup, steps) in [(0.1, 2.0, 5), (0.6, 2.0, 5), (0.1, 2.0, 500)] {
+        let opt = ValidatedWithArithmetic { lr, warmup, steps };
+        let ordinary = opt.validate().map_err(|e| e.to_string());
+        let twin = opt.twin().validate().map_err(|e| e.to_string());
+        let mut tensors = opt.twin();
+        tensors.lr = Scalar::Tensor(Tensor::scalar(lr).to_leaf());
+        let tensors = tensors.validate().map_err(|e| e.to_string());
+        assert_eq!(ordinary, twin, "lr {lr}, warmup {warmup}, steps {steps}");
+        assert_eq!(ordinary, tensors, "lr {lr}, warmup {warmup}, steps {steps}");
+    }
+    faithful::<_, PlainValidatedWithArithmetic>(ValidatedWithArithmetic {
+        lr: 0.1,
+        warmup: 2.0,
+        steps: 5,
+    });
+}

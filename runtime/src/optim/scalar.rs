@@ -1,6 +1,7 @@
 //! `Scalar`: a float hyperparameter that is either a plain `f64` or a tensor the
 //! meta-gradient can reach.
 
+use std::fmt;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
 
 use crate::error::Result;
@@ -12,7 +13,10 @@ use crate::tensor::Tensor;
 ///
 /// Arithmetic between scalars and floats stays a plain float until a tensor takes part,
 /// so an optimizer step written once costs nothing extra when nothing is overridden.
-#[derive(Clone, Debug)]
+/// `lr * grad` (and `+`, `-`, `/`) with a tensor on the right is a `Result<Tensor>`, as
+/// for `f64`. It prints as an `f64` does (`{}`, `{:e}`, `{:E}`; a tensor by its value),
+/// and `{:?}` of a float is the float's.
+#[derive(Clone)]
 pub enum Scalar {
     /// A constant.
     Float(f64),
@@ -151,7 +155,43 @@ impl Scalar {
     pub fn tanh(&self) -> Scalar {
         self.map(f64::tanh, Tensor::tanh)
     }
+
+    /// `f64::from(x)` in a step body, as `#[differentiable_optimizer]` rewrites it when `x`
+    /// comes from a hyperparameter: the same conversion for flags (and for the ordinary
+    /// form's `f64`), a compile error that says what to write for the twin's `Scalar`.
+    #[doc(hidden)]
+    pub fn __f64_from<T: FloatFlag>(x: T) -> f64 {
+        x.to_f64()
+    }
 }
+
+/// What `f64::from` converts in a step body: `bool` and integer flags of up to 32 bits
+/// (and `f32`, `f64`), exactly as `f64::from` does. A `Scalar` converts to no float: that
+/// would cut a tensor hyperparameter out of the graph, and its meta-gradient would be
+/// silently lost.
+#[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`f64::from` of a `{Self}` in an optimizer step",
+    label = "`f64::from` here converts `bool` and integer flags, not a float hyperparameter",
+    note = "in the differentiable twin a float hyperparameter is a `Scalar`, possibly a tensor the meta-gradient must reach; an `f64` read out of it would silently cut that path",
+    note = "use the hyperparameter itself: in tensor arithmetic (`grad.mul(self.lr)?` or `(self.lr * grad)?`), in `Scalar` arithmetic and methods (`self.lr * 0.5`, `self.lr.max(1e-8)`), and in comparisons for branches (`if self.lr > 0.0 {{ .. }}`)"
+)]
+pub trait FloatFlag {
+    /// `f64::from(self)`.
+    fn to_f64(self) -> f64;
+}
+
+macro_rules! float_flag {
+    ($($t:ty),*) => {
+        $(impl FloatFlag for $t {
+            fn to_f64(self) -> f64 {
+                f64::from(self)
+            }
+        })*
+    };
+}
+
+float_flag!(bool, u8, u16, u32, i8, i16, i32, f32, f64);
 
 /// Ops on one-element tensors of one dtype and device fail only on allocation failure,
 /// which candle itself treats as fatal; `Scalar` arithmetic aligns dtypes and devices
@@ -240,6 +280,33 @@ scalar_op!(Add, add, +);
 scalar_op!(Sub, sub, -);
 scalar_op!(Mul, mul, *);
 scalar_op!(Div, div, /);
+
+macro_rules! scalar_tensor_op {
+    ($trait:ident, $fn:ident) => {
+        /// `lr op grad`, as `f64 op &Tensor` is (a `Result`); a tensor hyperparameter takes
+        /// part in the op, so its gradient flows.
+        impl $trait<&Tensor> for Scalar {
+            type Output = Result<Tensor>;
+            fn $fn(self, rhs: &Tensor) -> Result<Tensor> {
+                match self {
+                    Scalar::Float(v) => $trait::$fn(v, rhs),
+                    Scalar::Tensor(t) => Tensor::$fn(&t, rhs),
+                }
+            }
+        }
+        impl $trait<Tensor> for Scalar {
+            type Output = Result<Tensor>;
+            fn $fn(self, rhs: Tensor) -> Result<Tensor> {
+                $trait::$fn(self, &rhs)
+            }
+        }
+    };
+}
+
+scalar_tensor_op!(Add, add);
+scalar_tensor_op!(Sub, sub);
+scalar_tensor_op!(Mul, mul);
+scalar_tensor_op!(Div, div);
 
 /// Exact negation: `-Float(0.0)` is `-0.0`, as for `f64` (not `0.0 - x`).
 impl Neg for Scalar {
@@ -341,6 +408,96 @@ impl PartialOrd<Scalar> for f64 {
     }
 }
 
+/// A tensor's value as its dtype prints it: `f64`, or `f32` for the narrower float types
+/// (exact for them, and with `f32`'s shortest form: an f32 `0.1` prints `0.1`).
+enum Printed {
+    F64(f64),
+    F32(f32),
+}
+
+/// Writes the value with `f64`'s own formatting (`f32`'s for a tensor of a narrower
+/// dtype) and the caller's flags, so `{}`, `{:.3}` and `{:e}` print what they print for
+/// the ordinary optimizer's `f64`. A per-task tensor prints its values in brackets.
+/// Reading the tensor is not an exit from the graph: nothing computed depends on the text.
+fn format(
+    s: &Scalar,
+    f: &mut fmt::Formatter<'_>,
+    f64_fmt: fn(&f64, &mut fmt::Formatter<'_>) -> fmt::Result,
+    f32_fmt: fn(&f32, &mut fmt::Formatter<'_>) -> fmt::Result,
+) -> fmt::Result {
+    use candle_core::{DType, Device};
+    let t = match s {
+        Scalar::Float(v) => return f64_fmt(v, f),
+        Scalar::Tensor(t) => t,
+    };
+    let values = t
+        .value()
+        .flatten_all()
+        .and_then(|v| v.to_device(&Device::Cpu))
+        .and_then(|v| match v.dtype() {
+            DType::F64 => Ok(v.to_vec1::<f64>()?.into_iter().map(Printed::F64).collect()),
+            _ => Ok(v
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(Printed::F32)
+                .collect::<Vec<_>>()),
+        });
+    let values = match values {
+        Ok(values) => values,
+        Err(e) => return write!(f, "<unreadable tensor: {e}>"),
+    };
+    let one = |v: &Printed, f: &mut fmt::Formatter<'_>| match v {
+        Printed::F64(x) => f64_fmt(x, f),
+        Printed::F32(x) => f32_fmt(x, f),
+    };
+    match values.as_slice() {
+        [v] => one(v, f),
+        values => {
+            f.write_str("[")?;
+            for (i, v) in values.iter().enumerate() {
+                if i > 0 {
+                    f.write_str(", ")?;
+                }
+                one(v, f)?;
+            }
+            f.write_str("]")
+        }
+    }
+}
+
+/// The value, as `f64` prints it.
+impl fmt::Display for Scalar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        format(self, f, fmt::Display::fmt, fmt::Display::fmt)
+    }
+}
+
+/// A float as `f64` debug-prints it (so a twin prints as its optimizer does), a tensor as
+/// `Tensor(..)` with the tensor's own `Debug`.
+impl fmt::Debug for Scalar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scalar::Float(v) => fmt::Debug::fmt(v, f),
+            Scalar::Tensor(t) => f.debug_tuple("Tensor").field(t).finish(),
+        }
+    }
+}
+
+/// The value, as `f64` prints it with `{:e}`.
+impl fmt::LowerExp for Scalar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        format(self, f, fmt::LowerExp::fmt, fmt::LowerExp::fmt)
+    }
+}
+
+/// The value, as `f64` prints it with `{:E}`.
+impl fmt::UpperExp for Scalar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        format(self, f, fmt::UpperExp::fmt, fmt::UpperExp::fmt)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Scalar;
@@ -410,5 +567,102 @@ mod tests {
                 assert_eq!(read(&a), b);
             }
         }
+    }
+
+    /// `lr op grad` is `f64 op &Tensor` for a float, bit for bit, and for a tensor the
+    /// same values with the tensor on the tape: d/dlr sum(lr * g) = sum(g),
+    /// d/dlr sum(lr - g) = n, d/dlr sum(lr / g) = sum(1 / g), d/dlr sum(lr + g) = n.
+    #[test]
+    fn arithmetic_with_a_tensor_on_the_right_matches_f64_and_differentiates() {
+        use crate::autograd::{grad, GradOptions};
+        let g = Tensor::from_vec(
+            vec![0.3f64, -1.7, 2.0, -0.0],
+            &[4],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let bits = |t: &Tensor| -> Vec<u64> {
+            t.to_vec_f64()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        let lr = 0.1f64;
+        type Case = (
+            fn(f64, &Tensor) -> crate::error::Result<Tensor>,
+            fn(Scalar, &Tensor) -> crate::error::Result<Tensor>,
+            f64,
+        );
+        let cases: [Case; 4] = [
+            (|a, g| a * g, |a, g| a * g, 0.6),
+            (|a, g| a - g, |a, g| a - g.clone(), 4.0),
+            (
+                |a, g| a / g,
+                |a, g| a / g,
+                1.0 / 0.3 - 1.0 / 1.7 + 0.5 + f64::NEG_INFINITY,
+            ),
+            (|a, g| a + g, |a, g| a + g.clone(), 4.0),
+        ];
+        for (plain, scalar, d_lr) in cases {
+            let expected = plain(lr, &g).unwrap();
+            assert_eq!(
+                bits(&scalar(Scalar::Float(lr), &g).unwrap()),
+                bits(&expected)
+            );
+            let leaf = Tensor::scalar(lr).to_leaf();
+            let out = scalar(Scalar::Tensor(leaf.clone()), &g).unwrap();
+            assert_eq!(bits(&out), bits(&expected));
+            let d = grad(&[out.sum_all().unwrap()], &[leaf], GradOptions::default()).unwrap();
+            let d = d[0].as_ref().unwrap().to_scalar_f64().unwrap();
+            assert!(d == d_lr || (d - d_lr).abs() < 1e-12, "{d} != {d_lr}");
+        }
+        // Negation first, as in `-self.lr * grad`.
+        let neg = (-Scalar::Float(lr) * &g).unwrap();
+        assert_eq!(bits(&neg), bits(&(-lr * &g).unwrap()));
+    }
+
+    /// A scalar prints as the `f64` it stands for, with the caller's flags, so a step that
+    /// prints a hyperparameter prints the same in both forms.
+    #[test]
+    fn prints_as_the_f64() {
+        for x in [
+            0.1f64,
+            -0.0,
+            2.5,
+            1e-300,
+            f64::NAN,
+            f64::INFINITY,
+            12345.678,
+        ] {
+            let float = Scalar::Float(x);
+            let tensor = Scalar::Tensor(Tensor::scalar(x));
+            for s in [&float, &tensor] {
+                assert_eq!(format!("{s}"), format!("{x}"));
+                assert_eq!(format!("{s:.3}"), format!("{x:.3}"));
+                assert_eq!(format!("{s:>12.2}"), format!("{x:>12.2}"));
+                assert_eq!(format!("{s:e}"), format!("{x:e}"));
+                assert_eq!(format!("{s:E}"), format!("{x:E}"));
+                assert_eq!(s.to_string(), x.to_string());
+            }
+            assert_eq!(format!("{float:?}"), format!("{x:?}"));
+            assert_eq!(format!("{float:#?}"), format!("{x:#?}"));
+            assert!(format!("{tensor:?}").starts_with("Tensor("));
+        }
+        // A narrower dtype prints its own shortest form; per-task values in brackets.
+        assert_eq!(Scalar::Tensor(Tensor::scalar(0.1f32)).to_string(), "0.1");
+        let per_task =
+            Tensor::from_vec(vec![0.1f64, 0.25], &[2, 1], &candle_core::Device::Cpu).unwrap();
+        assert_eq!(format!("{:.2}", Scalar::Tensor(per_task)), "[0.10, 0.25]");
+    }
+
+    /// `f64::from` in a step converts what `f64::from` converts, to the same value.
+    #[test]
+    fn float_flags_convert_as_f64_from() {
+        assert_eq!(Scalar::__f64_from(true), 1.0);
+        assert_eq!(Scalar::__f64_from(7u32), 7.0);
+        assert_eq!(Scalar::__f64_from(-3i16), -3.0);
+        assert_eq!(Scalar::__f64_from(0.1f32), f64::from(0.1f32));
+        assert_eq!(Scalar::__f64_from(0.1f64).to_bits(), 0.1f64.to_bits());
     }
 }
