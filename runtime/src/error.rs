@@ -154,10 +154,12 @@ pub enum Error {
         got: usize,
     },
     /// A replacement parameter or buffer has the wrong shape.
-    #[error("{op}: {name} has shape {expected:?}, the replacement has shape {got:?}")]
+    #[error("{op}: {name} (position {position}) has shape {expected:?}, the replacement has shape {got:?}")]
     ParamShape {
         /// The function that rejected the tensor.
         op: &'static str,
+        /// The tensor's position in the list given.
+        position: usize,
         /// The parameter's dotted name.
         name: String,
         /// The parameter's shape.

@@ -892,7 +892,10 @@ fn set_parameters_names_the_replacement_of_another_dtype_or_device() {
     let mut list = params.clone();
     list[2] = f64s(&[0.0; 4], &[4]).to_dtype(DType::F32).unwrap();
     match model.set_parameters(&list) {
-        Err(Error::ParamShape { name, .. }) => assert_eq!(name, "1.weight"),
+        Err(Error::ParamShape { name, position, .. }) => {
+            assert_eq!(name, "1.weight");
+            assert_eq!(position, 2);
+        }
         other => panic!("{other:?}"),
     }
     if !device().is_cpu() {

@@ -907,11 +907,13 @@ fn optimizer_carry_with_tensors_checks_every_replacement() -> Result<()> {
     match warm.with_tensors(&shape) {
         Err(Error::ParamShape {
             op,
+            position,
             name,
             expected,
             got,
         }) => {
             assert_eq!(op, "OptimizerCarry::with_tensors");
+            assert_eq!(position, 3);
             assert!(
                 name.contains("carry tensor 3") && name.contains("parameter 1"),
                 "{name}"

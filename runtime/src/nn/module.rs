@@ -967,6 +967,7 @@ fn check_list(
         if old.dims() != t.dims() {
             return Err(Error::ParamShape {
                 op,
+                position,
                 name: name.clone(),
                 expected: old.dims().to_vec(),
                 got: t.dims().to_vec(),

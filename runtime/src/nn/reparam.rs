@@ -136,12 +136,13 @@ impl<L: Module + Parameters + Clone> WeightDropout<L> {
                 got: masks.len(),
             });
         }
-        for (n, m) in self.names.iter().zip(&masks) {
+        for (position, (n, m)) in self.names.iter().zip(&masks).enumerate() {
             let shape = nominal_shape("fix_masks", &self.module, n)?;
             let per_task = m.rank() == shape.len() + 1 && m.dims()[1..] == shape[..];
             if m.dims() != shape.as_slice() && !per_task {
                 return Err(Error::ParamShape {
                     op: "fix_masks",
+                    position,
                     name: n.clone(),
                     expected: shape,
                     got: m.dims().to_vec(),

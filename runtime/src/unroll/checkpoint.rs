@@ -158,6 +158,7 @@ impl<O: DifferentiableOptimizer> Carry for OptimizerCarry<O> {
             if old.dims() != new.dims() {
                 return Err(Error::ParamShape {
                     op: OP,
+                    position: i,
                     name: self.describe(i, &per_state),
                     expected: old.dims().to_vec(),
                     got: new.dims().to_vec(),
