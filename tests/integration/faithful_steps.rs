@@ -432,6 +432,8 @@ fn check_optimizer_passes_every_built_in() {
     ];
     for r in reports {
         let r = r.unwrap_or_else(|e| panic!("{e}"));
+        // Tensor hyperparameters take the ordinary optimizer's steps to the bit.
+        assert_eq!(r.tensor_path_difference, 0.0, "{r}");
         // lr is checked everywhere, and the initial-parameter direction last.
         assert!(r.hypergradients.iter().any(|h| h.name == "lr"), "{r}");
         assert_eq!(r.hypergradients.last().unwrap().name, "initial parameters");
@@ -440,15 +442,20 @@ fn check_optimizer_passes_every_built_in() {
 
 #[test]
 fn check_optimizer_passes_the_optimizers_above() {
-    check_optimizer(TupleBound { lr: 0.1 }).unwrap();
-    check_optimizer(IfLetBound { lr: 0.1, beta: 0.9 }).unwrap();
-    check_optimizer(Reborrowed { lr: 0.1 }).unwrap();
-    check_optimizer(Looping { lr: 0.1 }).unwrap();
-    check_optimizer(TorchIdiom {
-        lr: 0.1,
-        momentum: 0.9,
-    })
-    .unwrap();
+    let reports = [
+        check_optimizer(TupleBound { lr: 0.1 }),
+        check_optimizer(IfLetBound { lr: 0.1, beta: 0.9 }),
+        check_optimizer(Reborrowed { lr: 0.1 }),
+        check_optimizer(Looping { lr: 0.1 }),
+        check_optimizer(TorchIdiom {
+            lr: 0.1,
+            momentum: 0.9,
+        }),
+    ];
+    for r in reports {
+        let r = r.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.tensor_path_difference, 0.0, "{r}");
+    }
     let report = check_optimizer(Capped {
         lr: 0.1,
         lr_max: 0.5,
@@ -461,6 +468,7 @@ fn check_optimizer_passes_the_optimizers_above() {
         .map(|h| h.name.as_str())
         .collect();
     assert_eq!(names, ["lr", "lr_max", "shrink", "initial parameters"]);
+    assert_eq!(report.tensor_path_difference, 0.0, "{report}");
 }
 
 /// A helper reads a float out of the learning rate: the macro cannot see it, the ordinary

@@ -95,6 +95,79 @@ fn float_operands_and_operators() {
     check12("affine", |x| x[0].affine(-1.5, 0.25), &xs);
 }
 
+/// A float operand rounds as a tensor operand does (and as torch's `x / 0.3`): `x / d` is
+/// one division, not `x * (1 / d)`, and `x * d` keeps the sign of a zero; the same for
+/// their derivatives. f32 and f64, below and above the size where candle's kernels take
+/// over from the crate's loops.
+#[test]
+fn float_operands_round_as_tensor_operands() {
+    use candle_higher::{DType, Device, Tensor};
+    let values = [-0.0, 0.0, 1.0, -3.0, 0.1, 7.3, 1e-30, -123.456, 2.5e7];
+    let bits = |t: &Tensor| -> Vec<u64> {
+        t.to_vec_f64()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    for dtype in [DType::F64, DType::F32] {
+        for len in [values.len(), 70_000] {
+            let data: Vec<f64> = values.iter().cycle().take(len).copied().collect();
+            let x = Tensor::from_vec(data, &[len], &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .to_leaf();
+            for d in [0.3, 3.0, -0.7, 1e-3, 49.0] {
+                let dt = Tensor::full_scalar(d, dtype, &Device::Cpu).unwrap();
+                for (op, by_float, by_tensor) in [
+                    ("div", x.div(d).unwrap(), x.div(&dt).unwrap()),
+                    ("mul", x.mul(d).unwrap(), x.mul(&dt).unwrap()),
+                ] {
+                    let what = format!("{op} by {d} ({dtype:?}, {len} elements)");
+                    assert_eq!(bits(&by_float), bits(&by_tensor), "{what}");
+                    // The VJP with an upstream of signed zeros and other values.
+                    let upstream = x.detach();
+                    let gf = grad(
+                        std::slice::from_ref(&by_float),
+                        std::slice::from_ref(&x),
+                        GradOptions::default().grad_outputs(vec![upstream.clone()]),
+                    )
+                    .unwrap();
+                    let gt = grad(
+                        std::slice::from_ref(&by_tensor),
+                        std::slice::from_ref(&x),
+                        GradOptions::default().grad_outputs(vec![upstream.clone()]),
+                    )
+                    .unwrap();
+                    assert_eq!(
+                        bits(gf[0].as_ref().unwrap()),
+                        bits(gt[0].as_ref().unwrap()),
+                        "d/dx of {what}"
+                    );
+                }
+            }
+            let q = x.div(0.3).unwrap().to_vec_f64().unwrap();
+            let expected: Vec<f64> = x
+                .to_vec_f64()
+                .unwrap()
+                .iter()
+                .map(|&v| match dtype {
+                    DType::F32 => f64::from(v as f32 / 0.3f32),
+                    _ => v / 0.3,
+                })
+                .collect();
+            let same = q
+                .iter()
+                .zip(&expected)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "x / 0.3 is one rounding of the quotient ({dtype:?})");
+            let negated_zero = x.mul(2.0).unwrap().to_vec_f64().unwrap()[0];
+            assert!(negated_zero == 0.0 && negated_zero.is_sign_negative());
+        }
+    }
+}
+
 #[test]
 fn powf() {
     let mut r = rng(5);

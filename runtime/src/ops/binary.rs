@@ -251,12 +251,13 @@ impl Tensor {
 
     /// `self * rhs`, broadcasting.
     pub fn mul(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
-        self.binary_or_scalar(rhs.into(), Kind::Mul, |t, v| t.affine(v, 0.0))
+        // `+ -0.0` leaves every product as it is, `-0.0` included (`+ 0.0` made it `+0.0`).
+        self.binary_or_scalar(rhs.into(), Kind::Mul, |t, v| t.affine(v, -0.0))
     }
 
     /// `self / rhs`, broadcasting.
     pub fn div(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
-        self.binary_or_scalar(rhs.into(), Kind::Div, |t, v| t.affine(1.0 / v, 0.0))
+        self.binary_or_scalar(rhs.into(), Kind::Div, Tensor::div_scalar)
     }
 
     /// Elementwise maximum (`torch.maximum`, NaN where either side is NaN); at ties the

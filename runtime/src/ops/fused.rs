@@ -53,13 +53,12 @@ pub(crate) fn add_combined(
     }
 }
 
-/// The pass: `t1 op t2`, times `value` plus `+0.0` (the scaling is an affine, which turns
-/// `-0.0` into `+0.0`), then added to `base`, each rounded to `T` as candle's ops round.
+/// The pass: `t1 op t2`, times `value`, then added to `base`, each rounded to `T` as
+/// candle's ops round.
 fn pass<T>([base, t1, t2]: [&Tensor; 3], value: T, combine: Combine) -> Result<Tensor>
 where
     T: WithDType + std::ops::Mul<Output = T> + std::ops::Div<Output = T>,
 {
-    let zero = T::zero();
     let out = with_cpu_slice::<T, _>(base.value(), |b| {
         with_cpu_slice::<T, _>(t1.value(), |x| {
             with_cpu_slice::<T, _>(t2.value(), |y| {
@@ -70,7 +69,7 @@ where
                 Ok(super::kernels::vectorized(|| {
                     b.iter()
                         .zip(x.iter().zip(y).map(combined))
-                        .map(|(&b, c)| b + (c * value + zero))
+                        .map(|(&b, c)| b + c * value)
                         .collect::<Vec<T>>()
                 }))
             })
@@ -97,9 +96,7 @@ impl Backward for ScaledSub {
         let g = ctx.grad;
         Ok(vec![
             ctx.needs[0].then(|| g.clone()),
-            ctx.needs[1]
-                .then(|| g.affine(-self.alpha, 0.0))
-                .transpose()?,
+            ctx.needs[1].then(|| g.mul(-self.alpha)).transpose()?,
         ])
     }
 }
@@ -125,7 +122,7 @@ impl Tensor {
                 scaled_sub_pass::<f32>(self, other, alpha as f32)?
             }
             DType::F64 if fast_cpu(&[self, other]) => scaled_sub_pass::<f64>(self, other, alpha)?,
-            _ => (self.value() - other.value().affine(alpha, 0.0)?)?,
+            _ => (self.value() - other.value().affine(alpha, -0.0)?)?,
         };
         Tensor::from_op(value, &[self, other], ScaledSub { alpha })
     }
@@ -145,8 +142,8 @@ pub(crate) struct AdamStep {
 /// detection is on, or the operands differ in shape, dtype or device). Each value rounds
 /// as the ops of `optim::adam::adam_update` do, in their order (see the test):
 /// `m = m b1 + g (1 - b1)`, `v = v b2 + g g (1 - b2)`,
-/// `p = p + m / (sqrt(v) / sqrt(1 - b2^t) + eps) (-lr / (1 - b1^t))`, each scaling an
-/// affine (`x a + 0.0`, the division by a constant a product with its reciprocal).
+/// `p = p + m / (sqrt(v) / sqrt(1 - b2^t) + eps) (-lr / (1 - b1^t))`, each product and
+/// quotient with a constant rounded once.
 pub(crate) fn adam(
     p: &Tensor,
     g: &Tensor,
@@ -170,7 +167,7 @@ pub(crate) fn adam(
         1.0 - b1,
         b2,
         1.0 - b2,
-        1.0 / bc2.sqrt(),
+        bc2.sqrt(),
         hyper.eps,
         -(hyper.lr / bc1),
     ];
@@ -200,7 +197,7 @@ impl Sqrt for f64 {
 }
 
 /// [`adam`]'s pass over `[p, g, m, v]` with constants `[b1, 1 - b1, b2, 1 - b2,
-/// 1 / sqrt(bc2), eps, -lr / bc1]` in `T`.
+/// sqrt(bc2), eps, -lr / bc1]` in `T`.
 fn adam_pass<T>(
     [p, g, m, v]: [&Tensor; 4],
     [b1, c1, b2, c2, inv, eps, step]: [T; 7],
@@ -277,11 +274,10 @@ where
 fn adam_rows<T>(
     [p, g, m, v]: [&[T]; 4],
     [po, mo, vo]: [&mut [T]; 3],
-    [b1, c1, b2, c2, inv, eps, step]: [T; 7],
+    [b1, c1, b2, c2, root_bc2, eps, step]: [T; 7],
 ) where
     T: WithDType + Sqrt + std::ops::Mul<Output = T> + std::ops::Div<Output = T>,
 {
-    let (zero, one) = (T::zero(), T::one());
     let n = po.len();
     let (p, g, m, v, mo, vo) = (
         &p[..n],
@@ -292,10 +288,10 @@ fn adam_rows<T>(
         &mut vo[..n],
     );
     for i in 0..n {
-        let mi = (m[i] * b1 + zero) + (g[i] * c1 + zero);
-        let vi = (v[i] * b2 + zero) + ((g[i] * g[i]) * c2 + zero);
-        let denom = (vi.sqrt() * inv + zero) * one + eps;
-        po[i] = p[i] + ((mi / denom) * step + zero);
+        let mi = m[i] * b1 + g[i] * c1;
+        let vi = v[i] * b2 + (g[i] * g[i]) * c2;
+        let denom = vi.sqrt() / root_bc2 + eps;
+        po[i] = p[i] + (mi / denom) * step;
         mo[i] = mi;
         vo[i] = vi;
     }
@@ -306,18 +302,17 @@ fn fast_cpu(tensors: &[&Tensor]) -> bool {
     cpu_fast_paths() && tensors.iter().all(|t| t.device().is_cpu())
 }
 
-/// `p - (g * alpha + 0.0)` in one pass (the `+ 0.0` of the affine it replaces).
+/// `p - g * alpha` in one pass.
 fn scaled_sub_pass<T>(p: &Tensor, g: &Tensor, alpha: T) -> Result<candle_core::Tensor>
 where
     T: WithDType + std::ops::Mul<Output = T> + std::ops::Sub<Output = T>,
 {
-    let zero = T::zero();
     let out = with_cpu_slice::<T, _>(p.value(), |p| {
         with_cpu_slice::<T, _>(g.value(), |g| {
             Ok(super::kernels::vectorized(|| {
                 p.iter()
                     .zip(g)
-                    .map(|(&p, &g)| p - (g * alpha + zero))
+                    .map(|(&p, &g)| p - g * alpha)
                     .collect::<Vec<T>>()
             }))
         })

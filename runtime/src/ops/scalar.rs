@@ -1,4 +1,4 @@
-//! Ops with a constant float: affine (`x * mul + add`) and `powf`.
+//! Ops with a constant float: affine (`x * mul + add`), division and `powf`.
 
 use candle_core::DType;
 
@@ -15,9 +15,24 @@ impl Backward for Affine {
         "affine"
     }
 
-    /// d(x * m + a)/dx = m.
+    /// d(x * m + a)/dx = m, applied as `g * m` exactly (`+ -0.0` keeps the sign of a zero).
     fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(ctx.grad.affine(self.mul, 0.0)?)])
+        Ok(vec![Some(ctx.grad.affine(self.mul, -0.0)?)])
+    }
+}
+
+struct DivScalar {
+    divisor: f64,
+}
+
+impl Backward for DivScalar {
+    fn name(&self) -> &'static str {
+        "div"
+    }
+
+    /// d(x / d)/dx = 1/d, applied as `g / d`, as torch's `DivBackward`.
+    fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(ctx.grad.div_scalar(self.divisor)?)])
     }
 }
 
@@ -70,6 +85,28 @@ impl Tensor {
         Tensor::from_op(value, &[self], Affine { mul })
     }
 
+    /// `self / divisor` with a constant, each element rounded once as a division (torch's
+    /// `x / 0.3`, and this crate's `x / tensor`), not as `x * (1 / divisor)`, which differs
+    /// in the last bit. Integer tensors promote as [`Tensor::affine`] does.
+    pub(crate) fn div_scalar(&self, divisor: f64) -> Result<Tensor> {
+        if !self.dtype().is_float() {
+            return self.to_dtype(DType::F32)?.div_scalar(divisor);
+        }
+        let v = self.value();
+        let value = match super::kernels::small_cpu_floats(&[v]) {
+            Some(DType::F32) => {
+                let divisor = divisor as f32;
+                super::kernels::map_small::<f32>(v, |x| x / divisor)?
+            }
+            Some(DType::F64) => super::kernels::map_small::<f64>(v, |x| x / divisor)?,
+            _ => {
+                let d = candle_core::Tensor::new(divisor, v.device())?.to_dtype(v.dtype())?;
+                v.broadcast_div(&d)?
+            }
+        };
+        Tensor::from_op(value, &[self], DivScalar { divisor })
+    }
+
     /// `self ^ exponent` for a constant exponent (elementwise; negative bases give NaN
     /// unless the exponent is an integer, as in PyTorch; `0^e` is `inf` for `e < 0`).
     /// Floating point tensors only.
@@ -81,6 +118,16 @@ impl Tensor {
             self.value().clone()
         } else if exponent == 0.0 {
             self.value().ones_like()?
+        } else if let Some(dtype) = super::kernels::small_cpu_floats(&[self.value()]) {
+            // `f64::powf` itself, the ordinary optimizer's arithmetic (the sign of `-0.0`
+            // to an odd power included).
+            match dtype {
+                DType::F32 => {
+                    let e = exponent as f32;
+                    super::kernels::map_small::<f32>(self.value(), |x| x.powf(e))?
+                }
+                _ => super::kernels::map_small::<f64>(self.value(), |x| x.powf(exponent))?,
+            }
         } else if exponent.fract() == 0.0 {
             powi(self.value(), exponent)?
         } else {

@@ -75,9 +75,10 @@ impl Scalar {
     }
 
     /// `self ^ n` for an integer exponent (a step counter). Takes `i32` like `f64::powi`,
-    /// so one optimizer body compiles with `f64` and with `Scalar` hyperparameters.
+    /// so one optimizer body compiles with `f64` and with `Scalar` hyperparameters; a
+    /// tensor takes the products `f64::powi` takes, so it has the same bits.
     pub fn powi(&self, n: i32) -> Scalar {
-        self.map(|v| v.powi(n), |t| t.powf(f64::from(n)))
+        self.map(|v| v.powi(n), |t| powi_by_squaring(t, n))
     }
 
     /// `self ^ e` where the exponent may itself be a tensor: `exp(e ln self)`.
@@ -192,6 +193,34 @@ macro_rules! float_flag {
 }
 
 float_flag!(bool, u8, u16, u32, i8, i16, i32, f32, f64);
+
+/// `t ^ n` by the multiplications of `f64::powi` (LLVM's expansion and compiler-rt's
+/// `__powidf2` alike): square and multiply from the lowest bit of `|n|`, then one
+/// reciprocal for `n < 0`. Each product is recorded, so the derivative is exact.
+fn powi_by_squaring(t: &Tensor, n: i32) -> Result<Tensor> {
+    let (mut square, mut bits, mut product) = (t.clone(), n.unsigned_abs(), None::<Tensor>);
+    while bits != 0 {
+        if bits & 1 == 1 {
+            product = Some(match product {
+                Some(p) => Tensor::mul(&p, &square)?,
+                None => square.clone(),
+            });
+        }
+        bits >>= 1;
+        if bits != 0 {
+            square = Tensor::mul(&square, &square)?;
+        }
+    }
+    let product = match product {
+        Some(p) => p,
+        None => t.ones_like()?,
+    };
+    if n < 0 {
+        1.0 / &product
+    } else {
+        Ok(product)
+    }
+}
 
 /// Ops on one-element tensors of one dtype and device fail only on allocation failure,
 /// which candle itself treats as fatal; `Scalar` arithmetic aligns dtypes and devices
@@ -566,6 +595,63 @@ mod tests {
                 b /= 2.0;
                 assert_eq!(read(&a), b);
             }
+        }
+    }
+
+    /// A tensor's powers, roots, logarithms and divisions have the bits of the f64
+    /// methods (the ordinary optimizer's arithmetic), and `powi` differentiates exactly.
+    #[test]
+    fn tensor_arithmetic_has_the_bits_of_f64() {
+        use crate::autograd::{grad, GradOptions};
+        for x in [0.9f64, 0.999, -1.7, 1e-3, 3.0, -0.0, 0.37] {
+            let t = Scalar::Tensor(Tensor::scalar(x));
+            for n in -9..=40 {
+                let (a, b) = (read(&t.powi(n)), x.powi(n));
+                assert!(
+                    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                    "{x}^{n}"
+                );
+            }
+            for e in [0.5, 2.0, 3.0, -1.0, 1.5, 7.0] {
+                let (a, b) = (read(&t.powf(e)), x.powf(e));
+                assert!(
+                    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                    "{x}^{e}"
+                );
+            }
+            let pairs = [
+                (t.sqrt(), x.sqrt()),
+                (t.exp(), x.exp()),
+                (t.ln(), x.ln()),
+                (t.recip(), x.recip()),
+                (t.clone() / 0.3, x / 0.3),
+                (0.3 / t.clone(), 0.3 / x),
+                (t.clone() * 0.3, x * 0.3),
+                (1.0 - t.clone(), 1.0 - x),
+            ];
+            for (i, (a, b)) in pairs.into_iter().enumerate() {
+                let a = read(&a);
+                assert!(
+                    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                    "{x}: {i}"
+                );
+            }
+        }
+        let leaf = Tensor::scalar(0.9f64).to_leaf();
+        for n in [-3, 0, 1, 5, 12] {
+            let Scalar::Tensor(y) = Scalar::Tensor(leaf.clone()).powi(n) else {
+                unreachable!()
+            };
+            let d = grad(
+                &[y],
+                std::slice::from_ref(&leaf),
+                GradOptions::default().allow_unused(true),
+            )
+            .unwrap()[0]
+                .as_ref()
+                .map_or(0.0, |d| d.to_vec_f64().unwrap()[0]);
+            let exact = f64::from(n) * 0.9f64.powi(n - 1);
+            assert!((d - exact).abs() <= 1e-14 * exact.abs(), "d/dx x^{n}: {d}");
         }
     }
 
