@@ -189,7 +189,7 @@ fn accumulate_row_scalar<T: WithDType>(
     }
 }
 
-/// [`accumulate_row`]'s full chunks on AVX-512; the tail as the scalar definition.
+/// [`accumulate_row`] on AVX-512, the tail with masked loads and additions.
 #[cfg(target_arch = "x86_64")]
 mod lanes_avx512 {
     use std::arch::x86_64::*;
@@ -221,8 +221,36 @@ mod lanes_avx512 {
         [0, 8, 16, 24].map(|o| _mm512_sub_pd(_mm512_loadu_pd(p.add(o)), m))
     }
 
+    /// [`centered_f32`] of the first `len < 32` values at `p` (the lanes past them are
+    /// not read, and hold values the caller's masks leave out).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn centered_f32_tail(p: *const f32, m: __m512, len: usize) -> [__m512d; 4] {
+        let bits = (1u32 << len) - 1;
+        let (x0, x1) = (
+            _mm512_sub_ps(_mm512_maskz_loadu_ps(bits as u16, p), m),
+            _mm512_sub_ps(_mm512_maskz_loadu_ps((bits >> 16) as u16, p.add(16)), m),
+        );
+        let halves = |x: __m512| {
+            (
+                _mm512_cvtps_pd(_mm512_castps512_ps256(x)),
+                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                    _mm512_castps_pd(x),
+                ))),
+            )
+        };
+        let ((a, b), (c, d)) = (halves(x0), halves(x1));
+        [a, b, c, d]
+    }
+
+    /// [`centered_f64`] of the first `len < 32` values at `p`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn centered_f64_tail(p: *const f64, m: __m512d, len: usize) -> [__m512d; 4] {
+        let bits = (1u32 << len) - 1;
+        [0, 8, 16, 24].map(|o| _mm512_sub_pd(_mm512_maskz_loadu_pd((bits >> o) as u8, p.add(o)), m))
+    }
+
     macro_rules! row {
-        ($name:ident, $t:ty, $set1:ident, $centered:ident) => {
+        ($name:ident, $t:ty, $set1:ident, $centered:ident, $tail:ident) => {
             /// # Safety
             /// The CPU has AVX-512F; `v`, when given, is as long as `u`.
             #[target_feature(enable = "avx512f")]
@@ -252,27 +280,45 @@ mod lanes_avx512 {
                         }
                     }
                 }
+                // The tail adds its `j`-th value to lane `j` alone, as the scalar loop
+                // does: the other lanes are masked out of the additions.
+                let len = u.len() - full;
+                if len > 0 {
+                    let bits = (1u32 << len) - 1;
+                    let x = $tail(u.as_ptr().add(full), m, len);
+                    let terms = match v {
+                        None => x,
+                        Some((v, _)) => {
+                            let y = $tail(v.as_ptr().add(full), mv, len);
+                            [0, 1, 2, 3].map(|i| _mm512_mul_pd(x[i], y[i]))
+                        }
+                    };
+                    for i in 0..4 {
+                        let k = (bits >> (8 * i)) as u8;
+                        acc[i] = _mm512_mask_add_pd(acc[i], k, acc[i], terms[i]);
+                    }
+                }
                 for (i, a) in acc.iter().enumerate() {
                     _mm512_storeu_pd(lanes.as_mut_ptr().add(8 * i), *a);
-                }
-                match v {
-                    None => {
-                        for (l, &x) in lanes.iter_mut().zip(&u[full..]) {
-                            *l += f64::from(x - mu);
-                        }
-                    }
-                    Some((v, mv)) => {
-                        for ((l, &a), &b) in lanes.iter_mut().zip(&u[full..]).zip(&v[full..]) {
-                            *l += f64::from(a - mu) * f64::from(b - mv);
-                        }
-                    }
                 }
             }
         };
     }
 
-    row!(row_f32, f32, _mm512_set1_ps, centered_f32);
-    row!(row_f64, f64, _mm512_set1_pd, centered_f64);
+    row!(
+        row_f32,
+        f32,
+        _mm512_set1_ps,
+        centered_f32,
+        centered_f32_tail
+    );
+    row!(
+        row_f64,
+        f64,
+        _mm512_set1_pd,
+        centered_f64,
+        centered_f64_tail
+    );
 }
 
 /// `sum over n, s of (u - mu)`, or of `(u - mu) (v - mv)` with `v`, per channel, for full
@@ -1005,7 +1051,9 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             (seed >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 1.0
         };
-        for len in [0, 1, 9, 31, 32, 33, 121, 676] {
+        for len in [
+            0, 1, 2, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 63, 121, 169, 676,
+        ] {
             let a: Vec<f64> = (0..len).map(|_| next()).collect();
             let b: Vec<f64> = (0..len).map(|_| next()).collect();
             let start: [f64; LANES] = std::array::from_fn(|_| next());

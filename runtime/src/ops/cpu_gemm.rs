@@ -75,23 +75,35 @@ pub(crate) fn products<'a, T: WithDType>(
     let spare = &mut dst.spare_capacity_mut()[..len];
     for (i, out) in spare.chunks_exact_mut(m * n).enumerate() {
         let (lhs, rhs) = views(i)?;
-        check_fits((m, n, k), lhs, rhs, out.len())?;
-        // SAFETY: as in `matmul_into`; `out` is `m * n` elements of the vector's spare
-        // capacity, which gemm only writes (`accumulate = false`: `read_dst` off).
-        unsafe {
-            call_gemm(
-                (m, n, k),
-                lhs,
-                rhs,
-                out.as_mut_ptr().cast::<T>(),
-                false,
-                parallelism,
-            )
-        };
+        matmul_into_uninit((m, n, k), lhs, rhs, out, parallelism)?;
     }
     // SAFETY: the loop above wrote all `count` products, `len` elements in all.
     unsafe { dst.set_len(len) };
     Ok(dst)
+}
+
+/// `dst = lhs * rhs` into memory that need not be initialised: gemm only writes it
+/// (`read_dst` off), and on return the first `m * n` elements of `dst` are initialised.
+pub(crate) fn matmul_into_uninit<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    lhs: Strided<'_, T>,
+    rhs: Strided<'_, T>,
+    dst: &mut [std::mem::MaybeUninit<T>],
+    parallelism: gemm::Parallelism,
+) -> Result<()> {
+    check_fits((m, n, k), lhs, rhs, dst.len())?;
+    // SAFETY: as in `matmul_into`; with `accumulate = false` gemm never reads `dst`.
+    unsafe {
+        call_gemm(
+            (m, n, k),
+            lhs,
+            rhs,
+            dst.as_mut_ptr().cast::<T>(),
+            false,
+            parallelism,
+        )
+    };
+    Ok(())
 }
 
 fn check_fits<T>(
