@@ -84,6 +84,8 @@ pub(crate) fn products<'a, T: WithDType>(
 
 /// `dst = lhs * rhs` into memory that need not be initialised: gemm only writes it
 /// (`read_dst` off), and on return the first `m * n` elements of `dst` are initialised.
+// Inlined into `products`, which runs it for every small product of a MAML step.
+#[inline(always)]
 pub(crate) fn matmul_into_uninit<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     lhs: Strided<'_, T>,
