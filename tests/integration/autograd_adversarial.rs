@@ -12,14 +12,10 @@ use candle_higher::{
     DType, Error, GradOptions, GradStore, Result, Tensor,
 };
 
-use crate::common::{device, t};
+use crate::common::{bits, device, t};
 
 fn vals(x: &Tensor) -> Vec<f64> {
     x.to_vec_f64().unwrap()
-}
-
-fn bits(x: &Tensor) -> Vec<u64> {
-    vals(x).iter().map(|v| v.to_bits()).collect()
 }
 
 fn grad1(outputs: &[Tensor], inputs: &[Tensor], options: GradOptions) -> Vec<Vec<f64>> {

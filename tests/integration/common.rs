@@ -284,6 +284,16 @@ pub(crate) fn check12(
     check_op(name, f, xs, 2);
 }
 
+/// The bits of every value, as f64 (exact for f32 and f64 tensors), for comparisons to
+/// the bit.
+pub(crate) fn bits(t: &Tensor) -> Vec<u64> {
+    t.to_vec_f64()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
 /// Whether every value is finite.
 pub(crate) fn all_finite(t: &Tensor) -> bool {
     t.to_vec_f64().unwrap().iter().all(|v| v.is_finite())

@@ -103,13 +103,6 @@ fn float_operands_and_operators() {
 fn float_operands_round_as_tensor_operands() {
     use candle_higher::{DType, Device, Tensor};
     let values = [-0.0, 0.0, 1.0, -3.0, 0.1, 7.3, 1e-30, -123.456, 2.5e7];
-    let bits = |t: &Tensor| -> Vec<u64> {
-        t.to_vec_f64()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
-    };
     for dtype in [DType::F64, DType::F32] {
         for len in [values.len(), 70_000] {
             let data: Vec<f64> = values.iter().cycle().take(len).copied().collect();

@@ -10,7 +10,7 @@ use candle_higher::nn::{self, Parameters};
 use candle_higher::parallel::{meta_batch, Combine, MAX_THREADS};
 use candle_higher::{backward, DType, Error, GradStore, Result, Tensor, TensorId};
 
-use crate::common::F64;
+use crate::common::{bits, F64};
 
 // ---------------------------------------------------------------------------------------
 // meta_batch's worker threads
@@ -576,13 +576,6 @@ type Snapshot = (
 );
 
 fn snapshot<M: Parameters + Clone>(model: &M) -> Snapshot {
-    let bits = |t: &Tensor| -> Vec<u64> {
-        t.to_vec_f64()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
-    };
     let params = model
         .param_infos()
         .unwrap()

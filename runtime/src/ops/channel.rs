@@ -199,10 +199,15 @@ mod lanes_avx512 {
     /// Four f64 vectors of `(x - m)` from 32 f32 at `p`, the subtraction in f32.
     #[target_feature(enable = "avx512f")]
     unsafe fn centered_f32(p: *const f32, m: __m512) -> [__m512d; 4] {
-        let (x0, x1) = (
+        widened(
             _mm512_sub_ps(_mm512_loadu_ps(p), m),
             _mm512_sub_ps(_mm512_loadu_ps(p.add(16)), m),
-        );
+        )
+    }
+
+    /// Two vectors of 16 f32 as four of 8 f64, in order.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn widened(x0: __m512, x1: __m512) -> [__m512d; 4] {
         let halves = |x: __m512| {
             (
                 _mm512_cvtps_pd(_mm512_castps512_ps256(x)),
@@ -226,20 +231,10 @@ mod lanes_avx512 {
     #[target_feature(enable = "avx512f")]
     unsafe fn centered_f32_tail(p: *const f32, m: __m512, len: usize) -> [__m512d; 4] {
         let bits = (1u32 << len) - 1;
-        let (x0, x1) = (
+        widened(
             _mm512_sub_ps(_mm512_maskz_loadu_ps(bits as u16, p), m),
             _mm512_sub_ps(_mm512_maskz_loadu_ps((bits >> 16) as u16, p.add(16)), m),
-        );
-        let halves = |x: __m512| {
-            (
-                _mm512_cvtps_pd(_mm512_castps512_ps256(x)),
-                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
-                    _mm512_castps_pd(x),
-                ))),
-            )
-        };
-        let ((a, b), (c, d)) = (halves(x0), halves(x1));
-        [a, b, c, d]
+        )
     }
 
     /// [`centered_f64`] of the first `len < 32` values at `p`.
