@@ -10,7 +10,8 @@ use candle_higher::{
 };
 
 /// SGD with momentum, Nesterov, weight decay and a warm-up counter: flags, a tuple, an
-/// alias written back, a branch on a hyperparameter and on the step counter.
+/// alias written back, a branch on a hyperparameter and on the step counter, a wide flag cast
+/// with `as`, a hyperparameter on the left of a tensor.
 #[differentiable_optimizer]
 pub struct Linted {
     /// Learning rate.
@@ -23,6 +24,8 @@ pub struct Linted {
     pub nesterov: bool,
     /// Steps without momentum.
     pub warmup: u32,
+    /// Steps the update is spread over (a flag wider than `f64::from` takes).
+    pub horizon: u64,
 }
 
 #[differentiable_optimizer]
@@ -43,7 +46,8 @@ impl Linted {
                 buf.clone()
             };
         }
-        p.sub_(&g.mul(self.lr)?)?;
+        let horizon = (self.horizon as f64).max(1.0);
+        p.sub_(&(self.lr * &g.div(horizon)?)?)?;
         Ok(())
     }
 
@@ -62,6 +66,7 @@ fn linted_optimizer_steps() {
         weight_decay: 0.0,
         nesterov: true,
         warmup: 0,
+        horizon: 1,
     };
     let mut p = Tensor::from_vec(vec![1.0f64], &[1], &Device::Cpu).unwrap();
     let g = Tensor::from_vec(vec![1.0f64], &[1], &Device::Cpu).unwrap();

@@ -50,7 +50,8 @@ use proc_macro::TokenStream;
 /// printing (`{}`, `{:?}`, `{:e}` print the same text). What would read a plain `f64` out
 /// of a `Scalar` (`f64::from(self.lr)`, `self.lr as f64`, `let lr: f64 = self.lr`) is a
 /// compile error at the user's tokens: it would cut a tensor hyperparameter out of the
-/// graph. `f64::from` of an integer or `bool` flag converts as usual.
+/// graph. `f64::from` of an integer or `bool` flag converts as usual, and `as f64` (or
+/// `as f32`) of an integer flag of any width casts as usual.
 ///
 /// Code inside the runtime crate writes `#[differentiable_optimizer(crate = crate)]`.
 #[proc_macro_attribute]

@@ -16,6 +16,8 @@
 //! `Scalar::__f64_from`, which converts what `f64::from` converts (the ordinary form's
 //! `f64`, integer and `bool` flags) and fails for the twin's `Scalar` with a message at the
 //! user's call. Only the types tell `f64::from(self.n)` (a flag) from `f64::from(self.lr)`.
+//! `x as f64` and `x as f32` call `Scalar::__as_f64` and `__as_f32` in the same way, which
+//! also cast the integer flags `f64::from` does not take (`u64`, `usize`, ..).
 //!
 //! Nothing is written back to the state: state tensors alias their entries (see
 //! `StateTensor` in the runtime), so an in-place update through any name is the update.
@@ -160,6 +162,8 @@ impl Flow<'_> {
             Expr::Field(f) => self.value(&f.base),
             Expr::Index(i) => self.value(&i.expr),
             Expr::Unary(u) => self.value(&u.expr),
+            // `self.n as f64`: a primitive in both forms (a `Scalar` casts to none).
+            Expr::Cast(c) if is_primitive(&c.ty, PRIMITIVES) => false,
             Expr::Cast(c) => self.value(&c.expr),
             Expr::Try(t) => self.entry(&t.expr) || self.value(&t.expr),
             Expr::Reference(r) => r.mutability.is_none() && self.value(&r.expr),
@@ -244,11 +248,19 @@ impl Flow<'_> {
 }
 
 /// `f64::from`, `i32::try_from` and the like.
+/// The primitive numeric types.
+const PRIMITIVES: &[&str] = &[
+    "f32", "f64", "i8", "i16", "i32", "i64", "i128", "isize", "u8", "u16", "u32", "u64", "u128",
+    "usize",
+];
+
+/// Whether `ty` is one of the primitive types `names`.
+fn is_primitive(ty: &syn::Type, names: &[&str]) -> bool {
+    matches!(ty, syn::Type::Path(p)
+        if p.qself.is_none() && names.iter().any(|n| p.path.is_ident(n)))
+}
+
 fn primitive_conversion(func: &Expr) -> bool {
-    const PRIMITIVES: &[&str] = &[
-        "f32", "f64", "i8", "i16", "i32", "i64", "i128", "isize", "u8", "u16", "u32", "u64",
-        "u128", "usize",
-    ];
     let Expr::Path(p) = ast::strip(func) else {
         return false;
     };
@@ -324,6 +336,11 @@ impl ByValue<'_> {
         }
     }
 
+    /// `x as f64` or `x as f32` with `x` from a hyperparameter.
+    fn casts_hyperparameter_to_float(&self, c: &syn::ExprCast) -> bool {
+        is_primitive(&c.ty, &["f32", "f64"]) && flows_from_hyperparameter(&c.expr, &self.hyper)
+    }
+
     fn any_from_hyperparameter(
         &self,
         args: &syn::punctuated::Punctuated<Expr, syn::Token![,]>,
@@ -396,6 +413,21 @@ impl VisitMut for ByValue<'_> {
                 let krate = respanned(quote!(#krate), span);
                 *c.func = syn::parse_quote_spanned!(span=> #krate::__private::Scalar::__f64_from);
                 visit_mut::visit_expr_call_mut(self, c);
+            }
+            // `self.n as f64`: the same trick as `f64::from`, so that integer flags of any
+            // width cast in both forms and a float hyperparameter fails in the twin.
+            Expr::Cast(c) if self.casts_hyperparameter_to_float(c) => {
+                self.visit_expr_mut(&mut c.expr);
+                let span = c.span();
+                let krate = self.krate;
+                let krate = respanned(quote!(#krate), span);
+                let cast = if is_primitive(&c.ty, &["f32"]) {
+                    quote::format_ident!("__as_f32", span = span)
+                } else {
+                    quote::format_ident!("__as_f64", span = span)
+                };
+                let operand = &c.expr;
+                *e = syn::parse_quote_spanned!(span=> #krate::__private::Scalar::#cast(#operand));
             }
             _ => visit_mut::visit_expr_mut(self, e),
         }

@@ -344,16 +344,6 @@ impl<'ast> Visit<'ast> for Body<'_> {
         visit::visit_expr_binary(self, b);
     }
 
-    fn visit_expr_cast(&mut self, c: &'ast syn::ExprCast) {
-        if is_primitive_float(&c.ty) && from_hyperparameter(&c.expr, &self.hyper) {
-            self.errors.push(error(
-                c,
-                "`as` on a hyperparameter, which is a `Scalar` in the differentiable twin; keep it a `Scalar` (its arithmetic and comparisons work with `f64` on either side), or for an integer flag write `f64::from(self.n)`",
-            ));
-        }
-        visit::visit_expr_cast(self, c);
-    }
-
     fn visit_expr_try(&mut self, t: &'ast syn::ExprTry) {
         // `grad.to_vec()?` is `Tensor::to_vec` (a slice's `to_vec` is not fallible).
         if let Expr::MethodCall(m) = ast::strip(&t.expr) {

@@ -1047,6 +1047,30 @@ fn integer_flags_converted_to_floats() {
     faithful::<_, PlainFlagConversions>(FlagConversions { lr: 0.1, n: 3 });
 }
 
+case! {
+    WideFlagCasts / PlainWideFlagCasts { lr: f64, steps: u64, window: usize, offset: i64 }
+    fn step(&self, p: &mut Tensor, grad: &Tensor, _state: &mut State) -> Result<()> {
+        // Flags wider than 32 bits, which `f64::from` does not take, cast with `as` in both
+        // forms, also inside arithmetic, a `let` typed `f64` and an `f64`-only API.
+        let steps: f64 = self.steps as f64;
+        let window = (self.window as f64).max(1.0);
+        let offset = self.offset as f32;
+        let scaled = grad.affine(1.0 / window, f64::from(offset) * 0.0)?;
+        p.sub_(&scaled.mul(self.lr / steps)?)?;
+        Ok(())
+    }
+}
+
+#[test]
+fn wide_integer_flags_cast_with_as() {
+    faithful::<_, PlainWideFlagCasts>(WideFlagCasts {
+        lr: 0.1,
+        steps: 1 << 40,
+        window: 7,
+        offset: -3,
+    });
+}
+
 // ------------------------------------------------------------------ hyperparameters beside tensors
 
 case! {

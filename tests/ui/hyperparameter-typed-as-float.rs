@@ -10,7 +10,7 @@ pub struct Clipped {
 impl Clipped {
     fn step(&self, p: &mut Tensor, grad: &Tensor, _state: &mut State) -> Result<()> {
         let lr: f64 = self.lr;
-        let cap = self.lr_max as f64;
+        let cap = self.lr_max;
         p.sub_(&grad.mul(lr.min(cap))?)?;
         Ok(())
     }

@@ -49,9 +49,9 @@ pub use rmsprop::RmsProp;
 pub use rprop::Rprop;
 pub(crate) use runner::check_some_gradient;
 pub use runner::{Optimizer, ParamGroup};
-#[doc(hidden)]
-pub use scalar::FloatFlag;
 pub use scalar::Scalar;
+#[doc(hidden)]
+pub use scalar::{CastFlag, FloatFlag};
 pub use sgd::Sgd;
 pub use state::{State, StateTensor, StateValue};
 

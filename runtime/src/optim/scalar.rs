@@ -164,6 +164,20 @@ impl Scalar {
     pub fn __f64_from<T: FloatFlag>(x: T) -> f64 {
         x.to_f64()
     }
+
+    /// `x as f64` in a step body, as `#[differentiable_optimizer]` rewrites it when `x`
+    /// comes from a hyperparameter: the same cast for integer flags of every width (and
+    /// for the ordinary form's floats), a compile error for the twin's `Scalar`.
+    #[doc(hidden)]
+    pub fn __as_f64<T: CastFlag>(x: T) -> f64 {
+        x.cast_f64()
+    }
+
+    /// `x as f32`, as [`Scalar::__as_f64`].
+    #[doc(hidden)]
+    pub fn __as_f32<T: CastFlag>(x: T) -> f32 {
+        x.cast_f32()
+    }
 }
 
 /// What `f64::from` converts in a step body: `bool` and integer flags of up to 32 bits
@@ -193,6 +207,38 @@ macro_rules! float_flag {
 }
 
 float_flag!(bool, u8, u16, u32, i8, i16, i32, f32, f64);
+
+/// What `as f64` and `as f32` cast in a step body: integer flags of every width (`u64`,
+/// `usize`, .. which `f64::from` does not take) and `f32`, `f64`, exactly as `as` casts
+/// them. A `Scalar` casts to no float, for the reason of [`FloatFlag`].
+#[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`as` cast of a `{Self}` to a float in an optimizer step",
+    label = "`as` here casts integer flags, not a float hyperparameter",
+    note = "in the differentiable twin a float hyperparameter is a `Scalar`, possibly a tensor the meta-gradient must reach; an `f64` read out of it would silently cut that path",
+    note = "use the hyperparameter itself: in tensor arithmetic (`grad.mul(self.lr)?` or `(self.lr * grad)?`), in `Scalar` arithmetic and methods (`self.lr * 0.5`, `self.lr.max(1e-8)`), and in comparisons for branches (`if self.lr > 0.0 {{ .. }}`)"
+)]
+pub trait CastFlag {
+    /// `self as f64`.
+    fn cast_f64(self) -> f64;
+    /// `self as f32`.
+    fn cast_f32(self) -> f32;
+}
+
+macro_rules! cast_flag {
+    ($($t:ty),*) => {
+        $(impl CastFlag for $t {
+            fn cast_f64(self) -> f64 {
+                self as f64
+            }
+            fn cast_f32(self) -> f32 {
+                self as f32
+            }
+        })*
+    };
+}
+
+cast_flag!(u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize, f32, f64);
 
 /// `t ^ n` by the multiplications of `f64::powi` (LLVM's expansion and compiler-rt's
 /// `__powidf2` alike): square and multiply from the lowest bit of `|n|`, then one
@@ -750,5 +796,19 @@ mod tests {
         assert_eq!(Scalar::__f64_from(-3i16), -3.0);
         assert_eq!(Scalar::__f64_from(0.1f32), f64::from(0.1f32));
         assert_eq!(Scalar::__f64_from(0.1f64).to_bits(), 0.1f64.to_bits());
+    }
+
+    /// `as f64` and `as f32` in a step cast as `as` does, rounding included.
+    #[test]
+    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+    fn cast_flags_cast_as_as_does() {
+        let wide = (1u64 << 60) + 1;
+        assert_eq!(Scalar::__as_f64(wide).to_bits(), (wide as f64).to_bits());
+        assert_eq!(Scalar::__as_f32(wide).to_bits(), (wide as f32).to_bits());
+        assert_eq!(Scalar::__as_f64(usize::MAX), usize::MAX as f64);
+        assert_eq!(Scalar::__as_f64(i64::MIN), -(2f64.powi(63)));
+        assert_eq!(Scalar::__as_f64(u128::MAX), u128::MAX as f64);
+        assert_eq!(Scalar::__as_f32(0.1f64).to_bits(), 0.1f32.to_bits());
+        assert_eq!(Scalar::__as_f64(0.1f32), f64::from(0.1f32));
     }
 }
