@@ -176,6 +176,42 @@ fn powf() {
     assert_eq!(y.to_vec_f64().unwrap(), vec![-8.0]);
 }
 
+/// An integer power has `f64::powf`'s sign and special values at every size: small CPU
+/// tensors take `f64::powf` itself, larger ones (and candle's kernels) `|x|^n` with the
+/// sign of `x`'s sign bit, so `(-0.0)^3` is `-0.0` and `(-0.0)^-3` is `-inf` there too.
+#[test]
+fn integer_powers_keep_the_sign_of_negative_zero() {
+    let specials = [
+        -0.0,
+        0.0,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        -2.0,
+        2.0,
+        -0.5,
+        f64::NAN,
+    ];
+    for len in [specials.len(), 70_000] {
+        let xs: Vec<f64> = specials.iter().copied().cycle().take(len).collect();
+        let x = t(&xs, &[len]);
+        for e in [3.0, -3.0, 2.0, -2.0, 1.0, -1.0, 5.0] {
+            let got = x.powf(e).unwrap().to_vec_f64().unwrap();
+            for (&v, &g) in xs.iter().zip(&got) {
+                let want = v.powf(e);
+                let same = if want.is_nan() {
+                    g.is_nan()
+                } else if want == 0.0 || want.is_infinite() {
+                    g.to_bits() == want.to_bits()
+                } else {
+                    g.is_sign_negative() == want.is_sign_negative()
+                        && close(g, want, value_tol(1e-12))
+                };
+                assert!(same, "{v}^{e} at {len} elements: {g}, f64::powf {want}");
+            }
+        }
+    }
+}
+
 #[test]
 fn unary_smooth() {
     let mut r = rng(6);

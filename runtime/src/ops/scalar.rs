@@ -155,14 +155,18 @@ fn square(x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
 }
 
 /// An integer power that keeps the sign of negative bases (candle's `powf` is
-/// `exp(e ln x)`, NaN for x < 0). For odd exponents the sign is -1 below 0 and +1
-/// elsewhere, so that `0^-1` is `inf`, not `inf * sign(0) = NaN`.
+/// `exp(e ln x)`, NaN for x < 0). For odd exponents the sign is that of `x`'s sign bit,
+/// as `f64::powf`'s: -1 below 0 and for `-0.0` (`(-0.0)^3 = -0.0`, `(-0.0)^-1 = -inf`),
+/// +1 elsewhere, so that `0^-1` is `inf`, not `inf * sign(0) = NaN`. `-0.0` is told from
+/// `+0.0` by its reciprocal, `-inf`.
 fn powi(x: &candle_core::Tensor, exponent: f64) -> Result<candle_core::Tensor> {
     let magnitude = x.abs()?.powf(exponent)?;
     if exponent.rem_euclid(2.0) == 0.0 {
         Ok(magnitude)
     } else {
-        let sign = x.lt(0.0)?.to_dtype(x.dtype())?.affine(-2.0, 1.0)?;
+        let below = x.lt(0.0)?.to_dtype(x.dtype())?;
+        let negative_zero = x.recip()?.lt(0.0)?.to_dtype(x.dtype())?;
+        let sign = below.maximum(&negative_zero)?.affine(-2.0, 1.0)?;
         Ok((magnitude * sign)?)
     }
 }
