@@ -696,22 +696,15 @@ fn float_only_method(m: &ExprMethodCall, hyper: &BTreeSet<String>) -> Option<syn
     let (name, instead) = FLOAT_ONLY_METHODS
         .iter()
         .find(|(name, _)| m.method == name)?;
-    // `self.beta.powf(self.gamma)`: a `Scalar`'s `powf`, not a tensor's.
-    let on_scalar = *name == "powf" && from_hyperparameter(&m.receiver, hyper);
+    // `self.beta.powf(self.gamma)`: a `Scalar`'s `powf`, which takes a `Scalar` exponent
+    // and has `f64::powf`'s bits.
+    if *name == "powf" && from_hyperparameter(&m.receiver, hyper) {
+        return None;
+    }
     m.args
         .iter()
         .find(|a| from_hyperparameter(a, hyper))
         .map(|arg| {
-            let instead = if on_scalar {
-                let x = &m.receiver;
-                format!(
-                    "`({} * {}.ln()).exp()` (for a positive base), which both `f64` and `Scalar` compute",
-                    quote::quote!(#arg),
-                    quote::quote!(#x)
-                )
-            } else {
-                instead.to_string()
-            };
             error(
                 arg,
                 format!(

@@ -1071,6 +1071,39 @@ fn wide_integer_flags_cast_with_as() {
     });
 }
 
+case! {
+    PoweredRate / PlainPoweredRate { lr: f64, gamma: f64, base: f64 }
+    fn step(&self, p: &mut Tensor, grad: &Tensor, state: &mut State) -> Result<()> {
+        // A hyperparameter raised to a hyperparameter, and a constant base raised to one
+        // (written from the hyperparameter's side), in both forms.
+        let step = state.increment("step");
+        let lr = self.lr.powf(self.gamma) * self.base.powf(self.gamma * (step as f64));
+        p.sub_(&grad.mul(lr)?)?;
+        Ok(())
+    }
+}
+
+/// The twin with tensor hyperparameters takes the ordinary optimizer's steps to the bit:
+/// `Scalar::powf` with a tensor exponent has `f64::powf`'s value, not `exp(e ln x)`'s.
+#[test]
+fn a_hyperparameter_exponent_is_faithful_to_the_bit() {
+    // Values whose `exp(e ln x)` is off `f64::powf` in the last bit (0.1^1.7, 0.9^6.8).
+    let opt = PoweredRate {
+        lr: 0.1,
+        gamma: 1.7,
+        base: 0.9,
+    };
+    same_as_plain(&opt, &PlainPoweredRate::from(&opt));
+    let report = check_optimizer(opt).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.tensor_path_difference, 0.0, "{report}");
+    let names: Vec<&str> = report
+        .hypergradients
+        .iter()
+        .map(|h| h.name.as_str())
+        .collect();
+    assert_eq!(names, ["lr", "gamma", "base", "initial parameters"]);
+}
+
 // ------------------------------------------------------------------ hyperparameters beside tensors
 
 case! {

@@ -12,8 +12,10 @@ impl Decayed {
         if !self.lr.is_finite() {
             return Ok(());
         }
-        let decay = self.lr.powf(self.gamma);
-        p.sub_(&grad.mul(decay)?)?;
+        // A hyperparameter's own `powf` takes a hyperparameter; a tensor's takes an `f64`.
+        let lr = self.lr.powf(self.gamma);
+        let decay = grad.powf(self.gamma)?;
+        p.sub_(&decay.mul(lr)?)?;
         Ok(())
     }
 
