@@ -280,8 +280,8 @@ fn powi_by_squaring(t: &Tensor, n: i32) -> Result<Tensor> {
 /// before it combines two tensors.
 /// `composite` (`exp(e ln x)`, recorded) plus a constant that makes each element
 /// `f64::powf(x, e)` rounded to its dtype, where the two are within a factor of 2 of each
-/// other (then the difference, and the sum, are exact); elsewhere (infinities, NaN) the
-/// composite is left as it is. The constant carries no gradient, so the derivatives stay
+/// other (then the difference, and the sum, are exact); elsewhere (infinities, NaN, half
+/// types) the composite is left as it is. The constant carries no gradient, so the derivatives stay
 /// the composite's.
 fn rounded_as_powf(composite: Tensor, x: &Scalar, e: &Scalar) -> Result<Tensor> {
     let n = composite.elem_count();
@@ -298,10 +298,15 @@ fn rounded_as_powf(composite: Tensor, x: &Scalar, e: &Scalar) -> Result<Tensor> 
             }
         })
     };
+    let f32 = match composite.dtype() {
+        candle_core::DType::F32 => true,
+        candle_core::DType::F64 => false,
+        // A half type's rounding is not modelled here: the composite stays.
+        _ => return Ok(composite),
+    };
     let (Some(xs), Some(es)) = (values(x)?, values(e)?) else {
         return Ok(composite);
     };
-    let f32 = composite.dtype() == candle_core::DType::F32;
     let ys = composite.to_vec_f64()?;
     let corrections: Vec<f64> = xs
         .iter()
