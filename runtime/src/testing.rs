@@ -61,6 +61,7 @@ pub struct CheckedDerivative {
 
 /// What [`check_optimizer`] checked.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct CheckReport {
     /// Steps per trajectory.
     pub steps: usize,

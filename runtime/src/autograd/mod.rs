@@ -98,6 +98,7 @@ pub fn grad(
 
 /// What one [`grad_with_stats`] call did: a measure of how much of the graph it walked.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GradStats {
     /// Tensors the traversal looked at (expanded or found to be a dead end).
     pub nodes_visited: usize,

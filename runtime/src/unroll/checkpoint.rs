@@ -227,6 +227,7 @@ impl CheckpointOptions {
 
 /// The result of an unroll's meta-gradient ([`checkpointed_unroll`], [`plain_unroll`]).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct UnrollGrads<C> {
     /// The meta-loss, detached.
     pub meta_loss: Tensor,

@@ -87,6 +87,7 @@ impl ImplicitOptions {
 
 /// The result of [`implicit_grad`].
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ImplicitGrads {
     /// `dL/dtheta`, one per `theta`; `None` where `F` does not depend on it.
     pub grads: Vec<Option<Tensor>>,

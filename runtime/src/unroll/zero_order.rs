@@ -67,6 +67,7 @@ impl Default for EsOptions {
 
 /// The result of [`es_gradient`].
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct EsEstimate {
     /// The estimated gradient, one tensor per input (shape, dtype and device of the input).
     pub grads: Vec<Tensor>,
