@@ -62,6 +62,7 @@ fn float_only_ops_reject_every_integer_dtype_by_name() {
         ("logsumexp", |x| x.logsumexp(1, false)),
         ("powf", |x| x.powf(3.0)),
         ("powf", |x| x.sqr()),
+        ("pow", |x| x.pow(x)),
         ("mse", |x| nn::mse(x, x)),
         ("mean", |x| x.mean_all()),
         ("mean", |x| x.mean(0)),

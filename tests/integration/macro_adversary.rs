@@ -1083,8 +1083,9 @@ case! {
     }
 }
 
-/// The twin with tensor hyperparameters takes the ordinary optimizer's steps to the bit:
-/// `Scalar::powf` with a tensor exponent has `f64::powf`'s value, not `exp(e ln x)`'s.
+/// The twin with tensor hyperparameters takes the ordinary optimizer's steps to the bit on
+/// the CPU: `Scalar::powf` with a tensor exponent has `f64::powf`'s value, not
+/// `exp(e ln x)`'s.
 #[test]
 fn a_hyperparameter_exponent_is_faithful_to_the_bit() {
     // Values whose `exp(e ln x)` is off `f64::powf` in the last bit (0.1^1.7, 0.9^6.8).
@@ -1095,7 +1096,11 @@ fn a_hyperparameter_exponent_is_faithful_to_the_bit() {
     };
     same_as_plain(&opt, &PlainPoweredRate::from(&opt));
     let report = check_optimizer(opt).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(report.tensor_path_difference, 0.0, "{report}");
+    // With candle's kernels (the path other devices take) a tensor power is
+    // `exp(e ln x)`, within rounding; `check_optimizer` passing bounds it by 1e-12.
+    if candle_higher::cpu_fast_paths() {
+        assert_eq!(report.tensor_path_difference, 0.0, "{report}");
+    }
     let names: Vec<&str> = report
         .hypergradients
         .iter()

@@ -176,6 +176,102 @@ fn powf() {
     assert_eq!(y.to_vec_f64().unwrap(), vec![-8.0]);
 }
 
+/// A tensor exponent (`Tensor::pow`) gives `f64::powf`'s values: to the bit on the CPU
+/// pass, and with candle's kernels (the path other devices take) its special cases exactly
+/// and the rest within rounding; broadcasting a `[2, 1]` base against a `[3]` exponent.
+#[test]
+fn a_tensor_exponent_gives_powf() {
+    let bases = [
+        -2.0,
+        -1.0,
+        -0.5,
+        -0.0,
+        0.0,
+        0.5,
+        1.0,
+        3.0,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::NAN,
+        1e-300,
+    ];
+    let exponents = [
+        0.0,
+        1.0,
+        2.0,
+        3.0,
+        -1.0,
+        -3.0,
+        0.5,
+        -0.5,
+        2.5,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::NAN,
+    ];
+    let (xs, es): (Vec<f64>, Vec<f64>) = bases
+        .iter()
+        .flat_map(|&x| exponents.iter().map(move |&e| (x, e)))
+        .unzip();
+    let n = xs.len();
+    let (x, e) = (t(&xs, &[n]), t(&es, &[n]));
+    let got = x.pow(&e).unwrap().to_vec_f64().unwrap();
+    let exact = candle_higher::cpu_fast_paths();
+    // `powf` in the tensors' dtype (f32 in the suite's f32 run), of the values they hold.
+    let f32 = x.dtype() == candle_higher::DType::F32;
+    let (xs, es) = (x.to_vec_f64().unwrap(), e.to_vec_f64().unwrap());
+    for ((&x, &e), &g) in xs.iter().zip(&es).zip(&got) {
+        let want = if f32 {
+            f64::from((x as f32).powf(e as f32))
+        } else {
+            x.powf(e)
+        };
+        let same = if exact || want == 0.0 || !want.is_finite() {
+            g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan())
+        } else {
+            close(g, want, value_tol(1e-12))
+        };
+        assert!(same, "{x}^{e}: {g}, f64::powf {want}");
+    }
+    let base = t(&[2.0, 0.5], &[2, 1]);
+    let y = base.pow(&t(&[1.0, -2.0, 0.5], &[3])).unwrap();
+    assert_eq!(y.dims(), &[2, 3]);
+    let want = [2.0, 0.25, 2f64.sqrt(), 0.5, 4.0, 0.5f64.sqrt()];
+    for (g, w) in y.to_vec_f64().unwrap().iter().zip(want) {
+        assert!(close(*g, w, value_tol(1e-12)), "{g} against {w}");
+    }
+}
+
+/// `x^e` with both sides differentiable, at first and second order, against finite
+/// differences; at `x = 0` the derivatives follow PyTorch (`d/de = 0` for `e >= 0`, and
+/// `d/dx = 0` for `e = 0`).
+#[test]
+fn a_tensor_exponent_differentiates() {
+    let mut r = rng(8);
+    let inputs = [
+        uniform(&mut r, &[2, 3], 0.5, 2.0),
+        uniform(&mut r, &[2, 3], -1.5, 2.5),
+    ];
+    check12("pow", |x| x[0].pow(&x[1]), &inputs);
+    let broadcast = [
+        uniform(&mut r, &[2, 1], 0.5, 2.0),
+        uniform(&mut r, &[3], -1.0, 2.0),
+    ];
+    check12("pow broadcast", |x| x[0].pow(&x[1]), &broadcast);
+    let x = t(&[0.0, 0.0, 2.0], &[3]).to_leaf();
+    let e = t(&[2.0, 0.0, 0.0], &[3]).to_leaf();
+    let y = x.pow(&e).unwrap().sum_all().unwrap();
+    let g = candle_higher::grad(&[y], &[x, e], Default::default()).unwrap();
+    let (dx, de) = (
+        g[0].as_ref().unwrap().to_vec_f64().unwrap(),
+        g[1].as_ref().unwrap().to_vec_f64().unwrap(),
+    );
+    // d/dx: 2 * 0^1 = 0, 0 (e = 0), 0 (e = 0); d/de: 0, 0 (x = 0, e >= 0), 2^0 ln 2.
+    assert_eq!(dx, vec![0.0, 0.0, 0.0]);
+    assert_eq!(de[..2], [0.0, 0.0]);
+    assert!(close(de[2], 2f64.ln(), value_tol(1e-12)));
+}
+
 /// An integer power has `f64::powf`'s sign and special values at every size: small CPU
 /// tensors take `f64::powf` itself, larger ones (and candle's kernels) `|x|^n` with the
 /// sign of `x`'s sign bit, so `(-0.0)^3` is `-0.0` and `(-0.0)^-3` is `-inf` there too.

@@ -1,4 +1,5 @@
-//! Elementwise binary ops with PyTorch broadcasting: add, sub, mul, div, maximum, minimum.
+//! Elementwise binary ops with PyTorch broadcasting: add, sub, mul, div, maximum, minimum,
+//! and pow with a tensor exponent.
 
 use candle_core::DType;
 
@@ -50,6 +51,7 @@ enum Kind {
     Div,
     Maximum,
     Minimum,
+    Pow,
 }
 
 impl Kind {
@@ -61,6 +63,7 @@ impl Kind {
             Kind::Div => "div",
             Kind::Maximum => "maximum",
             Kind::Minimum => "minimum",
+            Kind::Pow => "pow",
         }
     }
 }
@@ -95,6 +98,7 @@ fn binary(kind: Kind, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         Kind::Sub => (&va - &vb)?,
         Kind::Mul => (&va * &vb)?,
         Kind::Div => (&va / &vb)?,
+        Kind::Pow => pow_value(&va, &vb)?,
         Kind::Maximum | Kind::Minimum => {
             let m = match kind {
                 Kind::Maximum => va.maximum(&vb)?,
@@ -127,6 +131,7 @@ fn small_arithmetic(
                 Kind::Sub => zip_small::<$t>(a, b, |x, y| x - y)?,
                 Kind::Mul => zip_small::<$t>(a, b, |x, y| x * y)?,
                 Kind::Div => zip_small::<$t>(a, b, |x, y| x / y)?,
+                Kind::Pow => zip_small::<$t>(a, b, <$t>::powf)?,
                 Kind::Maximum | Kind::Minimum => return Ok(None),
             }
         };
@@ -136,6 +141,40 @@ fn small_arithmetic(
         Some(DType::F64) => Some(zip!(f64)),
         _ => None,
     })
+}
+
+/// `x^e` of same-shape float values as `powf` computes it: on the CPU (fast paths on) a
+/// pass of `f32::powf` / `f64::powf` at any size; elsewhere `exp(e ln |x|)` with `powf`'s
+/// special cases: the sign of `x` (its sign bit, for `-0.0` and `-inf`) for an odd
+/// integral `e`, NaN for a finite negative `x` and a fractional `e`, and 1 for `e = 0`,
+/// for `x = 1` and for `x = -1` with `e = ±inf`.
+fn pow_value(x: &candle_core::Tensor, e: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+    use super::kernels::{cpu_fast_paths, zip_small};
+    if cpu_fast_paths() && x.device().is_cpu() {
+        match x.dtype() {
+            DType::F32 => return zip_small::<f32>(x, e, f32::powf),
+            DType::F64 => return zip_small::<f64>(x, e, f64::powf),
+            _ => {}
+        }
+    }
+    let magnitude = (x.abs()?.log()? * e)?.exp()?;
+    let negative = x.lt(0.0)?.maximum(&x.recip()?.lt(0.0)?)?;
+    let integral = e.eq(&e.floor()?)?;
+    let half_floor = e.affine(0.5, 0.0)?.floor()?.affine(2.0, 0.0)?;
+    let odd = (e - half_floor)?.eq(1.0)?;
+    let flip = (&negative * &odd)?;
+    let signed = flip.where_cond(&magnitude.neg()?, &magnitude)?;
+    let nan = signed.ones_like()?.affine(f64::NAN, 0.0)?;
+    let finite_negative = (&x.lt(0.0)? * &x.gt(f64::NEG_INFINITY)?)?;
+    let fractional_of_negative = (&finite_negative * &integral.eq(0.0)?)?;
+    let value = fractional_of_negative.where_cond(&nan, &signed)?;
+    let one = value.ones_like()?;
+    let unit_to_infinity = (&x.eq(-1.0)? * &e.abs()?.eq(f64::INFINITY)?)?;
+    let ones = x
+        .eq(1.0)?
+        .maximum(&e.eq(0.0)?)?
+        .maximum(&unit_to_infinity)?;
+    Ok(ones.where_cond(&one, &value)?)
 }
 
 /// Integer `+`, `-` or `*` of same-shape values with two's-complement wrapping in their
@@ -180,7 +219,9 @@ impl Backward for BinaryBackward {
     }
 
     /// add: (g, g); sub: (g, -g); mul: (g b, g a); div: (g / b, -g a / b^2);
-    /// maximum/minimum: g to the selected side, split in half at ties (as PyTorch).
+    /// maximum/minimum: g to the selected side, split in half at ties (as PyTorch);
+    /// pow: (g e a^(e-1), 0 where e = 0; g a^e ln a, 0 where a = 0 and e >= 0), torch's
+    /// `pow_backward_self` and `pow_backward_exponent`.
     /// Each is then summed back over broadcast dimensions. Only the sides in `needs` are
     /// built (a constant operand, such as a target, costs no op).
     fn vjp(&self, ctx: &VjpCtx<'_>) -> Result<Vec<Option<Tensor>>> {
@@ -200,6 +241,22 @@ impl Backward for BinaryBackward {
                     None
                 };
                 (Some(ga), gb)
+            }
+            Kind::Pow => {
+                let ga = ctx.needs[0]
+                    .then(|| -> Result<Tensor> {
+                        let d = b.mul(&a.pow(&b.sub(1.0)?)?)?;
+                        g.mul(&b.eq(0.0)?.where_cond(&d.zeros_like()?, &d)?)
+                    })
+                    .transpose()?;
+                let gb = ctx.needs[1]
+                    .then(|| -> Result<Tensor> {
+                        let d = ctx.output.mul(&a.log()?)?;
+                        let at_zero = a.eq(0.0)?.mul(&b.ge(0.0)?)?;
+                        g.mul(&at_zero.where_cond(&d.zeros_like()?, &d)?)
+                    })
+                    .transpose()?;
+                (ga, gb)
             }
             Kind::Maximum | Kind::Minimum => {
                 // Weights are constants: 1 where the side wins, 0.5 at ties, 0 elsewhere.
@@ -258,6 +315,17 @@ impl Tensor {
     /// `self / rhs`, broadcasting.
     pub fn div(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
         self.binary_or_scalar(rhs.into(), Kind::Div, Tensor::div_scalar)
+    }
+
+    /// `self ^ exponent` elementwise with a tensor exponent (`torch.pow(x, e)`),
+    /// broadcasting; float tensors only. Its values are `powf`'s (a negative base to a
+    /// fractional power is NaN, to an integral one signed), and so are its derivatives'
+    /// special cases: `d/dx` is 0 where `e = 0`, `d/de` is 0 where `x = 0` and `e >= 0`
+    /// (PyTorch's rules; elsewhere `d/de = x^e ln x`, NaN for a negative base).
+    pub fn pow(&self, exponent: &Tensor) -> Result<Tensor> {
+        self.require_float("pow")?;
+        exponent.require_float("pow")?;
+        binary(Kind::Pow, self, exponent)
     }
 
     /// Elementwise maximum (`torch.maximum`, NaN where either side is NaN); at ties the
