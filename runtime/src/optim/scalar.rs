@@ -73,13 +73,11 @@ impl Scalar {
     /// hyperparameter (`self.beta.powf(self.gamma)` compiles in both forms of a step); a
     /// tensor exponent is [`Tensor::pow`], a constant base becoming a constant tensor.
     pub fn powf(&self, e: impl Into<Scalar>) -> Scalar {
-        match e.into() {
-            Scalar::Float(e) => self.map(|v| v.powf(e), |t| t.powf(e)),
-            Scalar::Tensor(e) => Scalar::Tensor(infallible(match self {
-                Scalar::Float(x) => e.full_like(*x).and_then(|x| x.pow(&e)),
-                Scalar::Tensor(x) => x.pow(&e),
-            })),
-        }
+        // As the arithmetic: a tensor exponent takes the base's dtype, device and shape.
+        combine(self.clone(), e.into(), f64::powf, |x, e| match e {
+            Operand::Float(e) => x.powf(e),
+            Operand::Tensor(e) => x.pow(&e),
+        })
     }
 
     /// `self ^ n` for an integer exponent (a step counter). Takes `i32` like `f64::powi`,
@@ -741,6 +739,21 @@ mod tests {
                 );
             }
         }
+        // Tensors of other dtypes and shapes meet as in the arithmetic (the base's win).
+        let base = Scalar::Tensor(
+            Tensor::from_vec(vec![0.9f32, 0.5], &[2, 1], &candle_core::Device::Cpu).unwrap(),
+        );
+        let exponent = Scalar::Tensor(
+            Tensor::from_vec(vec![1.5f64, 2.0], &[2], &candle_core::Device::Cpu).unwrap(),
+        );
+        let Scalar::Tensor(y) = base.powf(exponent) else {
+            unreachable!()
+        };
+        assert_eq!(
+            (y.dtype(), y.dims()),
+            (candle_core::DType::F32, &[2, 1][..])
+        );
+        assert_eq!(y.to_vec_f64().unwrap(), [f64::from(0.9f32.powf(1.5)), 0.25]);
         // `exp(e ln x)`, what `Scalar::pow` computed before, is off in the last bit for some
         // of these pairs, so the test tells the two apart.
         assert!(corrected > 0);
