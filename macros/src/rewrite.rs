@@ -247,7 +247,6 @@ impl Flow<'_> {
     }
 }
 
-/// `f64::from`, `i32::try_from` and the like.
 /// The primitive numeric types.
 const PRIMITIVES: &[&str] = &[
     "f32", "f64", "i8", "i16", "i32", "i64", "i128", "isize", "u8", "u16", "u32", "u64", "u128",
@@ -260,6 +259,7 @@ fn is_primitive(ty: &syn::Type, names: &[&str]) -> bool {
         if p.qself.is_none() && names.iter().any(|n| p.path.is_ident(n)))
 }
 
+/// `f64::from`, `i32::try_from` and the like.
 fn primitive_conversion(func: &Expr) -> bool {
     let Expr::Path(p) = ast::strip(func) else {
         return false;

@@ -158,14 +158,15 @@ fn pow_value(x: &candle_core::Tensor, e: &candle_core::Tensor) -> Result<candle_
         }
     }
     let magnitude = (x.abs()?.log()? * e)?.exp()?;
-    let negative = x.lt(0.0)?.maximum(&x.recip()?.lt(0.0)?)?;
+    let below = x.lt(0.0)?;
+    let negative = below.maximum(&x.recip()?.lt(0.0)?)?;
     let integral = e.eq(&e.floor()?)?;
     let half_floor = e.affine(0.5, 0.0)?.floor()?.affine(2.0, 0.0)?;
     let odd = (e - half_floor)?.eq(1.0)?;
     let flip = (&negative * &odd)?;
     let signed = flip.where_cond(&magnitude.neg()?, &magnitude)?;
     let nan = signed.ones_like()?.affine(f64::NAN, 0.0)?;
-    let finite_negative = (&x.lt(0.0)? * &x.gt(f64::NEG_INFINITY)?)?;
+    let finite_negative = (&below * &x.gt(f64::NEG_INFINITY)?)?;
     let fractional_of_negative = (&finite_negative * &integral.eq(0.0)?)?;
     let value = fractional_of_negative.where_cond(&nan, &signed)?;
     let one = value.ones_like()?;
