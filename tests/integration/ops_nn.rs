@@ -55,6 +55,24 @@ fn conv2d_padding_stride_nonsquare() {
     check12("conv2d p0 s3", |x| x[0].conv2d(&x[1], 0, 3, 1, 1), &xs);
 }
 
+/// 16 channels in and out, 3x3 at stride 1, with few enough tiles: on the CPU these run
+/// through the Winograd kernels (`ops::winograd`), whose gradients are the adjoints of
+/// their own forward.
+#[test]
+fn conv2d_winograd_sized() {
+    let mut r = rng(34);
+    let xs = [
+        randn(&mut r, &[1, 16, 6, 6]),
+        randn(&mut r, &[16, 16, 3, 3]),
+    ];
+    check12("conv2d winograd", |x| x[0].conv2d(&x[1], 0, 1, 1, 1), &xs);
+    check12(
+        "conv2d winograd p1",
+        |x| x[0].conv2d(&x[1], 1, 1, 1, 1),
+        &xs,
+    );
+}
+
 #[test]
 fn conv2d_dilation_and_large_padding() {
     let mut r = rng(32);

@@ -11,6 +11,7 @@
 use candle_core::{DType, Device, Storage, WithDType};
 
 use super::cpu_gemm::{matmul_into, matmul_into_uninit, Strided};
+use super::winograd;
 use crate::error::Result;
 
 /// Elements of the column buffer per chunk of the batch (1 MiB in f32): large enough for
@@ -132,7 +133,7 @@ thread_local! {
 
 /// Runs `f` on a buffer of `len` elements reused across calls on this thread (a fresh one
 /// if the thread's is in use); it holds whatever the last call left there.
-fn with_scratch<T: WithDType, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+pub(super) fn with_scratch<T: WithDType, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut words) => {
             let need = (len * std::mem::size_of::<T>()).div_ceil(8);
@@ -175,7 +176,7 @@ impl Conv {
     }
 
     /// The number of convolutions: the tasks, or 1.
-    fn count(&self) -> usize {
+    pub(super) fn count(&self) -> usize {
         self.tasks.unwrap_or(1)
     }
 
@@ -191,11 +192,11 @@ impl Conv {
         self.padding == 0
     }
 
-    fn ho(&self) -> usize {
+    pub(super) fn ho(&self) -> usize {
         (self.h + 2 * self.padding - self.dilation * (self.kh - 1) - 1) / self.stride + 1
     }
 
-    fn wo(&self) -> usize {
+    pub(super) fn wo(&self) -> usize {
         (self.w + 2 * self.padding - self.dilation * (self.kw - 1) - 1) / self.stride + 1
     }
 
@@ -348,6 +349,14 @@ impl Conv {
                 message: format!("a bias needs {} values", self.count() * c_out),
             });
         }
+        let dims = [self.n, c_out, self.ho(), self.wo()];
+        if winograd::applies(self) {
+            let bias = bias.as_deref();
+            let y = with_slices([x, w], |x: &[T], w| winograd::forward(self, x, w, bias))?;
+            if let Some(y) = y {
+                return self.tensor(y, dims);
+            }
+        }
         let image = self.c_in * self.h * self.w;
         let chunk = self.chunk();
         let total = self.count() * self.n * c_out * l;
@@ -409,7 +418,7 @@ impl Conv {
         // are covered by its chunks, and each image's `c_out` rows of `l` by the copies or
         // by its product in place.
         unsafe { out.set_len(total) };
-        self.tensor(out, [self.n, c_out, self.ho(), self.wo()])
+        self.tensor(out, dims)
     }
 
     /// Image `b`'s output (`c_out x l`) of a chunk of `m` images, with `bias` added, written
@@ -457,6 +466,13 @@ impl Conv {
         gy: &candle_core::Tensor,
         w: &candle_core::Tensor,
     ) -> Result<candle_core::Tensor> {
+        let dims = [self.n, self.c_in, self.h, self.w];
+        if winograd::applies(self) {
+            if let Some(dx) = with_slices([gy, w], |gy: &[T], w| winograd::input_grad(self, gy, w))?
+            {
+                return self.tensor(dx, dims);
+            }
+        }
         let (k, l, c_out) = (self.k(), self.ho() * self.wo(), self.c_out);
         let image = self.c_in * self.h * self.w;
         let chunk = (INPUT_GRAD_BUDGET / (k * l).max(1)).clamp(1, self.n.max(1));
@@ -498,7 +514,7 @@ impl Conv {
                 Ok(())
             })
         })?;
-        self.tensor(dx, [self.n, self.c_in, self.h, self.w])
+        self.tensor(dx, dims)
     }
 
     /// The rows of `gy` (one task's `[n, c_out, l]`) for images `start..start + m`, as a
@@ -532,6 +548,14 @@ impl Conv {
         x: &candle_core::Tensor,
         gy: &candle_core::Tensor,
     ) -> Result<candle_core::Tensor> {
+        let dims = [self.c_out, self.c_in, self.kh, self.kw];
+        if winograd::applies(self) {
+            if let Some(dw) =
+                with_slices([x, gy], |x: &[T], gy| winograd::weight_grad(self, x, gy))?
+            {
+                return self.tensor(dw, dims);
+            }
+        }
         let (k, l, c_out) = (self.k(), self.ho() * self.wo(), self.c_out);
         let image = self.c_in * self.h * self.w;
         // One image per product where an image has enough positions (gathering `gy`
@@ -578,7 +602,7 @@ impl Conv {
                 Ok(())
             })
         })?;
-        self.tensor(dw, [c_out, self.c_in, self.kh, self.kw])
+        self.tensor(dw, dims)
     }
 }
 
@@ -770,7 +794,7 @@ mod runs_avx2 {
 
 /// Single-threaded, or the library's cached thread count for products of a million
 /// multiply-adds.
-fn parallelism(multiply_adds: usize) -> gemm::Parallelism {
+pub(super) fn parallelism(multiply_adds: usize) -> gemm::Parallelism {
     crate::threads::gemm_parallelism(multiply_adds, 1 << 20)
 }
 

@@ -24,6 +24,7 @@ pub(crate) mod shape;
 mod small_gemm;
 pub(crate) mod softmax;
 pub(crate) mod unary;
+mod winograd;
 
 mod operators;
 
