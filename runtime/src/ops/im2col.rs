@@ -4,6 +4,10 @@
 //! - input gradient: `dx_b = col2im(W^T gy_b)`, the adjoint of im2col;
 //! - weight gradient: `dW = sum_b gy_b cols(x_b)^T`, accumulated in place.
 //!
+//! 3x3 stride-1 convolutions with enough channels go to the Winograd kernels of
+//! `winograd.rs` instead (fewer multiplications), and come back here when a result is not
+//! finite.
+//!
 //! Rows are copied whole where the stride is 1, and `W^T` and `cols^T` are strided views
 //! handed to gemm, not copies. candle's CPU conv2d gathers its columns one element at a time and spent a third of
 //! a MAML-Omniglot iteration there.

@@ -156,7 +156,9 @@ fn add3<T: WithDType>(out: &mut [T], a: &[T], b: &[T], c: &[T], f: impl Fn(T, T,
 }
 
 /// `src` (`c` planes of `h x w`) into the channel-last plane `dst` of rows of `width`
-/// pixels, at row and column offset `offset`.
+/// pixels, at row and column offset `offset`. `src` is read in order (it comes from
+/// memory: gathering a pixel's channels from 64 planes, or writing row by row, made the
+/// transforms a third slower), the scattered writes land in the plane, which stays in cache.
 #[inline(always)]
 fn to_channel_last<T: WithDType>(
     src: &[T],
@@ -175,7 +177,7 @@ fn to_channel_last<T: WithDType>(
 }
 
 /// The inverse of [`to_channel_last`]: the `c` planes of `h x w` from `src`, appended to
-/// `dst`, each value plus `bias(ch)`.
+/// `dst` in order, each value plus `bias(ch)`.
 #[inline(always)]
 fn from_channel_last<T: WithDType>(
     src: &[T],
@@ -396,7 +398,7 @@ fn scratch_sizes(conv: &Conv, t: &Tiles, c_a: usize, c_b: usize) -> [usize; 6] {
     ]
 }
 
-/// The arguments of a chunk's transform (through [`vectorized`], one tuple): the
+/// The arguments of a chunk's transform (one tuple): the
 /// geometry, the operand (every image), the chunk's images `(start, count)`, a plane and
 /// the work of the transform, and the transformed buffer it fills.
 type ChunkTransform<'a, T> = (
@@ -410,7 +412,7 @@ type ChunkTransform<'a, T> = (
 /// `B^T d B` of a chunk's images (each `c_in h w`); the plane is a padded channel-last one
 /// whose border is zero.
 #[inline(always)]
-fn transform_chunk_inputs<T: WithDType>(
+fn transform_chunk_inputs_body<T: WithDType>(
     ((conv, t), images, (start, count), (plane, work), v): ChunkTransform<'_, T>,
 ) {
     let (image, tiles) = (conv.c_in * conv.h * conv.w, t.per_image());
@@ -430,7 +432,7 @@ fn transform_chunk_inputs<T: WithDType>(
 /// `A gy A^T` of a chunk's output gradients; the plane is a channel-last output plane
 /// whose entries past the output's edge are zero.
 #[inline(always)]
-fn transform_chunk_output_grads<T: WithDType>(
+fn transform_chunk_output_grads_body<T: WithDType>(
     ((conv, t), gy, (start, count), (plane, work), z): ChunkTransform<'_, T>,
 ) {
     let (image, tiles) = (conv.c_out * t.ho * t.wo, t.per_image());
@@ -448,18 +450,10 @@ fn transform_chunk_output_grads<T: WithDType>(
 }
 
 /// The outputs of a chunk of `count` images from the products `m`, each plus `bias` of its
-/// channel, appended to `out`. Run through [`vectorized`].
+/// channel, appended to `out`.
 #[inline(always)]
-#[allow(clippy::type_complexity)]
-fn untransform_chunk_outputs<T: WithDType>(
-    ((conv, t), m, count, (plane, work), bias, out): (
-        (&Conv, &Tiles),
-        &[T],
-        usize,
-        (&mut [T], &mut [T]),
-        &dyn Fn(usize) -> T,
-        &mut Vec<T>,
-    ),
+fn untransform_chunk_outputs_body<T: WithDType>(
+    ((conv, t), m, count, (plane, work), bias, out): OutputsUntransform<'_, T>,
 ) {
     let tiles = t.per_image();
     for b in 0..count {
@@ -474,17 +468,10 @@ fn untransform_chunk_outputs<T: WithDType>(
 }
 
 /// The input gradients of a chunk of `count` images from the products `n`, appended to
-/// `dx`. Run through [`vectorized`].
+/// `dx`.
 #[inline(always)]
-#[allow(clippy::type_complexity)]
-fn untransform_chunk_input_grads<T: WithDType>(
-    ((conv, t), n, count, (plane, work), dx): (
-        (&Conv, &Tiles),
-        &[T],
-        usize,
-        (&mut [T], &mut [T]),
-        &mut Vec<T>,
-    ),
+fn untransform_chunk_input_grads_body<T: WithDType>(
+    ((conv, t), n, count, (plane, work), dx): InputGradsUntransform<'_, T>,
 ) {
     let tiles = t.per_image();
     for b in 0..count {
@@ -505,6 +492,85 @@ fn untransform_chunk_input_grads<T: WithDType>(
         );
     }
 }
+
+/// The arguments of a chunk's output untransform: the geometry, the products, the
+/// chunk's image count, a plane and the work, the bias per channel, and the output.
+type OutputsUntransform<'a, T> = (
+    (&'a Conv, &'a Tiles),
+    &'a [T],
+    usize,
+    (&'a mut [T], &'a mut [T]),
+    &'a dyn Fn(usize) -> T,
+    &'a mut Vec<T>,
+);
+
+/// The arguments of a chunk's input-gradient untransform: as [`OutputsUntransform`],
+/// without the bias.
+type InputGradsUntransform<'a, T> = (
+    (&'a Conv, &'a Tiles),
+    &'a [T],
+    usize,
+    (&'a mut [T], &'a mut [T]),
+    &'a mut Vec<T>,
+);
+
+/// `fn $name(args)`: `$body(args)` in a copy compiled for AVX-512 where the CPU has it (a
+/// pixel's 64 channels are four 16-lane vectors of f32), else for AVX2 and FMA, else as
+/// is. `$body` is `#[inline(always)]`, called straight from each copy, so its loops land
+/// in the copy (a closure's or a function item's body need not be inlined there).
+macro_rules! vectorized_pass {
+    ($name:ident, $body:ident, $args:ident) => {
+        fn $name<T: WithDType>(args: $args<'_, T>) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                /// # Safety
+                /// The CPU has AVX-512F.
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512<T: WithDType>(args: $args<'_, T>) {
+                    $body(args)
+                }
+                /// # Safety
+                /// The CPU has AVX2 and FMA.
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2<T: WithDType>(args: $args<'_, T>) {
+                    $body(args)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F.
+                    return unsafe { avx512(args) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    return unsafe { avx2(args) };
+                }
+            }
+            $body(args)
+        }
+    };
+}
+
+vectorized_pass!(
+    transform_chunk_inputs,
+    transform_chunk_inputs_body,
+    ChunkTransform
+);
+vectorized_pass!(
+    transform_chunk_output_grads,
+    transform_chunk_output_grads_body,
+    ChunkTransform
+);
+vectorized_pass!(
+    untransform_chunk_outputs,
+    untransform_chunk_outputs_body,
+    OutputsUntransform
+);
+vectorized_pass!(
+    untransform_chunk_input_grads,
+    untransform_chunk_input_grads_body,
+    InputGradsUntransform
+);
 
 /// The convolution of every task's images with its kernels, plus `bias` (`c_out` per task),
 /// `[tasks][n][c_out][ho][wo]`; `None` where a result is not finite.
@@ -541,12 +607,12 @@ pub(super) fn forward<T: WithDType>(
                 let (v, m) = (&mut v[..XI * c_in * cols], &mut m[..XI * c_out * cols]);
                 let scratch = (&mut *plane, &mut *work);
                 let args = ((conv, &t), images, (start, count), scratch, &mut *v);
-                vectorized(transform_chunk_inputs, args);
+                transform_chunk_inputs(args);
                 // m[xi] = v[xi] U[xi]^T, `[tile][c_out]`.
                 products((cols, c_out, c_in), v, rhs, m)?;
                 let scratch = (&mut *out_plane, &mut *work);
                 let args = ((conv, &t), &*m, count, scratch, &bias as _, &mut out);
-                vectorized(untransform_chunk_outputs, args);
+                untransform_chunk_outputs(args);
             }
         }
         Ok(())
@@ -582,14 +648,11 @@ pub(super) fn input_grad<T: WithDType>(
                 let (z, nn) = (&mut z[..XI * c_out * cols], &mut nn[..XI * c_in * cols]);
                 let scratch = (&mut *gy_plane, &mut *work);
                 let args = ((conv, &t), gy, (start, count), scratch, &mut *z);
-                vectorized(transform_chunk_output_grads, args);
+                transform_chunk_output_grads(args);
                 // n[xi] = z[xi] U[xi], `[tile][c_in]`.
                 products((cols, c_in, c_out), z, rhs, nn)?;
                 let scratch = (&mut *plane, &mut *work);
-                vectorized(
-                    untransform_chunk_input_grads,
-                    ((conv, &t), &*nn, count, scratch, &mut dx),
-                );
+                untransform_chunk_input_grads(((conv, &t), &*nn, count, scratch, &mut dx));
             }
         }
         Ok(())
@@ -624,10 +687,10 @@ pub(super) fn weight_grad<T: WithDType>(
                 let (v, z) = (&mut v[..XI * c_in * cols], &mut z[..XI * c_out * cols]);
                 let scratch = (&mut *plane, &mut *work);
                 let args = ((conv, &t), images, (start, count), scratch, &mut *v);
-                vectorized(transform_chunk_inputs, args);
+                transform_chunk_inputs(args);
                 let scratch = (&mut *gy_plane, &mut *work);
                 let args = ((conv, &t), gy, (start, count), scratch, &mut *z);
-                vectorized(transform_chunk_output_grads, args);
+                transform_chunk_output_grads(args);
                 // du[xi] (+)= z[xi]^T v[xi], z[xi]^T as a view: element (co, j) at j c_out + co.
                 let parallelism = parallelism(c_out * c_in * cols);
                 for xi in 0..XI {
@@ -646,30 +709,6 @@ pub(super) fn weight_grad<T: WithDType>(
         Ok(())
     })?;
     Ok(all_finite(&dw).then_some(dw))
-}
-
-/// `f(args)` inlined into a copy compiled for AVX-512 where the CPU has it (a pixel's 64
-/// channels are four 16-lane vectors of f32), else through [`super::kernels::vectorized`].
-/// `f` is a function marked `#[inline(always)]`, so that its body, not a call, lands in
-/// the copy (a closure's body need not).
-#[inline(always)]
-fn vectorized<A, R>(f: impl FnOnce(A) -> R, args: A) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F.
-        return unsafe { avx512(f, args) };
-    }
-    super::kernels::vectorized(|| f(args))
-}
-
-/// `f(args)`, compiled with AVX-512F.
-///
-/// # Safety
-/// The CPU has AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn avx512<A, R>(f: impl FnOnce(A) -> R, args: A) -> R {
-    f(args)
 }
 
 /// `buf` cut into consecutive pieces of the given sizes.
