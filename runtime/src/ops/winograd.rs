@@ -60,8 +60,10 @@ impl Tiles {
 }
 
 /// Whether the Winograd kernels run this convolution: 3x3, stride and dilation 1, at
-/// least [`MIN_CHANNELS`] channels on both sides, and at most 60% of the direct
-/// multiplications (so not the CNN's last layer, 3 x 3 outputs in 4 tiles: 64 against 81).
+/// least [`MIN_CHANNELS`] channels on both sides, at most 60% of the direct
+/// multiplications (so not the CNN's last layer, 3 x 3 outputs in 4 tiles: 64 against 81),
+/// and one image's transformed tiles within four budgets (8 MiB in f32: a chunk holds at
+/// least one image, and 64 channels of 224 x 224 would take 100 MiB).
 pub(super) fn applies(conv: &Conv) -> bool {
     if conv.kh != 3 || conv.kw != 3 || conv.stride != 1 || conv.dilation != 1 {
         return false;
@@ -70,7 +72,8 @@ pub(super) fn applies(conv: &Conv) -> bool {
         return false;
     }
     let t = Tiles::new(conv);
-    10 * XI * t.per_image() <= 6 * 9 * t.ho * t.wo
+    let one_image = XI * (conv.c_in + conv.c_out).saturating_mul(t.per_image());
+    10 * XI * t.per_image() <= 6 * 9 * t.ho * t.wo && one_image <= 4 * BUDGET
 }
 
 /// Images per chunk so that two transformed buffers of `c_a` and `c_b` channels fit the
@@ -773,6 +776,39 @@ mod tests {
             .max(0)
             .unwrap();
         d.to_scalar::<f64>().unwrap() / scale
+    }
+
+    /// The CNN's middle layer takes the Winograd kernels; its first (one input channel)
+    /// and last (3 x 3 outputs) layers, other kernel sizes, strides, dilations, and images
+    /// too large for one chunk do not.
+    #[test]
+    fn applies_where_it_saves_multiplications() {
+        let base = (75, 64, 13, 13, 64, 0);
+        assert!(super::applies(&conv(None, base)));
+        assert!(super::applies(&conv(Some(16), (5, 64, 13, 13, 64, 0))));
+        for case in [
+            (75, 1, 28, 28, 64, 0),
+            (75, 64, 5, 5, 64, 0),
+            (1, 64, 224, 224, 64, 1),
+        ] {
+            assert!(!super::applies(&conv(None, case)), "{case:?}");
+        }
+        let strided = Conv {
+            stride: 2,
+            ..conv(None, base)
+        };
+        let dilated = Conv {
+            dilation: 2,
+            ..conv(None, base)
+        };
+        let wide = Conv {
+            kw: 5,
+            ..conv(None, base)
+        };
+        let empty = conv(None, (0, 64, 13, 13, 64, 0));
+        for geometry in [strided, dilated, wide, empty] {
+            assert!(!super::applies(&geometry), "{geometry:?}");
+        }
     }
 
     /// The three kernels agree with candle's convolution and its backprop (f64 to 1e-13 of
