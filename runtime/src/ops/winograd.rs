@@ -72,8 +72,10 @@ pub(super) fn applies(conv: &Conv) -> bool {
         return false;
     }
     let t = Tiles::new(conv);
-    let one_image = XI * (conv.c_in + conv.c_out).saturating_mul(t.per_image());
-    10 * XI * t.per_image() <= 6 * 9 * t.ho * t.wo && one_image <= 4 * BUDGET
+    let one_image = [conv.c_in + conv.c_out, t.per_image()]
+        .into_iter()
+        .fold(XI, usize::saturating_mul);
+    one_image <= 4 * BUDGET && 10 * XI * t.per_image() <= 6 * 9 * t.ho * t.wo
 }
 
 /// Images per chunk so that two transformed buffers of `c_a` and `c_b` channels fit the
@@ -82,56 +84,96 @@ fn chunk(conv: &Conv, t: &Tiles, c_a: usize, c_b: usize) -> usize {
     (BUDGET / (XI * (c_a + c_b) * t.per_image())).clamp(1, conv.n)
 }
 
-/// `U = G w G^T` for every kernel `w[co][ci]` (3x3), as `[16][co][ci]`.
-fn transform_kernels<T: WithDType>(conv: &Conv, kernels: &[T], u: &mut [T]) {
-    let half = T::from_f64(0.5);
-    let pairs = conv.c_out * conv.c_in;
-    for (pair, g) in kernels.chunks_exact(9).enumerate() {
-        // Rows of G g (4 x 3).
-        let mut gg = [[T::zero(); 3]; 4];
-        for j in 0..3 {
-            let (g0, g1, g2) = (g[j], g[3 + j], g[6 + j]);
-            gg[0][j] = g0;
-            gg[1][j] = half * (g0 + g1 + g2);
-            gg[2][j] = half * (g0 - g1 + g2);
-            gg[3][j] = g2;
-        }
-        for (i, [g0, g1, g2]) in gg.into_iter().enumerate() {
-            let row = [g0, half * (g0 + g1 + g2), half * (g0 - g1 + g2), g2];
-            for (j, v) in row.into_iter().enumerate() {
-                u[(4 * i + j) * pairs + pair] = v;
+/// The arguments of [`transform_kernels`]: the geometry, one task's kernels, `U` and the
+/// work (`21 c_in` values).
+type KernelsTransform<'a, T> = (&'a Conv, &'a [T], &'a mut [T], &'a mut [T]);
+
+/// `U = G w G^T` for every kernel `w[co][ci]` (3x3), as `[16][co][ci]`: per output
+/// channel, the 9 taps gathered into runs over the input channels, then the transform as
+/// elementwise passes over them.
+#[inline(always)]
+fn transform_kernels_body<T: WithDType>((conv, kernels, u, work): KernelsTransform<'_, T>) {
+    let (half, c, c_out) = (T::from_f64(0.5), conv.c_in, conv.c_out);
+    let (taps, rows) = work.split_at_mut(9 * c);
+    for (co, kernel) in kernels.chunks_exact(9 * c).enumerate() {
+        for (ci, g) in kernel.chunks_exact(9).enumerate() {
+            for (k, &v) in g.iter().enumerate() {
+                taps[k * c + ci] = v;
             }
+        }
+        let tap = |k: usize| &taps[k * c..][..c];
+        // G g (4 x 3), entry (i, j) at (3 i + j) c.
+        for j in 0..3 {
+            let (g0, g1, g2) = (tap(j), tap(3 + j), tap(6 + j));
+            rows[j * c..][..c].copy_from_slice(g0);
+            map3(&mut rows[(3 + j) * c..][..c], g0, g1, g2, |a, b, c| {
+                half * (a + b + c)
+            });
+            map3(&mut rows[(6 + j) * c..][..c], g0, g1, g2, |a, b, c| {
+                half * (a - b + c)
+            });
+            rows[(9 + j) * c..][..c].copy_from_slice(g2);
+        }
+        // (G g) G^T, into U.
+        for i in 0..4 {
+            let r = |j: usize| &rows[(3 * i + j) * c..][..c];
+            let (r0, r1, r2) = (r(0), r(1), r(2));
+            let dst = |j: usize| ((4 * i + j) * c_out + co) * c;
+            u[dst(0)..][..c].copy_from_slice(r0);
+            map3(&mut u[dst(1)..][..c], r0, r1, r2, |a, b, c| {
+                half * (a + b + c)
+            });
+            map3(&mut u[dst(2)..][..c], r0, r1, r2, |a, b, c| {
+                half * (a - b + c)
+            });
+            u[dst(3)..][..c].copy_from_slice(r2);
         }
     }
 }
 
-/// `dw = G^T du G` for every `du[16][co][ci]`, as `[co][ci][3][3]`.
-fn untransform_kernel_grads<T: WithDType>(conv: &Conv, du: &[T]) -> Vec<T> {
-    let half = T::from_f64(0.5);
-    let pairs = conv.c_out * conv.c_in;
-    let mut dw = Vec::with_capacity(pairs * 9);
-    for pair in 0..pairs {
-        let at = |i: usize, j: usize| du[(4 * i + j) * pairs + pair];
-        // G^T du (3 x 4) by columns, then (G^T du) G (3 x 3) by rows.
-        let column = |j: usize| {
-            let (d0, d1, d2, d3) = (at(0, j), at(1, j), at(2, j), at(3, j));
-            [
-                d0 + half * (d1 + d2),
-                half * (d1 - d2),
-                half * (d1 + d2) + d3,
-            ]
-        };
-        let columns = [column(0), column(1), column(2), column(3)];
+/// The arguments of [`untransform_kernel_grads`]: the geometry, `du`, the work (`21 c_in`
+/// values) and the weight gradient the task's `[c_out][c_in][3][3]` is appended to.
+type KernelGradsUntransform<'a, T> = (&'a Conv, &'a [T], &'a mut [T], &'a mut Vec<T>);
+
+/// `dw = G^T du G` for every `du[16][co][ci]`, appended as `[co][ci][3][3]`: per output
+/// channel, elementwise passes over runs of the input channels, then the 9 taps of each
+/// kernel interleaved.
+#[inline(always)]
+fn untransform_kernel_grads_body<T: WithDType>(
+    (conv, du, work, dw): KernelGradsUntransform<'_, T>,
+) {
+    let (half, c, c_out) = (T::from_f64(0.5), conv.c_in, conv.c_out);
+    let (taps, rows) = work.split_at_mut(9 * c);
+    for co in 0..c_out {
+        let e = |i: usize, j: usize| &du[((4 * i + j) * c_out + co) * c..][..c];
+        // G^T du (3 x 4), entry (k, j) at (4 k + j) c.
+        for j in 0..4 {
+            let (d0, d1, d2, d3) = (e(0, j), e(1, j), e(2, j), e(3, j));
+            map3(&mut rows[j * c..][..c], d0, d1, d2, |a, b, c| {
+                a + half * (b + c)
+            });
+            map2(&mut rows[(4 + j) * c..][..c], d1, d2, |b, c| half * (b - c));
+            map3(&mut rows[(8 + j) * c..][..c], d1, d2, d3, |b, c, d| {
+                half * (b + c) + d
+            });
+        }
+        // (G^T du) G, tap (k, l) at (3 k + l) c.
         for k in 0..3 {
-            let [d0, d1, d2, d3] = columns.map(|c| c[k]);
-            dw.extend([
-                d0 + half * (d1 + d2),
-                half * (d1 - d2),
-                half * (d1 + d2) + d3,
-            ]);
+            let r = |j: usize| &rows[(4 * k + j) * c..][..c];
+            let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+            let tap = 3 * k * c;
+            map3(&mut taps[tap..][..c], r0, r1, r2, |a, b, c| {
+                a + half * (b + c)
+            });
+            map2(&mut taps[tap + c..][..c], r1, r2, |b, c| half * (b - c));
+            map3(&mut taps[tap + 2 * c..][..c], r1, r2, r3, |b, c, d| {
+                half * (b + c) + d
+            });
+        }
+        for ci in 0..c {
+            dw.extend((0..9).map(|k| taps[k * c + ci]));
         }
     }
-    dw
 }
 
 /// `out[k] = f(a[k], b[k])`.
@@ -214,6 +256,15 @@ struct Slot {
 }
 
 impl Slot {
+    /// Image `b`'s tiles (`tiles` of them) of a chunk of `cols` tiles, `c` channels each.
+    fn image(b: usize, cols: usize, tiles: usize, c: usize) -> Slot {
+        Slot {
+            col0: b * tiles,
+            cols,
+            c,
+        }
+    }
+
     fn run(&self, xi: usize, tile: usize) -> std::ops::Range<usize> {
         let start = (xi * self.cols + self.col0 + tile) * self.c;
         start..start + self.c
@@ -397,7 +448,7 @@ fn scratch_sizes(conv: &Conv, t: &Tiles, c_a: usize, c_b: usize) -> [usize; 6] {
         XI * c_b * cols,
         (2 * t.th + 2) * (2 * t.tw + 2) * conv.c_in,
         4 * t.per_image() * conv.c_out,
-        16 * conv.c_in.max(conv.c_out),
+        21 * conv.c_in.max(conv.c_out),
     ]
 }
 
@@ -423,11 +474,7 @@ fn transform_chunk_inputs_body<T: WithDType>(
     for b in 0..count {
         let image = &images[(start + b) * image..][..image];
         to_channel_last(image, dims, plane, (2 * t.tw + 2, conv.padding));
-        let at = Slot {
-            col0: b * tiles,
-            cols: count * tiles,
-            c: conv.c_in,
-        };
+        let at = Slot::image(b, count * tiles, tiles, conv.c_in);
         transform_inputs(t, plane, work, v, at);
     }
 }
@@ -443,11 +490,7 @@ fn transform_chunk_output_grads_body<T: WithDType>(
     for b in 0..count {
         let gy_b = &gy[(start + b) * image..][..image];
         to_channel_last(gy_b, dims, plane, (2 * t.tw, 0));
-        let at = Slot {
-            col0: b * tiles,
-            cols: count * tiles,
-            c: conv.c_out,
-        };
+        let at = Slot::image(b, count * tiles, tiles, conv.c_out);
         transform_output_grads(t, plane, work, z, at);
     }
 }
@@ -460,11 +503,7 @@ fn untransform_chunk_outputs_body<T: WithDType>(
 ) {
     let tiles = t.per_image();
     for b in 0..count {
-        let at = Slot {
-            col0: b * tiles,
-            cols: count * tiles,
-            c: conv.c_out,
-        };
+        let at = Slot::image(b, count * tiles, tiles, conv.c_out);
         untransform_outputs(t, m, at, work, plane);
         from_channel_last(plane, (conv.c_out, t.ho, t.wo), (2 * t.tw, 0), bias, out);
     }
@@ -478,11 +517,7 @@ fn untransform_chunk_input_grads_body<T: WithDType>(
 ) {
     let tiles = t.per_image();
     for b in 0..count {
-        let at = Slot {
-            col0: b * tiles,
-            cols: count * tiles,
-            c: conv.c_in,
-        };
+        let at = Slot::image(b, count * tiles, tiles, conv.c_in);
         plane.fill(T::zero());
         untransform_input_grads(t, n, at, work, plane);
         let layout = (2 * t.tw + 2, conv.padding);
@@ -554,6 +589,12 @@ macro_rules! vectorized_pass {
     };
 }
 
+vectorized_pass!(transform_kernels, transform_kernels_body, KernelsTransform);
+vectorized_pass!(
+    untransform_kernel_grads,
+    untransform_kernel_grads_body,
+    KernelGradsUntransform
+);
 vectorized_pass!(
     transform_chunk_inputs,
     transform_chunk_inputs_body,
@@ -596,7 +637,7 @@ pub(super) fn forward<T: WithDType>(
             .chunks_exact(conv.n * image)
             .zip(kernels.chunks_exact(c_out * c_in * 9));
         for (task, (images, kernel)) in per_task.enumerate() {
-            transform_kernels(conv, kernel, u);
+            transform_kernels((conv, kernel, &mut *u, &mut *work));
             // U^T as a view of U: element (ci, co) at co c_in + ci.
             let rhs = |xi: usize| Strided {
                 data: &u[xi * c_out * c_in..][..c_out * c_in],
@@ -643,7 +684,7 @@ pub(super) fn input_grad<T: WithDType>(
             .chunks_exact(conv.n * gy_image)
             .zip(kernels.chunks_exact(c_out * c_in * 9));
         for (gy, kernel) in per_task {
-            transform_kernels(conv, kernel, u);
+            transform_kernels((conv, kernel, &mut *u, &mut *work));
             let rhs = |xi: usize| Strided::rows(&u[xi * c_out * c_in..][..c_out * c_in], c_in);
             for start in (0..conv.n).step_by(chunk) {
                 let count = chunk.min(conv.n - start);
@@ -707,7 +748,7 @@ pub(super) fn weight_grad<T: WithDType>(
                     matmul_into((c_out, c_in, cols), lhs, rhs, dst, start > 0, parallelism)?;
                 }
             }
-            dw.extend(untransform_kernel_grads(conv, du));
+            untransform_kernel_grads((conv, &*du, &mut *work, &mut dw));
         }
         Ok(())
     })?;
